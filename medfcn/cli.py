@@ -1,0 +1,133 @@
+"""The ``medfcn`` command: a thin Typer layer over :mod:`medfcn.train` and friends.
+
+User mistakes (:class:`medfcn.errors.UserError`) print one line ``medfcn: error: ...`` and exit
+with code 2; ``--debug`` (or ``MEDFCN_DEBUG=1``) shows the full traceback instead. Anything else
+is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from medfcn.errors import find_user_error
+
+app = typer.Typer(
+    name="medfcn",
+    help="Medical image segmentation with fully convolutional networks (MONAI bundles).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+_state = {"debug": False}
+
+
+def _user_errors(command):
+    """Run ``command``; a user error becomes one line on stderr and exit code 2."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
+            raise
+        except Exception as err:
+            user_error = find_user_error(err)
+            if user_error is None or _state["debug"]:
+                raise
+            typer.echo(f"medfcn: error: {user_error}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+@app.callback()
+def _main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks, also for user errors.")] = False,
+) -> None:
+    """Train FCNs from MONAI bundles, run them on scans, evaluate masks."""
+    _state["debug"] = debug or os.environ.get("MEDFCN_DEBUG", "") not in ("", "0")
+
+
+def _parse_overrides(pairs: list[str]) -> dict:
+    """``["batch_size=4", "network_def#fusion=concat"]`` -> config overrides (JSON values)."""
+    import json
+
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"--set takes KEY=VALUE, got {pair!r}.")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+@app.command()
+@_user_errors
+def train(
+    bundle: Annotated[Path, typer.Argument(help="Bundle folder, e.g. bundles/hippocampus_fcn.")],
+    data: Annotated[
+        Path | None,
+        typer.Option("--data", help="Dataset folder with an MSD dataset.json (default: $MEDFCN_DATA/<task>)."),
+    ] = None,
+    fold: Annotated[int | None, typer.Option(help="Validation fold of the bundle's split (-1: all cases).")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Number of epochs (default: the bundle's).")] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", help="Run folder: checkpoints and TensorBoard events.")
+    ] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --output from last.pt.")] = False,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a config entry, KEY=VALUE (JSON), repeatable.")
+    ] = None,
+) -> None:
+    """Train the bundle's network (its configs/train.json) on an MSD-style dataset.
+
+    Prints one line per epoch (loss, validation Dice, speed, ETA); writes last.pt (to resume),
+    best_model.pt (weights) and TensorBoard events to the output folder:
+    `tensorboard --logdir OUTPUT`.
+    """
+    from medfcn.train import train as run_training
+
+    out = run_training(
+        bundle,
+        dataset_dir=data,
+        fold=fold,
+        epochs=epochs,
+        output_dir=output,
+        resume=resume,
+        overrides=_parse_overrides(set_ or []),
+    )
+    typer.echo(f"done: checkpoints and TensorBoard events in {out}")
+
+
+@app.command()
+@_user_errors
+def folds(
+    dataset: Annotated[Path, typer.Argument(help="Dataset folder with an MSD dataset.json.")],
+    out: Annotated[Path, typer.Option("--out", help="JSON file to write, e.g. datasets/<Task>/folds.json.")],
+    n_folds: Annotated[int, typer.Option(help="Number of folds.")] = 5,
+    seed: Annotated[int, typer.Option(help="Shuffle seed.")] = 0,
+) -> None:
+    """Write a deterministic k-fold split of an MSD dataset (case names only, no images)."""
+    from medfcn.data.datasets import write_folds
+
+    split = write_folds(dataset, out, n_folds=n_folds, seed=seed)
+    sizes = ", ".join(str(len(f)) for f in split["folds"])
+    typer.echo(f"wrote {out}: {n_folds} folds of {sizes} cases")
+
+
+def main() -> None:
+    """Console entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

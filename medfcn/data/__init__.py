@@ -1,0 +1,14 @@
+"""Data: readers, dataset lists and folds, preprocessing."""
+
+from medfcn.data.datasets import data_root, fold_datalists, load_msd_datalist, make_folds
+from medfcn.data.readers import SimpleITKReader
+from medfcn.data.transforms import intensity_normalization
+
+__all__ = [
+    "SimpleITKReader",
+    "data_root",
+    "fold_datalists",
+    "intensity_normalization",
+    "load_msd_datalist",
+    "make_folds",
+]

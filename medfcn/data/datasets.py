@@ -1,0 +1,123 @@
+"""MSD ``dataset.json`` parsing, data-root resolution and deterministic k-fold splits.
+
+Only file names and splits live in the repository (``datasets/<Task>/folds.json``); images
+stay wherever the user keeps them: a path argument, ``$MEDFCN_DATA``, or ``../shared/datasets``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+__all__ = [
+    "DEFAULT_DATA_ROOT",
+    "data_root",
+    "case_id",
+    "load_msd_datalist",
+    "make_folds",
+    "write_folds",
+    "fold_datalists",
+]
+
+DEFAULT_DATA_ROOT = "../shared/datasets"
+
+
+def data_root(path: str | os.PathLike | None = None) -> Path:
+    """The folder that holds the datasets: ``path``, else ``$MEDFCN_DATA``, else ``../shared/datasets``."""
+    return Path(path or os.environ.get("MEDFCN_DATA") or DEFAULT_DATA_ROOT)
+
+
+def case_id(path: str | os.PathLike) -> str:
+    """A case's name: the file name without ``.nii.gz``/``.nii`` (or a folder's name)."""
+    name = Path(path).name
+    for suffix in (".nii.gz", ".nii", ".mha", ".nrrd"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def load_msd_datalist(dataset_dir: str | os.PathLike, section: str = "training") -> list[dict]:
+    """Read an MSD ``dataset.json`` and return ``[{"image": path, "label": path}, ...]``.
+
+    Paths are made absolute against ``dataset_dir``. Every listed file must exist.
+
+    Raises:
+        FileNotFoundError: no ``dataset.json``, or it names files that are missing.
+        ValueError: the file is not valid JSON or has no ``section`` list.
+    """
+    dataset_dir = Path(dataset_dir)
+    index = dataset_dir / "dataset.json"
+    if not index.is_file():
+        raise FileNotFoundError(f"{index}: not found; pass the folder that holds an MSD dataset.json.")
+    try:
+        meta = json.loads(index.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{index}: not valid JSON ({err}).") from err
+    entries = meta.get(section)
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"{index}: has no '{section}' list of cases.")
+    datalist, missing = [], []
+    for entry in entries:
+        item = {}
+        for key, rel in entry.items() if isinstance(entry, dict) else [("image", entry)]:
+            path = (dataset_dir / rel).resolve()
+            if not path.exists():
+                missing.append(str(path))
+            item[key] = str(path)
+        datalist.append(item)
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise FileNotFoundError(f"{index}: names {len(missing)} missing file(s): {shown}. Fix the paths or the files.")
+    return datalist
+
+
+def make_folds(case_ids: list[str], n_folds: int = 5, seed: int = 0) -> list[list[str]]:
+    """Split case ids into ``n_folds`` disjoint validation sets, deterministically.
+
+    The ids are sorted before a seeded shuffle, so the split depends only on the set of ids,
+    ``n_folds`` and ``seed``; fold sizes differ by at most one.
+    """
+    if n_folds < 2 or n_folds > len(case_ids):
+        raise ValueError(f"n_folds must be between 2 and the number of cases ({len(case_ids)}), got {n_folds}.")
+    ids = sorted(case_ids)
+    random.Random(seed).shuffle(ids)
+    return [sorted(ids[k::n_folds]) for k in range(n_folds)]
+
+
+def write_folds(dataset_dir: str | os.PathLike, out: str | os.PathLike, n_folds: int = 5, seed: int = 0) -> dict:
+    """Make the k-fold split of an MSD dataset and write it as JSON to ``out``."""
+    ids = [case_id(item["image"]) for item in load_msd_datalist(dataset_dir)]
+    folds = {"n_folds": n_folds, "seed": seed, "folds": make_folds(ids, n_folds, seed)}
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(folds, indent=1) + "\n")
+    return folds
+
+
+def fold_datalists(
+    dataset_dir: str | os.PathLike, folds_file: str | os.PathLike, fold: int, max_cases: int | None = None
+) -> tuple[list[dict], list[dict]]:
+    """Training and validation datalists for ``fold`` of the split in ``folds_file``.
+
+    ``fold = -1`` trains on every case and validates on fold 0 (for a final model whose
+    score is then reported by cross-validation). ``max_cases`` keeps only the first
+    cases of each list, for quick runs and tests.
+
+    Raises:
+        ValueError: unknown fold, or the split names cases the dataset does not have.
+    """
+    split = json.loads(Path(folds_file).read_text())
+    folds = split["folds"]
+    if not -1 <= fold < len(folds):
+        raise ValueError(f"{folds_file}: unknown fold {fold}; choose 0..{len(folds) - 1} (or -1 for all cases).")
+    cases = {case_id(item["image"]): item for item in load_msd_datalist(dataset_dir)}
+    unknown = sorted({c for f in folds for c in f} - set(cases))
+    if unknown:
+        raise ValueError(f"{folds_file}: names cases not in {dataset_dir}: {', '.join(unknown[:3])}.")
+    val_ids = set(folds[max(fold, 0)])
+    train = [cases[c] for c in sorted(cases) if fold == -1 or c not in val_ids]
+    val = [cases[c] for c in sorted(val_ids)]
+    if max_cases:
+        train, val = train[:max_cases], val[:max_cases]
+    return train, val

@@ -1,0 +1,28 @@
+"""The one exception type for mistakes a user can fix (bad path, bad file, bad option).
+
+The CLI prints a :class:`UserError` as one line and exits with code 2; anything else is a
+bug and keeps its traceback (``--debug`` shows tracebacks for user errors too).
+"""
+
+from __future__ import annotations
+
+__all__ = ["UserError", "find_user_error"]
+
+
+class UserError(Exception):
+    """An error in the user's input; the message names the file and says what to do."""
+
+
+def find_user_error(err: BaseException) -> UserError | None:
+    """The UserError behind ``err``, following ``__cause__``/``__context__`` chains.
+
+    MONAI's config engine wraps errors raised while evaluating a config entry in
+    ``RuntimeError("Failed to evaluate ...")``; the user's mistake is the innermost cause.
+    """
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, UserError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None

@@ -1,0 +1,236 @@
+"""A fully convolutional network with skip fusion at every scale, for 2D and 3D.
+
+The design follows Long, Shelhamer and Darrell, "Fully Convolutional Networks for Semantic
+Segmentation" (CVPR 2015): a convolution-and-pooling encoder, a decoder of transposed
+convolutions (``Y = W^T * X``), and skip connections fused by summation (``Y = F1(X) + F2(X)``).
+FCN-8s fuses three scales; here every encoder scale is fused, as in a U-Net, but by sum
+rather than concatenation unless ``fusion="concat"`` is asked for.
+
+There is no fully connected layer, so any input size works; the output always has the
+input's spatial shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from monai.networks.blocks import Convolution
+from monai.networks.layers.factories import Conv, Pool
+from torch import nn
+
+__all__ = ["FCN", "ConvBlock", "Encoder", "Decoder", "FuseUp"]
+
+
+class ConvBlock(nn.Sequential):
+    """Two ``conv -> dropout -> norm -> act`` units; keeps the spatial shape.
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: input channels.
+        out_channels: output channels.
+        act, norm, dropout, bias: as in :class:`monai.networks.blocks.Convolution`.
+    """
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, act, norm, dropout, bias: bool):
+        super().__init__()
+        for i, cin in enumerate((in_channels, out_channels)):
+            conv = Convolution(
+                spatial_dims, cin, out_channels, kernel_size=3, act=act, norm=norm, dropout=dropout, bias=bias
+            )
+            self.add_module(f"conv_{i}", conv)
+
+
+class Encoder(nn.Module):
+    """Convolution blocks separated by max pooling.
+
+    Input ``(B, in_channels, *S)``; returns one feature map per scale, finest first:
+    scale ``k`` has ``features[k]`` channels and spatial shape ``ceil(S / 2**k)``.
+    Pooling uses ``ceil_mode`` so that a 1-voxel-thick or odd-sized input never
+    shrinks to zero.
+    """
+
+    def __init__(self, spatial_dims: int, in_channels: int, features: Sequence[int], act, norm, dropout, bias):
+        super().__init__()
+        pool = Pool["MAX", spatial_dims]
+        blocks = []
+        for k, width in enumerate(features):
+            cin = in_channels if k == 0 else features[k - 1]
+            stage = ConvBlock(spatial_dims, cin, width, act, norm, dropout, bias)
+            blocks.append(stage if k == 0 else nn.Sequential(pool(kernel_size=2, ceil_mode=True), stage))
+        self.stages = nn.ModuleList(blocks)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        skips: list[torch.Tensor] = []
+        for stage in self.stages:
+            x = stage(x)
+            skips.append(x)
+        return skips
+
+
+class FuseUp(nn.Module):
+    """One decoder step: upsample by a transposed convolution, fuse the skip, refine.
+
+    ``sum`` fusion: ``y = up(x) + proj(skip)`` where ``proj`` is a 1x1 convolution to the
+    decoder width (the FCN-8s score fusion). ``concat`` fusion: ``y = conv([up(x), skip])``.
+
+    Args:
+        x: ``(B, in_channels, *s)``, the coarser decoder feature.
+        skip: ``(B, skip_channels, *S)`` with ``S <= 2 * s`` per axis.
+
+    Returns:
+        ``(B, out_channels, *S)``.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        skip_channels: int,
+        out_channels: int,
+        fusion: str,
+        act,
+        norm,
+        dropout,
+        bias,
+    ):
+        super().__init__()
+        if fusion not in ("sum", "concat"):
+            raise ValueError(f"fusion must be 'sum' or 'concat', got {fusion!r}.")
+        self.fusion = fusion
+        conv_t = Conv["CONVTRANS", spatial_dims]
+        self.up = conv_t(in_channels, out_channels, kernel_size=2, stride=2, bias=bias)
+        if fusion == "sum":
+            self.proj = Conv["CONV", spatial_dims](skip_channels, out_channels, kernel_size=1, bias=bias)
+            refine_in = out_channels
+        else:
+            self.proj = nn.Identity()
+            refine_in = out_channels + skip_channels
+        self.refine = ConvBlock(spatial_dims, refine_in, out_channels, act, norm, dropout, bias)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        up = self.up(x)
+        # ceil-mode pooling made the coarse map round up, so the upsampled map can be one voxel
+        # larger than the skip on odd axes: crop it back to the skip's shape.
+        for dim in range(2, up.dim()):
+            up = up.narrow(dim, 0, skip.shape[dim])
+        if self.fusion == "sum":
+            fused = up + self.proj(skip)
+        else:
+            fused = torch.cat([up, skip], dim=1)
+        return self.refine(fused)
+
+
+class Decoder(nn.Module):
+    """Fuses encoder features from coarsest to finest; returns the finest-scale feature.
+
+    Input: the encoder's list (finest first). Output ``(B, features[0], *S)``.
+    """
+
+    def __init__(self, spatial_dims: int, features: Sequence[int], fusion: str, act, norm, dropout, bias):
+        super().__init__()
+        steps = []
+        for k in range(len(features) - 1, 0, -1):
+            steps.append(
+                FuseUp(spatial_dims, features[k], features[k - 1], features[k - 1], fusion, act, norm, dropout, bias)
+            )
+        self.steps = nn.ModuleList(steps)
+
+    def forward(self, skips: list[torch.Tensor]) -> torch.Tensor:
+        x = skips[-1]
+        n = len(skips)
+        for i, step in enumerate(self.steps):
+            x = step(x, skips[n - 2 - i])
+        return x
+
+
+class FCN(nn.Module):
+    """Skip-fusion FCN for 2D or 3D segmentation; returns raw logits.
+
+    Args:
+        spatial_dims: number of spatial dimensions, 2 or 3.
+        in_channels: number of input channels (modalities).
+        out_channels: number of classes, background included.
+        features: channels per encoder scale, finest first. ``len(features) - 1`` poolings,
+            so the receptive field grows with the length. Defaults to ``(32, 64, 128, 256)``.
+        fusion: ``"sum"`` (default, ``Y = F1(X) + F2(X)``) or ``"concat"``.
+        act: activation, a MONAI layer spec. Defaults to leaky ReLU (slope 0.01).
+        norm: normalisation, a MONAI layer spec. Defaults to instance norm with affine.
+        dropout: dropout probability or spec; default no dropout.
+        bias: convolution bias.
+
+    Input ``(B, in_channels, *S)``, any ``S`` (odd sizes included); output
+    ``(B, out_channels, *S)``.
+
+    Examples::
+
+        # 3D, 1 modality, 3 classes
+        net = FCN(spatial_dims=3, in_channels=1, out_channels=3)
+        net(torch.zeros(1, 1, 35, 51, 32)).shape  # (1, 3, 35, 51, 32)
+
+        # 2D, concatenation fusion
+        net = FCN(2, 3, 2, features=(16, 32, 64), fusion="concat")
+        net(torch.zeros(2, 3, 37, 45)).shape  # (2, 2, 37, 45)
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        out_channels: int,
+        features: Sequence[int] = (32, 64, 128, 256),
+        fusion: str = "sum",
+        act: str | tuple = ("leakyrelu", {"negative_slope": 0.01, "inplace": True}),
+        norm: str | tuple = ("instance", {"affine": True}),
+        dropout: float | tuple | None = None,
+        bias: bool = True,
+    ):
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
+        if len(features) < 2:
+            raise ValueError("features needs at least two scales.")
+        self.spatial_dims = spatial_dims
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        features = tuple(int(f) for f in features)
+        self.encoder = Encoder(spatial_dims, in_channels, features, act, norm, dropout, bias)
+        self.decoder = Decoder(spatial_dims, features, fusion, act, norm, dropout, bias)
+        self.head = Conv["CONV", spatial_dims](features[0], out_channels, kernel_size=1, bias=True)
+        self._encoder_frozen = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = self.encoder(x)
+        features = self.decoder(skips)
+        return self.head(features)
+
+    def load_encoder(self, path: str, map_location: str | torch.device = "cpu") -> None:
+        """Initialise the encoder from a checkpoint of another FCN.
+
+        ``path`` holds a state dict of a whole FCN (keys ``encoder.*``), of an encoder alone,
+        or a training checkpoint with a ``network`` entry. Shapes must match this encoder's.
+        """
+        state = torch.load(path, map_location=map_location, weights_only=True)
+        if isinstance(state, dict) and "network" in state:
+            state = state["network"]
+        prefix = "encoder."
+        if any(k.startswith(prefix) for k in state):
+            state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        self.encoder.load_state_dict(state, strict=True)
+
+    def freeze_encoder(self, frozen: bool = True) -> None:
+        """Stop (or restart) gradient updates of the encoder; decoder and head still train.
+
+        Norm layers of a frozen encoder are put in eval mode as well, so their running
+        statistics (where tracked) stay fixed too.
+        """
+        for p in self.encoder.parameters():
+            p.requires_grad_(not frozen)
+        self._encoder_frozen = frozen
+        self.encoder.train(self.training and not frozen)
+
+    def train(self, mode: bool = True) -> FCN:
+        super().train(mode)
+        if self._encoder_frozen:
+            self.encoder.train(False)
+        return self

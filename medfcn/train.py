@@ -1,0 +1,132 @@
+"""Run a bundle's training config (``configs/train.json``), checking the inputs first.
+
+The bundle config holds every hyperparameter; this module only resolves paths, validates
+them so that mistakes surface as one clear message before any work starts, and runs MONAI's
+``ConfigWorkflow`` exactly as ``python -m monai.bundle run`` would.
+
+Example::
+
+    from medfcn.train import train
+    out = train("bundles/hippocampus_fcn", fold=0, epochs=5, output_dir="runs/try")
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from monai.bundle import ConfigParser, ConfigWorkflow
+
+from medfcn.data.datasets import fold_datalists
+from medfcn.errors import UserError
+
+__all__ = ["bundle_files", "train"]
+
+
+def bundle_files(bundle: str | os.PathLike, config: str) -> dict[str, Path]:
+    """Paths of a bundle's ``config`` (e.g. ``train.json``), metadata and logging config.
+
+    Raises:
+        UserError: the folder or the config is missing.
+    """
+    root = Path(bundle)
+    if not root.is_dir():
+        raise UserError(f"{root}: bundle folder not found; pass a folder with configs/{config}.")
+    files = {
+        "bundle_root": root,
+        "config_file": root / "configs" / config,
+        "meta_file": root / "configs" / "metadata.json",
+        "logging_file": root / "configs" / "logging.conf",
+    }
+    for key in ("config_file", "meta_file"):
+        if not files[key].is_file():
+            raise UserError(f"{files[key]}: missing; {root} is not a complete MONAI bundle.")
+    return files
+
+
+def _resolve(config_file: Path, overrides: dict[str, Any], *ids: str) -> list[Any]:
+    """Evaluate a few config entries (paths, fold) with the overrides applied."""
+    parser = ConfigParser()
+    parser.read_config(str(config_file))
+    parser.update(overrides)
+    return [parser.get_parsed_content(i) for i in ids]
+
+
+def _epochs_done(checkpoint: Path) -> int:
+    """Epochs completed by the run that wrote ``checkpoint`` (a ``last.pt``)."""
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)["trainer"]
+    except Exception as err:
+        raise UserError(f"{checkpoint}: not a readable medfcn training checkpoint ({err}).") from err
+    return int(state["iteration"]) // max(int(state["epoch_length"]), 1)
+
+
+def train(
+    bundle: str | os.PathLike,
+    dataset_dir: str | os.PathLike | None = None,
+    fold: int | None = None,
+    epochs: int | None = None,
+    output_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    overrides: dict[str, Any] | None = None,
+) -> Path:
+    """Train with ``bundle/configs/train.json``; return the run's output folder.
+
+    Args:
+        bundle: the bundle folder.
+        dataset_dir: folder with the MSD ``dataset.json``; default: the config's
+            (``$MEDFCN_DATA/Task04_Hippocampus`` for the hippocampus bundle).
+        fold: validation fold of the bundle's split (``-1``: train on all cases).
+        epochs: number of epochs (total, counting epochs done before a resume).
+        output_dir: where checkpoints (``last.pt``, ``best_model.pt``) and TensorBoard
+            events go; default: the config's.
+        resume: continue from ``output_dir/last.pt``: weights, optimizer, scheduler, epoch.
+        overrides: more config entries to override, e.g. ``{"batch_size": 4}``.
+
+    Raises:
+        UserError: missing data, unknown fold, nothing to resume, or an output folder that
+            already holds a run (resume it or choose another folder).
+    """
+    files = bundle_files(bundle, "train.json")
+    args: dict[str, Any] = {"bundle_root": str(files["bundle_root"])}
+    for key, value in (("dataset_dir", dataset_dir), ("fold", fold), ("epochs", epochs), ("output_dir", output_dir)):
+        if value is not None:
+            args[key] = str(value) if isinstance(value, os.PathLike) else value
+    args.update(overrides or {})
+    args["resume"] = bool(resume)
+
+    data, folds_file, fold_k, out, n_epochs = _resolve(
+        files["config_file"], args, "dataset_dir", "folds_file", "fold", "output_dir", "epochs"
+    )
+    if not (Path(data) / "dataset.json").is_file():
+        raise UserError(f"{data}: no dataset.json here; pass --data with the MSD dataset folder or set MEDFCN_DATA.")
+    try:
+        fold_datalists(data, folds_file, int(fold_k))
+    except (FileNotFoundError, ValueError) as err:
+        raise UserError(str(err)) from err
+    last = Path(out) / "last.pt"
+    if resume:
+        if not last.is_file():
+            raise UserError(f"{last}: no checkpoint to resume from; train without --resume first.")
+        done = _epochs_done(last)
+        if done >= int(n_epochs):
+            raise UserError(f"{last}: run has finished {done} epochs already; pass --epochs larger than {done}.")
+    elif last.exists():
+        raise UserError(f"{out}: already holds a run (last.pt); add --resume to continue it, or pick another --output.")
+    if int(n_epochs) < 1:
+        raise UserError(f"epochs must be at least 1, got {n_epochs}.")
+
+    logging_file = files["logging_file"] if files["logging_file"].is_file() else None
+    workflow = ConfigWorkflow(
+        config_file=str(files["config_file"]),
+        meta_file=str(files["meta_file"]),
+        logging_file=str(logging_file) if logging_file else None,
+        workflow_type="train",
+        **args,
+    )
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
+    return Path(out)

@@ -1,0 +1,68 @@
+"""medfcn.cli: help texts and user errors as one line with exit code 2 (run as a real process)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import BUNDLE, REPO
+
+
+def medfcn(*args: str, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "medfcn.cli", *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=300
+    )
+
+
+def test_help_lists_commands():
+    result = medfcn("--help")
+    assert result.returncode == 0
+    assert "train" in result.stdout and "folds" in result.stdout
+    train_help = medfcn("train", "--help").stdout
+    for option in ("--data", "--fold", "--epochs", "--output", "--resume"):
+        assert option in train_help
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["train", "bundles/does_not_exist"], "bundle folder not found"),
+        (["train", str(BUNDLE), "--data", "/nonexistent/data"], "no dataset.json"),
+    ],
+)
+def test_user_errors_are_one_line_exit_2(args, fragment):
+    result = medfcn(*args)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("medfcn: error:"), result.stderr
+    assert fragment in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_unknown_fold_names_the_split(spheres_dataset):
+    result = medfcn(
+        "train",
+        str(BUNDLE),
+        "--data",
+        str(spheres_dataset),
+        "--fold",
+        "9",
+        "--set",
+        f"folds_file={spheres_dataset / 'folds.json'}",
+    )
+    assert result.returncode == 2
+    assert "unknown fold 9" in result.stderr and "folds.json" in result.stderr
+
+
+def test_debug_shows_traceback():
+    result = medfcn("--debug", "train", "bundles/does_not_exist")
+    assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_folds_command_writes_split(spheres_dataset, tmp_path):
+    out = tmp_path / "folds.json"
+    result = medfcn("folds", str(spheres_dataset), "--out", str(out), "--n-folds", "3")
+    assert result.returncode == 0, result.stderr
+    assert out.is_file() and "3 folds of 4, 4, 4 cases" in result.stdout

@@ -1,0 +1,71 @@
+"""medfcn.data.datasets: dataset.json, data root, deterministic folds."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from medfcn.data.datasets import case_id, data_root, fold_datalists, load_msd_datalist, make_folds
+
+from .conftest import HIPPO, REPO, need
+
+
+def test_data_root_precedence(monkeypatch, tmp_path):
+    monkeypatch.delenv("MEDFCN_DATA", raising=False)
+    assert str(data_root()) == "../shared/datasets"
+    monkeypatch.setenv("MEDFCN_DATA", str(tmp_path))
+    assert data_root() == tmp_path
+    assert str(data_root("/x")) == "/x"
+
+
+def test_case_id():
+    assert case_id("/a/hippocampus_004.nii.gz") == "hippocampus_004"
+    assert case_id("b.nii") == "b"
+    assert case_id("/dicom/PGBM-002_HippoCrop") == "PGBM-002_HippoCrop"
+
+
+def test_load_msd_datalist(spheres_dataset):
+    items = load_msd_datalist(spheres_dataset)
+    assert len(items) == 12
+    assert set(items[0]) == {"image", "label"}
+    assert items[0]["image"].startswith(str(spheres_dataset.resolve()))
+
+
+def test_missing_files_and_missing_index(spheres_dataset, tmp_path):
+    (spheres_dataset / "labelsTr" / "case_003.nii.gz").unlink()
+    with pytest.raises(FileNotFoundError, match="case_003"):
+        load_msd_datalist(spheres_dataset)
+    with pytest.raises(FileNotFoundError, match="dataset.json"):
+        load_msd_datalist(tmp_path)
+
+
+def test_make_folds_is_deterministic_disjoint_and_complete():
+    ids = [f"c{i}" for i in range(23)]
+    folds = make_folds(ids, 5, seed=3)
+    assert folds == make_folds(list(reversed(ids)), 5, seed=3)  # order of input is irrelevant
+    assert folds != make_folds(ids, 5, seed=4)
+    flat = [c for f in folds for c in f]
+    assert sorted(flat) == sorted(ids) and len(flat) == len(set(flat))
+    assert {len(f) for f in folds} <= {4, 5}
+    with pytest.raises(ValueError):
+        make_folds(ids, 1)
+
+
+def test_fold_datalists(spheres_dataset):
+    folds = spheres_dataset / "folds.json"
+    train, val = fold_datalists(spheres_dataset, folds, 0)
+    assert len(train) == 6 and len(val) == 6
+    assert not {d["image"] for d in train} & {d["image"] for d in val}
+    everything, _ = fold_datalists(spheres_dataset, folds, -1)
+    assert len(everything) == 12
+    with pytest.raises(ValueError, match="unknown fold 2"):
+        fold_datalists(spheres_dataset, folds, 2)
+
+
+def test_committed_hippocampus_folds_match_the_data():
+    dataset = need(HIPPO)
+    split = json.loads((REPO / "datasets" / "Task04_Hippocampus" / "folds.json").read_text())
+    ids = [case_id(d["image"]) for d in load_msd_datalist(dataset)]
+    assert split["folds"] == make_folds(ids, split["n_folds"], split["seed"])
+    assert [len(f) for f in split["folds"]] == [42, 42, 42, 41, 41]
