@@ -124,6 +124,81 @@ def folds(
     typer.echo(f"wrote {out}: {n_folds} folds of {sizes} cases")
 
 
+@app.command()
+@_user_errors
+def infer(
+    bundle: Annotated[Path, typer.Argument(help="Bundle folder with configs/inference.json and models/model.pt.")],
+    inputs: Annotated[list[Path], typer.Argument(help="NIfTI files, folders of them, or DICOM series folders.")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder for masks and volumes.csv/json.")],
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1... (default: CUDA if present).")] = None,
+    sw_batch_size: Annotated[int | None, typer.Option(help="Sliding-window batch size.")] = None,
+    overlap: Annotated[float | None, typer.Option(help="Sliding-window overlap, 0..1.")] = None,
+    tta: Annotated[bool, typer.Option("--tta", help="Average with left-right flipped input (2x time).")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing masks.")] = False,
+) -> None:
+    """Segment scans with a bundle; one uint8 NIfTI mask per scan in the scan's own geometry.
+
+    Masks are named after the input (file name or DICOM folder name) and overlay the scan in
+    3D Slicer or ITK-SNAP as they are. Also writes the volume of each label in mm3.
+    """
+    from medfcn.infer import infer as run_inference
+
+    rows = run_inference(
+        bundle,
+        inputs,
+        out,
+        device=device,
+        sw_batch_size=sw_batch_size,
+        overlap=overlap,
+        tta=tta,
+        overwrite=overwrite,
+        progress=typer.echo,
+    )
+    typer.echo(f"done: {len(rows)} mask(s) and volumes.csv in {out}")
+
+
+@app.command()
+@_user_errors
+def evaluate(
+    pred_dir: Annotated[Path, typer.Argument(help="Folder of predicted masks (NIfTI).")],
+    label_dir: Annotated[Path, typer.Argument(help="Folder of reference labels with the same file names.")],
+    labels: Annotated[
+        list[int] | None, typer.Option("--labels", help="Label values to score (default: all present).")
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Where metrics.csv/json go (default: PRED_DIR).")] = None,
+) -> None:
+    """Dice per label and mean, HD95 in mm, per case and summarised (mean, std, median)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from medfcn.evaluate import evaluate_folders
+
+    rows, summary = evaluate_folders(pred_dir, label_dir, labels=labels or None, out_dir=out)
+    table = Table(title=f"{len(rows)} cases: {pred_dir} vs {label_dir}")
+    for column in ("metric", "mean", "std", "median", "n"):
+        table.add_column(column, justify="left" if column == "metric" else "right")
+    for name, stats in summary.items():
+        table.add_row(name, f"{stats['mean']:.4f}", f"{stats['std']:.4f}", f"{stats['median']:.4f}", str(stats["n"]))
+    Console().print(table)
+    typer.echo(f"per-case metrics: {(out or pred_dir) / 'metrics.csv'}")
+
+
+@app.command()
+@_user_errors
+def export(
+    bundle: Annotated[Path, typer.Argument(help="Bundle folder.")],
+    format: Annotated[str, typer.Option("--format", help="Export format: torchscript.")] = "torchscript",
+) -> None:
+    """Export models/model.pt to models/model.ts (TorchScript, checked against the state dict)."""
+    from medfcn.errors import UserError
+    from medfcn.export import export_torchscript
+
+    if format != "torchscript":
+        raise UserError(f"unknown --format {format!r}; supported: torchscript.")
+    path, diff = export_torchscript(bundle)
+    typer.echo(f"wrote {path} (max |difference| vs state dict: {diff:.1e})")
+
+
 def main() -> None:
     """Console entry point."""
     app()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from monai.inferers import Inferer
 
-__all__ = ["Autocast", "cpu_bf16_supported", "use_cpu_bf16"]
+__all__ = ["Autocast", "FlipTTA", "cpu_bf16_supported", "use_cpu_bf16"]
 
 
 def cpu_bf16_supported() -> bool:
@@ -51,3 +51,28 @@ class Autocast(Inferer):
             return out.float()
 
         return self.inferer(inputs, run, *args, **kwargs)
+
+
+class FlipTTA(Inferer):
+    """Flip test-time augmentation: the mean of the logits over the input and its flips.
+
+    Args:
+        inferer: the MONAI inferer to wrap.
+        spatial_axes: spatial axes (0 = first spatial axis) to flip, one extra pass each;
+            empty means no augmentation. Flip only along axes the model saw flipped in
+            training (the hippocampus bundle: axis 0, left-right).
+
+    Input ``(B, C, *S)``; output the wrapped inferer's ``(B, K, *S)``.
+    """
+
+    def __init__(self, inferer: Inferer, spatial_axes=()):
+        super().__init__()
+        self.inferer = inferer
+        self.spatial_axes = [int(a) for a in spatial_axes]
+
+    def __call__(self, inputs: torch.Tensor, network, *args, **kwargs):
+        out = self.inferer(inputs, network, *args, **kwargs)
+        for axis in self.spatial_axes:
+            dim = [axis + 2]
+            out = out + torch.flip(self.inferer(torch.flip(inputs, dim), network, *args, **kwargs), dim)
+        return out / (1 + len(self.spatial_axes))

@@ -66,3 +66,18 @@ def test_folds_command_writes_split(spheres_dataset, tmp_path):
     result = medfcn("folds", str(spheres_dataset), "--out", str(out), "--n-folds", "3")
     assert result.returncode == 0, result.stderr
     assert out.is_file() and "3 folds of 4, 4, 4 cases" in result.stdout
+
+
+def test_infer_and_evaluate_commands(spheres_dataset, tmp_path):
+    scan = spheres_dataset / "imagesTr" / "case_000.nii.gz"
+    out = tmp_path / "masks"
+    result = medfcn("infer", str(BUNDLE), str(scan), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "[1/1] case_000.nii.gz" in result.stdout and (out / "case_000.nii.gz").is_file()
+    again = medfcn("infer", str(BUNDLE), str(scan), "--out", str(out))
+    assert again.returncode == 2 and "--overwrite" in again.stderr
+    result = medfcn("evaluate", str(out), str(spheres_dataset / "labelsTr"))
+    assert result.returncode == 0, result.stderr
+    assert "dice_mean" in result.stdout
+    missing = medfcn("infer", str(BUNDLE), str(tmp_path / "nope.nii.gz"), "--out", str(out))
+    assert missing.returncode == 2 and "nope.nii.gz: not found" in missing.stderr

@@ -56,6 +56,10 @@ def test_verify_suffix_accepts_folders_and_itk_files(tmp_path):
     assert reader.verify_suffix(tmp_path)
     assert reader.verify_suffix("a.nii.gz") and reader.verify_suffix("b.mha")
     assert not reader.verify_suffix("notes.txt")
+    strict = SimpleITKReader(nifti=False)
+    assert strict.verify_suffix(tmp_path) and not strict.verify_suffix("a.nii.gz")
+    with pytest.raises(ValueError, match="nifti=False"):
+        strict.read("a.nii.gz")
 
 
 def test_empty_folder_is_a_clear_error(tmp_path):

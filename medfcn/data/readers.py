@@ -69,6 +69,8 @@ class SimpleITKReader(ImageReader):
     Args:
         channel_dim: the channel axis of the returned array if the file has vector pixels;
             ``None`` means "no channel" for scalar images and last axis for vector images.
+        nifti: also read NIfTI files. Pipelines set ``False`` and leave NIfTI to nibabel,
+            which raises on a truncated file where SimpleITK silently fills zeros.
         kwargs: unused, accepted for ``LoadImage`` compatibility.
 
     Example::
@@ -79,22 +81,27 @@ class SimpleITKReader(ImageReader):
         img.affine  # RAS, mm
     """
 
-    def __init__(self, channel_dim: int | None = None, **kwargs):
+    def __init__(self, channel_dim: int | None = None, nifti: bool = True, **kwargs):
         super().__init__()
         self.channel_dim = channel_dim
+        self.nifti = nifti
+
+    def _accepts(self, path: Path) -> bool:
+        name = str(path).lower()
+        if name.endswith((".nii", ".nii.gz")):
+            return self.nifti
+        return path.is_dir() or name.endswith(_SUFFIXES)
 
     def verify_suffix(self, filename: Sequence[os.PathLike] | os.PathLike) -> bool:
         """Folders (DICOM series) and the file types SimpleITK reads."""
-        for name in ensure_tuple(filename):
-            path = Path(name)
-            if not (path.is_dir() or str(path).lower().endswith(_SUFFIXES)):
-                return False
-        return True
+        return all(self._accepts(Path(name)) for name in ensure_tuple(filename))
 
     def read(self, data: Sequence[os.PathLike] | os.PathLike, **kwargs) -> Sequence[sitk.Image] | sitk.Image:
         images = []
         for name in ensure_tuple(data):
             path = Path(name)
+            if not self._accepts(path):
+                raise ValueError(f"{path}: not read by SimpleITKReader(nifti={self.nifti}).")
             images.append(read_dicom_series(path) if path.is_dir() else sitk.ReadImage(str(path)))
         return images if len(images) > 1 else images[0]
 

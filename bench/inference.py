@@ -1,0 +1,97 @@
+"""Benchmark the shipped hippocampus bundle: held-out Dice and CPU inference time.
+
+- Held-out Dice/HD95: `medfcn infer` on the validation fold's images (fold 0 of
+  datasets/Task04_Hippocampus/folds.json, never seen in training), then `medfcn evaluate`
+  against the reference labels.
+- Model compute per hippocampus volume (median over that fold) and the whole `medfcn infer`
+  process on the three DICOM hippocampus crops, start-up included (median of repeats).
+
+Prints a markdown table and writes bench/results/inference.json.
+
+    python bench/inference.py [--data ../shared/datasets] [--fold 0] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from medfcn.data.datasets import data_root
+from medfcn.evaluate import evaluate_folders
+from medfcn.infer import infer
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLE = REPO / "bundles" / "hippocampus_fcn"
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=None, help="datasets root (default: $MEDFCN_DATA or ../shared/datasets)")
+    parser.add_argument("--fold", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    root = data_root(args.data)
+    hippo = root / "Task04_Hippocampus"
+    folds = json.loads((REPO / "datasets" / "Task04_Hippocampus" / "folds.json").read_text())["folds"]
+    images = [hippo / "imagesTr" / f"{c}.nii.gz" for c in folds[args.fold]]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = infer(BUNDLE, images, Path(tmp) / "pred")
+        _, summary = evaluate_folders(Path(tmp) / "pred", hippo / "labelsTr", labels=[1, 2])
+    compute = statistics.median(r["model_seconds"] for r in rows)
+
+    dicoms = [str(root / "dicom" / f"PGBM-00{k}_HippoCrop") for k in (2, 3, 6)]
+    walls = []
+    for _ in range(args.repeats):
+        with tempfile.TemporaryDirectory() as tmp:
+            start = time.perf_counter()
+            subprocess.run(
+                [sys.executable, "-m", "medfcn.cli", "infer", str(BUNDLE), *dicoms, "--out", tmp],
+                check=True,
+                capture_output=True,
+            )
+            walls.append(time.perf_counter() - start)
+
+    result = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{torch.get_num_threads()} threads, {cpu_model()}",
+        "torch": torch.__version__,
+        "fold": args.fold,
+        "cases": len(rows),
+        "dice_anterior": summary["dice_1"]["mean"],
+        "dice_posterior": summary["dice_2"]["mean"],
+        "dice_mean": summary["dice_mean"]["mean"],
+        "hd95_anterior_mm": summary["hd95_1"]["mean"],
+        "hd95_posterior_mm": summary["hd95_2"]["mean"],
+        "model_compute_s_median": compute,
+        "infer_3_dicom_process_s_median": statistics.median(walls),
+        "infer_3_dicom_process_s_all": walls,
+    }
+    out = REPO / "bench" / "results" / "inference.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print("| figure | value |\n| --- | --- |")
+    for key, value in result.items():
+        shown = f"{value:.4f}" if isinstance(value, float) else value
+        print(f"| {key} | {shown} |")
+    print(f"\nwritten: {out}")
+
+
+if __name__ == "__main__":
+    main()

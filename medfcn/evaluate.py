@@ -1,0 +1,141 @@
+"""Dice and HD95 of predicted masks against reference labels, matched by file name.
+
+Metrics come from ``monai.metrics`` (``DiceMetric``, ``HausdorffDistanceMetric`` with the
+95th percentile, computed in mm using the label's voxel spacing). Results: one row per case and
+a summary (mean, std, median) per metric, written as CSV and JSON.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import warnings
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.metrics import DiceMetric, HausdorffDistanceMetric
+from monai.networks.utils import one_hot
+
+from medfcn.data.datasets import case_id
+from medfcn.errors import UserError
+from medfcn.infer import NIFTI_SUFFIXES
+from medfcn.io import atomic_write_text
+
+__all__ = ["evaluate_folders", "case_metrics", "summarise"]
+
+
+def _load_labels(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        image = nib.load(str(path))
+        data = np.asarray(image.dataobj)
+    except Exception as err:
+        raise UserError(f"{path}: cannot be read as NIfTI ({err}); re-export the file.") from err
+    if data.ndim != 3:
+        raise UserError(f"{path}: expected a 3D label map, got shape {data.shape}.")
+    if not np.all(np.isfinite(data)) or np.any(data != np.round(data)):
+        raise UserError(f"{path}: label values must be whole numbers.")
+    return data.astype(np.int64), image.affine
+
+
+def case_metrics(pred: np.ndarray, label: np.ndarray, spacing: tuple[float, ...], labels: list[int]) -> dict:
+    """Dice and HD95 (mm) per foreground label for one case.
+
+    Args:
+        pred, label: integer label maps ``(X, Y, Z)`` of the same shape.
+        spacing: voxel size in mm along X, Y, Z.
+        labels: foreground label values to score.
+
+    A label absent from both masks gets Dice NaN (left out of means); HD95 is NaN when either
+    mask lacks the label.
+    """
+    n = int(max(max(labels), pred.max(), label.max())) + 1
+    p = one_hot(torch.as_tensor(pred)[None, None], n)
+    y = one_hot(torch.as_tensor(label)[None, None], n)
+    dice = DiceMetric(include_background=True, reduction="none", ignore_empty=True)(p, y)[0]
+    with warnings.catch_warnings():
+        # MONAI 1.6 warns about its own internal use of a deprecated argument
+        warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*", category=FutureWarning)
+        hd95 = HausdorffDistanceMetric(include_background=True, percentile=95, reduction="none")(p, y, spacing=spacing)[
+            0
+        ]
+    row = {}
+    for k in labels:
+        row[f"dice_{k}"] = float(dice[k])
+        empty = not bool(p[0, k].any()) or not bool(y[0, k].any())
+        row[f"hd95_{k}"] = float("nan") if empty else float(hd95[k])
+    return row
+
+
+def summarise(rows: list[dict]) -> dict:
+    """Mean, std, median over cases of every numeric column, ignoring NaN."""
+    keys = [k for k in rows[0] if k != "case"]
+    summary = {}
+    for k in keys:
+        values = np.array([r[k] for r in rows], dtype=float)
+        values = values[~np.isnan(values)]
+        summary[k] = {
+            "mean": float(values.mean()) if values.size else math.nan,
+            "std": float(values.std()) if values.size else math.nan,
+            "median": float(np.median(values)) if values.size else math.nan,
+            "n": int(values.size),
+        }
+    return summary
+
+
+def evaluate_folders(
+    pred_dir: str | os.PathLike,
+    label_dir: str | os.PathLike,
+    labels: list[int] | None = None,
+    out_dir: str | os.PathLike | None = None,
+) -> tuple[list[dict], dict]:
+    """Score every mask in ``pred_dir`` against the same-named file in ``label_dir``.
+
+    Labels in ``label_dir`` without a prediction are ignored (the folder may hold more cases);
+    a prediction without a label, or with another shape or affine, is an error.
+
+    Returns:
+        ``(rows, summary)``; rows hold ``case``, ``dice_<k>``, ``hd95_<k>`` (mm) and
+        ``dice_mean``. Written to ``out_dir`` (default ``pred_dir``) as ``metrics.csv`` and
+        ``metrics.json``.
+    """
+    pred_dir, label_dir = Path(pred_dir), Path(label_dir)
+    for folder in (pred_dir, label_dir):
+        if not folder.is_dir():
+            raise UserError(f"{folder}: folder not found.")
+    preds = sorted(p for p in pred_dir.iterdir() if p.name.endswith(NIFTI_SUFFIXES))
+    if not preds:
+        raise UserError(f"{pred_dir}: no NIfTI masks in this folder.")
+    references = {case_id(p): p for p in label_dir.iterdir() if p.name.endswith(NIFTI_SUFFIXES)}
+    rows = []
+    for pred_path in preds:
+        name = case_id(pred_path)
+        if name not in references:
+            raise UserError(f"{pred_path}: no label named {name}.nii.gz in {label_dir}.")
+        pred, pred_affine = _load_labels(pred_path)
+        label, label_affine = _load_labels(references[name])
+        if pred.shape != label.shape:
+            raise UserError(f"{pred_path}: shape {pred.shape} differs from its label's {label.shape}.")
+        if not np.allclose(pred_affine, label_affine, atol=1e-3):
+            raise UserError(f"{pred_path}: affine differs from its label's; masks must be on the label's grid.")
+        case_labels = labels or sorted(int(v) for v in np.union1d(np.unique(label), np.unique(pred)) if v > 0)
+        spacing = tuple(float(s) for s in np.sqrt((label_affine[:3, :3] ** 2).sum(axis=0)))
+        row = {"case": name, **case_metrics(pred, label, spacing, case_labels)}
+        dices = [row[f"dice_{k}"] for k in case_labels if not math.isnan(row[f"dice_{k}"])]
+        row["dice_mean"] = float(np.mean(dices)) if dices else math.nan
+        rows.append(row)
+    columns = sorted({k for r in rows for k in r}, key=lambda k: (k != "case", k))
+    rows = [{k: r.get(k, math.nan) for k in columns} for r in rows]
+    summary = summarise(rows)
+    out = Path(out_dir) if out_dir else pred_dir
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(buffer.getvalue(), out / "metrics.csv")
+    atomic_write_text(json.dumps({"cases": rows, "summary": summary}, indent=1) + "\n", out / "metrics.json")
+    return rows, summary

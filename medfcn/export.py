@@ -1,0 +1,62 @@
+"""Export a bundle's weights to TorchScript (``models/model.ts``) with MONAI's ``ckpt_export``.
+
+The exported file embeds the bundle's metadata and inference config, as MONAI's Model Zoo
+bundles do, and is checked against the state dict on a random input before it replaces any
+existing export.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from monai.bundle import ConfigParser, ckpt_export
+
+from medfcn.errors import UserError
+from medfcn.io import atomic_path
+from medfcn.train import bundle_files
+
+__all__ = ["export_torchscript"]
+
+
+def export_torchscript(
+    bundle: str | os.PathLike, check_shape: tuple[int, ...] = (1, 1, 35, 51, 32), atol: float = 1e-5
+) -> tuple[Path, float]:
+    """Write ``bundle/models/model.ts``; return its path and the largest output difference.
+
+    Args:
+        bundle: bundle folder with ``configs/inference.json`` and ``models/model.pt``.
+        check_shape: input shape ``(B, C, *S)`` for the equality check (odd sizes on purpose).
+        atol: largest allowed absolute difference of logits between the state dict and export.
+
+    Raises:
+        UserError: missing weights, or an export whose outputs differ by more than ``atol``.
+    """
+    files = bundle_files(bundle, "inference.json")
+    root = files["bundle_root"]
+    weights = root / "models" / "model.pt"
+    if not weights.is_file():
+        raise UserError(f"{weights}: missing; nothing to export.")
+    target = root / "models" / "model.ts"
+    parser = ConfigParser()
+    parser.read_config(str(files["config_file"]))
+    parser["bundle_root"] = str(root)
+    network = parser.get_parsed_content("network_def").eval()
+    network.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    with atomic_path(target, suffix=".ts") as tmp:
+        ckpt_export(
+            net_id="network_def",
+            filepath=str(tmp),
+            ckpt_file=str(weights),
+            meta_file=str(files["meta_file"]),
+            config_file=str(files["config_file"]),
+            bundle_root=str(root),
+        )
+        exported = torch.jit.load(str(tmp), map_location="cpu")
+        x = torch.randn(*check_shape, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            diff = float((exported(x) - network(x)).abs().max())
+        if not diff <= atol:
+            raise UserError(f"{target}: export differs from the state dict by {diff:.2e} (> {atol}); not written.")
+    return target, diff

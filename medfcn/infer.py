@@ -1,0 +1,238 @@
+"""Run a bundle's inference config on scans: NIfTI files, folders of them, DICOM series.
+
+The bundle's ``configs/inference.json`` supplies the network, preprocessing, inferer and the
+postprocessing that inverts the preprocessing (``Invertd``); this module feeds it one scan at a
+time, writes each mask atomically as a uint8 NIfTI with exactly the scan's geometry, and
+tabulates the volume of every label in mm^3.
+
+Example::
+
+    from medfcn.infer import infer
+    rows = infer("bundles/hippocampus_fcn", ["scan.nii.gz", "dicom/series1"], "out/")
+    rows[0]["anterior_mm3"]
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import SimpleITK as sitk
+import torch
+from monai.bundle import ConfigParser
+
+from medfcn.data.datasets import case_id
+from medfcn.errors import UserError
+from medfcn.io import atomic_path, atomic_write_text
+from medfcn.train import bundle_files
+
+__all__ = ["Segmenter", "load_segmenter", "expand_inputs", "mask_name", "label_volumes", "infer"]
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+@dataclass
+class Segmenter:
+    """A bundle's network and pipeline, ready to segment one scan at a time."""
+
+    network: torch.nn.Module
+    preprocessing: Callable
+    inferer: Callable
+    postprocessing: Callable
+    class_names: list[str]
+    device: torch.device
+
+    def __call__(self, path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, float]:
+        """Segment one scan.
+
+        Returns:
+            ``(labels, affine, seconds)``: uint8 labels ``(X, Y, Z)`` on the scan's own voxel
+            grid, its RAS affine (mm), and the model-compute time in seconds.
+        """
+        data = self.preprocessing({"image": str(path)})
+        image = data["image"]
+        with torch.no_grad():
+            start = time.perf_counter()
+            logits = self.inferer(image[None].to(self.device), self.network)
+            seconds = time.perf_counter() - start
+        data["pred"] = logits[0].cpu()
+        data = self.postprocessing(data)
+        labels = np.asarray(data["pred"][0].cpu().numpy()).round().astype(np.uint8)
+        affine = np.asarray(data["pred"].affine, dtype=np.float64)
+        return labels, affine, seconds
+
+
+def load_segmenter(
+    bundle: str | os.PathLike, device: str | None = None, overrides: dict[str, Any] | None = None
+) -> Segmenter:
+    """Build the segmenter of ``bundle`` with the weights in ``models/model.pt``.
+
+    Raises:
+        UserError: incomplete bundle, missing weights, or weights of another architecture.
+    """
+    files = bundle_files(bundle, "inference.json")
+    weights = files["bundle_root"] / "models" / "model.pt"
+    if not weights.is_file():
+        raise UserError(f"{weights}: missing; train the bundle and copy best_model.pt there.")
+    parser = ConfigParser()
+    parser.read_config(str(files["config_file"]))
+    parser.update({"bundle_root": str(files["bundle_root"]), **(overrides or {})})
+    if device:
+        parser["device"] = f"$torch.device({device!r})"
+    network = parser.get_parsed_content("network")
+    dev = parser.get_parsed_content("device")
+    try:
+        state = torch.load(weights, map_location=dev, weights_only=True)
+        network.load_state_dict(state)
+    except Exception as err:
+        raise UserError(f"{weights}: does not fit the bundle's network_def ({str(err).splitlines()[0]}).") from err
+    network.eval()
+    return Segmenter(
+        network=network,
+        preprocessing=parser.get_parsed_content("preprocessing"),
+        inferer=parser.get_parsed_content("inferer"),
+        postprocessing=parser.get_parsed_content("postprocessing"),
+        class_names=list(parser.get_parsed_content("class_names")),
+        device=dev,
+    )
+
+
+def _is_dicom_series(folder: Path) -> bool:
+    return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+
+
+def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
+    """Scans named by ``inputs``: NIfTI files, DICOM series folders, and the NIfTI files of
+    other folders (sorted). Raises UserError for missing paths and folders with no scan."""
+    scans: list[Path] = []
+    for item in map(Path, inputs):
+        if not item.exists():
+            raise UserError(f"{item}: not found; pass NIfTI files, folders of them, or DICOM series folders.")
+        if item.is_file():
+            if not item.name.lower().endswith(NIFTI_SUFFIXES):
+                raise UserError(f"{item}: not a NIfTI file (.nii/.nii.gz); DICOM is read per series folder.")
+            scans.append(item)
+        elif _is_dicom_series(item):
+            scans.append(item)
+        else:
+            found = sorted(p for p in item.iterdir() if p.name.lower().endswith(NIFTI_SUFFIXES))
+            if not found:
+                raise UserError(f"{item}: no NIfTI files and no DICOM series in this folder.")
+            scans.extend(found)
+    if not scans:
+        raise UserError("no input scans given.")
+    return scans
+
+
+def mask_name(scan: Path) -> str:
+    """Output file name for ``scan``: its case name + ``.nii.gz``, reduced to a plain file name
+    so that no input name (``..``, separators, leading dots) can place it outside the folder."""
+    stem = case_id(scan).replace(os.sep, "_").replace("/", "_").lstrip(".") or "scan"
+    return f"{stem}.nii.gz"
+
+
+def label_volumes(labels: np.ndarray, affine: np.ndarray, class_names: Sequence[str]) -> dict[str, float]:
+    """Volume of each foreground label in mm^3: voxel count times |det| of the affine's 3x3."""
+    voxel_mm3 = float(abs(np.linalg.det(affine[:3, :3])))
+    counts = np.bincount(labels.ravel(), minlength=len(class_names) + 1)
+    return {f"{name}_mm3": round(float(counts[k + 1]) * voxel_mm3, 3) for k, name in enumerate(class_names)}
+
+
+def _write_mask(labels: np.ndarray, affine: np.ndarray, target: Path) -> None:
+    image = nib.Nifti1Image(labels.astype(np.uint8), affine)
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    with atomic_path(target, suffix=".nii.gz") as tmp:
+        nib.save(image, tmp)
+
+
+def _write_tables(rows: list[dict], out_dir: Path) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(buffer.getvalue(), out_dir / "volumes.csv")
+    atomic_write_text(json.dumps(rows, indent=1) + "\n", out_dir / "volumes.json")
+
+
+def infer(
+    bundle: str | os.PathLike,
+    inputs: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    device: str | None = None,
+    sw_batch_size: int | None = None,
+    overlap: float | None = None,
+    tta: bool = False,
+    overwrite: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> list[dict]:
+    """Segment every scan in ``inputs``; write masks and the volume tables to ``out_dir``.
+
+    Args:
+        bundle: bundle folder with ``configs/inference.json`` and ``models/model.pt``.
+        inputs: NIfTI files, folders of NIfTI files, DICOM series folders.
+        out_dir: gets ``<case>.nii.gz`` per scan, ``volumes.csv`` and ``volumes.json``.
+        device: ``"cpu"``, ``"cuda"``...; default CUDA when available.
+        sw_batch_size, overlap: sliding-window settings (default: the bundle's).
+        tta: average with left-right flipped predictions (twice the compute).
+        overwrite: replace existing masks; otherwise an existing mask is an error.
+        progress: called with one line per scan.
+
+    Returns:
+        One row per scan: input, mask, shape, spacing (mm), seconds, and ``<label>_mm3``.
+    """
+    scans = expand_inputs(inputs)
+    out = Path(out_dir)
+    targets = [out / mask_name(s) for s in scans]
+    if len(set(targets)) != len(targets):
+        raise UserError("two inputs have the same case name; their masks would overwrite each other.")
+    existing = [t for t in targets if t.exists()]
+    if existing and not overwrite:
+        raise UserError(f"{existing[0]}: already exists; pass --overwrite to replace it, or another --out.")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".medfcn-write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"{out}: output folder not writable ({err.strerror}); choose another --out.") from err
+
+    overrides: dict[str, Any] = {}
+    if sw_batch_size is not None:
+        overrides["sw_batch_size"] = sw_batch_size
+    if overlap is not None:
+        overrides["overlap"] = overlap
+    if tta:
+        overrides["tta_flip_axes"] = [0]
+    segmenter = load_segmenter(bundle, device=device, overrides=overrides)
+
+    rows = []
+    for k, (scan, target) in enumerate(zip(scans, targets, strict=True), start=1):
+        start = time.perf_counter()
+        labels, affine, compute = segmenter(scan)
+        _write_mask(labels, affine, target)
+        spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+        row = {
+            "input": str(scan),
+            "mask": str(target),
+            "shape": "x".join(map(str, labels.shape)),
+            "spacing_mm": "x".join(f"{s:.4g}" for s in spacing),
+            "model_seconds": round(compute, 4),
+            "seconds": round(time.perf_counter() - start, 4),
+            **label_volumes(labels, affine, segmenter.class_names),
+        }
+        rows.append(row)
+        if progress:
+            vols = "  ".join(f"{n} {row[f'{n}_mm3']:.0f} mm3" for n in segmenter.class_names)
+            progress(f"[{k}/{len(scans)}] {scan.name}: {vols}  ({row['seconds']:.2f} s) -> {target}")
+    _write_tables(rows, out)
+    return rows

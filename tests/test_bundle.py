@@ -1,0 +1,91 @@
+"""The hippocampus bundle through MONAI's own runner: inference.json, verify_net_in_out, metadata."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+
+from .conftest import BUNDLE, HIPPO, REPO, need
+
+
+def monai_bundle(*args: str) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        *args,
+        "--meta_file",
+        str(BUNDLE / "configs" / "metadata.json"),
+        "--bundle_root",
+        str(BUNDLE),
+    ]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
+
+
+def test_monai_runs_inference_config(tmp_path):
+    case = sorted((need(HIPPO) / "imagesTr").glob("*.nii.gz"))[0]
+    (tmp_path / "imagesTs").mkdir()
+    shutil.copy(case, tmp_path / "imagesTs" / case.name)
+    result = monai_bundle(
+        "run",
+        "--config_file",
+        str(BUNDLE / "configs" / "inference.json"),
+        "--dataset_dir",
+        str(tmp_path),
+        "--output_dir",
+        str(tmp_path / "out"),
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    mask = nib.load(str(tmp_path / "out" / case.name.replace(".nii.gz", "_seg.nii.gz")))
+    image = nib.load(str(case))
+    assert mask.shape == image.shape and np.allclose(mask.affine, image.affine)
+    assert set(np.unique(np.asarray(mask.dataobj))) == {0, 1, 2}
+
+
+def test_verify_net_in_out():
+    result = monai_bundle(
+        "verify_net_in_out", "network_def", "--config_file", str(BUNDLE / "configs" / "inference.json")
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_metadata_and_weights():
+    meta = json.loads((BUNDLE / "configs" / "metadata.json").read_text())
+    for key in (
+        "version",
+        "monai_version",
+        "pytorch_version",
+        "numpy_version",
+        "task",
+        "description",
+        "authors",
+        "copyright",
+        "network_data_format",
+    ):
+        assert key in meta, key
+    assert meta["network_data_format"]["outputs"]["pred"]["channel_def"] == {
+        "0": "background",
+        "1": "anterior",
+        "2": "posterior",
+    }
+    assert (BUNDLE / "models" / "model.pt").stat().st_size < 20 * 2**20
+
+
+def test_evaluate_reproduces_metadata_dice(tmp_path):
+    """medfcn infer + medfcn evaluate on the held-out fold give the Dice metadata.json records."""
+    from medfcn.evaluate import evaluate_folders
+    from medfcn.infer import infer
+
+    hippo = need(HIPPO)
+    meta = json.loads((BUNDLE / "configs" / "metadata.json").read_text())["performance"]
+    fold0 = json.loads((REPO / "datasets" / "Task04_Hippocampus" / "folds.json").read_text())["folds"][0]
+    infer(BUNDLE, [hippo / "imagesTr" / f"{c}.nii.gz" for c in fold0], tmp_path)
+    _, summary = evaluate_folders(tmp_path, hippo / "labelsTr", labels=[1, 2])
+    assert abs(summary["dice_1"]["mean"] - meta["fold0_dice_anterior"]) < 2e-3
+    assert abs(summary["dice_2"]["mean"] - meta["fold0_dice_posterior"]) < 2e-3
+    assert abs(summary["dice_mean"]["mean"] - meta["fold0_dice_mean"]) < 2e-3

@@ -1,0 +1,66 @@
+"""medfcn.evaluate: Dice/HD95 over folders with monai.metrics; mismatches are clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from medfcn.errors import UserError
+from medfcn.evaluate import case_metrics, evaluate_folders
+
+
+def _save(path, data, affine=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(data.astype(np.uint8), np.eye(4) if affine is None else affine), path)
+
+
+def _cube(shape=(20, 20, 20)):
+    label = np.zeros(shape, dtype=np.uint8)
+    label[4:10, 4:10, 4:10] = 1
+    label[12:16, 12:16, 12:16] = 2
+    return label
+
+
+def test_perfect_and_shifted_masks(tmp_path):
+    label = _cube()
+    _save(tmp_path / "labels" / "a.nii.gz", label)
+    _save(tmp_path / "labels" / "b.nii.gz", label)
+    _save(tmp_path / "labels" / "unused.nii.gz", label)  # labels without a prediction are ignored
+    _save(tmp_path / "pred" / "a.nii.gz", label)
+    _save(tmp_path / "pred" / "b.nii.gz", np.roll(label, 2, axis=0))
+    rows, summary = evaluate_folders(tmp_path / "pred", tmp_path / "labels")
+    a, b = rows
+    assert a["dice_1"] == pytest.approx(1.0) and a["hd95_1"] == pytest.approx(0.0)
+    assert b["dice_1"] == pytest.approx(2 * 4 * 36 / (2 * 216))  # 4 of 6 slices overlap
+    assert b["hd95_2"] == pytest.approx(2.0)  # shifted 2 voxels of 1 mm
+    assert summary["dice_mean"]["n"] == 2
+    saved = json.loads((tmp_path / "pred" / "metrics.json").read_text())
+    assert saved["cases"][0]["case"] == "a"
+    assert (tmp_path / "pred" / "metrics.csv").read_text().startswith("case,")
+
+
+def test_hd95_is_in_mm():
+    label = _cube()
+    shifted = np.roll(label, 1, axis=2)
+    row = case_metrics(shifted, label, (1.0, 1.0, 3.0), [1])
+    assert row["hd95_1"] == pytest.approx(3.0)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [("missing", "no label named"), ("shape", "shape"), ("affine", "affine")],
+)
+def test_mismatches_are_user_errors(tmp_path, change, message):
+    label = _cube()
+    _save(tmp_path / "pred" / "a.nii.gz", label)
+    if change == "shape":
+        _save(tmp_path / "labels" / "a.nii.gz", label[:-1])
+    elif change == "affine":
+        _save(tmp_path / "labels" / "a.nii.gz", label, np.diag([2.0, 1, 1, 1]))
+    else:
+        (tmp_path / "labels").mkdir()
+    with pytest.raises(UserError, match=message):
+        evaluate_folders(tmp_path / "pred", tmp_path / "labels")

@@ -1,0 +1,26 @@
+"""medfcn.export: the TorchScript export gives the state dict's outputs."""
+
+from __future__ import annotations
+
+import shutil
+
+import torch
+
+from medfcn import FCN
+from medfcn.export import export_torchscript
+
+from .conftest import BUNDLE
+
+
+def test_torchscript_export_matches_state_dict(tmp_path):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(BUNDLE / "configs", bundle / "configs")
+    (bundle / "models").mkdir()
+    net = FCN(3, 1, 3, features=(16, 32, 64, 128, 192))
+    torch.save(net.state_dict(), bundle / "models" / "model.pt")
+    path, diff = export_torchscript(bundle)
+    assert path == bundle / "models" / "model.ts" and diff <= 1e-5
+    exported = torch.jit.load(str(path))
+    x = torch.randn(1, 1, 37, 45, 29)
+    torch.testing.assert_close(exported(x), net.eval()(x), atol=1e-5, rtol=0)
+    assert sorted(p.name for p in (bundle / "models").iterdir()) == ["model.pt", "model.ts"]  # no temp left

@@ -1,0 +1,108 @@
+"""medfcn.infer: masks in the scan's own geometry (NIfTI non-RAS, anisotropic CT, DICOM), volumes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from medfcn.errors import UserError
+from medfcn.infer import expand_inputs, infer, label_volumes, mask_name
+
+from .conftest import BUNDLE, DICOM, HIPPO, SPLEEN, need
+
+
+def _same_geometry_as_simpleitk(mask_path, reference: sitk.Image):
+    """The mask opens where the scan is: same size, spacing, origin, direction per SimpleITK."""
+    mask = sitk.ReadImage(str(mask_path))
+    assert mask.GetSize() == reference.GetSize()
+    np.testing.assert_allclose(mask.GetSpacing(), reference.GetSpacing(), rtol=1e-5)
+    np.testing.assert_allclose(mask.GetOrigin(), reference.GetOrigin(), atol=1e-3)
+    np.testing.assert_allclose(mask.GetDirection(), reference.GetDirection(), atol=1e-5)
+    assert mask.GetPixelID() == sitk.sitkUInt8
+
+
+def test_reoriented_nifti_gets_the_same_mask_in_world_space(tmp_path):
+    """A real case stored with permuted, flipped axes (non-RAS affine): the mask must follow it."""
+    case = sorted((need(HIPPO) / "imagesTr").glob("*.nii.gz"))[0]
+    original = nib.load(str(case))
+    ornt = np.array([[1, -1], [0, 1], [2, -1]])  # stored as (y flipped, x, z flipped): 'PRI'-like
+    moved = original.as_reoriented(ornt)
+    assert nib.aff2axcodes(moved.affine) != ("R", "A", "S")
+    (tmp_path / "in").mkdir()
+    nib.save(original, tmp_path / "in" / "ras.nii.gz")
+    nib.save(moved, tmp_path / "in" / "moved.nii.gz")
+    rows = infer(BUNDLE, [tmp_path / "in"], tmp_path / "out")
+    assert [r["mask"].split("/")[-1] for r in rows] == ["moved.nii.gz", "ras.nii.gz"]
+    a = nib.load(str(tmp_path / "out" / "ras.nii.gz"))
+    b = nib.load(str(tmp_path / "out" / "moved.nii.gz"))
+    np.testing.assert_allclose(b.affine, moved.affine, atol=1e-5)
+    assert b.shape == moved.shape
+    back = b.as_reoriented(nib.orientations.ornt_transform(nib.io_orientation(b.affine), nib.io_orientation(a.affine)))
+    assert np.mean(np.asarray(back.dataobj) == np.asarray(a.dataobj)) > 0.999
+    assert (np.asarray(a.dataobj) > 0).sum() > 1000  # it found a hippocampus
+    _same_geometry_as_simpleitk(
+        tmp_path / "out" / "moved.nii.gz", sitk.ReadImage(str(tmp_path / "in" / "moved.nii.gz"))
+    )
+
+
+def test_anisotropic_ct_is_resampled_inside_and_back(tmp_path):
+    scan = need(SPLEEN) / "imagesTr" / "spleen_2.nii.gz"
+    rows = infer(BUNDLE, [scan], tmp_path)
+    assert rows[0]["shape"] == "164x166x26" and rows[0]["spacing_mm"] == "0.7949x0.7949x5"
+    _same_geometry_as_simpleitk(tmp_path / "spleen_2.nii.gz", sitk.ReadImage(str(scan)))
+
+
+def test_dicom_series_masks_match_simpleitk_geometry(tmp_path):
+    folders = [need(DICOM) / f"PGBM-00{k}_HippoCrop" for k in (2, 3, 6)]
+    rows = infer(BUNDLE, folders, tmp_path)
+    for folder, row in zip(folders, rows, strict=True):
+        reference = sitk.ReadImage(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder)))
+        _same_geometry_as_simpleitk(tmp_path / f"{folder.name}.nii.gz", reference)
+        # a hippocampus is 1.5-5 cm3 per part; both parts must be found on these real crops
+        assert 1000 < row["anterior_mm3"] < 5000 and 1000 < row["posterior_mm3"] < 5000, row
+    table = json.loads((tmp_path / "volumes.json").read_text())
+    assert [t["anterior_mm3"] for t in table] == [r["anterior_mm3"] for r in rows]
+    assert (tmp_path / "volumes.csv").read_text().startswith("input,mask,shape")
+
+
+def test_existing_mask_needs_overwrite(tmp_path, spheres_dataset):
+    scan = spheres_dataset / "imagesTr" / "case_000.nii.gz"
+    infer(BUNDLE, [scan], tmp_path)
+    before = (tmp_path / "case_000.nii.gz").read_bytes()
+    with pytest.raises(UserError, match="already exists"):
+        infer(BUNDLE, [scan], tmp_path)
+    assert (tmp_path / "case_000.nii.gz").read_bytes() == before
+    infer(BUNDLE, [scan], tmp_path, overwrite=True, tta=True)
+
+
+def test_volumes_use_voxel_size():
+    labels = np.zeros((4, 4, 4), dtype=np.uint8)
+    labels[0, 0, :2] = 1
+    labels[1, 1, 1] = 2
+    affine = np.diag([0.5, 2.0, 3.0, 1.0])
+    assert label_volumes(labels, affine, ["a", "b"]) == {"a_mm3": 6.0, "b_mm3": 3.0}
+
+
+def test_input_expansion_and_safe_names(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        expand_inputs([tmp_path / "missing.nii.gz"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no NIfTI files and no DICOM"):
+        expand_inputs([tmp_path / "empty"])
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(UserError, match="not a NIfTI"):
+        expand_inputs([tmp_path / "notes.txt"])
+    assert mask_name(tmp_path / ".." / "..hidden.nii.gz") == "hidden.nii.gz"
+    assert "/" not in mask_name(tmp_path / "a" / "b.nii.gz")
+
+
+def test_bundle_without_weights_is_a_user_error(tmp_path, spheres_dataset):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(BUNDLE / "configs", bundle / "configs")
+    with pytest.raises(UserError, match="model.pt: missing"):
+        infer(bundle, [spheres_dataset / "imagesTr" / "case_000.nii.gz"], tmp_path / "out")
