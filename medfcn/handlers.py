@@ -24,6 +24,7 @@ from monai.handlers.utils import from_engine
 from medfcn.io import atomic_torch_save
 
 __all__ = [
+    "ReseedEachEpoch",
     "Resume",
     "ValidateEvery",
     "PerClassMetrics",
@@ -95,6 +96,29 @@ class PerClassMetrics:
             raise ValueError(f"{self.metric_name} has {per_class.numel()} classes, expected {self.class_names}.")
         for name, value in zip(self.class_names, per_class.tolist(), strict=True):
             engine.state.metrics[f"{self.prefix}_{name}"] = value
+
+
+class ReseedEachEpoch:
+    """Make each epoch's randomness a function of ``(seed, epoch)`` alone.
+
+    At every epoch start the sampler's shuffle (``set_epoch``, as for a DistributedSampler) and
+    all random transforms are reseeded from the epoch number. A run resumed at epoch k then
+    draws the same batches and augmentations as an uninterrupted one, with no random state to
+    save, and ends with the same weights on CPU.
+    """
+
+    def __init__(self, transforms, sampler, seed: int = 0):
+        self.transforms = transforms
+        self.sampler = sampler
+        self.seed = int(seed)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        epoch = engine.state.epoch
+        self.sampler.set_epoch(epoch)
+        self.transforms.set_random_state(seed=(self.seed * 100_003 + epoch) % (2**32))
 
 
 class BestMetric:

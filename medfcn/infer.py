@@ -30,6 +30,7 @@ import SimpleITK as sitk
 import torch
 from monai.bundle import ConfigParser
 
+from medfcn.data.checks import check_scan
 from medfcn.data.datasets import case_id
 from medfcn.errors import UserError
 from medfcn.io import atomic_path, atomic_write_text
@@ -50,6 +51,8 @@ class Segmenter:
     postprocessing: Callable
     class_names: list[str]
     device: torch.device
+    in_channels: int = 1
+    pixdim: Sequence[float] | None = None
 
     def __call__(self, path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, float]:
         """Segment one scan.
@@ -58,7 +61,12 @@ class Segmenter:
             ``(labels, affine, seconds)``: uint8 labels ``(X, Y, Z)`` on the scan's own voxel
             grid, its RAS affine (mm), and the model-compute time in seconds.
         """
-        data = self.preprocessing({"image": str(path)})
+        try:  # loading alone first, so the scan can be checked before any resampling
+            data = self.preprocessing({"image": str(path)}, end=1)
+        except Exception as err:
+            raise UserError(f"{path}: cannot be read as an image ({_root_message(err)}).") from err
+        check_scan(data["image"], path, self.in_channels, self.pixdim)
+        data = self.preprocessing(data, start=1)
         image = data["image"]
         with torch.no_grad():
             start = time.perf_counter()
@@ -103,11 +111,49 @@ def load_segmenter(
         postprocessing=parser.get_parsed_content("postprocessing"),
         class_names=list(parser.get_parsed_content("class_names")),
         device=dev,
+        in_channels=int(parser.get_parsed_content("network_def#in_channels")),
+        pixdim=parser.get_parsed_content("pixdim"),
     )
 
 
+def _root_message(err: BaseException) -> str:
+    """The innermost cause's first line: MONAI wraps reader errors in generic RuntimeErrors."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"[:300]
+
+
 def _is_dicom_series(folder: Path) -> bool:
-    return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+    """True for a folder with exactly one complete DICOM series; UserError for a broken one."""
+    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if not series:
+        return False
+    if len(series) > 1:
+        raise UserError(f"{folder}: holds {len(series)} DICOM series; put each series in its own folder.")
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0])
+    _check_slice_spacing(folder, files)
+    return True
+
+
+def _check_slice_spacing(folder: Path, files: Sequence[str]) -> None:
+    """Slices must be evenly spaced along the slice normal; a gap means a missing file."""
+    if len(files) < 3:
+        return
+    reader = sitk.ImageFileReader()
+    positions = []
+    for name in files:
+        reader.SetFileName(name)
+        reader.ReadImageInformation()
+        positions.append(reader.GetOrigin())
+        direction = reader.GetDirection()
+    normal = np.asarray(direction, dtype=float).reshape(3, 3)[:, 2]
+    steps = np.diff(np.sort(np.asarray(positions) @ normal))
+    if steps.min() <= 1e-6 or steps.max() > 1.5 * np.median(steps):
+        raise UserError(
+            f"{folder}: slice positions are uneven (steps {steps.min():.3g} to {steps.max():.3g} mm): "
+            "a slice is missing or duplicated; export the complete series."
+        )
 
 
 def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:

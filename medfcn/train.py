@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 
+from medfcn.data.checks import check_training_pairs
 from medfcn.data.datasets import fold_datalists
 from medfcn.errors import UserError
 
@@ -97,15 +98,16 @@ def train(
     args.update(overrides or {})
     args["resume"] = bool(resume)
 
-    data, folds_file, fold_k, out, n_epochs = _resolve(
-        files["config_file"], args, "dataset_dir", "folds_file", "fold", "output_dir", "epochs"
+    data, folds_file, fold_k, out, n_epochs, num_classes = _resolve(
+        files["config_file"], args, "dataset_dir", "folds_file", "fold", "output_dir", "epochs", "num_classes"
     )
     if not (Path(data) / "dataset.json").is_file():
         raise UserError(f"{data}: no dataset.json here; pass --data with the MSD dataset folder or set MEDFCN_DATA.")
     try:
-        fold_datalists(data, folds_file, int(fold_k))
+        train_list, val_list = fold_datalists(data, folds_file, int(fold_k))
     except (FileNotFoundError, ValueError) as err:
         raise UserError(str(err)) from err
+    check_training_pairs(train_list + val_list, int(num_classes))
     last = Path(out) / "last.pt"
     if resume:
         if not last.is_file():

@@ -26,3 +26,32 @@ def test_successful_writes_replace(tmp_path):
     assert (tmp_path / "t.txt").read_text() == "b"
     atomic_torch_save({"w": torch.ones(2)}, tmp_path / "sub" / "c.pt")
     assert torch.equal(torch.load(tmp_path / "sub" / "c.pt", weights_only=True)["w"], torch.ones(2))
+
+
+def test_sigkill_during_writes_leaves_old_or_new_complete_file(tmp_path):
+    """A process rewriting a 40 MB checkpoint in a loop is killed at random moments: the target
+    is always a complete, loadable checkpoint (or absent before the first rename)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    target = tmp_path / "last.pt"
+    code = (
+        "import sys, torch; from medfcn.io import atomic_torch_save\n"
+        "i = 0\n"
+        "while True:\n"
+        "    atomic_torch_save({'step': i, 'w': torch.full((10_000_000,), float(i))}, sys.argv[1]); i += 1\n"
+    )
+    for delay in (0.0, 0.07, 0.13, 0.31):
+        proc = subprocess.Popen([sys.executable, "-c", code, str(target)])
+        deadline = time.time() + 120
+        while not target.exists() and time.time() < deadline:  # wait out the interpreter start-up
+            time.sleep(0.01)
+        time.sleep(delay)  # then kill at different points of the write/rename cycle
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        ckpt = torch.load(target, weights_only=True)
+        assert torch.all(ckpt["w"] == float(ckpt["step"]))  # complete and self-consistent
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name != "last.pt"]
+    assert all(name.startswith(".last.pt.") for name in leftovers)  # only hidden temp files of killed writes

@@ -1,0 +1,164 @@
+"""Every bad input gets one clear line naming the file, exit code 2, no traceback, no partial output."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from medfcn import FCN
+from medfcn.cli import app
+
+from .conftest import BUNDLE, DICOM, need
+
+runner = CliRunner()
+
+
+def run(*args: str, env=None):
+    return runner.invoke(app, [str(a) for a in args], env=env)
+
+
+def assert_user_error(result, *fragments: str):
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("medfcn: error:"), result.output
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+def _nifti(path, data, affine=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(data, np.eye(4) if affine is None else affine), path)
+    return path
+
+
+def _good(tmp_path, name="scan.nii.gz"):
+    rng = np.random.default_rng(0)
+    return _nifti(tmp_path / "in" / name, rng.random((30, 34, 28)).astype(np.float32))
+
+
+def _make_bad_scan(kind: str, tmp_path):
+    rng = np.random.default_rng(0)
+    vol = rng.random((30, 34, 28)).astype(np.float32)
+    if kind == "not_an_image":
+        path = tmp_path / "in" / "notes.nii.gz"
+        path.parent.mkdir(parents=True)
+        path.write_bytes(gzip.compress(b"this is a text file, not a NIfTI image"))
+        return path, "notes.nii.gz"
+    if kind == "truncated":
+        good = _nifti(tmp_path / "full.nii.gz", vol)
+        path = tmp_path / "in" / "cut.nii.gz"
+        path.parent.mkdir(parents=True)
+        path.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+        return path, "cut.nii.gz"
+    if kind == "nan":
+        vol[3, 4, 5] = np.nan
+        vol[6, 7, 8] = np.inf
+        return _nifti(tmp_path / "in" / "nan.nii.gz", vol), "2 NaN/Inf voxels"
+    if kind == "4d":
+        return _nifti(tmp_path / "in" / "series.nii.gz", np.stack([vol, vol], -1)), "2 channels"
+    if kind == "2d":
+        return _nifti(tmp_path / "in" / "flat.nii.gz", vol[..., 0]), "2D image"
+    if kind == "zero_length":
+        return _nifti(tmp_path / "in" / "empty.nii.gz", np.zeros((0, 5, 5), np.float32)), "empty.nii.gz"
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind", ["not_an_image", "truncated", "nan", "4d", "2d", "zero_length"])
+def test_bad_scans(kind, tmp_path):
+    path, fragment = _make_bad_scan(kind, tmp_path)
+    out = tmp_path / "out"
+    result = run("infer", BUNDLE, path, "--out", out)
+    assert_user_error(result, str(path.name), fragment)
+    assert not list(out.glob("*.nii.gz"))  # no partial mask
+
+
+def test_missing_path_and_empty_folder(tmp_path):
+    assert_user_error(run("infer", BUNDLE, tmp_path / "nope.nii.gz", "--out", tmp_path / "o"), "nope.nii.gz: not found")
+    (tmp_path / "empty").mkdir()
+    assert_user_error(run("infer", BUNDLE, tmp_path / "empty", "--out", tmp_path / "o"), "no NIfTI files")
+
+
+def test_volume_over_memory_budget(tmp_path):
+    scan = _good(tmp_path)
+    result = run("infer", BUNDLE, scan, "--out", tmp_path / "o", env={"MEDFCN_MAX_MEMORY_GB": "0.0001"})
+    assert_user_error(result, "scan.nii.gz", "GiB budget", "MEDFCN_MAX_MEMORY_GB")
+
+
+def test_output_folder_problems(tmp_path):
+    scan = _good(tmp_path)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert_user_error(run("infer", BUNDLE, scan, "--out", blocker / "sub"), "not writable")
+    assert run("infer", BUNDLE, scan, "--out", tmp_path / "o").exit_code == 0
+    assert_user_error(run("infer", BUNDLE, scan, "--out", tmp_path / "o"), "already exists", "--overwrite")
+
+
+def test_bundle_without_weights_and_with_foreign_weights(tmp_path):
+    scan = _good(tmp_path)
+    bundle = tmp_path / "bundle"
+    shutil.copytree(BUNDLE / "configs", bundle / "configs")
+    assert_user_error(run("infer", bundle, scan, "--out", tmp_path / "o"), "model.pt: missing")
+    (bundle / "models").mkdir()
+    torch.save(FCN(3, 1, 3, features=(8, 16)).state_dict(), bundle / "models" / "model.pt")
+    assert_user_error(run("infer", bundle, scan, "--out", tmp_path / "o"), "does not fit the bundle")
+
+
+def test_dicom_missing_slice_and_mixed_series(tmp_path):
+    source = need(DICOM)
+    gap = tmp_path / "gap"
+    shutil.copytree(source / "PGBM-002_HippoCrop", gap)
+    (gap / "16.dcm").unlink()
+    assert_user_error(run("infer", BUNDLE, gap, "--out", tmp_path / "o"), "gap", "missing")
+    mixed = tmp_path / "mixed"
+    shutil.copytree(source / "PGBM-002_HippoCrop", mixed)
+    for f in (source / "PGBM-006_HippoCrop").iterdir():
+        shutil.copy(f, mixed / f"b_{f.name}")
+    assert_user_error(run("infer", BUNDLE, mixed, "--out", tmp_path / "o"), "mixed", "2 DICOM series")
+
+
+@pytest.mark.parametrize("kind", ["shape", "affine", "label_values", "missing_file"])
+def test_bad_training_pairs(kind, spheres_dataset, tmp_path):
+    case = "case_003.nii.gz"
+    label = spheres_dataset / "labelsTr" / case
+    data = np.asarray(nib.load(label).dataobj)
+    if kind == "shape":
+        _nifti(label, data[:-2])
+        fragment = "shape"
+    elif kind == "affine":
+        _nifti(label, data, np.diag([1.0, 1.0, 2.0, 1.0]))
+        fragment = "affine"
+    elif kind == "label_values":
+        data = data.copy()
+        data[0, 0, 0] = 7
+        _nifti(label, data)
+        fragment = "label values [7]"
+    else:
+        label.unlink()
+        fragment = "missing file"
+    sets = ["--set", f"folds_file={spheres_dataset / 'folds.json'}"]
+    result = run("train", BUNDLE, "--data", spheres_dataset, "--output", tmp_path / "run", "--epochs", "1", *sets)
+    assert_user_error(result, fragment, "case_003")
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_unknown_fold_and_folds_naming_unknown_cases(spheres_dataset, tmp_path):
+    sets = ["--set", f"folds_file={spheres_dataset / 'folds.json'}"]
+    assert_user_error(run("train", BUNDLE, "--data", spheres_dataset, "--fold", "4", *sets), "unknown fold 4")
+    split = json.loads((spheres_dataset / "folds.json").read_text())
+    split["folds"][0].append("case_999")
+    (spheres_dataset / "folds.json").write_text(json.dumps(split))
+    assert_user_error(run("train", BUNDLE, "--data", spheres_dataset, *sets), "case_999")
+
+
+def test_evaluate_missing_label(tmp_path):
+    _nifti(tmp_path / "pred" / "a.nii.gz", np.zeros((4, 4, 4), np.uint8))
+    (tmp_path / "labels").mkdir()
+    assert_user_error(run("evaluate", tmp_path / "pred", tmp_path / "labels"), "a.nii.gz", "no label named")

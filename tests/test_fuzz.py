@@ -1,0 +1,62 @@
+"""Hypothesis fuzzing of readers and geometry: any shape, dtype and affine gives a mask on the
+input's own grid, or a clear UserError, never another exception."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from medfcn.errors import UserError
+from medfcn.infer import load_segmenter
+
+from .conftest import BUNDLE
+
+
+@pytest.fixture(scope="module")
+def segmenter():
+    return load_segmenter(BUNDLE, device="cpu")
+
+
+def _rotation(angles) -> np.ndarray:
+    a, b, c = angles
+    rx = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+    ry = np.array([[np.cos(b), 0, np.sin(b)], [0, 1, 0], [-np.sin(b), 0, np.cos(b)]])
+    rz = np.array([[np.cos(c), -np.sin(c), 0], [np.sin(c), np.cos(c), 0], [0, 0, 1]])
+    return rx @ ry @ rz
+
+
+@st.composite
+def scans(draw):
+    shape = tuple(draw(st.integers(1, 19)) for _ in range(3))
+    dtype = draw(st.sampled_from([np.uint8, np.int16, np.float32, np.float64]))
+    spacing = [draw(st.floats(0.5, 2.5)) for _ in range(3)]
+    perm = draw(st.permutations([0, 1, 2]))
+    flips = [draw(st.sampled_from([-1.0, 1.0])) for _ in range(3)]
+    oblique = draw(st.booleans())
+    angles = [draw(st.floats(-0.6, 0.6)) for _ in range(3)] if oblique else [0.0, 0.0, 0.0]
+    matrix = _rotation(angles) @ np.eye(3)[list(perm)] @ np.diag(np.array(flips) * spacing)
+    affine = np.eye(4)
+    affine[:3, :3] = matrix
+    affine[:3, 3] = [draw(st.floats(-200, 200)) for _ in range(3)]
+    seed = draw(st.integers(0, 2**16))
+    data = (np.random.default_rng(seed).random(shape) * 100).astype(dtype)
+    return data, affine
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(scan=scans())
+def test_mask_geometry_equals_input(segmenter, tmp_path_factory, scan):
+    data, affine = scan
+    path = tmp_path_factory.mktemp("fuzz") / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(data, affine), path)
+    stored = nib.load(path)  # the affine as the file holds it (float32 in the header)
+    try:
+        labels, mask_affine, _ = segmenter(path)
+    except UserError:
+        return  # a clear, named error is an allowed outcome
+    assert labels.shape == data.shape
+    assert labels.dtype == np.uint8 and set(np.unique(labels)) <= {0, 1, 2}
+    np.testing.assert_allclose(mask_affine, stored.affine, atol=1e-4)
