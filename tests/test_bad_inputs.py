@@ -162,3 +162,21 @@ def test_evaluate_missing_label(tmp_path):
     _nifti(tmp_path / "pred" / "a.nii.gz", np.zeros((4, 4, 4), np.uint8))
     (tmp_path / "labels").mkdir()
     assert_user_error(run("evaluate", tmp_path / "pred", tmp_path / "labels"), "a.nii.gz", "no label named")
+
+
+def test_dicom_folder_with_non_image_files_is_read_without_them(tmp_path):
+    import pydicom
+
+    folder = tmp_path / "series"
+    shutil.copytree(need(DICOM) / "PGBM-002_HippoCrop", folder)
+    report = pydicom.dcmread(folder / "1.dcm")
+    del report.PixelData
+    report.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"  # a structured report: no pixels
+    report.Modality = "SR"
+    report.SOPInstanceUID += ".9"
+    report.save_as(folder / "report.dcm")
+    (folder / "DICOMDIR").write_bytes(b"not really a DICOMDIR")
+    (folder / "notes.txt").write_text("scanner notes")
+    result = run("infer", BUNDLE, folder, "--out", tmp_path / "o")
+    assert result.exit_code == 0, result.output
+    assert nib.load(tmp_path / "o" / "series.nii.gz").shape == (35, 51, 32)
