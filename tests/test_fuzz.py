@@ -60,3 +60,29 @@ def test_mask_geometry_equals_input(segmenter, tmp_path_factory, scan):
     assert labels.shape == data.shape
     assert labels.dtype == np.uint8 and set(np.unique(labels)) <= {0, 1, 2}
     np.testing.assert_allclose(mask_affine, stored.affine, atol=1e-4)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(scan=scans())
+def test_simpleitk_reader_geometry(tmp_path_factory, scan):
+    """SimpleITKReader on .mha files of any shape/dtype/direction: voxels and affine agree with
+    SimpleITK's own index-to-world mapping (LPS -> RAS)."""
+    import SimpleITK as sitk
+    from monai.transforms import LoadImage
+
+    from medfcn.data.readers import SimpleITKReader
+
+    data, affine = scan
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
+    image = sitk.GetImageFromArray(np.transpose(data, (2, 1, 0)))
+    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    image.SetSpacing(spacing.tolist())
+    image.SetDirection((lps[:3, :3] / spacing).ravel().tolist())
+    image.SetOrigin(lps[:3, 3].tolist())
+    path = tmp_path_factory.mktemp("mha") / "scan.mha"
+    sitk.WriteImage(image, str(path))
+    loaded = LoadImage(reader=SimpleITKReader(), image_only=True)(path)
+    np.testing.assert_array_equal(np.asarray(loaded), data.astype(np.asarray(loaded).dtype))
+    ijk = np.array(data.shape) - 1
+    world = np.array(sitk.ReadImage(str(path)).TransformIndexToPhysicalPoint(ijk.tolist())) * [-1, -1, 1]
+    np.testing.assert_allclose((np.asarray(loaded.affine) @ np.append(ijk, 1))[:3], world, atol=1e-4)

@@ -1,0 +1,173 @@
+"""medfcn bundle vs a plain MONAI UNet baseline on one fold, same machine, same wall-clock budget.
+
+(a) the hippocampus bundle's recipe (configs/train.json) and (b) the baseline the tutorial user
+would paste: UNet(3, 1, 3, channels=(16, 32, 64, 128), strides=(2, 2, 2), num_res_units=2),
+DiceCE, Adam 1e-3, batch 8, whole volumes padded to 48 x 64 x 48, z-score, no augmentation,
+float32. Both run on MONAI's engines through the same bundle config (the baseline by overrides),
+one after the other in this process, each for `--minutes` of training time (validation time is
+not counted). Validation Dice per class on the fold is recorded against training minutes.
+
+Writes bench/results/accuracy.json and accuracy.png (Dice vs minutes) and prints a table.
+
+    python bench/accuracy.py --minutes 60 --fold 0     # the issue's budget: ~2 h in all
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from ignite.engine import Events
+from monai.bundle import ConfigWorkflow
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLE = REPO / "bundles" / "hippocampus_fcn"
+RESULTS = REPO / "bench" / "results"
+
+BASELINE = {
+    "network_def": {
+        "_target_": "monai.networks.nets.UNet",
+        "spatial_dims": 3,
+        "in_channels": 1,
+        "out_channels": 3,
+        "channels": [16, 32, 64, 128],
+        "strides": [2, 2, 2],
+        "num_res_units": 2,
+    },
+    "optimizer": {"_target_": "torch.optim.Adam", "params": "$@network.parameters()", "lr": 0.001},
+    "lr_scheduler#power": 0.0,  # constant learning rate
+    "train#augmentation": [{"_target_": "SpatialPadd", "keys": ["image", "label"], "spatial_size": [48, 64, 48]}],
+    "patch_size": [48, 64, 48],
+    "bf16": False,
+}
+
+
+def run(name: str, overrides: dict, minutes: float, fold: int, val_every: int, out: Path, epochs: int) -> dict:
+    workflow = ConfigWorkflow(
+        config_file=str(BUNDLE / "configs" / "train.json"),
+        meta_file=str(BUNDLE / "configs" / "metadata.json"),
+        workflow_type="train",
+        bundle_root=str(BUNDLE),
+        fold=fold,
+        epochs=epochs,
+        val_interval=val_every,
+        output_dir=str(out / name),
+        **overrides,
+    )
+    workflow.initialize()
+    trainer = workflow.parser.get_parsed_content("train#trainer")
+    evaluator = workflow.parser.get_parsed_content("validate#evaluator")
+    clock = {"train": 0.0, "start": 0.0}
+    curve: list[dict] = []
+
+    @trainer.on(Events.EPOCH_STARTED)
+    def _start(engine):
+        clock["start"] = time.perf_counter()
+
+    @trainer.on(Events.EPOCH_COMPLETED)
+    def _stop_clock(engine):
+        clock["train"] += time.perf_counter() - clock["start"]
+
+    @evaluator.on(Events.EPOCH_COMPLETED)
+    def _record(engine):
+        m = engine.state.metrics
+        curve.append(
+            {
+                "epoch": trainer.state.epoch,
+                "minutes": clock["train"] / 60,
+                "anterior": m["val_dice_anterior"],
+                "posterior": m["val_dice_posterior"],
+                "mean": m["val_mean_dice"],
+            }
+        )
+        print(
+            f"{name}: epoch {trainer.state.epoch} {clock['train'] / 60:.1f} min mean Dice {m['val_mean_dice']:.4f}",
+            flush=True,
+        )
+        if clock["train"] >= minutes * 60:
+            trainer.terminate()
+
+    # _stop_clock must run before validation: move it to the front of EPOCH_COMPLETED handlers
+    handlers = trainer._event_handlers[Events.EPOCH_COMPLETED]
+    handlers.insert(0, handlers.pop())
+    n_cases = len(workflow.parser.get_parsed_content("datalists")[0])
+    trainer.run()
+    best = max(curve, key=lambda c: c["mean"])
+    return {
+        "name": name,
+        "curve": curve,
+        "best": best,
+        "final": curve[-1],
+        "epochs": trainer.state.epoch,
+        "train_minutes": clock["train"] / 60,
+        "volumes_per_s": trainer.state.epoch * n_cases / max(clock["train"], 1e-9),
+    }
+
+
+def first_time(curve: list[dict], level: float) -> float | None:
+    return next((c["minutes"] for c in curve if c["mean"] >= level), None)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, default=60.0, help="training minutes per model")
+    parser.add_argument("--fold", type=int, default=0)
+    parser.add_argument("--val-every", type=int, default=2, help="validate every N epochs")
+    parser.add_argument(
+        "--seconds-per-epoch",
+        type=float,
+        default=12.5,
+        help="medfcn's measured epoch time: its LR schedule is fitted to the budget with it",
+    )
+    args = parser.parse_args()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    medfcn_epochs = max(2, round(args.minutes * 60 / args.seconds_per_epoch))
+    runs = [
+        run("medfcn", {}, args.minutes, args.fold, args.val_every, RESULTS / "runs", medfcn_epochs),
+        run("baseline_unet", BASELINE, args.minutes, args.fold, args.val_every, RESULTS / "runs", 100_000),
+    ]
+    result = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "threads": torch.get_num_threads(),
+        "fold": args.fold,
+        "minutes_per_model": args.minutes,
+        "runs": runs,
+    }
+    for level in (0.84, 0.85, 0.88):
+        result[f"minutes_to_{level}"] = {r["name"]: first_time(r["curve"], level) for r in runs}
+    (RESULTS / "accuracy.json").write_text(json.dumps(result, indent=1) + "\n")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in runs:
+        ax.plot([c["minutes"] for c in r["curve"]], [c["mean"] for c in r["curve"]], marker=".", label=r["name"])
+    ax.set_xlabel("training minutes (2 CPU cores)")
+    ax.set_ylabel(f"mean validation Dice, fold {args.fold}")
+    ax.set_ylim(0.5, 0.95)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(RESULTS / "accuracy.png", dpi=120)
+
+    print("| model | epochs | train min | best mean (ant/post) | final mean | min to 0.84 | min to 0.85 | vol/s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in runs:
+        b = r["best"]
+        t84, t85 = (first_time(r["curve"], x) for x in (0.84, 0.85))
+        fmt = lambda t: "-" if t is None else f"{t:.1f}"  # noqa: E731
+        print(
+            f"| {r['name']} | {r['epochs']} | {r['train_minutes']:.1f} | {b['mean']:.4f} "
+            f"({b['anterior']:.4f}/{b['posterior']:.4f}) | {r['final']['mean']:.4f} | {fmt(t84)} | {fmt(t85)} "
+            f"| {r['volumes_per_s']:.1f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

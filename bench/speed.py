@@ -1,0 +1,166 @@
+"""Speed and memory of the medfcn hippocampus FCN against the plain MONAI UNet baseline.
+
+Per model: training throughput (volumes/s, forward+backward+step at each recipe's batch and
+input size), inference model compute per hippocampus volume (each recipe's sliding window and
+precision), FLOPs of one forward pass (torch.utils.flop_counter) and that compute as a fraction
+of the CPU's measured GEMM peak in the same precision. For medfcn also the whole `medfcn infer`
+process (start-up included) on one scan, on the three DICOM crops and on the 280 x 320 x 22
+whole-head series, with the process's peak RSS. Medians over repeats; ratio medfcn / baseline.
+
+Run it alone on the machine (other load skews every figure). Writes bench/results/speed.json.
+
+    python bench/speed.py [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from monai.inferers import SlidingWindowInferer
+from monai.networks.nets import UNet
+from torch.utils.flop_counter import FlopCounterMode
+
+from medfcn.data.datasets import data_root
+from medfcn.infer import load_segmenter
+from medfcn.inferers import Autocast, use_cpu_bf16
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLE = REPO / "bundles" / "hippocampus_fcn"
+
+
+def median_time(fn, repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def gemm_peak(dtype: torch.dtype, n: int = 2048) -> float:
+    """Achieved GFLOP/s of an n x n matmul in ``dtype`` (the practical peak of this CPU)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    seconds = median_time(lambda: a @ b, 5)
+    return 2 * n**3 / seconds / 1e9
+
+
+def forward_flops(net, shape) -> int:
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        net(torch.zeros(shape))
+    return counter.get_total_flops()
+
+
+def train_throughput(net, batch_shape, bf16: bool, repeats: int) -> float:
+    opt = torch.optim.Adam(net.parameters(), 1e-3)
+    x = torch.randn(batch_shape)
+    net.train()
+
+    def step():
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = net(x).float().square().mean()
+        loss.backward()
+        opt.step()
+
+    return batch_shape[0] / median_time(step, repeats)
+
+
+def process(cmd: list[str]) -> tuple[float, float]:
+    """Wall seconds and peak RSS (MiB) of a child process."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, capture_output=True)
+    wall = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return wall, max(peak, before) / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    root = data_root()
+    scan = sorted((root / "Task04_Hippocampus" / "imagesTr").glob("*.nii.gz"))[0]
+    dicoms = [str(root / "dicom" / f"PGBM-00{k}_HippoCrop") for k in (2, 3, 6)]
+    head = str(root / "dicom" / "PGBM-003_T1post")
+
+    seg = load_segmenter(BUNDLE, device="cpu")
+    bf16 = use_cpu_bf16("cpu")
+    baseline = UNet(3, 1, 3, channels=(16, 32, 64, 128), strides=(2, 2, 2), num_res_units=2).eval()
+    base_inferer = SlidingWindowInferer(roi_size=(48, 64, 48), sw_batch_size=4, overlap=0.5, mode="gaussian")
+    volume = seg.preprocessing({"image": str(scan)})["image"][None]
+
+    fcn = seg.network
+    figures: dict[str, dict] = {"medfcn": {}, "baseline_unet": {}}
+    with torch.no_grad():
+        figures["medfcn"]["infer_compute_s"] = median_time(lambda: seg.inferer(volume, fcn), args.repeats * 4)
+        base = Autocast(base_inferer, enabled=False)
+        figures["baseline_unet"]["infer_compute_s"] = median_time(lambda: base(volume, baseline), args.repeats * 4)
+    figures["medfcn"]["forward_gflop"] = forward_flops(fcn.float(), (1, 1, 40, 56, 40)) / 1e9
+    figures["baseline_unet"]["forward_gflop"] = forward_flops(baseline, (1, 1, 48, 64, 48)) / 1e9
+    peak = {"bf16": gemm_peak(torch.bfloat16), "fp32": gemm_peak(torch.float32)}
+    # one window covers a hippocampus crop, so compute per volume ~ one forward (+ padding)
+    figures["medfcn"]["fraction_of_peak"] = (
+        figures["medfcn"]["forward_gflop"] / figures["medfcn"]["infer_compute_s"] / peak["bf16" if bf16 else "fp32"]
+    )
+    figures["baseline_unet"]["fraction_of_peak"] = (
+        figures["baseline_unet"]["forward_gflop"] / figures["baseline_unet"]["infer_compute_s"] / peak["fp32"]
+    )
+    figures["medfcn"]["train_volumes_per_s"] = train_throughput(
+        copy.deepcopy(fcn), (8, 1, 40, 56, 40), bf16, args.repeats
+    )
+    figures["baseline_unet"]["train_volumes_per_s"] = train_throughput(
+        copy.deepcopy(baseline), (8, 1, 48, 64, 48), False, args.repeats
+    )
+
+    cli = [sys.executable, "-m", "medfcn.cli", "infer", str(BUNDLE)]
+    for label, inputs in (
+        ("infer_process_1_scan", [str(scan)]),
+        ("infer_process_3_dicom", dicoms),
+        ("infer_process_whole_head", [head]),
+    ):
+        walls, rss = [], 0.0
+        for _ in range(3):
+            with tempfile.TemporaryDirectory() as tmp:
+                wall, peak_rss = process([*cli, *inputs, "--out", tmp])
+            walls.append(wall)
+            rss = max(rss, peak_rss)
+        figures["medfcn"][f"{label}_s"] = statistics.median(walls)
+        figures["medfcn"][f"{label}_peak_rss_mib"] = rss
+
+    result = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "threads": torch.get_num_threads(),
+        "gemm_peak_gflops": peak,
+        "medfcn_bf16": bf16,
+        "models": figures,
+    }
+    out = REPO / "bench" / "results" / "speed.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(
+        f"GEMM peak: bf16 {peak['bf16']:.0f} GFLOP/s, fp32 {peak['fp32']:.0f} GFLOP/s, "
+        f"{torch.get_num_threads()} threads"
+    )
+    print("| figure | medfcn | baseline UNet | medfcn / baseline |\n| --- | --- | --- | --- |")
+    for key in sorted(set(figures["medfcn"]) | set(figures["baseline_unet"])):
+        a, b = figures["medfcn"].get(key), figures["baseline_unet"].get(key)
+        ratio = f"{a / b:.2f}" if a is not None and b else "-"
+        show = lambda v: "-" if v is None else f"{v:.4g}"  # noqa: E731
+        print(f"| {key} | {show(a)} | {show(b)} | {ratio} |")
+
+
+if __name__ == "__main__":
+    main()
