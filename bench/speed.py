@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -77,37 +76,78 @@ def train_throughput(net, batch_shape, bf16: bool, repeats: int) -> float:
     return batch_shape[0] / median_time(step, repeats)
 
 
-def process(cmd: list[str]) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MiB) of a child process."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+# RUSAGE_CHILDREN's ru_maxrss is the largest of all children so far, so each command runs under
+# a fresh wrapper process whose only child is that command, and the wrapper reports its peak.
+_PEAK_RSS = (
+    "import resource, subprocess, sys; out = subprocess.run(sys.argv[1:], check=True, capture_output=True, "
+    "text=True).stdout.strip(); print(out); print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+)
+
+
+def process(cmd: list[str], output: bool = False):
+    """Wall seconds (wrapper start-up included, ~20 ms) and peak RSS (MiB) of one command.
+
+    With ``output``, also the command's last stdout line.
+    """
     start = time.perf_counter()
-    subprocess.run(cmd, check=True, capture_output=True)
+    done = subprocess.run([sys.executable, "-c", _PEAK_RSS, *cmd], check=True, capture_output=True, text=True)
     wall = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return wall, max(peak, before) / 1024
+    lines = done.stdout.strip().splitlines()
+    rss = int(lines[-1]) / 1024
+    return (wall, rss, lines[-2] if len(lines) > 1 else "") if output else (wall, rss)
+
+
+def load_models():
+    """The shipped bundle's segmenter, and ``{name: (network, inferer)}`` for both models.
+
+    medfcn: the bundle's network and inferer (its sliding window, bfloat16 autocast where the
+    CPU has it). Baseline: the tutorial UNet (untrained: speed does not depend on the weights)
+    with a float32 Gaussian sliding window over its 48 x 64 x 48 training size.
+    """
+    seg = load_segmenter(BUNDLE, device="cpu")
+    baseline = UNet(3, 1, 3, channels=(16, 32, 64, 128), strides=(2, 2, 2), num_res_units=2).eval()
+    window = SlidingWindowInferer(roi_size=(48, 64, 48), sw_batch_size=4, overlap=0.5, mode="gaussian")
+    return seg, {"medfcn": (seg.network, seg.inferer), "baseline_unet": (baseline, Autocast(window, enabled=False))}
+
+
+def whole_head_worker(name: str, head: str) -> None:
+    """Run one model on the whole-head series (preprocessed at 1 mm) and print its compute seconds.
+
+    Runs in its own process (see :func:`process`), so the peak RSS is this model's alone.
+    """
+    seg, models = load_models()
+    net, inferer = models[name]
+    image = seg.preprocessing({"image": head})["image"][None]
+    with torch.no_grad():
+        start = time.perf_counter()
+        inferer(image, net)
+        print(f"{time.perf_counter() - start:.4f} {tuple(image.shape[2:])}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--whole-head-worker", choices=["medfcn", "baseline_unet"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     root = data_root()
     scan = sorted((root / "Task04_Hippocampus" / "imagesTr").glob("*.nii.gz"))[0]
     dicoms = [str(root / "dicom" / f"PGBM-00{k}_HippoCrop") for k in (2, 3, 6)]
     head = str(root / "dicom" / "PGBM-003_T1post")
 
-    seg = load_segmenter(BUNDLE, device="cpu")
+    if args.whole_head_worker:
+        whole_head_worker(args.whole_head_worker, head)
+        return
+
+    seg, models = load_models()
     bf16 = use_cpu_bf16("cpu")
-    baseline = UNet(3, 1, 3, channels=(16, 32, 64, 128), strides=(2, 2, 2), num_res_units=2).eval()
-    base_inferer = SlidingWindowInferer(roi_size=(48, 64, 48), sw_batch_size=4, overlap=0.5, mode="gaussian")
+    baseline = models["baseline_unet"][0]
     volume = seg.preprocessing({"image": str(scan)})["image"][None]
 
     fcn = seg.network
     figures: dict[str, dict] = {"medfcn": {}, "baseline_unet": {}}
     with torch.no_grad():
-        figures["medfcn"]["infer_compute_s"] = median_time(lambda: seg.inferer(volume, fcn), args.repeats * 4)
-        base = Autocast(base_inferer, enabled=False)
-        figures["baseline_unet"]["infer_compute_s"] = median_time(lambda: base(volume, baseline), args.repeats * 4)
+        for name, (net, inferer) in models.items():
+            figures[name]["infer_compute_s"] = median_time(lambda n=net, f=inferer: f(volume, n), args.repeats * 4)
     figures["medfcn"]["forward_gflop"] = forward_flops(fcn.float(), (1, 1, 40, 56, 40)) / 1e9
     figures["baseline_unet"]["forward_gflop"] = forward_flops(baseline, (1, 1, 48, 64, 48)) / 1e9
     peak = {"bf16": gemm_peak(torch.bfloat16), "fp32": gemm_peak(torch.float32)}
@@ -124,6 +164,11 @@ def main() -> None:
     figures["baseline_unet"]["train_volumes_per_s"] = train_throughput(
         copy.deepcopy(baseline), (8, 1, 48, 64, 48), False, args.repeats
     )
+
+    for name in figures:
+        runs = [process([sys.executable, __file__, "--whole-head-worker", name], output=True) for _ in range(3)]
+        figures[name]["whole_head_compute_s"] = statistics.median(float(out.split()[0]) for _, _, out in runs)
+        figures[name]["whole_head_peak_rss_mib"] = max(rss for _, rss, _ in runs)
 
     cli = [sys.executable, "-m", "medfcn.cli", "infer", str(BUNDLE)]
     for label, inputs in (

@@ -82,28 +82,15 @@ def test_real_hippocampus_two_epochs_checkpoints_tensorboard_resume(tmp_path):
     assert all(s == 4 * ckpt["trainer"]["epoch_length"] for s in step.values())
 
 
-def test_missing_resume_checkpoint_is_a_user_error(spheres_dataset, tmp_path):
-    with pytest.raises(UserError, match="no checkpoint to resume"):
-        train(
-            BUNDLE,
-            spheres_dataset,
-            fold=0,
-            epochs=1,
-            output_dir=tmp_path / "none",
-            resume=True,
-            overrides={"folds_file": str(spheres_dataset / "folds.json")},
-        )
+@pytest.mark.parametrize(
+    ("fold", "resume", "message"), [(0, True, "no checkpoint to resume"), (5, False, "unknown fold 5")]
+)
+def test_missing_checkpoint_and_unknown_fold_are_user_errors(spheres_dataset, tmp_path, fold, resume, message):
+    folds = {"folds_file": str(spheres_dataset / "folds.json")}
+    with pytest.raises(UserError, match=message):
+        train(BUNDLE, spheres_dataset, fold=fold, epochs=1, output_dir=tmp_path / "x", resume=resume, overrides=folds)
 
 
-def test_unknown_fold_and_missing_dataset_are_user_errors(spheres_dataset, tmp_path):
-    with pytest.raises(UserError, match="unknown fold 5"):
-        train(
-            BUNDLE,
-            spheres_dataset,
-            fold=5,
-            epochs=1,
-            output_dir=tmp_path / "x",
-            overrides={"folds_file": str(spheres_dataset / "folds.json")},
-        )
+def test_missing_dataset_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="no dataset.json"):
         train(BUNDLE, tmp_path, fold=0, epochs=1, output_dir=tmp_path / "x")
