@@ -8,7 +8,11 @@
 
 Prints a markdown table and writes bench/results/inference.json.
 
-    python bench/inference.py [--data ../shared/datasets] [--fold 0] [--repeats 3]
+    python bench/inference.py [--data ../shared/datasets] [--fold 0] [--repeats 3] [--tta] [--bundle DIR]
+
+``--tta`` measures flip test-time augmentation (its Dice gain and time cost against a run
+without it); ``--bundle`` measures another bundle folder (e.g. a candidate model) instead of
+the shipped one.
 """
 
 from __future__ import annotations
@@ -45,24 +49,28 @@ def main() -> None:
     parser.add_argument("--data", default=None, help="datasets root (default: $MEDFCN_DATA or ../shared/datasets)")
     parser.add_argument("--fold", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--tta", action="store_true", help="left-right flip test-time augmentation")
+    parser.add_argument("--bundle", type=Path, default=BUNDLE, help="bundle folder (default: the shipped one)")
     args = parser.parse_args()
+    bundle = args.bundle.resolve()
     root = data_root(args.data)
     hippo = root / "Task04_Hippocampus"
     folds = json.loads((REPO / "datasets" / "Task04_Hippocampus" / "folds.json").read_text())["folds"]
     images = [hippo / "imagesTr" / f"{c}.nii.gz" for c in folds[args.fold]]
 
     with tempfile.TemporaryDirectory() as tmp:
-        rows = infer(BUNDLE, images, Path(tmp) / "pred")
+        rows = infer(bundle, images, Path(tmp) / "pred", tta=args.tta)
         _, summary = evaluate_folders(Path(tmp) / "pred", hippo / "labelsTr", labels=[1, 2])
     compute = statistics.median(r["model_seconds"] for r in rows)
 
     dicoms = [str(root / "dicom" / f"PGBM-00{k}_HippoCrop") for k in (2, 3, 6)]
     walls = []
+    tta = ["--tta"] if args.tta else []
     for _ in range(args.repeats):
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()
             subprocess.run(
-                [sys.executable, "-m", "medfcn.cli", "infer", str(BUNDLE), *dicoms, "--out", tmp],
+                [sys.executable, "-m", "medfcn.cli", "infer", str(bundle), *dicoms, "--out", tmp, *tta],
                 check=True,
                 capture_output=True,
             )
@@ -72,6 +80,8 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{torch.get_num_threads()} threads, {cpu_model()}",
         "torch": torch.__version__,
+        "bundle": str(bundle),
+        "tta": args.tta,
         "fold": args.fold,
         "cases": len(rows),
         "dice_anterior": summary["dice_1"]["mean"],
@@ -83,7 +93,7 @@ def main() -> None:
         "infer_3_dicom_process_s_median": statistics.median(walls),
         "infer_3_dicom_process_s_all": walls,
     }
-    out = REPO / "bench" / "results" / "inference.json"
+    out = REPO / "bench" / "results" / ("inference_tta.json" if args.tta else "inference.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print("| figure | value |\n| --- | --- |")

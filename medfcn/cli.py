@@ -134,7 +134,7 @@ def infer(
     sw_batch_size: Annotated[int | None, typer.Option(help="Sliding-window batch size.")] = None,
     overlap: Annotated[float | None, typer.Option(help="Sliding-window overlap, 0..1.")] = None,
     tta: Annotated[bool, typer.Option("--tta", help="Average with left-right flipped input (2x time).")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing masks.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing masks and volume tables.")] = False,
 ) -> None:
     """Segment scans with a bundle; one uint8 NIfTI mask per scan in the scan's own geometry.
 
@@ -166,6 +166,7 @@ def evaluate(
         list[int] | None, typer.Option("--labels", help="Label values to score (default: all present).")
     ] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Where metrics.csv/json go (default: PRED_DIR).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing metrics.csv/json.")] = False,
 ) -> None:
     """Dice per label and mean, HD95 in mm, per case and summarised (mean, std, median)."""
     from rich.console import Console
@@ -173,7 +174,7 @@ def evaluate(
 
     from medfcn.evaluate import evaluate_folders
 
-    rows, summary = evaluate_folders(pred_dir, label_dir, labels=labels or None, out_dir=out)
+    rows, summary = evaluate_folders(pred_dir, label_dir, labels=labels or None, out_dir=out, overwrite=overwrite)
     table = Table(title=f"{len(rows)} cases: {pred_dir} vs {label_dir}")
     for column in ("metric", "mean", "std", "median", "n"):
         table.add_column(column, justify="left" if column == "metric" else "right")
@@ -188,6 +189,7 @@ def evaluate(
 def export(
     bundle: Annotated[Path, typer.Argument(help="Bundle folder.")],
     format: Annotated[str, typer.Option("--format", help="Export format: torchscript.")] = "torchscript",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing models/model.ts.")] = False,
 ) -> None:
     """Export models/model.pt to models/model.ts (TorchScript, checked against the state dict)."""
     from medfcn.errors import UserError
@@ -195,7 +197,7 @@ def export(
 
     if format != "torchscript":
         raise UserError(f"unknown --format {format!r}; supported: torchscript.")
-    path, diff = export_torchscript(bundle)
+    path, diff = export_torchscript(bundle, overwrite=overwrite)
     typer.echo(f"wrote {path} (max |difference| vs state dict: {diff:.1e})")
 
 

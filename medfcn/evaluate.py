@@ -24,7 +24,7 @@ from monai.networks.utils import one_hot
 from medfcn.data.datasets import case_id
 from medfcn.errors import UserError
 from medfcn.infer import NIFTI_SUFFIXES
-from medfcn.io import atomic_write_text
+from medfcn.io import atomic_write_text, refuse_existing, writable_dir
 
 __all__ = ["evaluate_folders", "case_metrics", "summarise"]
 
@@ -92,6 +92,7 @@ def evaluate_folders(
     label_dir: str | os.PathLike,
     labels: list[int] | None = None,
     out_dir: str | os.PathLike | None = None,
+    overwrite: bool = False,
 ) -> tuple[list[dict], dict]:
     """Score every mask in ``pred_dir`` against the same-named file in ``label_dir``.
 
@@ -101,7 +102,7 @@ def evaluate_folders(
     Returns:
         ``(rows, summary)``; rows hold ``case``, ``dice_<k>``, ``hd95_<k>`` (mm) and
         ``dice_mean``. Written to ``out_dir`` (default ``pred_dir``) as ``metrics.csv`` and
-        ``metrics.json``.
+        ``metrics.json``; existing ones are replaced only with ``overwrite``.
     """
     pred_dir, label_dir = Path(pred_dir), Path(label_dir)
     for folder in (pred_dir, label_dir):
@@ -111,6 +112,9 @@ def evaluate_folders(
     if not preds:
         raise UserError(f"{pred_dir}: no NIfTI masks in this folder.")
     references = {case_id(p): p for p in label_dir.iterdir() if p.name.endswith(NIFTI_SUFFIXES)}
+    out = Path(out_dir) if out_dir else pred_dir
+    refuse_existing([out / "metrics.csv", out / "metrics.json"], overwrite)
+    writable_dir(out, fix="choose another --out")
     rows = []
     for pred_path in preds:
         name = case_id(pred_path)
@@ -131,7 +135,6 @@ def evaluate_folders(
     columns = sorted({k for r in rows for k in r}, key=lambda k: (k != "case", k))
     rows = [{k: r.get(k, math.nan) for k in columns} for r in rows]
     summary = summarise(rows)
-    out = Path(out_dir) if out_dir else pred_dir
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns)
     writer.writeheader()

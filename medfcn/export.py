@@ -14,14 +14,17 @@ import torch
 from monai.bundle import ConfigParser, ckpt_export
 
 from medfcn.errors import UserError
-from medfcn.io import atomic_path
+from medfcn.io import atomic_path, load_weights, refuse_existing
 from medfcn.train import bundle_files
 
 __all__ = ["export_torchscript"]
 
 
 def export_torchscript(
-    bundle: str | os.PathLike, check_shape: tuple[int, ...] = (1, 1, 35, 51, 32), atol: float = 1e-5
+    bundle: str | os.PathLike,
+    check_shape: tuple[int, ...] = (1, 1, 35, 51, 32),
+    atol: float = 1e-5,
+    overwrite: bool = False,
 ) -> tuple[Path, float]:
     """Write ``bundle/models/model.ts``; return its path and the largest output difference.
 
@@ -29,9 +32,11 @@ def export_torchscript(
         bundle: bundle folder with ``configs/inference.json`` and ``models/model.pt``.
         check_shape: input shape ``(B, C, *S)`` for the equality check (odd sizes on purpose).
         atol: largest allowed absolute difference of logits between the state dict and export.
+        overwrite: replace an existing ``models/model.ts``; otherwise it is an error.
 
     Raises:
-        UserError: missing weights, or an export whose outputs differ by more than ``atol``.
+        UserError: missing or foreign weights, an existing export without ``overwrite``, or an
+            export whose outputs differ by more than ``atol``.
     """
     files = bundle_files(bundle, "inference.json")
     root = files["bundle_root"]
@@ -39,11 +44,11 @@ def export_torchscript(
     if not weights.is_file():
         raise UserError(f"{weights}: missing; nothing to export.")
     target = root / "models" / "model.ts"
+    refuse_existing([target], overwrite)
     parser = ConfigParser()
     parser.read_config(str(files["config_file"]))
     parser["bundle_root"] = str(root)
-    network = parser.get_parsed_content("network_def").eval()
-    network.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    network = load_weights(parser.get_parsed_content("network_def"), weights).eval()
     with atomic_path(target, suffix=".ts") as tmp:
         ckpt_export(
             net_id="network_def",

@@ -14,6 +14,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -33,10 +34,10 @@ from monai.bundle import ConfigParser
 from medfcn.data.checks import check_scan
 from medfcn.data.datasets import case_id
 from medfcn.errors import UserError
-from medfcn.io import atomic_path, atomic_write_text
+from medfcn.io import atomic_path, load_weights, refuse_existing, writable_dir
 from medfcn.train import bundle_files
 
-__all__ = ["Segmenter", "load_segmenter", "expand_inputs", "mask_name", "label_volumes", "infer"]
+__all__ = ["Segmenter", "load_segmenter", "check_device", "expand_inputs", "mask_name", "label_volumes", "infer"]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -95,14 +96,9 @@ def load_segmenter(
     parser.read_config(str(files["config_file"]))
     parser.update({"bundle_root": str(files["bundle_root"]), **(overrides or {})})
     if device:
-        parser["device"] = f"$torch.device({device!r})"
-    network = parser.get_parsed_content("network")
+        parser["device"] = f"$torch.device({check_device(device)!r})"
+    network = load_weights(parser.get_parsed_content("network"), weights)
     dev = parser.get_parsed_content("device")
-    try:
-        state = torch.load(weights, map_location=dev, weights_only=True)
-        network.load_state_dict(state)
-    except Exception as err:
-        raise UserError(f"{weights}: does not fit the bundle's network_def ({str(err).splitlines()[0]}).") from err
     network.eval()
     return Segmenter(
         network=network,
@@ -114,6 +110,19 @@ def load_segmenter(
         in_channels=int(parser.get_parsed_content("network_def#in_channels")),
         pixdim=parser.get_parsed_content("pixdim"),
     )
+
+
+def check_device(device: str) -> str:
+    """``device`` if this machine has it; UserError otherwise (e.g. ``cuda`` without a GPU)."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise UserError(f"--device {device!r}: not a device name; use cpu, cuda or cuda:N.") from err
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise UserError(f"--device {device}: no such CUDA device on this machine; use --device cpu.")
+    if dev.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {device}: unsupported; use cpu, cuda or cuda:N.")
+    return device
 
 
 def _root_message(err: BaseException) -> str:
@@ -193,21 +202,21 @@ def label_volumes(labels: np.ndarray, affine: np.ndarray, class_names: Sequence[
     return {f"{name}_mm3": round(float(counts[k + 1]) * voxel_mm3, 3) for k, name in enumerate(class_names)}
 
 
-def _write_mask(labels: np.ndarray, affine: np.ndarray, target: Path) -> None:
+def _stage_mask(stack: contextlib.ExitStack, labels: np.ndarray, affine: np.ndarray, target: Path) -> None:
+    """Write the mask to a temporary file that ``stack`` renames onto ``target`` on success."""
     image = nib.Nifti1Image(labels.astype(np.uint8), affine)
     image.set_qform(affine, code=1)
     image.set_sform(affine, code=1)
-    with atomic_path(target, suffix=".nii.gz") as tmp:
-        nib.save(image, tmp)
+    nib.save(image, stack.enter_context(atomic_path(target, suffix=".nii.gz")))
 
 
-def _write_tables(rows: list[dict], out_dir: Path) -> None:
+def _stage_tables(stack: contextlib.ExitStack, rows: list[dict], out_dir: Path) -> None:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write_text(buffer.getvalue(), out_dir / "volumes.csv")
-    atomic_write_text(json.dumps(rows, indent=1) + "\n", out_dir / "volumes.json")
+    stack.enter_context(atomic_path(out_dir / "volumes.csv")).write_text(buffer.getvalue())
+    stack.enter_context(atomic_path(out_dir / "volumes.json")).write_text(json.dumps(rows, indent=1) + "\n")
 
 
 def infer(
@@ -230,27 +239,26 @@ def infer(
         device: ``"cpu"``, ``"cuda"``...; default CUDA when available.
         sw_batch_size, overlap: sliding-window settings (default: the bundle's).
         tta: average with left-right flipped predictions (twice the compute).
-        overwrite: replace existing masks; otherwise an existing mask is an error.
+        overwrite: replace existing masks and volume tables; otherwise an existing one is an error.
         progress: called with one line per scan.
 
     Returns:
         One row per scan: input, mask, shape, spacing (mm), seconds, and ``<label>_mm3``.
+
+    Raises:
+        UserError: a bad input, bundle or option; nothing is written then, not even the masks
+            of the scans before the bad one.
     """
     scans = expand_inputs(inputs)
     out = Path(out_dir)
     targets = [out / mask_name(s) for s in scans]
     if len(set(targets)) != len(targets):
         raise UserError("two inputs have the same case name; their masks would overwrite each other.")
-    existing = [t for t in targets if t.exists()]
-    if existing and not overwrite:
-        raise UserError(f"{existing[0]}: already exists; pass --overwrite to replace it, or another --out.")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".medfcn-write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise UserError(f"{out}: output folder not writable ({err.strerror}); choose another --out.") from err
+    refuse_existing([*targets, out / "volumes.csv", out / "volumes.json"], overwrite)
+    if overlap is not None and not 0 <= overlap < 1:
+        raise UserError(f"--overlap {overlap}: must be in [0, 1).")
+    if sw_batch_size is not None and sw_batch_size < 1:
+        raise UserError(f"--sw-batch-size {sw_batch_size}: must be at least 1.")
 
     overrides: dict[str, Any] = {}
     if sw_batch_size is not None:
@@ -260,25 +268,29 @@ def infer(
     if tta:
         overrides["tta_flip_axes"] = [0]
     segmenter = load_segmenter(bundle, device=device, overrides=overrides)
+    writable_dir(out, fix="choose another --out")
 
     rows = []
-    for k, (scan, target) in enumerate(zip(scans, targets, strict=True), start=1):
-        start = time.perf_counter()
-        labels, affine, compute = segmenter(scan)
-        _write_mask(labels, affine, target)
-        spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
-        row = {
-            "input": str(scan),
-            "mask": str(target),
-            "shape": "x".join(map(str, labels.shape)),
-            "spacing_mm": "x".join(f"{s:.4g}" for s in spacing),
-            "model_seconds": round(compute, 4),
-            "seconds": round(time.perf_counter() - start, 4),
-            **label_volumes(labels, affine, segmenter.class_names),
-        }
-        rows.append(row)
-        if progress:
-            vols = "  ".join(f"{n} {row[f'{n}_mm3']:.0f} mm3" for n in segmenter.class_names)
-            progress(f"[{k}/{len(scans)}] {scan.name}: {vols}  ({row['seconds']:.2f} s) -> {target}")
-    _write_tables(rows, out)
+    # All or nothing: masks are staged as temporary files and renamed only once every scan
+    # has succeeded, so a bad scan in the middle of a batch leaves no partial output behind.
+    with contextlib.ExitStack() as stack:
+        for k, (scan, target) in enumerate(zip(scans, targets, strict=True), start=1):
+            start = time.perf_counter()
+            labels, affine, compute = segmenter(scan)
+            _stage_mask(stack, labels, affine, target)
+            spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+            row = {
+                "input": str(scan),
+                "mask": str(target),
+                "shape": "x".join(map(str, labels.shape)),
+                "spacing_mm": "x".join(f"{s:.4g}" for s in spacing),
+                "model_seconds": round(compute, 4),
+                "seconds": round(time.perf_counter() - start, 4),
+                **label_volumes(labels, affine, segmenter.class_names),
+            }
+            rows.append(row)
+            if progress:
+                vols = "  ".join(f"{n} {row[f'{n}_mm3']:.0f} mm3" for n in segmenter.class_names)
+                progress(f"[{k}/{len(scans)}] {scan.name}: {vols}  ({row['seconds']:.2f} s) -> {target}")
+        _stage_tables(stack, rows, out)
     return rows

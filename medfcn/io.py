@@ -1,7 +1,8 @@
-"""Atomic file output: write to a temporary file in the target folder, then rename.
+"""File input/output: atomic writes, writable output folders, safe checkpoint loading.
 
 A rename within one folder is atomic on POSIX, so a reader (or a crash) sees the old file or
-the complete new one, never a half-written mask, table or checkpoint.
+the complete new one, never a half-written mask, table or checkpoint. Checkpoints are read
+with ``torch.load(..., weights_only=True)``: tensors and plain containers only, no pickled code.
 """
 
 from __future__ import annotations
@@ -9,12 +10,47 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
 
-__all__ = ["atomic_path", "atomic_torch_save", "atomic_write_text"]
+from medfcn.errors import UserError
+
+__all__ = [
+    "atomic_path",
+    "atomic_torch_save",
+    "atomic_write_text",
+    "load_weights",
+    "refuse_existing",
+    "writable_dir",
+]
+
+
+def writable_dir(folder: str | os.PathLike, fix: str = "choose another output folder") -> Path:
+    """Create ``folder`` if needed and check that a file can be created in it.
+
+    Raises:
+        UserError: naming the folder, the system's reason, and ``fix``.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".medfcn-write-test-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise UserError(f"{folder}: output folder not writable ({err.strerror or err}); {fix}.") from err
+    return folder
+
+
+def refuse_existing(paths: Iterable[str | os.PathLike], overwrite: bool) -> None:
+    """UserError for the first of ``paths`` that exists, unless ``overwrite``."""
+    if overwrite:
+        return
+    for path in map(Path, paths):
+        if path.exists():
+            raise UserError(f"{path}: already exists; pass --overwrite to replace it, or choose another output.")
 
 
 @contextlib.contextmanager
@@ -22,15 +58,19 @@ def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside ``target``; on success rename it onto ``target``.
 
     ``suffix`` is kept on the temporary name (e.g. ``.nii.gz``) for writers that choose the
-    format by extension. On error the temporary file is removed and ``target`` is untouched.
+    format by extension. The data is flushed to disk (fsync) before the rename, so the new
+    file is complete even after a power loss. On error the temporary file is removed and
+    ``target`` is untouched.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{suffix}", dir=target.parent)
+    folder = writable_dir(target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{suffix}", dir=folder)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        with open(tmp_path, "rb") as written:
+            os.fsync(written.fileno())
         os.chmod(tmp_path, 0o644)
         os.replace(tmp_path, target)
     finally:
@@ -47,3 +87,38 @@ def atomic_write_text(text: str, target: str | os.PathLike) -> None:
     """Write ``text`` to ``target`` atomically."""
     with atomic_path(target) as tmp:
         tmp.write_text(text)
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    return (lines[0] if lines else type(err).__name__)[:300]
+
+
+def load_weights(network: torch.nn.Module, path: str | os.PathLike, key: str | None = None) -> torch.nn.Module:
+    """Load the state dict in ``path`` into ``network`` (strictly: every key, every shape).
+
+    Args:
+        network: the module to fill; its parameters keep their device.
+        path: a ``torch.save``-d state dict, or a training checkpoint when ``key`` is given.
+        key: the checkpoint entry that holds the weights (``"network"`` in ``last.pt``).
+
+    Raises:
+        UserError: the file is not a readable checkpoint, lacks ``key``, or holds weights of
+            another architecture or shape.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise UserError(f"{path}: not a readable PyTorch checkpoint ({_first_line(err)}); replace the file.") from err
+    if key is not None:
+        if not isinstance(state, dict) or key not in state:
+            raise UserError(f"{path}: no {key!r} entry; not a medfcn training checkpoint.")
+        state = state[key]
+    try:
+        network.load_state_dict(state)
+    except Exception as err:
+        raise UserError(
+            f"{path}: does not fit the bundle's network_def ({_first_line(err)}); "
+            "use weights trained with this bundle's network."
+        ) from err
+    return network

@@ -22,6 +22,7 @@ from monai.bundle import ConfigParser, ConfigWorkflow
 from medfcn.data.checks import check_training_pairs
 from medfcn.data.datasets import fold_datalists
 from medfcn.errors import UserError
+from medfcn.io import load_weights, writable_dir
 
 __all__ = ["bundle_files", "train"]
 
@@ -115,10 +116,13 @@ def train(
         done = _epochs_done(last)
         if done >= int(n_epochs):
             raise UserError(f"{last}: run has finished {done} epochs already; pass --epochs larger than {done}.")
+        # a run of another network_def must fail here, in one line, not deep in MONAI's loader
+        load_weights(_resolve(files["config_file"], args, "network_def")[0], last, key="network")
     elif last.exists():
         raise UserError(f"{out}: already holds a run (last.pt); add --resume to continue it, or pick another --output.")
     if int(n_epochs) < 1:
         raise UserError(f"epochs must be at least 1, got {n_epochs}.")
+    writable_dir(out, fix="choose another --output")
 
     logging_file = files["logging_file"] if files["logging_file"].is_file() else None
     workflow = ConfigWorkflow(

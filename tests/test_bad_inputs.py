@@ -49,13 +49,13 @@ def _make_bad_scan(kind: str, tmp_path):
     vol = rng.random((30, 34, 28)).astype(np.float32)
     if kind == "not_an_image":
         path = tmp_path / "in" / "notes.nii.gz"
-        path.parent.mkdir(parents=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(gzip.compress(b"this is a text file, not a NIfTI image"))
         return path, "notes.nii.gz"
     if kind == "truncated":
         good = _nifti(tmp_path / "full.nii.gz", vol)
         path = tmp_path / "in" / "cut.nii.gz"
-        path.parent.mkdir(parents=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
         return path, "cut.nii.gz"
     if kind == "nan":
@@ -180,3 +180,80 @@ def test_dicom_folder_with_non_image_files_is_read_without_them(tmp_path):
     result = run("infer", BUNDLE, folder, "--out", tmp_path / "o")
     assert result.exit_code == 0, result.output
     assert nib.load(tmp_path / "o" / "series.nii.gz").shape == (35, 51, 32)
+
+
+def test_bad_scan_in_a_batch_leaves_no_output(tmp_path):
+    good = _good(tmp_path, "a_good.nii.gz")
+    bad, _ = _make_bad_scan("truncated", tmp_path)
+    out = tmp_path / "out"
+    result = run("infer", BUNDLE, good, bad, "--out", out)
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert result.output.strip().splitlines()[-1].startswith(f"medfcn: error: {bad}: cannot be read")
+    assert not out.exists() or not any(out.iterdir())  # not even the good scan's mask
+
+
+def test_existing_tables_and_exports_are_kept_without_overwrite(tmp_path):
+    scan = _good(tmp_path)
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "volumes.csv").write_text("an earlier run's table")
+    assert_user_error(run("infer", BUNDLE, scan, "--out", out), "volumes.csv", "--overwrite")
+    assert (out / "volumes.csv").read_text() == "an earlier run's table"
+    assert run("infer", BUNDLE, scan, "--out", out, "--overwrite").exit_code == 0
+    assert (out / "volumes.csv").read_text().startswith("input,mask")
+
+    labels = tmp_path / "labels"
+    shutil.copytree(out, labels, ignore=shutil.ignore_patterns("volumes.*"))
+    assert run("evaluate", out, labels).exit_code == 0
+    assert_user_error(run("evaluate", out, labels), "metrics.csv", "--overwrite")
+    assert run("evaluate", out, labels, "--overwrite").exit_code == 0
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(BUNDLE, bundle, ignore=shutil.ignore_patterns("model.ts", "eval"))
+    (bundle / "models" / "model.ts").write_text("an earlier export")
+    assert_user_error(run("export", bundle), "model.ts", "--overwrite")
+    assert (bundle / "models" / "model.ts").read_text() == "an earlier export"
+
+
+def test_export_of_foreign_weights(tmp_path):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(BUNDLE / "configs", bundle / "configs")
+    (bundle / "models").mkdir()
+    torch.save(FCN(3, 1, 3, features=(8, 16)).state_dict(), bundle / "models" / "model.pt")
+    assert_user_error(run("export", bundle), "model.pt", "does not fit the bundle")
+    (bundle / "models" / "model.pt").write_bytes(b"not a checkpoint")
+    assert_user_error(run("export", bundle), "model.pt", "not a readable PyTorch checkpoint")
+    assert not (bundle / "models" / "model.ts").exists()
+
+
+def test_resume_from_a_checkpoint_of_another_network(spheres_dataset, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    foreign = {"network": FCN(3, 1, 3, features=(8, 16)).state_dict(), "trainer": {"iteration": 2, "epoch_length": 1}}
+    torch.save(foreign, run_dir / "last.pt")
+    sets = ["--set", f"folds_file={spheres_dataset / 'folds.json'}"]
+    result = run("train", BUNDLE, "--data", spheres_dataset, "--output", run_dir, "--epochs", "4", "--resume", *sets)
+    assert_user_error(result, "last.pt", "does not fit the bundle")
+
+
+@pytest.mark.parametrize(
+    ("option", "fragment"),
+    [(["--overlap", "1.5"], "--overlap 1.5"), (["--sw-batch-size", "0"], "--sw-batch-size 0")],
+)
+def test_bad_inference_options(option, fragment, tmp_path):
+    assert_user_error(run("infer", BUNDLE, _good(tmp_path), "--out", tmp_path / "o", *option), fragment)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_device_without_a_gpu(tmp_path):
+    result = run("infer", BUNDLE, _good(tmp_path), "--out", tmp_path / "o", "--device", "cuda")
+    assert_user_error(result, "--device cuda", "--device cpu")
+
+
+def test_output_names_cannot_leave_the_output_folder(tmp_path):
+    rng = np.random.default_rng(1)
+    sneaky = _nifti(tmp_path / "in" / "...hidden.nii.gz", rng.random((20, 22, 18)).astype(np.float32))
+    out = tmp_path / "deep" / "out"
+    assert run("infer", BUNDLE, sneaky, "--out", out).exit_code == 0
+    written = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.nii.gz") if p != sneaky)
+    assert written == [out.relative_to(tmp_path) / "hidden.nii.gz"]

@@ -15,11 +15,6 @@ from medfcn.infer import load_segmenter
 from .conftest import BUNDLE
 
 
-@pytest.fixture(scope="module")
-def segmenter():
-    return load_segmenter(BUNDLE, device="cpu")
-
-
 def _rotation(angles) -> np.ndarray:
     a, b, c = angles
     rx = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
@@ -46,20 +41,50 @@ def scans(draw):
     return data, affine
 
 
+@pytest.fixture(scope="module")
+def run_infer():
+    """``medfcn.infer.infer`` (masks written to disk) with the bundle loaded once."""
+    import medfcn.infer
+
+    segmenter = load_segmenter(BUNDLE, device="cpu")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(medfcn.infer, "load_segmenter", lambda *args, **kwargs: segmenter)
+        yield medfcn.infer.infer
+
+
+def _with_defect(data: np.ndarray, defect: str | None) -> np.ndarray:
+    """The scan, or a broken copy: a NaN voxel, a second channel, or an empty first axis."""
+    if defect == "nan":
+        data = data.astype(np.float32)
+        data.flat[data.size // 2] = np.nan
+    elif defect == "channels":
+        data = np.stack([data, data], axis=-1)
+    elif defect == "empty":
+        data = data[:0]
+    return data
+
+
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(scan=scans())
-def test_mask_geometry_equals_input(segmenter, tmp_path_factory, scan):
+@given(scan=scans(), defect=st.sampled_from([None, None, None, "nan", "channels", "empty"]))
+def test_mask_geometry_equals_input(run_infer, tmp_path_factory, scan, defect):
+    """A valid scan gives a uint8 mask file on exactly its grid; a broken one a UserError and no file."""
     data, affine = scan
-    path = tmp_path_factory.mktemp("fuzz") / "scan.nii.gz"
+    data = _with_defect(data, defect)
+    folder = tmp_path_factory.mktemp("fuzz")
+    path, out = folder / "scan.nii.gz", folder / "out"
     nib.save(nib.Nifti1Image(data, affine), path)
+    if defect is not None:
+        with pytest.raises(UserError, match="scan.nii.gz"):
+            run_infer(BUNDLE, [path], out)
+        assert not out.exists() or not any(out.iterdir())
+        return
+    run_infer(BUNDLE, [path], out)
     stored = nib.load(path)  # the affine as the file holds it (float32 in the header)
-    try:
-        labels, mask_affine, _ = segmenter(path)
-    except UserError:
-        return  # a clear, named error is an allowed outcome
+    mask = nib.load(out / "scan.nii.gz")
+    labels = np.asarray(mask.dataobj)
     assert labels.shape == data.shape
     assert labels.dtype == np.uint8 and set(np.unique(labels)) <= {0, 1, 2}
-    np.testing.assert_allclose(mask_affine, stored.affine, atol=1e-4)
+    np.testing.assert_allclose(mask.affine, stored.affine, atol=1e-4)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
