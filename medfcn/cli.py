@@ -84,6 +84,12 @@ def train(
         Path | None, typer.Option("--output", help="Run folder: checkpoints and TensorBoard events.")
     ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --output from last.pt.")] = False,
+    encoder: Annotated[
+        Path | None, typer.Option("--encoder", help="Initialise the encoder from this FCN checkpoint.")
+    ] = None,
+    freeze_encoder: Annotated[
+        bool, typer.Option("--freeze-encoder", help="Keep the encoder fixed; only the decoder trains.")
+    ] = False,
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="Override a config entry, KEY=VALUE (JSON), repeatable.")
     ] = None,
@@ -103,7 +109,11 @@ def train(
         epochs=epochs,
         output_dir=output,
         resume=resume,
-        overrides=_parse_overrides(set_ or []),
+        overrides={
+            **_parse_overrides(set_ or []),
+            **({"pretrained_encoder": str(encoder)} if encoder else {}),
+            **({"freeze_encoder": True} if freeze_encoder else {}),
+        },
     )
     typer.echo(f"done: checkpoints and TensorBoard events in {out}")
 

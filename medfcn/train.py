@@ -65,6 +65,22 @@ def _epochs_done(checkpoint: Path) -> int:
     return int(state["iteration"]) // max(int(state["epoch_length"]), 1)
 
 
+def _check_encoder(config_file: Path, args: dict[str, Any]) -> None:
+    """A ``pretrained_encoder`` must exist and fit the network's encoder (one clear line if not)."""
+    (path,) = _resolve(config_file, args, "pretrained_encoder")
+    if not path:
+        return
+    if not Path(path).is_file():
+        raise UserError(f"{path}: encoder checkpoint not found; pass a best_model.pt or last.pt of an FCN run.")
+    try:
+        _resolve(config_file, args, "network_def")[0].load_encoder(str(path))
+    except Exception as err:
+        raise UserError(
+            f"{path}: does not fit this bundle's encoder ({str(err).splitlines()[0][:200]}); "
+            "use a checkpoint of an FCN with the same features and in_channels."
+        ) from err
+
+
 def train(
     bundle: str | os.PathLike,
     dataset_dir: str | os.PathLike | None = None,
@@ -85,7 +101,8 @@ def train(
         output_dir: where checkpoints (``last.pt``, ``best_model.pt``) and TensorBoard
             events go; default: the config's.
         resume: continue from ``output_dir/last.pt``: weights, optimizer, scheduler, epoch.
-        overrides: more config entries to override, e.g. ``{"batch_size": 4}``.
+        overrides: more config entries to override, e.g. ``{"batch_size": 4}``; transfer
+            learning: ``{"pretrained_encoder": "runs/a/best_model.pt", "freeze_encoder": True}``.
 
     Raises:
         UserError: missing data, unknown fold, nothing to resume, or an output folder that
@@ -123,6 +140,7 @@ def train(
     if int(n_epochs) < 1:
         raise UserError(f"epochs must be at least 1, got {n_epochs}.")
     writable_dir(out, fix="choose another --output")
+    _check_encoder(files["config_file"], args)
 
     logging_file = files["logging_file"] if files["logging_file"].is_file() else None
     workflow = ConfigWorkflow(

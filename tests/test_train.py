@@ -6,6 +6,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from medfcn import FCN
 from medfcn.errors import UserError
 from medfcn.train import train
 
@@ -94,3 +95,27 @@ def test_missing_checkpoint_and_unknown_fold_are_user_errors(spheres_dataset, tm
 def test_missing_dataset_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="no dataset.json"):
         train(BUNDLE, tmp_path, fold=0, epochs=1, output_dir=tmp_path / "x")
+
+
+def test_transfer_learning_trains_only_the_decoder(spheres_dataset, tmp_path):
+    """--encoder/--freeze-encoder (bundle entries pretrained_encoder/freeze_encoder): the run's
+    encoder stays bit-identical to the source checkpoint's while its decoder changes."""
+    overrides = {**SMALL, "folds_file": str(spheres_dataset / "folds.json"), "val_interval": 1}
+    source = train(BUNDLE, spheres_dataset, fold=0, epochs=1, output_dir=tmp_path / "source", overrides=overrides)
+    donor = torch.load(source / "best_model.pt", weights_only=True)
+    transfer = {**overrides, "pretrained_encoder": str(source / "best_model.pt"), "freeze_encoder": True, "seed": 1}
+    out = train(BUNDLE, spheres_dataset, fold=0, epochs=2, output_dir=tmp_path / "transfer", overrides=transfer)
+    trained = torch.load(out / "last.pt", weights_only=True)["network"]
+    encoder = [k for k in donor if k.startswith("encoder.") and donor[k].is_floating_point()]
+    decoder = [k for k in donor if k.startswith("decoder.") and k.endswith("weight")]
+    assert encoder and decoder
+    assert all(torch.equal(trained[k], donor[k]) for k in encoder)
+    assert not all(torch.equal(trained[k], donor[k]) for k in decoder)
+
+    bad = {**overrides, "pretrained_encoder": str(tmp_path / "missing.pt")}
+    with pytest.raises(UserError, match="encoder checkpoint not found"):
+        train(BUNDLE, spheres_dataset, fold=0, epochs=1, output_dir=tmp_path / "bad", overrides=bad)
+    torch.save(FCN(3, 1, 3, features=(4, 8, 16)).state_dict(), tmp_path / "narrow.pt")
+    bad["pretrained_encoder"] = str(tmp_path / "narrow.pt")
+    with pytest.raises(UserError, match="does not fit this bundle's encoder"):
+        train(BUNDLE, spheres_dataset, fold=0, epochs=1, output_dir=tmp_path / "bad", overrides=bad)

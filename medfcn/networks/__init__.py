@@ -1,5 +1,5 @@
 """Networks: the skip-fusion FCN."""
 
-from medfcn.networks.fcn import FCN
+from medfcn.networks.fcn import FCN, transfer_encoder
 
-__all__ = ["FCN"]
+__all__ = ["FCN", "transfer_encoder"]

@@ -19,7 +19,7 @@ from monai.networks.blocks import Convolution
 from monai.networks.layers.factories import Conv, Pool
 from torch import nn
 
-__all__ = ["FCN", "ConvBlock", "Encoder", "Decoder", "FuseUp"]
+__all__ = ["FCN", "ConvBlock", "Encoder", "Decoder", "FuseUp", "transfer_encoder"]
 
 
 class ConvBlock(nn.Sequential):
@@ -234,3 +234,16 @@ class FCN(nn.Module):
         if self._encoder_frozen:
             self.encoder.train(False)
         return self
+
+
+def transfer_encoder(network: FCN, checkpoint: str | None = None, freeze: bool = False) -> FCN:
+    """Transfer learning for bundle configs: initialise ``network``'s encoder from ``checkpoint``
+    (see :meth:`FCN.load_encoder`) and optionally freeze it, so that only the decoder trains.
+
+    ``checkpoint=None`` and ``freeze=False`` return the network unchanged.
+    """
+    if checkpoint:
+        network.load_encoder(checkpoint)
+    if freeze:
+        network.freeze_encoder()
+    return network
