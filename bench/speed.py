@@ -148,6 +148,13 @@ def main() -> None:
     with torch.no_grad():
         for name, (net, inferer) in models.items():
             figures[name]["infer_compute_s"] = median_time(lambda n=net, f=inferer: f(volume, n), args.repeats * 4)
+            # like for like: each model's window in the other precision too (Autocast toggled)
+            inferer.enabled = not inferer.enabled
+            other = "bf16" if inferer.enabled else "fp32"
+            figures[name][f"infer_compute_{other}_s"] = median_time(
+                lambda n=net, f=inferer: f(volume, n), args.repeats * 4
+            )
+            inferer.enabled = not inferer.enabled
     figures["medfcn"]["forward_gflop"] = forward_flops(fcn.float(), (1, 1, 40, 56, 40)) / 1e9
     figures["baseline_unet"]["forward_gflop"] = forward_flops(baseline, (1, 1, 48, 64, 48)) / 1e9
     peak = {"bf16": gemm_peak(torch.bfloat16), "fp32": gemm_peak(torch.float32)}
