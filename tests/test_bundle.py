@@ -89,3 +89,24 @@ def test_evaluate_reproduces_metadata_dice(tmp_path):
     assert abs(summary["dice_1"]["mean"] - meta["fold0_dice_anterior"]) < 2e-3
     assert abs(summary["dice_2"]["mean"] - meta["fold0_dice_posterior"]) < 2e-3
     assert abs(summary["dice_mean"]["mean"] - meta["fold0_dice_mean"]) < 2e-3
+
+
+def test_monai_runs_evaluate_config(tmp_path):
+    """train.json + evaluate.json through MONAI's runner: per-case Dice and HD95 CSVs."""
+    need(HIPPO)
+    configs = [str(BUNDLE / "configs" / name) for name in ("train.json", "evaluate.json")]
+    result = monai_bundle(
+        "run",
+        "--config_file",
+        json.dumps(configs),
+        "--max_cases",
+        "3",
+        "--output_dir",
+        str(tmp_path / "eval"),
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = (tmp_path / "eval" / "val_mean_dice_raw.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + 3, rows  # header + one row per validation case
+    dice = [float(line.split("\t")[-1]) for line in rows[1:]]
+    assert min(dice) > 0.75, dice  # the shipped model on held-out fold-0 cases
+    assert (tmp_path / "eval" / "val_hd95_raw.csv").is_file()
