@@ -165,12 +165,16 @@ def main() -> None:
     figures["baseline_unet"]["fraction_of_peak"] = (
         figures["baseline_unet"]["forward_gflop"] / figures["baseline_unet"]["infer_compute_s"] / peak["fp32"]
     )
-    figures["medfcn"]["train_volumes_per_s"] = train_throughput(
-        copy.deepcopy(fcn), (8, 1, 40, 56, 40), bf16, args.repeats
-    )
-    figures["baseline_unet"]["train_volumes_per_s"] = train_throughput(
-        copy.deepcopy(baseline), (8, 1, 48, 64, 48), False, args.repeats
-    )
+    # each recipe's batch, input size and precision; then the other precision, like for like
+    for name, net, shape, precision in (
+        ("medfcn", fcn, (8, 1, 40, 56, 40), bf16),
+        ("baseline_unet", baseline, (8, 1, 48, 64, 48), False),
+    ):
+        figures[name]["train_volumes_per_s"] = train_throughput(copy.deepcopy(net), shape, precision, args.repeats)
+        other = "fp32" if precision else "bf16"
+        figures[name][f"train_volumes_per_s_{other}"] = train_throughput(
+            copy.deepcopy(net), shape, not precision, args.repeats
+        )
 
     for name in figures:
         runs = [process([sys.executable, __file__, "--whole-head-worker", name], output=True) for _ in range(3)]
