@@ -107,6 +107,6 @@ def test_monai_runs_evaluate_config(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     rows = (tmp_path / "eval" / "val_mean_dice_raw.csv").read_text().strip().splitlines()
     assert len(rows) == 1 + 3, rows  # header + one row per validation case
-    dice = [float(line.split("\t")[-1]) for line in rows[1:]]
+    dice = [float(line.split(",")[-1]) for line in rows[1:]]  # filename, class 1, class 2, mean
     assert min(dice) > 0.75, dice  # the shipped model on held-out fold-0 cases
     assert (tmp_path / "eval" / "val_hd95_raw.csv").is_file()
