@@ -1,9 +1,11 @@
 """Speed and memory of the medfcn hippocampus FCN against the plain MONAI UNet baseline.
 
 Per model: training throughput (volumes/s, forward+backward+step at each recipe's batch and
-input size), inference model compute per hippocampus volume (each recipe's sliding window and
-precision), FLOPs of one forward pass (torch.utils.flop_counter) and that compute as a fraction
-of the CPU's measured GEMM peak in the same precision. For medfcn also the whole `medfcn infer`
+input size, in the recipe's precision and in the other one), inference model compute per
+hippocampus volume (each recipe's sliding window, in both precisions), compute and peak RSS on
+the whole-head series (each model in its own process), FLOPs of one forward pass
+(torch.utils.flop_counter) and that compute as a fraction of the CPU's measured GEMM peak in
+the same precision. For medfcn also the whole `medfcn infer`
 process (start-up included) on one scan, on the three DICOM crops and on the 280 x 320 x 22
 whole-head series, with the process's peak RSS. Medians over repeats; ratio medfcn / baseline.
 
