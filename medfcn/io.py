@@ -34,14 +34,23 @@ def writable_dir(folder: str | os.PathLike, fix: str = "choose another output fo
         UserError: naming the folder, the system's reason, and ``fix``.
     """
     folder = Path(folder)
+    os.unlink(_temp_file(folder, ".medfcn-write-test-", "", fix))
+    return folder
+
+
+def _temp_file(folder: Path, prefix: str, suffix: str, fix: str) -> str:
+    """Create ``folder`` if needed and an empty temporary file in it; return the file's path.
+
+    Raises:
+        UserError: the folder cannot be created or written (naming it, the reason and ``fix``).
+    """
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".medfcn-write-test-", dir=folder)
-        os.close(fd)
-        os.unlink(probe)
+        fd, path = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=folder)
     except OSError as err:
         raise UserError(f"{folder}: output folder not writable ({err.strerror or err}); {fix}.") from err
-    return folder
+    os.close(fd)
+    return path
 
 
 def refuse_existing(paths: Iterable[str | os.PathLike], overwrite: bool) -> None:
@@ -63,10 +72,7 @@ def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     ``target`` is untouched.
     """
     target = Path(target)
-    folder = writable_dir(target.parent)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{suffix}", dir=folder)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = Path(_temp_file(target.parent, f".{target.name}.", f".tmp{suffix}", "choose another output folder"))
     try:
         yield tmp_path
         with open(tmp_path, "rb") as written:

@@ -65,15 +65,14 @@ def _epochs_done(checkpoint: Path) -> int:
     return int(state["iteration"]) // max(int(state["epoch_length"]), 1)
 
 
-def _check_encoder(config_file: Path, args: dict[str, Any]) -> None:
-    """A ``pretrained_encoder`` must exist and fit the network's encoder (one clear line if not)."""
-    (path,) = _resolve(config_file, args, "pretrained_encoder")
+def _check_encoder(network: torch.nn.Module, path: str | None) -> None:
+    """A ``pretrained_encoder`` must exist and fit ``network``'s encoder (one clear line if not)."""
     if not path:
         return
     if not Path(path).is_file():
         raise UserError(f"{path}: encoder checkpoint not found; pass a best_model.pt or last.pt of an FCN run.")
     try:
-        _resolve(config_file, args, "network_def")[0].load_encoder(str(path))
+        network.load_encoder(str(path))
     except Exception as err:
         raise UserError(
             f"{path}: does not fit this bundle's encoder ({str(err).splitlines()[0][:200]}); "
@@ -116,8 +115,10 @@ def train(
     args.update(overrides or {})
     args["resume"] = bool(resume)
 
-    data, folds_file, fold_k, out, n_epochs, num_classes = _resolve(
-        files["config_file"], args, "dataset_dir", "folds_file", "fold", "output_dir", "epochs", "num_classes"
+    data, folds_file, fold_k, out, n_epochs, num_classes, encoder = _resolve(
+        files["config_file"],
+        args,
+        *("dataset_dir", "folds_file", "fold", "output_dir", "epochs", "num_classes", "pretrained_encoder"),
     )
     if not (Path(data) / "dataset.json").is_file():
         raise UserError(f"{data}: no dataset.json here; pass --data with the MSD dataset folder or set MEDFCN_DATA.")
@@ -133,14 +134,16 @@ def train(
         done = _epochs_done(last)
         if done >= int(n_epochs):
             raise UserError(f"{last}: run has finished {done} epochs already; pass --epochs larger than {done}.")
-        # a run of another network_def must fail here, in one line, not deep in MONAI's loader
-        load_weights(_resolve(files["config_file"], args, "network_def")[0], last, key="network")
     elif last.exists():
         raise UserError(f"{out}: already holds a run (last.pt); add --resume to continue it, or pick another --output.")
     if int(n_epochs) < 1:
         raise UserError(f"epochs must be at least 1, got {n_epochs}.")
+    if resume or encoder:
+        network = _resolve(files["config_file"], args, "network_def")[0]
+        _check_encoder(network, encoder)
+        if resume:  # a run of another network_def must fail here, in one line, not deep in MONAI's loader
+            load_weights(network, last, key="network")
     writable_dir(out, fix="choose another --output")
-    _check_encoder(files["config_file"], args)
 
     logging_file = files["logging_file"] if files["logging_file"].is_file() else None
     workflow = ConfigWorkflow(
