@@ -23,6 +23,8 @@ import torch
 from ignite.engine import Events
 from monai.bundle import ConfigWorkflow
 
+from medfcn.handlers import ValidateEvery
+
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "hippocampus_fcn"
 RESULTS = REPO / "bench" / "results"
@@ -37,7 +39,9 @@ BASELINE = {
         "strides": [2, 2, 2],
         "num_res_units": 2,
     },
+    "loss": {"_target_": "DiceCELoss", "to_onehot_y": True, "softmax": True, "batch": True},
     "optimizer": {"_target_": "torch.optim.Adam", "params": "$@network.parameters()", "lr": 0.001},
+    "batch_size": 8,
     "lr_scheduler#power": 0.0,  # constant learning rate
     "train#augmentation": [{"_target_": "SpatialPadd", "keys": ["image", "label"], "spatial_size": [48, 64, 48]}],
     "patch_size": [48, 64, 48],
@@ -45,7 +49,18 @@ BASELINE = {
 }
 
 
-def run(name: str, overrides: dict, minutes: float, fold: int, val_every: int, out: Path, epochs: int) -> dict:
+def run(
+    name: str,
+    overrides: dict,
+    minutes: float,
+    fold: int,
+    val_every: int,
+    out: Path,
+    epochs: int,
+    dense_minutes: float = 0.0,
+) -> dict:
+    """Train one recipe for ``minutes`` of training time; validate every epoch during the first
+    ``dense_minutes`` (so the time to a Dice level is known to one epoch), then every ``val_every``."""
     workflow = ConfigWorkflow(
         config_file=str(BUNDLE / "configs" / "train.json"),
         meta_file=str(BUNDLE / "configs" / "metadata.json"),
@@ -53,13 +68,14 @@ def run(name: str, overrides: dict, minutes: float, fold: int, val_every: int, o
         bundle_root=str(BUNDLE),
         fold=fold,
         epochs=epochs,
-        val_interval=val_every,
+        val_interval=1 if dense_minutes > 0 else val_every,
         output_dir=str(out / name),
         **overrides,
     )
     workflow.initialize()
     trainer = workflow.parser.get_parsed_content("train#trainer")
     evaluator = workflow.parser.get_parsed_content("validate#evaluator")
+    validation = next(h for h in workflow.parser.get_parsed_content("train#handlers") if isinstance(h, ValidateEvery))
     clock = {"train": 0.0, "start": 0.0}
     curve: list[dict] = []
 
@@ -87,6 +103,8 @@ def run(name: str, overrides: dict, minutes: float, fold: int, val_every: int, o
             f"{name}: epoch {trainer.state.epoch} {clock['train'] / 60:.1f} min mean Dice {m['val_mean_dice']:.4f}",
             flush=True,
         )
+        if clock["train"] >= dense_minutes * 60:
+            validation.interval = val_every
         if clock["train"] >= minutes * 60:
             trainer.terminate()
 
@@ -117,17 +135,21 @@ def main() -> None:
     parser.add_argument("--fold", type=int, default=0)
     parser.add_argument("--val-every", type=int, default=2, help="validate every N epochs")
     parser.add_argument(
+        "--dense-minutes", type=float, default=5.0, help="validate every epoch during the first N training minutes"
+    )
+    parser.add_argument(
         "--seconds-per-epoch",
         type=float,
-        default=12.5,
+        default=25.0,
         help="medfcn's measured epoch time: its LR schedule is fitted to the budget with it",
     )
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     medfcn_epochs = max(2, round(args.minutes * 60 / args.seconds_per_epoch))
+    out = RESULTS / "runs"
     runs = [
-        run("medfcn", {}, args.minutes, args.fold, args.val_every, RESULTS / "runs", medfcn_epochs),
-        run("baseline_unet", BASELINE, args.minutes, args.fold, args.val_every, RESULTS / "runs", 100_000),
+        run("medfcn", {}, args.minutes, args.fold, args.val_every, out, medfcn_epochs, args.dense_minutes),
+        run("baseline_unet", BASELINE, args.minutes, args.fold, args.val_every, out, 100_000, args.dense_minutes),
     ]
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M"),

@@ -26,3 +26,12 @@ def find_user_error(err: BaseException) -> UserError | None:
         seen.add(id(err))
         err = err.__cause__ or err.__context__
     return None
+
+
+def root_message(err: BaseException) -> str:
+    """``"<Type>: <first line>"`` of the innermost cause of ``err`` (MONAI wraps reader and
+    config errors in generic RuntimeErrors), at most 300 characters."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"[:300]

@@ -33,7 +33,7 @@ from monai.bundle import ConfigParser
 
 from medfcn.data.checks import check_scan
 from medfcn.data.datasets import case_id
-from medfcn.errors import UserError
+from medfcn.errors import UserError, root_message
 from medfcn.io import atomic_path, load_weights, refuse_existing, writable_dir
 from medfcn.train import bundle_files
 
@@ -65,7 +65,7 @@ class Segmenter:
         try:  # loading alone first, so the scan can be checked before any resampling
             data = self.preprocessing({"image": str(path)}, end=1)
         except Exception as err:
-            raise UserError(f"{path}: cannot be read as an image ({_root_message(err)}).") from err
+            raise UserError(f"{path}: cannot be read as an image ({root_message(err)}).") from err
         check_scan(data["image"], path, self.in_channels, self.pixdim)
         data = self.preprocessing(data, start=1)
         image = data["image"]
@@ -123,14 +123,6 @@ def check_device(device: str) -> str:
     if dev.type not in ("cpu", "cuda"):
         raise UserError(f"--device {device}: unsupported; use cpu, cuda or cuda:N.")
     return device
-
-
-def _root_message(err: BaseException) -> str:
-    """The innermost cause's first line: MONAI wraps reader errors in generic RuntimeErrors."""
-    while err.__cause__ is not None:
-        err = err.__cause__
-    lines = [line for line in str(err).splitlines() if line.strip()]
-    return f"{type(err).__name__}: {lines[0] if lines else ''}"[:300]
 
 
 def _is_dicom_series(folder: Path) -> bool:

@@ -21,7 +21,7 @@ from monai.bundle import ConfigParser, ConfigWorkflow
 
 from medfcn.data.checks import check_training_pairs
 from medfcn.data.datasets import fold_datalists
-from medfcn.errors import UserError
+from medfcn.errors import UserError, root_message
 from medfcn.io import load_weights, writable_dir
 
 __all__ = ["bundle_files", "train"]
@@ -63,6 +63,17 @@ def _epochs_done(checkpoint: Path) -> int:
     except Exception as err:
         raise UserError(f"{checkpoint}: not a readable medfcn training checkpoint ({err}).") from err
     return int(state["iteration"]) // max(int(state["epoch_length"]), 1)
+
+
+def _network(config_file: Path, overrides: dict[str, Any]) -> torch.nn.Module:
+    """Build ``network_def``, so that an impossible network (e.g. ``deep_supervision`` larger
+    than ``features`` allows after an override) fails in one line before any data is loaded."""
+    try:
+        return _resolve(config_file, overrides, "network_def")[0]
+    except Exception as err:
+        raise UserError(
+            f"{config_file}: network_def cannot be built ({root_message(err)}); fix the --set overrides or the config."
+        ) from err
 
 
 def _check_encoder(network: torch.nn.Module, path: str | None) -> None:
@@ -138,8 +149,8 @@ def train(
         raise UserError(f"{out}: already holds a run (last.pt); add --resume to continue it, or pick another --output.")
     if int(n_epochs) < 1:
         raise UserError(f"epochs must be at least 1, got {n_epochs}.")
+    network = _network(files["config_file"], args)
     if resume or encoder:
-        network = _resolve(files["config_file"], args, "network_def")[0]
         _check_encoder(network, encoder)
         if resume:  # a run of another network_def must fail here, in one line, not deep in MONAI's loader
             load_weights(network, last, key="network")

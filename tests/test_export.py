@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 
 import torch
+from monai.bundle import ConfigParser
 
 from medfcn import FCN
 from medfcn.export import export_torchscript
@@ -16,7 +17,10 @@ def test_torchscript_export_matches_state_dict(tmp_path):
     bundle = tmp_path / "bundle"
     shutil.copytree(BUNDLE / "configs", bundle / "configs")
     (bundle / "models").mkdir()
-    net = FCN(3, 1, 3, features=(16, 32, 64, 128, 192))
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "inference.json"))
+    net = parser.get_parsed_content("network_def")
+    assert isinstance(net, FCN)
     torch.save(net.state_dict(), bundle / "models" / "model.pt")
     path, diff = export_torchscript(bundle)
     assert path == bundle / "models" / "model.ts" and diff <= 1e-5

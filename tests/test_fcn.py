@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from medfcn import FCN
@@ -108,3 +109,34 @@ def test_torchscript_script_and_trace(fusion):
     torch.testing.assert_close(scripted(x), net(x))
     traced = torch.jit.trace(net, x)
     torch.testing.assert_close(traced(x), net(x))
+
+
+@pytest.mark.parametrize("dims, shape", [(3, (21, 30, 17)), (2, (37, 45))])
+def test_deep_supervision_stacks_scales_in_training_only(dims, shape):
+    net = FCN(dims, 1, 3, features=(4, 8, 16, 32), deep_supervision=2)
+    x = torch.randn(2, 1, *shape)
+    stacked = net(x)
+    assert stacked.shape == (2, 3, 3, *shape)
+    # scale k: head k on decoder output k, upsampled by 2**k and cropped (odd sizes included)
+    scales = net.decoder.scales(net.encoder(x))
+    mode = "bilinear" if dims == 2 else "trilinear"
+    for k in (1, 2):
+        up = F.interpolate(net.deep_heads[k - 1](scales[k]), scale_factor=2.0**k, mode=mode, align_corners=False)
+        torch.testing.assert_close(stacked[:, k], up[(..., *(slice(0, n) for n in shape))])
+    net.eval()
+    plain = net(x)
+    assert plain.shape == (2, 3, *shape)
+    # instance norm uses the same statistics in both modes: scale 0 is the plain output
+    torch.testing.assert_close(stacked[:, 0], plain)
+
+
+def test_deep_supervision_trains_the_heads_and_scripts():
+    net = FCN(3, 1, 2, features=(4, 8, 16), deep_supervision=1)
+    x = torch.randn(1, 1, 9, 10, 11)
+    net(x)[:, 1].square().mean().backward()
+    assert net.deep_heads[0].weight.grad.abs().sum() > 0
+    scripted = torch.jit.script(net)
+    torch.testing.assert_close(scripted(x), net(x))
+    torch.testing.assert_close(scripted.eval()(x), net.eval()(x))
+    with pytest.raises(ValueError, match="deep_supervision"):
+        FCN(3, 1, 2, features=(4, 8, 16), deep_supervision=2)

@@ -23,6 +23,7 @@ EPOCHS = 30
 def _overrides(dataset) -> dict:
     return {
         "network_def#features": [8, 16, 32],
+        "network_def#deep_supervision": 1,
         "batch_size": 2,
         "val_interval": 5,
         "bf16": False,

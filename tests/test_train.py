@@ -13,7 +13,13 @@ from medfcn.train import train
 from .conftest import BUNDLE, HIPPO, need
 
 # a small, fast variant of the shipped recipe: the bundle's pipeline with a narrow network
-SMALL = {"network_def#features": [8, 16, 32], "batch_size": 4, "val_interval": 100, "bf16": False}
+SMALL = {
+    "network_def#features": [8, 16, 32],
+    "network_def#deep_supervision": 1,
+    "batch_size": 4,
+    "val_interval": 100,
+    "bf16": False,
+}
 
 
 def _events(run_dir):
@@ -95,6 +101,14 @@ def test_missing_checkpoint_and_unknown_fold_are_user_errors(spheres_dataset, tm
 def test_missing_dataset_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="no dataset.json"):
         train(BUNDLE, tmp_path, fold=0, epochs=1, output_dir=tmp_path / "x")
+
+
+def test_impossible_network_override_is_a_user_error(spheres_dataset, tmp_path):
+    # three scales allow one deep-supervision head; the bundle asks for two
+    overrides = {**SMALL, "folds_file": str(spheres_dataset / "folds.json"), "network_def#deep_supervision": 2}
+    with pytest.raises(UserError, match="network_def cannot be built.*deep_supervision"):
+        train(BUNDLE, spheres_dataset, fold=0, epochs=1, output_dir=tmp_path / "x", overrides=overrides)
+    assert not (tmp_path / "x").exists()
 
 
 def test_transfer_learning_trains_only_the_decoder(spheres_dataset, tmp_path):

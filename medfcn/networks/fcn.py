@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from monai.networks.blocks import Convolution
 from monai.networks.layers.factories import Conv, Pool
 from torch import nn
@@ -136,12 +137,19 @@ class Decoder(nn.Module):
             )
         self.steps = nn.ModuleList(steps)
 
-    def forward(self, skips: list[torch.Tensor]) -> torch.Tensor:
+    def scales(self, skips: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Every decoder output, finest first: ``(B, features[k], *ceil(S / 2**k))`` for
+        ``k = 0 .. len(features) - 2``."""
         x = skips[-1]
         n = len(skips)
+        outputs: list[torch.Tensor] = []
         for i, step in enumerate(self.steps):
             x = step(x, skips[n - 2 - i])
-        return x
+            outputs.insert(0, x)
+        return outputs
+
+    def forward(self, skips: list[torch.Tensor]) -> torch.Tensor:
+        return self.scales(skips)[0]
 
 
 class FCN(nn.Module):
@@ -158,6 +166,12 @@ class FCN(nn.Module):
         norm: normalisation, a MONAI layer spec. Defaults to instance norm with affine.
         dropout: dropout probability or spec; default no dropout.
         bias: convolution bias.
+        deep_supervision: number of coarser decoder scales that get their own 1x1 head and are
+            supervised in training (0: off). In training mode the output is then
+            ``(B, 1 + deep_supervision, out_channels, *S)``: the full-resolution logits first,
+            then each coarser head's logits upsampled (linear, by its power of two, cropped) to ``S``; train it with
+            :class:`medfcn.losses.DeepSupervisionLoss`. In eval mode the heads are skipped and
+            the output is ``(B, out_channels, *S)`` as without them.
 
     Input ``(B, in_channels, *S)``, any ``S`` (odd sizes included); output
     ``(B, out_channels, *S)``.
@@ -184,12 +198,15 @@ class FCN(nn.Module):
         norm: str | tuple = ("instance", {"affine": True}),
         dropout: float | tuple | None = None,
         bias: bool = True,
+        deep_supervision: int = 0,
     ):
         super().__init__()
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
         if len(features) < 2:
             raise ValueError("features needs at least two scales.")
+        if not 0 <= deep_supervision <= len(features) - 2:
+            raise ValueError(f"deep_supervision must be in [0, {len(features) - 2}], got {deep_supervision}.")
         self.spatial_dims = spatial_dims
         self.in_channels = in_channels
         self.out_channels = out_channels
@@ -197,12 +214,32 @@ class FCN(nn.Module):
         self.encoder = Encoder(spatial_dims, in_channels, features, act, norm, dropout, bias)
         self.decoder = Decoder(spatial_dims, features, fusion, act, norm, dropout, bias)
         self.head = Conv["CONV", spatial_dims](features[0], out_channels, kernel_size=1, bias=True)
+        self.deep_heads = nn.ModuleList(
+            Conv["CONV", spatial_dims](features[k], out_channels, kernel_size=1, bias=True)
+            for k in range(1, deep_supervision + 1)
+        )
+        self._upsample_mode = "bilinear" if spatial_dims == 2 else "trilinear"
         self._encoder_frozen = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         skips = self.encoder(x)
-        features = self.decoder(skips)
-        return self.head(features)
+        if not (self.training and len(self.deep_heads) > 0):
+            return self.head(self.decoder(skips))
+        scales = self.decoder.scales(skips)
+        out = self.head(scales[0])
+        # upsampling the coarse logits (3 channels) is cheaper than keeping one label map per
+        # scale, and it lets MONAI's trainer pass one tensor to the loss, as with DynUNet.
+        outputs = [out]
+        for k, head in enumerate(self.deep_heads):
+            # upsample by the exact power of two and crop, as the decoder does, so a coarse voxel
+            # stays over the fine voxels it pooled on odd-sized axes too
+            up = F.interpolate(
+                head(scales[k + 1]), scale_factor=float(2 ** (k + 1)), mode=self._upsample_mode, align_corners=False
+            )
+            for dim in range(2, up.dim()):
+                up = up.narrow(dim, 0, out.shape[dim])
+            outputs.append(up)
+        return torch.stack(outputs, dim=1)
 
     def load_encoder(self, path: str, map_location: str | torch.device = "cpu") -> None:
         """Initialise the encoder from a checkpoint of another FCN.
