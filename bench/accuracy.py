@@ -58,9 +58,12 @@ def run(
     out: Path,
     epochs: int,
     dense_minutes: float = 0.0,
+    dense_seconds: float = 0.0,
 ) -> dict:
     """Train one recipe for ``minutes`` of training time; validate every epoch during the first
-    ``dense_minutes`` (so the time to a Dice level is known to one epoch), then every ``val_every``."""
+    ``dense_minutes`` (so the time to a Dice level is known to one epoch), then every ``val_every``.
+    With ``dense_seconds``, during ``dense_minutes`` also validate within an epoch after every
+    ``dense_seconds`` of training, so the time to a level is known to that resolution."""
     workflow = ConfigWorkflow(
         config_file=str(BUNDLE / "configs" / "train.json"),
         meta_file=str(BUNDLE / "configs" / "metadata.json"),
@@ -76,23 +79,39 @@ def run(
     trainer = workflow.parser.get_parsed_content("train#trainer")
     evaluator = workflow.parser.get_parsed_content("validate#evaluator")
     validation = next(h for h in workflow.parser.get_parsed_content("train#handlers") if isinstance(h, ValidateEvery))
-    clock = {"train": 0.0, "start": 0.0}
+    # training time only: the clock is paused during validation and between epochs
+    clock = {"train": 0.0, "start": None, "last_validation": 0.0}
     curve: list[dict] = []
 
-    @trainer.on(Events.EPOCH_STARTED)
-    def _start(engine):
+    def _resume(engine=None):
         clock["start"] = time.perf_counter()
 
-    @trainer.on(Events.EPOCH_COMPLETED)
-    def _stop_clock(engine):
-        clock["train"] += time.perf_counter() - clock["start"]
+    def _pause(engine=None):
+        if clock["start"] is not None:
+            clock["train"] += time.perf_counter() - clock["start"]
+            clock["start"] = None
+
+    trainer.add_event_handler(Events.EPOCH_STARTED, _resume)
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, _pause)
+
+    @trainer.on(Events.ITERATION_COMPLETED)
+    def _validate_within_epoch(engine):
+        if dense_seconds <= 0 or engine.state.iteration % engine.state.epoch_length == 0:
+            return  # the epoch-end validation comes next anyway
+        trained = clock["train"] + time.perf_counter() - clock["start"]
+        if trained < dense_minutes * 60 and trained - clock["last_validation"] >= dense_seconds:
+            _pause()
+            evaluator.run(engine.state.epoch)
+            _resume()
 
     @evaluator.on(Events.EPOCH_COMPLETED)
     def _record(engine):
         m = engine.state.metrics
+        clock["last_validation"] = clock["train"]
         curve.append(
             {
                 "epoch": trainer.state.epoch,
+                "iteration": trainer.state.iteration,
                 "minutes": clock["train"] / 60,
                 "anterior": m["val_dice_anterior"],
                 "posterior": m["val_dice_posterior"],
@@ -108,11 +127,15 @@ def run(
         if clock["train"] >= minutes * 60:
             trainer.terminate()
 
-    # _stop_clock must run before validation: move it to the front of EPOCH_COMPLETED handlers
+    # _pause must run before validation: move it to the front of EPOCH_COMPLETED handlers
     handlers = trainer._event_handlers[Events.EPOCH_COMPLETED]
     handlers.insert(0, handlers.pop())
     n_cases = len(workflow.parser.get_parsed_content("datalists")[0])
+    batch = int(workflow.parser.get_parsed_content("batch_size"))
     trainer.run()
+    # a run stopped within an epoch has trained whole epochs plus that epoch's full batches
+    whole, partial = divmod(trainer.state.iteration, trainer.state.epoch_length)
+    volumes = whole * n_cases + partial * batch
     best = max(curve, key=lambda c: c["mean"])
     return {
         "name": name,
@@ -121,12 +144,21 @@ def run(
         "final": curve[-1],
         "epochs": trainer.state.epoch,
         "train_minutes": clock["train"] / 60,
-        "volumes_per_s": trainer.state.epoch * n_cases / max(clock["train"], 1e-9),
+        "volumes_per_s": volumes / max(clock["train"], 1e-9),
     }
 
 
 def first_time(curve: list[dict], level: float) -> float | None:
+    """Training minutes of the first validation at or above ``level``."""
     return next((c["minutes"] for c in curve if c["mean"] >= level), None)
+
+
+def settled_time(curve: list[dict], level: float) -> float | None:
+    """Training minutes from which every later validation of the run stays at or above ``level``
+    (early validation Dice swings by a few hundredths, so a first crossing can be a lucky one)."""
+    below = [i for i, c in enumerate(curve) if c["mean"] < level]
+    start = below[-1] + 1 if below else 0
+    return curve[start]["minutes"] if start < len(curve) else None
 
 
 def main() -> None:
@@ -143,13 +175,27 @@ def main() -> None:
         default=25.0,
         help="medfcn's measured epoch time: its LR schedule is fitted to the budget with it",
     )
+    parser.add_argument(
+        "--dense-seconds",
+        type=float,
+        default=0.0,
+        help="during --dense-minutes, also validate every N training seconds (within epochs)",
+    )
+    parser.add_argument(
+        "--schedule-minutes",
+        type=float,
+        default=None,
+        help="fit medfcn's LR schedule to this budget instead of --minutes (measure a long recipe's start)",
+    )
+    parser.add_argument("--tag", default="", help="suffix of the result files: accuracy<tag>.json/.png")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    medfcn_epochs = max(2, round(args.minutes * 60 / args.seconds_per_epoch))
-    out = RESULTS / "runs"
+    medfcn_epochs = max(2, round((args.schedule_minutes or args.minutes) * 60 / args.seconds_per_epoch))
+    out = RESULTS / f"runs{args.tag}"
+    dense = (args.dense_minutes, args.dense_seconds)
     runs = [
-        run("medfcn", {}, args.minutes, args.fold, args.val_every, out, medfcn_epochs, args.dense_minutes),
-        run("baseline_unet", BASELINE, args.minutes, args.fold, args.val_every, out, 100_000, args.dense_minutes),
+        run("medfcn", {}, args.minutes, args.fold, args.val_every, out, medfcn_epochs, *dense),
+        run("baseline_unet", BASELINE, args.minutes, args.fold, args.val_every, out, 100_000, *dense),
     ]
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
@@ -160,7 +206,8 @@ def main() -> None:
     }
     for level in (0.84, 0.85, 0.88):
         result[f"minutes_to_{level}"] = {r["name"]: first_time(r["curve"], level) for r in runs}
-    (RESULTS / "accuracy.json").write_text(json.dumps(result, indent=1) + "\n")
+        result[f"minutes_settled_{level}"] = {r["name"]: settled_time(r["curve"], level) for r in runs}
+    (RESULTS / f"accuracy{args.tag}.json").write_text(json.dumps(result, indent=1) + "\n")
 
     import matplotlib
 
@@ -176,7 +223,7 @@ def main() -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(RESULTS / "accuracy.png", dpi=120)
+    fig.savefig(RESULTS / f"accuracy{args.tag}.png", dpi=120)
 
     print("| model | epochs | train min | best mean (ant/post) | final mean | min to 0.84 | min to 0.85 | vol/s |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
