@@ -86,7 +86,7 @@ def _check_encoder(network: torch.nn.Module, path: str | None) -> None:
         network.load_encoder(str(path))
     except Exception as err:
         raise UserError(
-            f"{path}: does not fit this bundle's encoder ({str(err).splitlines()[0][:200]}); "
+            f"{path}: does not fit this bundle's encoder ({root_message(err)}); "
             "use a checkpoint of an FCN with the same features and in_channels."
         ) from err
 

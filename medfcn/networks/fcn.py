@@ -69,6 +69,17 @@ class Encoder(nn.Module):
         return skips
 
 
+def crop_to(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Crop ``x`` ``(B, C, *s)`` to the spatial shape of ``like`` ``(B', C', *S)``, ``S <= s``.
+
+    Ceil-mode pooling rounds coarse maps up, so a map upsampled by a power of two can be a few
+    voxels larger than the finer map on odd axes; the extra voxels lie past the input's end.
+    """
+    for dim in range(2, x.dim()):
+        x = x.narrow(dim, 0, like.shape[dim])
+    return x
+
+
 class FuseUp(nn.Module):
     """One decoder step: upsample by a transposed convolution, fuse the skip, refine.
 
@@ -110,11 +121,7 @@ class FuseUp(nn.Module):
         self.refine = ConvBlock(spatial_dims, refine_in, out_channels, act, norm, dropout, bias)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        up = self.up(x)
-        # ceil-mode pooling made the coarse map round up, so the upsampled map can be one voxel
-        # larger than the skip on odd axes: crop it back to the skip's shape.
-        for dim in range(2, up.dim()):
-            up = up.narrow(dim, 0, skip.shape[dim])
+        up = crop_to(self.up(x), skip)
         if self.fusion == "sum":
             fused = up + self.proj(skip)
         else:
@@ -169,9 +176,9 @@ class FCN(nn.Module):
         deep_supervision: number of coarser decoder scales that get their own 1x1 head and are
             supervised in training (0: off). In training mode the output is then
             ``(B, 1 + deep_supervision, out_channels, *S)``: the full-resolution logits first,
-            then each coarser head's logits upsampled (linear, by its power of two, cropped) to ``S``; train it with
-            :class:`medfcn.losses.DeepSupervisionLoss`. In eval mode the heads are skipped and
-            the output is ``(B, out_channels, *S)`` as without them.
+            then each coarser head's logits upsampled (linear, by its power of two, cropped) to
+            ``S``; train it with :class:`medfcn.losses.DeepSupervisionLoss`. In eval mode the
+            heads are skipped and the output is ``(B, out_channels, *S)`` as without them.
 
     Input ``(B, in_channels, *S)``, any ``S`` (odd sizes included); output
     ``(B, out_channels, *S)``.
@@ -236,9 +243,7 @@ class FCN(nn.Module):
             up = F.interpolate(
                 head(scales[k + 1]), scale_factor=float(2 ** (k + 1)), mode=self._upsample_mode, align_corners=False
             )
-            for dim in range(2, up.dim()):
-                up = up.narrow(dim, 0, out.shape[dim])
-            outputs.append(up)
+            outputs.append(crop_to(up, out))
         return torch.stack(outputs, dim=1)
 
     def load_encoder(self, path: str, map_location: str | torch.device = "cpu") -> None:
