@@ -161,6 +161,14 @@ def settled_time(curve: list[dict], level: float) -> float | None:
     return curve[start]["minutes"] if start < len(curve) else None
 
 
+def _override(item: str) -> tuple[str, object]:
+    """``ID=FILE.json`` -> (ID, the file's parsed JSON)."""
+    key, sep, path = item.partition("=")
+    if not sep or not key:
+        raise SystemExit(f"--medfcn-override {item!r}: expected ID=FILE.json")
+    return key, json.loads(Path(path).read_text())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=60.0, help="training minutes per model")
@@ -188,20 +196,30 @@ def main() -> None:
         help="fit medfcn's LR schedule to this budget instead of --minutes (measure a long recipe's start)",
     )
     parser.add_argument("--tag", default="", help="suffix of the result files: accuracy<tag>.json/.png")
+    parser.add_argument(
+        "--medfcn-override",
+        action="append",
+        default=[],
+        metavar="ID=FILE.json",
+        help="replace a train.json entry of the medfcn run with a JSON file's content, e.g. "
+        "train#augmentation=bench/recipes/nnunet_augmentation.json (a recipe variant; repeatable)",
+    )
+    parser.add_argument("--skip-baseline", action="store_true", help="train the medfcn recipe only")
     args = parser.parse_args()
+    overrides = dict(_override(item) for item in args.medfcn_override)
     RESULTS.mkdir(parents=True, exist_ok=True)
     medfcn_epochs = max(2, round((args.schedule_minutes or args.minutes) * 60 / args.seconds_per_epoch))
     out = RESULTS / f"runs{args.tag}"
     dense = (args.dense_minutes, args.dense_seconds)
-    runs = [
-        run("medfcn", {}, args.minutes, args.fold, args.val_every, out, medfcn_epochs, *dense),
-        run("baseline_unet", BASELINE, args.minutes, args.fold, args.val_every, out, 100_000, *dense),
-    ]
+    runs = [run("medfcn", overrides, args.minutes, args.fold, args.val_every, out, medfcn_epochs, *dense)]
+    if not args.skip_baseline:
+        runs.append(run("baseline_unet", BASELINE, args.minutes, args.fold, args.val_every, out, 100_000, *dense))
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "threads": torch.get_num_threads(),
         "fold": args.fold,
         "minutes_per_model": args.minutes,
+        "medfcn_overrides": args.medfcn_override,
         "runs": runs,
     }
     for level in (0.84, 0.85, 0.88):
