@@ -23,6 +23,7 @@ import torch
 from ignite.engine import Events
 from monai.bundle import ConfigWorkflow
 
+from medfcn.cli import _parse_overrides
 from medfcn.handlers import ValidateEvery
 
 REPO = Path(__file__).resolve().parents[1]
@@ -161,14 +162,6 @@ def settled_time(curve: list[dict], level: float) -> float | None:
     return curve[start]["minutes"] if start < len(curve) else None
 
 
-def _override(item: str) -> tuple[str, object]:
-    """``ID=FILE.json`` -> (ID, the file's parsed JSON)."""
-    key, sep, path = item.partition("=")
-    if not sep or not key:
-        raise SystemExit(f"--medfcn-override {item!r}: expected ID=FILE.json")
-    return key, json.loads(Path(path).read_text())
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=60.0, help="training minutes per model")
@@ -197,16 +190,17 @@ def main() -> None:
     )
     parser.add_argument("--tag", default="", help="suffix of the result files: accuracy<tag>.json/.png")
     parser.add_argument(
-        "--medfcn-override",
+        "--medfcn-set",
         action="append",
         default=[],
-        metavar="ID=FILE.json",
-        help="replace a train.json entry of the medfcn run with a JSON file's content, e.g. "
-        "train#augmentation=bench/recipes/nnunet_augmentation.json (a recipe variant; repeatable)",
+        metavar="KEY=VALUE",
+        help="override a train.json entry of the medfcn run, as `medfcn train --set` (JSON value; a "
+        "longer one from a file by MONAI's macro, e.g. "
+        "'train#augmentation=%%bench/recipes/nnunet_augmentation.json#augmentation'); repeatable",
     )
     parser.add_argument("--skip-baseline", action="store_true", help="train the medfcn recipe only")
     args = parser.parse_args()
-    overrides = dict(_override(item) for item in args.medfcn_override)
+    overrides = _parse_overrides(args.medfcn_set)
     RESULTS.mkdir(parents=True, exist_ok=True)
     medfcn_epochs = max(2, round((args.schedule_minutes or args.minutes) * 60 / args.seconds_per_epoch))
     out = RESULTS / f"runs{args.tag}"
@@ -219,7 +213,7 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "fold": args.fold,
         "minutes_per_model": args.minutes,
-        "medfcn_overrides": args.medfcn_override,
+        "medfcn_overrides": overrides,
         "runs": runs,
     }
     for level in (0.84, 0.85, 0.88):
