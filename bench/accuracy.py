@@ -22,9 +22,11 @@ from pathlib import Path
 import torch
 from ignite.engine import Events
 from monai.bundle import ConfigWorkflow
+from monai.engines import SupervisedEvaluator
+from monai.handlers import MeanDice, from_engine
 
 from medfcn.cli import _parse_overrides
-from medfcn.handlers import ValidateEvery
+from medfcn.handlers import PerClassMetrics, ValidateEvery
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "hippocampus_fcn"
@@ -80,6 +82,7 @@ def run(
     trainer = workflow.parser.get_parsed_content("train#trainer")
     evaluator = workflow.parser.get_parsed_content("validate#evaluator")
     validation = next(h for h in workflow.parser.get_parsed_content("train#handlers") if isinstance(h, ValidateEvery))
+    raw_evaluator = _raw_weights_evaluator(workflow.parser, evaluator)
     # training time only: the clock is paused during validation and between epochs
     clock = {"train": 0.0, "start": None, "last_validation": 0.0}
     curve: list[dict] = []
@@ -119,6 +122,12 @@ def run(
                 "mean": m["val_mean_dice"],
             }
         )
+        if raw_evaluator is not None:  # the same validation of the trained (not averaged) weights
+            raw_evaluator.run()
+            r = raw_evaluator.state.metrics
+            curve[-1].update(
+                raw_anterior=r["val_dice_anterior"], raw_posterior=r["val_dice_posterior"], raw_mean=r["val_mean_dice"]
+            )
         print(
             f"{name}: epoch {trainer.state.epoch} {clock['train'] / 60:.1f} min mean Dice {m['val_mean_dice']:.4f}",
             flush=True,
@@ -147,6 +156,24 @@ def run(
         "train_minutes": clock["train"] / 60,
         "volumes_per_s": volumes / max(clock["train"], 1e-9),
     }
+
+
+def _raw_weights_evaluator(parser, evaluator) -> SupervisedEvaluator | None:
+    """With weight averaging on (``ema_decay``), the bundle validates the averaged weights; this
+    evaluator validates the trained weights on the same cases, so one run shows both curves."""
+    network = parser.get_parsed_content("network")
+    if evaluator.network is network:
+        return None
+    dice = MeanDice(include_background=False, output_transform=from_engine(["pred", "label"]), save_details=True)
+    return SupervisedEvaluator(
+        device=parser.get_parsed_content("device"),
+        val_data_loader=parser.get_parsed_content("validate#dataloader"),
+        network=network,
+        inferer=parser.get_parsed_content("validate#inferer"),
+        postprocessing=parser.get_parsed_content("validate#postprocessing"),
+        key_val_metric={"val_mean_dice": dice},
+        val_handlers=[PerClassMetrics("val_mean_dice", parser.get_parsed_content("class_names"))],
+    )
 
 
 def first_time(curve: list[dict], level: float) -> float | None:

@@ -48,11 +48,16 @@ def bundle_files(bundle: str | os.PathLike, config: str) -> dict[str, Path]:
     return files
 
 
-def _resolve(config_file: Path, overrides: dict[str, Any], *ids: str) -> list[Any]:
-    """Evaluate a few config entries (paths, fold) with the overrides applied."""
+def _parser(config_file: Path, overrides: dict[str, Any]) -> ConfigParser:
     parser = ConfigParser()
     parser.read_config(str(config_file))
     parser.update(overrides)
+    return parser
+
+
+def _resolve(config_file: Path, overrides: dict[str, Any], *ids: str) -> list[Any]:
+    """Evaluate a few config entries (paths, fold) with the overrides applied."""
+    parser = _parser(config_file, overrides)
     return [parser.get_parsed_content(i) for i in ids]
 
 
@@ -63,6 +68,18 @@ def _epochs_done(checkpoint: Path) -> int:
     except Exception as err:
         raise UserError(f"{checkpoint}: not a readable medfcn training checkpoint ({err}).") from err
     return int(state["iteration"]) // max(int(state["epoch_length"]), 1)
+
+
+def _check_resumable(checkpoint: Path, objects: list[str]) -> None:
+    """``checkpoint`` must hold every checkpoint object of the config (a run of an older
+    recipe, e.g. one without ``weight_average``, does not)."""
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    missing = [key for key in objects if key not in saved]
+    if missing:
+        raise UserError(
+            f"{checkpoint}: has no {', '.join(missing)} (written by another recipe or medfcn version); "
+            "start a new run with another --output."
+        )
 
 
 def _network(config_file: Path, overrides: dict[str, Any]) -> torch.nn.Module:
@@ -154,6 +171,7 @@ def train(
         _check_encoder(network, encoder)
         if resume:  # a run of another network_def must fail here, in one line, not deep in MONAI's loader
             load_weights(network, last, key="network")
+            _check_resumable(last, list(_parser(files["config_file"], args).get("checkpoint_objects", {})))
     writable_dir(out, fix="choose another --output")
 
     logging_file = files["logging_file"] if files["logging_file"].is_file() else None

@@ -10,7 +10,7 @@ import torch
 from ignite.engine import Engine
 from monai.engines import Evaluator
 
-from medfcn.handlers import PerClassMetrics, ValidateEvery, overlay_slice
+from medfcn.handlers import PerClassMetrics, ValidateEvery, WeightAverage, overlay_slice
 
 
 def test_overlay_colours_only_labelled_pixels():
@@ -41,3 +41,53 @@ def test_validate_every_also_runs_after_last_epoch():
     ValidateEvery(validator=validator, interval=3, epoch_level=True).attach(trainer)
     trainer.run([0, 1], max_epochs=7)
     assert [c.args[0] for c in validator.run.call_args_list] == [3, 6, 7]
+
+
+def _linear(value: float) -> torch.nn.Linear:
+    layer = torch.nn.Linear(2, 1)
+    torch.nn.init.constant_(layer.weight, value)
+    torch.nn.init.constant_(layer.bias, value)
+    return layer
+
+
+def test_weight_average_warms_up_then_smooths():
+    source = _linear(0.0)
+    ema = WeightAverage(source, decay=0.9)
+    assert ema.network is not source and not any(p.requires_grad for p in ema.network.parameters())
+    trainer = Engine(lambda e, b: torch.nn.init.constant_(source.weight, float(b)))
+    ema.attach(trainer)
+    trainer.run([1.0, 1.0, 1.0, 1.0], max_epochs=1)
+    # decays min(0.9, (1 + n) / (10 + n)) for n = 0..3: 0.1, 2/11, 3/12, 4/13
+    expected = 0.0
+    for n in range(4):
+        d = min(0.9, (1 + n) / (10 + n))
+        expected = d * expected + (1 - d) * 1.0
+    assert ema.updates == 4
+    torch.testing.assert_close(ema.network.weight, torch.full((1, 2), expected))
+    torch.testing.assert_close(ema.network.bias, torch.zeros(1))  # the bias never moved
+    assert 0.99 < expected < 1.0  # close to, but not yet at, the source: it can fail both ways
+    for _ in range(300):
+        ema()
+    assert ema.current_decay() == 0.9
+
+
+def test_weight_average_state_round_trip_and_disabled():
+    source = _linear(1.0)
+    ema = WeightAverage(source, decay=0.99)
+    torch.nn.init.constant_(source.weight, 3.0)
+    ema()
+    restored = WeightAverage(_linear(1.0), decay=0.99)
+    restored.load_state_dict(ema.state_dict())
+    assert restored.updates == 1
+    torch.testing.assert_close(restored.network.weight, ema.network.weight)
+    assert not torch.equal(restored.network.weight, source.weight)
+
+    off = WeightAverage(source, decay=None)
+    assert off.network is source and off.state_dict() == {}
+    trainer = Engine(lambda e, b: None)
+    off.attach(trainer)
+    assert not trainer.has_event_handler(off)
+    with pytest.raises(ValueError, match="no weight average"):
+        ema.load_state_dict({})
+    with pytest.raises(ValueError, match="decay"):
+        WeightAverage(source, decay=1.0)

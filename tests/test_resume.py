@@ -53,8 +53,9 @@ def _cli_train(dataset, out, *extra) -> list[str]:
     ]
 
 
-def _weights(path) -> dict:
-    return torch.load(path, weights_only=True)["network"]
+def _weights(path, part: str = "network") -> dict:
+    state = torch.load(path, weights_only=True)[part]
+    return state["network"] if part == "weight_average" else state
 
 
 def _epoch(path) -> int:
@@ -94,9 +95,11 @@ def test_sigkill_then_resume_equals_uninterrupted_run(spheres_dataset, tmp_path)
     assert f"epoch {done + 1}/{EPOCHS}" in result.stdout  # continued from the saved epoch
     assert f"epoch {done}/{EPOCHS}" not in result.stdout
     assert _epoch(killed / "last.pt") == EPOCHS
-    a, b = _weights(reference / "last.pt"), _weights(killed / "last.pt")
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=key)
+    for part in ("network", "weight_average"):  # the moving average resumes exactly too
+        a, b = (_weights(run / "last.pt", part) for run in (reference, killed))
+        assert a, part
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=f"{part} {key}")
 
 
 def test_same_seed_same_weights(spheres_dataset, tmp_path):

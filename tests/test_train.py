@@ -61,11 +61,16 @@ def test_real_hippocampus_two_epochs_checkpoints_tensorboard_resume(tmp_path):
     train(BUNDLE, data, fold=0, epochs=2, output_dir=out, overrides=overrides)
     assert (out / "last.pt").is_file() and (out / "best_model.pt").is_file()
     ckpt = torch.load(out / "last.pt", weights_only=True)
-    assert set(ckpt) == {"network", "optimizer", "lr_scheduler", "trainer", "best"}
+    assert set(ckpt) == {"network", "optimizer", "lr_scheduler", "trainer", "best", "weight_average"}
     assert ckpt["trainer"]["iteration"] == 2 * ckpt["trainer"]["epoch_length"]
     assert ckpt["best"]["best_metric_epoch"] == 2  # validation ran after the last epoch
     weights = torch.load(out / "best_model.pt", weights_only=True)
     assert "head.weight" in weights
+    # the validated (and shipped) weights are the moving average, not the last iterate
+    average = ckpt["weight_average"]["network"]
+    assert ckpt["weight_average"]["updates"] == ckpt["trainer"]["iteration"]
+    assert all(torch.equal(weights[k], average[k]) for k in weights)
+    assert not all(torch.equal(weights[k], ckpt["network"][k]) for k in weights)
 
     acc = _events(out)
     scalars = set(acc.Tags()["scalars"])
@@ -96,6 +101,16 @@ def test_missing_checkpoint_and_unknown_fold_are_user_errors(spheres_dataset, tm
     folds = {"folds_file": str(spheres_dataset / "folds.json")}
     with pytest.raises(UserError, match=message):
         train(BUNDLE, spheres_dataset, fold=fold, epochs=1, output_dir=tmp_path / "x", resume=resume, overrides=folds)
+
+
+def test_resuming_a_checkpoint_without_weight_average_is_a_user_error(spheres_dataset, tmp_path):
+    overrides = {**SMALL, "folds_file": str(spheres_dataset / "folds.json")}
+    out = train(BUNDLE, spheres_dataset, fold=0, epochs=1, output_dir=tmp_path / "old", overrides=overrides)
+    state = torch.load(out / "last.pt", weights_only=True)
+    del state["weight_average"]  # as written before weight averaging was part of the recipe
+    torch.save(state, out / "last.pt")
+    with pytest.raises(UserError, match="has no weight_average"):
+        train(BUNDLE, spheres_dataset, fold=0, epochs=2, output_dir=out, resume=True, overrides=overrides)
 
 
 def test_missing_dataset_is_a_user_error(tmp_path):
