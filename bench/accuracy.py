@@ -49,6 +49,7 @@ BASELINE = {
     "train#augmentation": [{"_target_": "SpatialPadd", "keys": ["image", "label"], "spatial_size": [48, 64, 48]}],
     "patch_size": [48, 64, 48],
     "bf16": False,
+    "ema_decay": None,  # plain weights, as the tutorial user trains them
 }
 
 
@@ -173,6 +174,7 @@ def _raw_weights_evaluator(parser, evaluator) -> SupervisedEvaluator | None:
         postprocessing=parser.get_parsed_content("validate#postprocessing"),
         key_val_metric={"val_mean_dice": dice},
         val_handlers=[PerClassMetrics("val_mean_dice", parser.get_parsed_content("class_names"))],
+        amp=evaluator.amp,
     )
 
 

@@ -97,7 +97,7 @@ def train(
     """Train the bundle's network (its configs/train.json) on an MSD-style dataset.
 
     Prints one line per epoch (loss, validation Dice, speed, ETA); writes last.pt (to resume),
-    best_model.pt (weights) and TensorBoard events to the output folder:
+    best_model.pt (the moving-average weights of the best validation) and TensorBoard events to the output folder:
     `tensorboard --logdir OUTPUT`.
     """
     from medfcn.train import train as run_training

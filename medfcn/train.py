@@ -70,16 +70,23 @@ def _epochs_done(checkpoint: Path) -> int:
     return int(state["iteration"]) // max(int(state["epoch_length"]), 1)
 
 
-def _check_resumable(checkpoint: Path, objects: list[str]) -> None:
+def _check_resumable(checkpoint: Path, parser: ConfigParser) -> None:
     """``checkpoint`` must hold every checkpoint object of the config (a run of an older
-    recipe, e.g. one without ``weight_average``, does not)."""
+    recipe, e.g. one without ``weight_average``, does not), and its weight average must match
+    the config's ``ema_decay`` (on or off), or the resumed run would fail or drop the average."""
     saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    missing = [key for key in objects if key not in saved]
+    missing = [key for key in parser.get("checkpoint_objects", {}) if key not in saved]
     if missing:
         raise UserError(
             f"{checkpoint}: has no {', '.join(missing)} (written by another recipe or medfcn version); "
             "start a new run with another --output."
         )
+    if "weight_average" in saved and "ema_decay" in parser:
+        averaging = bool(parser.get_parsed_content("ema_decay"))
+        if bool(saved["weight_average"]) != averaging:
+            fix = "add --set ema_decay=null" if not saved["weight_average"] else "drop --set ema_decay=null"
+            state = "off" if not saved["weight_average"] else "on"
+            raise UserError(f"{checkpoint}: written with weight averaging {state}; {fix} to resume it.")
 
 
 def _network(config_file: Path, overrides: dict[str, Any]) -> torch.nn.Module:
@@ -171,7 +178,7 @@ def train(
         _check_encoder(network, encoder)
         if resume:  # a run of another network_def must fail here, in one line, not deep in MONAI's loader
             load_weights(network, last, key="network")
-            _check_resumable(last, list(_parser(files["config_file"], args).get("checkpoint_objects", {})))
+            _check_resumable(last, _parser(files["config_file"], args))
     writable_dir(out, fix="choose another --output")
 
     logging_file = files["logging_file"] if files["logging_file"].is_file() else None

@@ -9,6 +9,9 @@ import sys
 
 import nibabel as nib
 import numpy as np
+from monai.bundle import ConfigWorkflow
+
+from medfcn.handlers import WeightAverage
 
 from .conftest import BUNDLE, HIPPO, REPO, need
 
@@ -110,3 +113,18 @@ def test_monai_runs_evaluate_config(tmp_path):
     dice = [float(line.split(",")[-1]) for line in rows[1:]]  # filename, class 1, class 2, mean
     assert min(dice) > 0.75, dice  # the shipped model on held-out fold-0 cases
     assert (tmp_path / "eval" / "val_hd95_raw.csv").is_file()
+
+
+def test_train_config_passes_monai_property_check():
+    """MONAI's ``check_properties`` (run by bundle tooling) reads ``_target_`` of every entry
+    of ``train#handlers``: each must be a component, not a bare reference."""
+    workflow = ConfigWorkflow(
+        config_file=str(BUNDLE / "configs" / "train.json"),
+        meta_file=str(BUNDLE / "configs" / "metadata.json"),
+        workflow_type="train",
+        bundle_root=str(BUNDLE),
+    )
+    workflow.initialize()
+    workflow.check_properties()  # raised TypeError on a string handler
+    assert all(isinstance(h, dict) and "_target_" in h for h in workflow.parser["train#handlers"])
+    assert isinstance(workflow.parser.get_parsed_content("weight_average"), WeightAverage)

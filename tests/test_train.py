@@ -103,14 +103,29 @@ def test_missing_checkpoint_and_unknown_fold_are_user_errors(spheres_dataset, tm
         train(BUNDLE, spheres_dataset, fold=fold, epochs=1, output_dir=tmp_path / "x", resume=resume, overrides=folds)
 
 
-def test_resuming_a_checkpoint_without_weight_average_is_a_user_error(spheres_dataset, tmp_path):
+def test_resume_needs_the_same_weight_averaging(spheres_dataset, tmp_path):
     overrides = {**SMALL, "folds_file": str(spheres_dataset / "folds.json")}
-    out = train(BUNDLE, spheres_dataset, fold=0, epochs=1, output_dir=tmp_path / "old", overrides=overrides)
-    state = torch.load(out / "last.pt", weights_only=True)
+    plain = overrides | {"ema_decay": None}
+    runs = {name: tmp_path / name for name in ("averaged", "plain", "old")}
+    train(BUNDLE, spheres_dataset, fold=0, epochs=1, output_dir=runs["averaged"], overrides=overrides)
+    train(BUNDLE, spheres_dataset, fold=0, epochs=1, output_dir=runs["plain"], overrides=plain)
+    state = torch.load(runs["averaged"] / "last.pt", weights_only=True)
     del state["weight_average"]  # as written before weight averaging was part of the recipe
-    torch.save(state, out / "last.pt")
+    runs["old"].mkdir()
+    torch.save(state, runs["old"] / "last.pt")
+
+    def resume(name, settings):
+        train(BUNDLE, spheres_dataset, fold=0, epochs=2, output_dir=runs[name], resume=True, overrides=settings)
+
     with pytest.raises(UserError, match="has no weight_average"):
-        train(BUNDLE, spheres_dataset, fold=0, epochs=2, output_dir=out, resume=True, overrides=overrides)
+        resume("old", overrides)
+    with pytest.raises(UserError, match="averaging off; add --set ema_decay=null"):
+        resume("plain", overrides)
+    with pytest.raises(UserError, match="averaging on; drop --set ema_decay=null"):
+        resume("averaged", plain)
+    resume("plain", plain)
+    state = torch.load(runs["plain"] / "last.pt", weights_only=True)
+    assert state["weight_average"] == {} and state["trainer"]["iteration"] == 2 * state["trainer"]["epoch_length"]
 
 
 def test_missing_dataset_is_a_user_error(tmp_path):
