@@ -21,9 +21,8 @@ from pathlib import Path
 
 import torch
 from ignite.engine import Events
-from monai.bundle import ConfigWorkflow
+from monai.bundle import ConfigParser, ConfigWorkflow
 from monai.engines import SupervisedEvaluator
-from monai.handlers import MeanDice, from_engine
 
 from medfcn.cli import _parse_overrides
 from medfcn.handlers import PerClassMetrics, ValidateEvery
@@ -165,15 +164,17 @@ def _raw_weights_evaluator(parser, evaluator) -> SupervisedEvaluator | None:
     network = parser.get_parsed_content("network")
     if evaluator.network is network:
         return None
-    dice = MeanDice(include_background=False, output_transform=from_engine(["pred", "label"]), save_details=True)
+    # the bundle's own metric, a fresh instance (a metric handler serves one engine), from a
+    # copy of the config: lazy=False would reset the parser and rebuild everything it holds
+    key_metric = ConfigParser(parser.get()).get_parsed_content("validate#key_metric")
     return SupervisedEvaluator(
         device=parser.get_parsed_content("device"),
         val_data_loader=parser.get_parsed_content("validate#dataloader"),
         network=network,
         inferer=parser.get_parsed_content("validate#inferer"),
         postprocessing=parser.get_parsed_content("validate#postprocessing"),
-        key_val_metric={"val_mean_dice": dice},
-        val_handlers=[PerClassMetrics("val_mean_dice", parser.get_parsed_content("class_names"))],
+        key_val_metric=key_metric,
+        val_handlers=[PerClassMetrics(next(iter(key_metric)), parser.get_parsed_content("class_names"))],
         amp=evaluator.amp,
     )
 

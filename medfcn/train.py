@@ -55,26 +55,21 @@ def _parser(config_file: Path, overrides: dict[str, Any]) -> ConfigParser:
     return parser
 
 
-def _resolve(config_file: Path, overrides: dict[str, Any], *ids: str) -> list[Any]:
-    """Evaluate a few config entries (paths, fold) with the overrides applied."""
-    parser = _parser(config_file, overrides)
-    return [parser.get_parsed_content(i) for i in ids]
-
-
-def _epochs_done(checkpoint: Path) -> int:
-    """Epochs completed by the run that wrote ``checkpoint`` (a ``last.pt``)."""
+def _read_checkpoint(checkpoint: Path) -> tuple[dict, int]:
+    """A ``last.pt``, read once for the resume checks, and the epochs its run completed."""
     try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)["trainer"]
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        state = saved["trainer"]
     except Exception as err:
         raise UserError(f"{checkpoint}: not a readable medfcn training checkpoint ({err}).") from err
-    return int(state["iteration"]) // max(int(state["epoch_length"]), 1)
+    return saved, int(state["iteration"]) // max(int(state["epoch_length"]), 1)
 
 
-def _check_resumable(checkpoint: Path, parser: ConfigParser) -> None:
-    """``checkpoint`` must hold every checkpoint object of the config (a run of an older
-    recipe, e.g. one without ``weight_average``, does not), and its weight average must match
-    the config's ``ema_decay`` (on or off), or the resumed run would fail or drop the average."""
-    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+def _check_resumable(checkpoint: Path, saved: dict, parser: ConfigParser) -> None:
+    """``saved`` (the contents of ``checkpoint``) must hold every checkpoint object of the
+    config (a run of an older recipe, e.g. one without ``weight_average``, does not), and its
+    weight average must match the config's ``ema_decay`` (on or off), or the resumed run would
+    fail or drop the average."""
     missing = [key for key in parser.get("checkpoint_objects", {}) if key not in saved]
     if missing:
         raise UserError(
@@ -89,11 +84,11 @@ def _check_resumable(checkpoint: Path, parser: ConfigParser) -> None:
             raise UserError(f"{checkpoint}: written with weight averaging {state}; {fix} to resume it.")
 
 
-def _network(config_file: Path, overrides: dict[str, Any]) -> torch.nn.Module:
+def _network(parser: ConfigParser, config_file: Path) -> torch.nn.Module:
     """Build ``network_def``, so that an impossible network (e.g. ``deep_supervision`` larger
     than ``features`` allows after an override) fails in one line before any data is loaded."""
     try:
-        return _resolve(config_file, overrides, "network_def")[0]
+        return parser.get_parsed_content("network_def")
     except Exception as err:
         raise UserError(
             f"{config_file}: network_def cannot be built ({root_message(err)}); fix the --set overrides or the config."
@@ -150,10 +145,10 @@ def train(
     args.update(overrides or {})
     args["resume"] = bool(resume)
 
-    data, folds_file, fold_k, out, n_epochs, num_classes, encoder = _resolve(
-        files["config_file"],
-        args,
-        *("dataset_dir", "folds_file", "fold", "output_dir", "epochs", "num_classes", "pretrained_encoder"),
+    parser = _parser(files["config_file"], args)  # one parser for every check before the run
+    data, folds_file, fold_k, out, n_epochs, num_classes, encoder = (
+        parser.get_parsed_content(i)
+        for i in ("dataset_dir", "folds_file", "fold", "output_dir", "epochs", "num_classes", "pretrained_encoder")
     )
     if not (Path(data) / "dataset.json").is_file():
         raise UserError(f"{data}: no dataset.json here; pass --data with the MSD dataset folder or set MEDFCN_DATA.")
@@ -166,19 +161,19 @@ def train(
     if resume:
         if not last.is_file():
             raise UserError(f"{last}: no checkpoint to resume from; train without --resume first.")
-        done = _epochs_done(last)
+        saved, done = _read_checkpoint(last)
         if done >= int(n_epochs):
             raise UserError(f"{last}: run has finished {done} epochs already; pass --epochs larger than {done}.")
     elif last.exists():
         raise UserError(f"{out}: already holds a run (last.pt); add --resume to continue it, or pick another --output.")
     if int(n_epochs) < 1:
         raise UserError(f"epochs must be at least 1, got {n_epochs}.")
-    network = _network(files["config_file"], args)
+    network = _network(parser, files["config_file"])
     if resume or encoder:
         _check_encoder(network, encoder)
         if resume:  # a run of another network_def must fail here, in one line, not deep in MONAI's loader
             load_weights(network, last, key="network")
-            _check_resumable(last, _parser(files["config_file"], args))
+            _check_resumable(last, saved, parser)
     writable_dir(out, fix="choose another --output")
 
     logging_file = files["logging_file"] if files["logging_file"].is_file() else None
