@@ -198,7 +198,11 @@ class WeightAverage:
         return {"updates": self.updates, "network": self.network.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore the average; a checkpoint written with averaging on/off against this
+        handler's decay raises (never a silent drop of the average)."""
         if not self.enabled:
+            if state:
+                raise ValueError("the checkpoint holds a weight average; resume it with ema_decay set, not null.")
             return
         if not state:
             raise ValueError("the checkpoint has no weight average; resume it with ema_decay null.")

@@ -89,5 +89,8 @@ def test_weight_average_state_round_trip_and_disabled():
     assert not trainer.has_event_handler(off)
     with pytest.raises(ValueError, match="no weight average"):
         ema.load_state_dict({})
+    off.load_state_dict({})  # a run without averaging resumes its own checkpoint
+    with pytest.raises(ValueError, match="holds a weight average"):  # never a silent drop
+        off.load_state_dict(ema.state_dict())
     with pytest.raises(ValueError, match="decay"):
         WeightAverage(source, decay=1.0)

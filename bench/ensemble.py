@@ -1,0 +1,113 @@
+"""Validation Dice of an ensemble of hippocampus FCNs against each member alone, on one fold.
+
+Each member is a weights file of the bundle's network: a ``model.pt`` / ``best_model.pt`` state
+dict, or a run's ``last.pt`` (its moving average when it has one, else its network). The
+ensemble averages the members' softmax probabilities voxel by voxel (as nnU-Net does); it is
+validated exactly as the bundle validates in training (train.json's ``validate`` section:
+sliding window, bf16 on CPU, per-class Dice on the fold at 1 mm). Members must not have
+trained on the fold's cases.
+
+Prints a markdown table and writes bench/results/ensemble<tag>.json.
+
+    python bench/ensemble.py bundles/hippocampus_fcn/models/model.pt runs/a/last.pt [--fold 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from monai.bundle import ConfigParser
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLE = REPO / "bundles" / "hippocampus_fcn"
+
+
+class MeanProbability(nn.Module):
+    """Log of the members' mean softmax: ``(B, C, *S)`` logits in, ``(B, K, *S)`` out, so that
+    the bundle's softmax postprocessing yields exactly the mean probability."""
+
+    def __init__(self, members: list[nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = torch.stack([m(x).float().softmax(1) for m in self.members]).mean(0)
+        return mean.clamp_min(1e-8).log()
+
+
+def member_weights(path: Path) -> dict:
+    """The network state dict held by ``path`` (see the module docstring)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if "network" in state and isinstance(state["network"], dict):  # a run's last.pt
+        return state.get("weight_average", {}).get("network") or state["network"]
+    return state
+
+
+def validate(parser: ConfigParser, network: nn.Module) -> tuple[dict, float]:
+    """Per-class Dice of ``network`` on the fold, and the median model seconds per volume."""
+    parser["eval_network"] = network
+    evaluator = parser.get_parsed_content("validate#evaluator", lazy=False)
+    seconds: list[float] = []
+    forward = network.forward
+
+    def timed(x):
+        start = time.perf_counter()
+        out = forward(x)
+        seconds.append(time.perf_counter() - start)
+        return out
+
+    network.forward = timed
+    evaluator.run()
+    network.forward = forward
+    m = evaluator.state.metrics
+    dice = {k: m[f"val_dice_{k}"] for k in parser.get_parsed_content("class_names")} | {"mean": m["val_mean_dice"]}
+    return dice, statistics.median(seconds)
+
+
+def main() -> None:
+    cli = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    cli.add_argument("members", nargs="+", type=Path, help="weights files (model.pt, best_model.pt, last.pt)")
+    cli.add_argument("--fold", type=int, default=0)
+    cli.add_argument("--tag", default="", help="suffix of the result file")
+    args = cli.parse_args()
+    torch.set_grad_enabled(False)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        parser = ConfigParser()
+        parser.read_config(str(BUNDLE / "configs" / "train.json"))
+        parser.read_meta(str(BUNDLE / "configs" / "metadata.json"))
+        parser.update({"bundle_root": str(BUNDLE), "fold": args.fold, "output_dir": tmp})
+        # only the metrics: no TensorBoard writer, no overlays
+        parser["validate#handlers"] = [parser["validate#handlers"][0]]
+        device = parser.get_parsed_content("device")
+        members = []
+        for path in args.members:
+            net = parser.get_parsed_content("network_def", lazy=False).to(device)
+            net.load_state_dict(member_weights(path))
+            members.append(net.eval())
+        rows = []
+        for path, net in zip(args.members, members, strict=True):
+            dice, secs = validate(parser, net)
+            rows.append({"model": str(path), **dice, "seconds_per_volume": secs})
+        dice, secs = validate(parser, MeanProbability(members).eval())
+        rows.append({"model": f"ensemble of {len(members)}", **dice, "seconds_per_volume": secs})
+
+    print("| model | anterior | posterior | mean | model s / volume |\n| --- | --- | --- | --- | --- |")
+    for r in rows:
+        dice = " | ".join(f"{r[k]:.4f}" for k in ("anterior", "posterior", "mean"))
+        print(f"| {r['model']} | {dice} | {r['seconds_per_volume']:.3f} |")
+    out = REPO / "bench" / "results" / f"ensemble{args.tag}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "fold": args.fold, "rows": rows}, indent=1) + "\n")
+    print(f"\nwritten: {out}")
+
+
+if __name__ == "__main__":
+    main()
