@@ -50,24 +50,19 @@ def member_weights(path: Path) -> dict:
     return state
 
 
-def validate(parser: ConfigParser, network: nn.Module) -> tuple[dict, float]:
-    """Per-class Dice of ``network`` on the fold, and the median model seconds per volume."""
-    parser["eval_network"] = network
-    evaluator = parser.get_parsed_content("validate#evaluator", lazy=False)
+def validate(evaluator, network: nn.Module) -> tuple[dict, float]:
+    """Per-class Dice of ``network`` on the fold by the bundle's ``evaluator`` (built once, so
+    the fold is loaded once), and the median model seconds per volume."""
     seconds: list[float] = []
-    forward = network.forward
-
-    def timed(x):
-        start = time.perf_counter()
-        out = forward(x)
-        seconds.append(time.perf_counter() - start)
-        return out
-
-    network.forward = timed
+    start = network.register_forward_pre_hook(lambda *_: seconds.append(-time.perf_counter()))
+    end = network.register_forward_hook(lambda *_: seconds.append(seconds.pop() + time.perf_counter()))
+    evaluator.network = network
     evaluator.run()
-    network.forward = forward
+    start.remove()
+    end.remove()
     m = evaluator.state.metrics
-    dice = {k: m[f"val_dice_{k}"] for k in parser.get_parsed_content("class_names")} | {"mean": m["val_mean_dice"]}
+    dice = {k.removeprefix("val_dice_"): v for k, v in m.items() if k.startswith("val_dice_")}
+    dice["mean"] = m["val_mean_dice"]
     return dice, statistics.median(seconds)
 
 
@@ -92,11 +87,12 @@ def main() -> None:
             net = parser.get_parsed_content("network_def", lazy=False).to(device)
             net.load_state_dict(member_weights(path))
             members.append(net.eval())
+        evaluator = parser.get_parsed_content("validate#evaluator")
         rows = []
         for path, net in zip(args.members, members, strict=True):
-            dice, secs = validate(parser, net)
+            dice, secs = validate(evaluator, net)
             rows.append({"model": str(path), **dice, "seconds_per_volume": secs})
-        dice, secs = validate(parser, MeanProbability(members).eval())
+        dice, secs = validate(evaluator, MeanProbability(members).eval())
         rows.append({"model": f"ensemble of {len(members)}", **dice, "seconds_per_volume": secs})
 
     print("| model | anterior | posterior | mean | model s / volume |\n| --- | --- | --- | --- | --- |")
