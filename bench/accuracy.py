@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+import typer
 from ignite.engine import Events
 from monai.bundle import ConfigParser, ConfigWorkflow
 from monai.engines import SupervisedEvaluator
@@ -230,7 +231,10 @@ def main() -> None:
     )
     parser.add_argument("--skip-baseline", action="store_true", help="train the medfcn recipe only")
     args = parser.parse_args()
-    overrides = _parse_overrides(args.medfcn_set)
+    try:
+        overrides = _parse_overrides(args.medfcn_set)
+    except typer.BadParameter as err:
+        parser.error(str(err).replace("--set", "--medfcn-set"))  # one line, exit 2, as argparse errors
     RESULTS.mkdir(parents=True, exist_ok=True)
     medfcn_epochs = max(2, round((args.schedule_minutes or args.minutes) * 60 / args.seconds_per_epoch))
     out = RESULTS / f"runs{args.tag}"
