@@ -232,9 +232,9 @@ def main() -> None:
     parser.add_argument("--skip-baseline", action="store_true", help="train the medfcn recipe only")
     args = parser.parse_args()
     try:
-        overrides = _parse_overrides(args.medfcn_set)
+        overrides = _parse_overrides(args.medfcn_set, option="--medfcn-set")
     except typer.BadParameter as err:
-        parser.error(str(err).replace("--set", "--medfcn-set"))  # one line, exit 2, as argparse errors
+        parser.error(str(err))  # one line, exit 2, as argparse reports its own errors
     RESULTS.mkdir(parents=True, exist_ok=True)
     medfcn_epochs = max(2, round((args.schedule_minutes or args.minutes) * 60 / args.seconds_per_epoch))
     out = RESULTS / f"runs{args.tag}"

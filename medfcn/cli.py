@@ -54,15 +54,17 @@ def _main(
     _state["debug"] = debug or os.environ.get("MEDFCN_DEBUG", "") not in ("", "0")
 
 
-def _parse_overrides(pairs: list[str]) -> dict:
-    """``["batch_size=4", "network_def#fusion=concat"]`` -> config overrides (JSON values)."""
+def _parse_overrides(pairs: list[str], option: str = "--set") -> dict:
+    """``["batch_size=4", "network_def#fusion=concat"]`` -> config overrides (JSON values).
+
+    ``option`` names the command-line option in the error message."""
     import json
 
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise typer.BadParameter(f"--set takes KEY=VALUE, got {pair!r}.")
+            raise typer.BadParameter(f"{option} takes KEY=VALUE, got {pair!r}.")
         try:
             out[key] = json.loads(value)
         except json.JSONDecodeError:
