@@ -7,7 +7,10 @@ the whole-head series (each model in its own process), FLOPs of one forward pass
 (torch.utils.flop_counter) and that compute as a fraction of the CPU's measured GEMM peak in
 the same precision. For medfcn also the whole `medfcn infer`
 process (start-up included) on one scan, on the three DICOM crops and on the 280 x 320 x 22
-whole-head series, with the process's peak RSS. Medians over repeats; ratio medfcn / baseline.
+whole-head series, with the process's peak RSS. For both recipes the whole training process:
+one epoch of `medfcn train` on fold 0 (the baseline by the `--set` overrides bench/accuracy.py
+uses), wall time and peak RSS with the dataset cached in memory, as a user's run holds it.
+Medians over repeats; ratio medfcn / baseline.
 
 Run it alone on the machine (other load skews every figure). Writes bench/results/speed.json.
 
@@ -27,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+from accuracy import BASELINE  # bench/ is sys.path[0] when this file runs as a script
 from monai.inferers import SlidingWindowInferer
 from monai.networks.nets import UNet
 from torch.utils.flop_counter import FlopCounterMode
@@ -126,6 +130,16 @@ def whole_head_worker(name: str, head: str) -> None:
         print(f"{time.perf_counter() - start:.4f} {tuple(image.shape[2:])}")
 
 
+def train_command(name: str, output: str) -> list[str]:
+    """`medfcn train` for one epoch of each recipe on fold 0, writing its run folder to ``output``."""
+    cmd = [sys.executable, "-m", "medfcn.cli", "train", str(BUNDLE), "--fold", "0", "--epochs", "1"]
+    cmd += ["--output", output]
+    if name == "baseline_unet":
+        for key, value in BASELINE.items():
+            cmd += ["--set", f"{key}={json.dumps(value)}"]
+    return cmd
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -183,6 +197,13 @@ def main() -> None:
         runs = [process([sys.executable, __file__, "--whole-head-worker", name], output=True) for _ in range(3)]
         figures[name]["whole_head_compute_s"] = statistics.median(float(out.split()[0]) for _, _, out in runs)
         figures[name]["whole_head_peak_rss_mib"] = max(rss for _, rss, _ in runs)
+
+    # one run each: the figure of interest is the peak RSS, and one epoch takes ~40 s
+    for name in figures:
+        with tempfile.TemporaryDirectory() as tmp:
+            wall, rss = process(train_command(name, tmp))
+        figures[name]["train_process_1_epoch_s"] = wall
+        figures[name]["train_process_peak_rss_mib"] = rss
 
     cli = [sys.executable, "-m", "medfcn.cli", "infer", str(BUNDLE)]
     for label, inputs in (
