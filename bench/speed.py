@@ -9,8 +9,9 @@ the same precision. For medfcn also the whole `medfcn infer`
 process (start-up included) on one scan, on the three DICOM crops and on the 280 x 320 x 22
 whole-head series, with the process's peak RSS. For both recipes the whole training process:
 one epoch of `medfcn train` on fold 0 (the baseline by the `--set` overrides bench/accuracy.py
-uses), wall time and peak RSS with the dataset cached in memory, as a user's run holds it.
-Medians over repeats; ratio medfcn / baseline.
+uses), wall time (start-up, caching, validation and checkpoints included) and peak RSS with
+the dataset cached in memory, as a user's run holds it; one run each. Other figures: medians
+over repeats. Ratio medfcn / baseline.
 
 Run it alone on the machine (other load skews every figure). Writes bench/results/speed.json.
 
@@ -30,7 +31,6 @@ import time
 from pathlib import Path
 
 import torch
-from accuracy import BASELINE  # bench/ is sys.path[0] when this file runs as a script
 from monai.inferers import SlidingWindowInferer
 from monai.networks.nets import UNet
 from torch.utils.flop_counter import FlopCounterMode
@@ -132,6 +132,9 @@ def whole_head_worker(name: str, head: str) -> None:
 
 def train_command(name: str, output: str) -> list[str]:
     """`medfcn train` for one epoch of each recipe on fold 0, writing its run folder to ``output``."""
+    # imported here, not at the top, so the whole-head worker processes do not load the engines
+    from accuracy import BASELINE  # bench/ is sys.path[0] when this file runs as a script
+
     cmd = [sys.executable, "-m", "medfcn.cli", "train", str(BUNDLE), "--fold", "0", "--epochs", "1"]
     cmd += ["--output", output]
     if name == "baseline_unet":
@@ -198,7 +201,7 @@ def main() -> None:
         figures[name]["whole_head_compute_s"] = statistics.median(float(out.split()[0]) for _, _, out in runs)
         figures[name]["whole_head_peak_rss_mib"] = max(rss for _, rss, _ in runs)
 
-    # one run each: the figure of interest is the peak RSS, and one epoch takes ~40 s
+    # one run each (not a median): the figure of interest is the peak RSS; a run takes ~25-35 s
     for name in figures:
         with tempfile.TemporaryDirectory() as tmp:
             wall, rss = process(train_command(name, tmp))
