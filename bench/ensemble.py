@@ -50,6 +50,25 @@ def member_weights(path: Path) -> dict:
     return state
 
 
+def validation_parser(fold: int, output_dir: str) -> ConfigParser:
+    """The bundle's train.json set to validate on ``fold``, writing only to ``output_dir``: its
+    ``validate`` section keeps the metric handlers alone (no TensorBoard writer, no overlays)."""
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE / "configs" / "train.json"))
+    parser.read_meta(str(BUNDLE / "configs" / "metadata.json"))
+    parser.update({"bundle_root": str(BUNDLE), "fold": fold, "output_dir": output_dir})
+    parser["validate#handlers"] = [parser["validate#handlers"][0]]
+    return parser
+
+
+def load_member(parser: ConfigParser, path: Path) -> nn.Module:
+    """The bundle's network (``network_def``) on the bundle's device, holding ``path``'s weights,
+    in eval mode."""
+    net = parser.get_parsed_content("network_def", lazy=False).to(parser.get_parsed_content("device"))
+    net.load_state_dict(member_weights(path))
+    return net.eval()
+
+
 def validate(evaluator, network: nn.Module) -> tuple[dict, float]:
     """Per-class Dice of ``network`` on the fold by the bundle's ``evaluator`` (built once, so
     the fold is loaded once), and the median model seconds per volume."""
@@ -75,18 +94,8 @@ def main() -> None:
     torch.set_grad_enabled(False)
 
     with tempfile.TemporaryDirectory() as tmp:
-        parser = ConfigParser()
-        parser.read_config(str(BUNDLE / "configs" / "train.json"))
-        parser.read_meta(str(BUNDLE / "configs" / "metadata.json"))
-        parser.update({"bundle_root": str(BUNDLE), "fold": args.fold, "output_dir": tmp})
-        # only the metrics: no TensorBoard writer, no overlays
-        parser["validate#handlers"] = [parser["validate#handlers"][0]]
-        device = parser.get_parsed_content("device")
-        members = []
-        for path in args.members:
-            net = parser.get_parsed_content("network_def", lazy=False).to(device)
-            net.load_state_dict(member_weights(path))
-            members.append(net.eval())
+        parser = validation_parser(args.fold, tmp)
+        members = [load_member(parser, path) for path in args.members]
         evaluator = parser.get_parsed_content("validate#evaluator")
         rows = []
         for path, net in zip(args.members, members, strict=True):

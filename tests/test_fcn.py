@@ -140,3 +140,32 @@ def test_deep_supervision_trains_the_heads_and_scripts():
     torch.testing.assert_close(scripted.eval()(x), net.eval()(x))
     with pytest.raises(ValueError, match="deep_supervision"):
         FCN(3, 1, 2, features=(4, 8, 16), deep_supervision=2)
+
+
+def test_encoder_blocks_add_residual_blocks_and_keep_old_keys():
+    plain = FCN(3, 1, 3, features=(4, 8, 16))
+    same = FCN(3, 1, 3, features=(4, 8, 16), encoder_blocks=(1, 1, 1))
+    assert plain.state_dict().keys() == same.state_dict().keys()
+    deep = FCN(3, 1, 3, features=(4, 8, 16), encoder_blocks=(1, 3, 2))
+    residual = [m for m in deep.encoder.modules() if type(m).__name__ == "ResidualBlock"]
+    assert len(residual) == 2 + 1
+    x = torch.randn(2, 1, 19, 22, 13)
+    assert deep(x).shape == (2, 3, 19, 22, 13)
+    # y = x + block(x): zeroing the last norm's affine leaves the identity, so the stage output
+    # equals its input
+    block = residual[-1]
+    last_norm = [m for m in block.block.modules() if isinstance(m, nn.InstanceNorm3d)][-1]
+    with torch.no_grad():
+        last_norm.weight.zero_()
+        last_norm.bias.zero_()
+    z = torch.randn(1, 16, 3, 3, 3)
+    # leaky ReLU of zero is zero
+    torch.testing.assert_close(block(z), z)
+    torch.testing.assert_close(torch.jit.script(deep.eval())(x), deep.eval()(x))
+
+
+def test_encoder_blocks_bad_counts_raise():
+    with pytest.raises(ValueError, match="encoder_blocks"):
+        FCN(3, 1, 3, features=(4, 8, 16), encoder_blocks=(1, 2))
+    with pytest.raises(ValueError, match="encoder_blocks"):
+        FCN(3, 1, 3, features=(4, 8, 16), encoder_blocks=(1, 0, 1))

@@ -20,7 +20,7 @@ from monai.networks.blocks import Convolution
 from monai.networks.layers.factories import Conv, Pool
 from torch import nn
 
-__all__ = ["FCN", "ConvBlock", "Encoder", "Decoder", "FuseUp", "transfer_encoder"]
+__all__ = ["FCN", "ConvBlock", "ResidualBlock", "Encoder", "Decoder", "FuseUp", "transfer_encoder"]
 
 
 class ConvBlock(nn.Sequential):
@@ -42,24 +42,56 @@ class ConvBlock(nn.Sequential):
             self.add_module(f"conv_{i}", conv)
 
 
+class ResidualBlock(nn.Module):
+    """``y = x + ConvBlock(x)``: two more convolutions at a scale, with an identity shortcut so
+    that a deeper encoder stays as easy to optimise as a shallow one (as in nnU-Net's residual
+    encoders). Input and output ``(B, channels, *S)``."""
+
+    def __init__(self, spatial_dims: int, channels: int, act, norm, dropout, bias: bool):
+        super().__init__()
+        self.block = ConvBlock(spatial_dims, channels, channels, act, norm, dropout, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.block(x)
+
+
 class Encoder(nn.Module):
     """Convolution blocks separated by max pooling.
 
     Input ``(B, in_channels, *S)``; returns one feature map per scale, finest first:
     scale ``k`` has ``features[k]`` channels and spatial shape ``ceil(S / 2**k)``.
     Pooling uses ``ceil_mode`` so that a 1-voxel-thick or odd-sized input never
-    shrinks to zero.
+    shrinks to zero. Scale ``k`` runs ``blocks[k]`` two-convolution blocks (default one each):
+    a :class:`ConvBlock`, then ``blocks[k] - 1`` :class:`ResidualBlock` s.
     """
 
-    def __init__(self, spatial_dims: int, in_channels: int, features: Sequence[int], act, norm, dropout, bias):
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        features: Sequence[int],
+        act,
+        norm,
+        dropout,
+        bias,
+        blocks: Sequence[int] | None = None,
+    ):
         super().__init__()
+        blocks = [1] * len(features) if blocks is None else [int(b) for b in blocks]
+        if len(blocks) != len(features) or min(blocks) < 1:
+            raise ValueError(f"encoder_blocks needs one count >= 1 per scale ({len(features)}), got {blocks}.")
         pool = Pool["MAX", spatial_dims]
-        blocks = []
+        stages = []
         for k, width in enumerate(features):
             cin = in_channels if k == 0 else features[k - 1]
-            stage = ConvBlock(spatial_dims, cin, width, act, norm, dropout, bias)
-            blocks.append(stage if k == 0 else nn.Sequential(pool(kernel_size=2, ceil_mode=True), stage))
-        self.stages = nn.ModuleList(blocks)
+            layers = [ConvBlock(spatial_dims, cin, width, act, norm, dropout, bias)]
+            layers += [ResidualBlock(spatial_dims, width, act, norm, dropout, bias) for _ in range(blocks[k] - 1)]
+            if k > 0:
+                layers.insert(0, pool(kernel_size=2, ceil_mode=True))
+            # one block at the finest scale stays a bare ConvBlock, so the keys of weights saved
+            # before encoder_blocks existed still load
+            stages.append(layers[0] if len(layers) == 1 else nn.Sequential(*layers))
+        self.stages = nn.ModuleList(stages)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         skips: list[torch.Tensor] = []
@@ -179,6 +211,9 @@ class FCN(nn.Module):
             then each coarser head's logits upsampled (linear, by its power of two, cropped) to
             ``S``; train it with :class:`medfcn.losses.DeepSupervisionLoss`. In eval mode the
             heads are skipped and the output is ``(B, out_channels, *S)`` as without them.
+        encoder_blocks: two-convolution blocks per encoder scale, finest first (default one
+            each); the blocks past the first are residual. Depth is cheapest at the coarse
+            scales, which hold few voxels: ``(1, 2, 2, 2, 2)`` doubles their convolutions.
 
     Input ``(B, in_channels, *S)``, any ``S`` (odd sizes included); output
     ``(B, out_channels, *S)``.
@@ -206,6 +241,7 @@ class FCN(nn.Module):
         dropout: float | tuple | None = None,
         bias: bool = True,
         deep_supervision: int = 0,
+        encoder_blocks: Sequence[int] | None = None,
     ):
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -218,7 +254,7 @@ class FCN(nn.Module):
         self.in_channels = in_channels
         self.out_channels = out_channels
         features = tuple(int(f) for f in features)
-        self.encoder = Encoder(spatial_dims, in_channels, features, act, norm, dropout, bias)
+        self.encoder = Encoder(spatial_dims, in_channels, features, act, norm, dropout, bias, encoder_blocks)
         self.decoder = Decoder(spatial_dims, features, fusion, act, norm, dropout, bias)
         self.head = Conv["CONV", spatial_dims](features[0], out_channels, kernel_size=1, bias=True)
         self.deep_heads = nn.ModuleList(
