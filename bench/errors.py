@@ -28,6 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import torch
 from ensemble import REPO, load_member, validation_parser
@@ -84,7 +85,12 @@ def case_errors(probability: np.ndarray, reference: np.ndarray) -> dict:
         "reference_split_dice": class_dice(reference, split_at(fg, reference_plane)),
         "planar_dice": class_dice(reference, split_at(fg, predicted_plane)),
         "reference_planarity": class_dice(reference, split_at(ref_fg, reference_plane)),
-        "plane_offset": predicted_plane - reference_plane,
+        # an empty or one-label prediction has no plane of its own to compare
+        "plane_offset": (
+            predicted_plane - reference_plane
+            if (prediction == ANTERIOR).any() and (prediction == POSTERIOR).any()
+            else None
+        ),
         "voxels": {
             "reference": [int((reference == c).sum()) for c in (ANTERIOR, POSTERIOR)],
             "predicted": [int((prediction == c).sum()) for c in (ANTERIOR, POSTERIOR)],
@@ -98,7 +104,7 @@ def summarise(cases: list[dict]) -> dict:
     def mean_pair(key: str) -> list[float]:
         return np.mean([c[key] for c in cases], axis=0).tolist()
 
-    offsets = collections.Counter(c["plane_offset"] for c in cases)
+    offsets = collections.Counter(c["plane_offset"] for c in cases if c["plane_offset"] is not None)
     voxels = {k: int(np.sum([c["voxels"][k] for c in cases])) for k in ("outer_errors", "split_errors")}
     return {
         "cases": len(cases),
@@ -127,6 +133,8 @@ def main() -> None:
         inferer = parser.get_parsed_content("validate#inferer")
         device = parser.get_parsed_content("device")
         for item in parser.get_parsed_content("validate#dataset"):
+            if nib.aff2axcodes(item["image"].affine.numpy()) != ("R", "A", "S"):
+                raise SystemExit(f"{item['image'].meta['filename_or_obj']}: not RAS after the bundle's transforms")
             logits = inferer(item["image"][None].to(device), network)
             probability = logits.float().softmax(1)[0].cpu().numpy()
             cases.append(case_errors(probability, item["label"][0].cpu().numpy().astype(np.int64)))

@@ -169,3 +169,15 @@ def test_encoder_blocks_bad_counts_raise():
         FCN(3, 1, 3, features=(4, 8, 16), encoder_blocks=(1, 2))
     with pytest.raises(ValueError, match="encoder_blocks"):
         FCN(3, 1, 3, features=(4, 8, 16), encoder_blocks=(1, 0, 1))
+
+
+def test_encoder_blocks_in_2d_and_transfer_between_equal_encoders(tmp_path):
+    source = FCN(2, 1, 3, features=(4, 8, 16), encoder_blocks=(2, 1, 2))
+    assert source(torch.randn(1, 1, 37, 45)).shape == (1, 3, 37, 45)
+    torch.save(source.state_dict(), tmp_path / "deep.pt")
+    target = FCN(2, 1, 5, features=(4, 8, 16), encoder_blocks=(2, 1, 2))
+    target.load_encoder(tmp_path / "deep.pt")
+    for k, v in source.encoder.state_dict().items():
+        assert torch.equal(target.encoder.state_dict()[k], v), k
+    with pytest.raises(RuntimeError):
+        FCN(2, 1, 3, features=(4, 8, 16)).load_encoder(tmp_path / "deep.pt")

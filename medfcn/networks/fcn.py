@@ -24,7 +24,7 @@ __all__ = ["FCN", "ConvBlock", "ResidualBlock", "Encoder", "Decoder", "FuseUp", 
 
 
 class ConvBlock(nn.Sequential):
-    """Two ``conv -> dropout -> norm -> act`` units; keeps the spatial shape.
+    """Two ``conv -> norm -> dropout -> act`` units (MONAI's default order); keeps the spatial shape.
 
     Args:
         spatial_dims: 2 or 3.
@@ -44,8 +44,9 @@ class ConvBlock(nn.Sequential):
 
 class ResidualBlock(nn.Module):
     """``y = x + ConvBlock(x)``: two more convolutions at a scale, with an identity shortcut so
-    that a deeper encoder stays as easy to optimise as a shallow one (as in nnU-Net's residual
-    encoders). Input and output ``(B, channels, *S)``."""
+    that a deeper encoder stays as easy to optimise as a shallow one. Unlike a ResNet (or
+    nnU-Net's residual encoder) block, the activation comes before the sum, so the block's
+    output stays a :class:`ConvBlock`'s. Input and output ``(B, channels, *S)``."""
 
     def __init__(self, spatial_dims: int, channels: int, act, norm, dropout, bias: bool):
         super().__init__()
@@ -212,8 +213,10 @@ class FCN(nn.Module):
             ``S``; train it with :class:`medfcn.losses.DeepSupervisionLoss`. In eval mode the
             heads are skipped and the output is ``(B, out_channels, *S)`` as without them.
         encoder_blocks: two-convolution blocks per encoder scale, finest first (default one
-            each); the blocks past the first are residual. Depth is cheapest at the coarse
-            scales, which hold few voxels: ``(1, 2, 2, 2, 2)`` doubles their convolutions.
+            each); the blocks past the first are residual (:class:`ResidualBlock`). A block
+            costs time in proportion to its scale's voxels and parameters in proportion to its
+            width squared (3D, 192 channels: 2 M), so depth is cheapest in time at the coarse
+            scales and in parameters at the fine ones.
 
     Input ``(B, in_channels, *S)``, any ``S`` (odd sizes included); output
     ``(B, out_channels, *S)``.
@@ -286,7 +289,8 @@ class FCN(nn.Module):
         """Initialise the encoder from a checkpoint of another FCN.
 
         ``path`` holds a state dict of a whole FCN (keys ``encoder.*``), of an encoder alone,
-        or a training checkpoint with a ``network`` entry. Shapes must match this encoder's.
+        or a training checkpoint with a ``network`` entry. Its encoder must have this one's
+        ``features`` and ``encoder_blocks`` (same keys and shapes).
         """
         state = torch.load(path, map_location=map_location, weights_only=True)
         if isinstance(state, dict) and "network" in state:
