@@ -131,7 +131,7 @@ def main() -> None:
         parser = validation_parser(args.fold, tmp)
         network = load_member(parser, args.weights)
         inferer = parser.get_parsed_content("validate#inferer")
-        device = parser.get_parsed_content("device")
+        device = next(network.parameters()).device
         for item in parser.get_parsed_content("validate#dataset"):
             if nib.aff2axcodes(item["image"].affine.numpy()) != ("R", "A", "S"):
                 raise SystemExit(f"{item['image'].meta['filename_or_obj']}: not RAS after the bundle's transforms")

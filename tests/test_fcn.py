@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medfcn import FCN
+from medfcn.networks.fcn import ResidualBlock
 
 # (spatial_dims, in, out, features, fusion, input spatial shape)
 CASES = [
@@ -147,7 +148,7 @@ def test_encoder_blocks_add_residual_blocks_and_keep_old_keys():
     same = FCN(3, 1, 3, features=(4, 8, 16), encoder_blocks=(1, 1, 1))
     assert plain.state_dict().keys() == same.state_dict().keys()
     deep = FCN(3, 1, 3, features=(4, 8, 16), encoder_blocks=(1, 3, 2))
-    residual = [m for m in deep.encoder.modules() if type(m).__name__ == "ResidualBlock"]
+    residual = [m for m in deep.encoder.modules() if isinstance(m, ResidualBlock)]
     assert len(residual) == 2 + 1
     x = torch.randn(2, 1, 19, 22, 13)
     assert deep(x).shape == (2, 3, 19, 22, 13)

@@ -85,10 +85,9 @@ class Encoder(nn.Module):
         stages = []
         for k, width in enumerate(features):
             cin = in_channels if k == 0 else features[k - 1]
-            layers = [ConvBlock(spatial_dims, cin, width, act, norm, dropout, bias)]
+            layers = [pool(kernel_size=2, ceil_mode=True)] if k > 0 else []
+            layers.append(ConvBlock(spatial_dims, cin, width, act, norm, dropout, bias))
             layers += [ResidualBlock(spatial_dims, width, act, norm, dropout, bias) for _ in range(blocks[k] - 1)]
-            if k > 0:
-                layers.insert(0, pool(kernel_size=2, ceil_mode=True))
             # one block at the finest scale stays a bare ConvBlock, so the keys of weights saved
             # before encoder_blocks existed still load
             stages.append(layers[0] if len(layers) == 1 else nn.Sequential(*layers))
