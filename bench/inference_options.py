@@ -5,8 +5,10 @@ Three questions from issue 5's list of ways in, measured on the inference path o
 - memory layout and compilation: model compute per hippocampus volume (hippocampus_004, each
   model's sliding window: one window covers the crop) for each model in bfloat16 autocast,
   eager in the default layout, eager in ``channels_last_3d``, and ``torch.compile`` (inductor;
-  its first call, a cold compilation, timed apart), with the share of voxels whose argmax label
-  matches eager's; the variants are timed in turns, one call of each per round;
+  its first call timed apart, with an empty inductor cache (the compilation) and again with the
+  cache filled, as a later process on the machine finds it), with the share of voxels whose
+  argmax label matches eager's; all variants of both models are timed in turns, one call of
+  each per round;
 - threads: the same eager compute with one intra-op thread instead of the process's (2 here);
 - sliding window on the whole-head series (PGBM-003_T1post at 1 mm, 193 x 220 x 137 voxels):
   medfcn's compute for overlap 0.25 / 0.5 (the bundle's) and sliding-window batch 1 / 4 (the
@@ -33,6 +35,7 @@ import torch
 from speed import load_models  # bench/ is sys.path[0] when this file runs as a script
 
 from medfcn.data.datasets import data_root
+from medfcn.inferers import cpu_bf16_supported
 
 OUT = Path(__file__).resolve().parent / "results" / "inference_options.json"
 
@@ -65,30 +68,35 @@ def one_thread(fn: Callable[[], object]) -> Callable[[], object]:
     return run
 
 
-def variants(net, inferer, volume: torch.Tensor, repeats: int) -> dict:
-    """Seconds per volume eager, in channels_last_3d, compiled and with one thread; the cold
-    compilation's first call; the compiled output's argmax agreement with eager.
+def compile_first_calls(net, inferer, volume: torch.Tensor) -> tuple[Callable[[], object], dict]:
+    """``torch.compile(net)``: its first call with an empty inductor cache (the compilation), its
+    first call once more after ``torch._dynamo.reset()`` with the cache filled (what a later
+    process on this machine pays), and the share of voxels whose argmax label matches eager's.
 
-    ``volume``: (1, 1, D, H, W) float32, z-scored; ``inferer`` runs ``net`` on it (bf16 autocast).
+    Returns a call of the compiled network on ``volume`` and those figures.
     """
+    row = {}
+    for cache in ("empty", "filled"):
+        torch._dynamo.reset()
+        compiled = torch.compile(net)
+        start = time.perf_counter()
+        labels = inferer(volume, compiled).argmax(1)
+        row[f"compile_first_call_{cache}_cache_s"] = time.perf_counter() - start
+    row["compiled_argmax_agreement"] = (labels == inferer(volume, net).argmax(1)).float().mean().item()
+    return (lambda: inferer(volume, compiled)), row
+
+
+def variant_calls(net, inferer, volume: torch.Tensor, compiled: Callable[[], object]) -> dict:
+    """One model's calls on ``volume`` (1, 1, D, H, W), bf16 autocast: eager, eager in
+    channels_last_3d (a copy of the network), compiled, eager with one thread."""
     last_net = copy.deepcopy(net).to(memory_format=torch.channels_last_3d)
     last_volume = volume.to(memory_format=torch.channels_last_3d)
-    compiled = torch.compile(net)
-    start = time.perf_counter()
-    labels = inferer(volume, compiled).argmax(1)
-    row = {"compile_first_call_s": time.perf_counter() - start}
-    row["compiled_argmax_agreement"] = (labels == inferer(volume, net).argmax(1)).float().mean().item()
-    row |= interleaved(
-        {
-            "eager": lambda: inferer(volume, net),
-            "channels_last_3d": lambda: inferer(last_volume, last_net),
-            "compiled": lambda: inferer(volume, compiled),
-            "eager_1_thread": one_thread(lambda: inferer(volume, net)),
-        },
-        repeats,
-    )
-    torch._dynamo.reset()
-    return row
+    return {
+        "eager": lambda: inferer(volume, net),
+        "channels_last_3d": lambda: inferer(last_volume, last_net),
+        "compiled": compiled,
+        "eager_1_thread": one_thread(lambda: inferer(volume, net)),
+    }
 
 
 def whole_head_windows(seg, head: str) -> dict:
@@ -117,10 +125,17 @@ def main() -> None:
     seg, models = load_models()
     volume = seg.preprocessing({"image": str(scan)})["image"][None].as_tensor()
     figures: dict[str, dict] = {}
+    calls = {}
     with torch.no_grad():
         for name, (net, inferer) in models.items():
             inferer.enabled = True  # bfloat16 autocast for both models: like for like
-            figures[name] = variants(net, inferer, volume, args.repeats)
+            compiled, figures[name] = compile_first_calls(net, inferer, volume)
+            for variant, fn in variant_calls(net, inferer, volume, compiled).items():
+                calls[f"{name}/{variant}"] = fn
+        # both models' variants in one rotation, so that the ratios between them see the same drift
+        for key, seconds in interleaved(calls, args.repeats).items():
+            name, variant = key.split("/")
+            figures[name][variant] = seconds
         figures["medfcn_whole_head"] = whole_head_windows(seg, str(root / "dicom" / "PGBM-003_T1post"))
 
     print("| figure (bf16 autocast, seconds) | medfcn | baseline UNet |")
@@ -132,7 +147,8 @@ def main() -> None:
     for key, value in figures["medfcn_whole_head"].items():
         print(f"| {key} | {value} |" if key == "shape" else f"| {key} | {value:.2f} |")
     OUT.parent.mkdir(exist_ok=True)
-    OUT.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "threads": torch.get_num_threads(), **figures}))
+    meta = {"date": time.strftime("%Y-%m-%d"), "threads": torch.get_num_threads(), "cpu_bf16": cpu_bf16_supported()}
+    OUT.write_text(json.dumps({**meta, **figures}))
     print(f"\nwritten: {OUT}")
 
 

@@ -128,3 +128,18 @@ def test_train_config_passes_monai_property_check():
     workflow.check_properties()  # raised TypeError on a string handler
     assert all(isinstance(h, dict) and "_target_" in h for h in workflow.parser["train#handlers"])
     assert isinstance(workflow.parser.get_parsed_content("weight_average"), WeightAverage)
+
+
+def test_amp_follows_the_configured_device(monkeypatch):
+    """float16 AMP only where the bundle computes on CUDA: a run set to the CPU on a GPU machine
+    (the exact-resume tests do that) keeps the CPU's precision and no gradient scaling."""
+    from monai.bundle import ConfigParser
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    amp_keys = {"train.json": ["train#trainer#amp", "validate#evaluator#amp"], "inference.json": ["evaluator#amp"]}
+    for name, keys in amp_keys.items():
+        for device, expected in (("cpu", False), ("cuda", True)):
+            parser = ConfigParser()
+            parser.read_config(str(BUNDLE / "configs" / name))
+            parser["device"] = f"$torch.device({device!r})"
+            assert [parser.get_parsed_content(k) for k in keys] == [expected] * len(keys), (name, device)

@@ -1,9 +1,9 @@
 """Interrupted training resumes exactly: SIGKILL after a checkpoint, --resume, same weights as an
 uninterrupted run with the same seed on CPU. Also: same seed twice gives identical weights.
 
-The runs are pinned to the CPU: PyTorch has no deterministic CUDA kernel for 3D max-pooling's
-backward pass, so on a GPU two same-seed runs differ (seen on an H100) and bit-identity is a CPU
-property (docs/robustness.md)."""
+The runs are pinned to the CPU: on CUDA the backward passes of 3D max pooling and trilinear
+interpolation accumulate with atomics, so two same-seed runs differ (seen on an H100) and
+bit-identity is a CPU property (docs/robustness.md)."""
 
 from __future__ import annotations
 
