@@ -9,7 +9,7 @@ trained on the fold's cases.
 
 Prints a markdown table and writes bench/results/ensemble<tag>.json.
 
-    python bench/ensemble.py bundles/hippocampus_fcn/models/model.pt runs/a/last.pt [--fold 0]
+    python bench/ensemble.py bundles/hippocampus_fcn/models/model.pt runs/a/last.pt [--fold 0] [--tta]
 """
 
 from __future__ import annotations
@@ -50,14 +50,20 @@ def member_weights(path: Path) -> dict:
     return state
 
 
-def validation_parser(fold: int, output_dir: str) -> ConfigParser:
+def validation_parser(fold: int, output_dir: str, tta: bool = False) -> ConfigParser:
     """The bundle's train.json set to validate on ``fold``, writing only to ``output_dir``: its
-    ``validate`` section keeps the metric handlers alone (no TensorBoard writer, no overlays)."""
+    ``validate`` section keeps the metric handlers alone (no TensorBoard writer, no overlays).
+    With ``tta`` its sliding window also runs on the left-right flipped volume, as
+    ``medfcn infer --tta`` does (``medfcn.inferers.FlipTTA`` over the first spatial axis)."""
     parser = ConfigParser()
     parser.read_config(str(BUNDLE / "configs" / "train.json"))
     parser.read_meta(str(BUNDLE / "configs" / "metadata.json"))
     parser.update({"bundle_root": str(BUNDLE), "fold": fold, "output_dir": output_dir})
     parser["validate#handlers"] = [parser["validate#handlers"][0]]
+    if tta:
+        window = parser["validate#inferer#inferer"]
+        flips = {"_target_": "medfcn.inferers.FlipTTA", "inferer": window, "spatial_axes": [0]}
+        parser["validate#inferer#inferer"] = flips
     return parser
 
 
@@ -90,19 +96,21 @@ def main() -> None:
     cli.add_argument("members", nargs="+", type=Path, help="weights files (model.pt, best_model.pt, last.pt)")
     cli.add_argument("--fold", type=int, default=0)
     cli.add_argument("--tag", default="", help="suffix of the result file")
+    cli.add_argument("--tta", action="store_true", help="validate with left-right flip test-time augmentation")
     args = cli.parse_args()
     torch.set_grad_enabled(False)
 
     with tempfile.TemporaryDirectory() as tmp:
-        parser = validation_parser(args.fold, tmp)
+        parser = validation_parser(args.fold, tmp, tta=args.tta)
         members = [load_member(parser, path) for path in args.members]
         evaluator = parser.get_parsed_content("validate#evaluator")
         rows = []
+        passes = 2 if args.tta else 1  # the network runs on the volume and on its flip
         for path, net in zip(args.members, members, strict=True):
             dice, secs = validate(evaluator, net)
-            rows.append({"model": str(path), **dice, "seconds_per_volume": secs})
+            rows.append({"model": str(path), **dice, "seconds_per_volume": passes * secs})
         dice, secs = validate(evaluator, MeanProbability(members).eval())
-        rows.append({"model": f"ensemble of {len(members)}", **dice, "seconds_per_volume": secs})
+        rows.append({"model": f"ensemble of {len(members)}", **dice, "seconds_per_volume": passes * secs})
 
     print("| model | anterior | posterior | mean | model s / volume |\n| --- | --- | --- | --- | --- |")
     for r in rows:
@@ -110,7 +118,8 @@ def main() -> None:
         print(f"| {r['model']} | {dice} | {r['seconds_per_volume']:.3f} |")
     out = REPO / "bench" / "results" / f"ensemble{args.tag}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "fold": args.fold, "rows": rows}, indent=1) + "\n")
+    summary = {"date": time.strftime("%Y-%m-%d"), "fold": args.fold, "tta": args.tta, "rows": rows}
+    out.write_text(json.dumps(summary, indent=1) + "\n")
     print(f"\nwritten: {out}")
 
 
