@@ -27,6 +27,7 @@ from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "hippocampus_fcn"
+TTA_AXES = [0]  # left-right, the one flip the bundle trains with (as `medfcn infer --tta`)
 
 
 class MeanProbability(nn.Module):
@@ -53,8 +54,8 @@ def member_weights(path: Path) -> dict:
 def validation_parser(fold: int, output_dir: str, tta: bool = False) -> ConfigParser:
     """The bundle's train.json set to validate on ``fold``, writing only to ``output_dir``: its
     ``validate`` section keeps the metric handlers alone (no TensorBoard writer, no overlays).
-    With ``tta`` its sliding window also runs on the left-right flipped volume, as
-    ``medfcn infer --tta`` does (``medfcn.inferers.FlipTTA`` over the first spatial axis)."""
+    With ``tta`` its sliding window also runs on the volume flipped along ``TTA_AXES``
+    (``medfcn.inferers.FlipTTA``)."""
     parser = ConfigParser()
     parser.read_config(str(BUNDLE / "configs" / "train.json"))
     parser.read_meta(str(BUNDLE / "configs" / "metadata.json"))
@@ -62,7 +63,7 @@ def validation_parser(fold: int, output_dir: str, tta: bool = False) -> ConfigPa
     parser["validate#handlers"] = [parser["validate#handlers"][0]]
     if tta:
         window = parser["validate#inferer#inferer"]
-        flips = {"_target_": "medfcn.inferers.FlipTTA", "inferer": window, "spatial_axes": [0]}
+        flips = {"_target_": "medfcn.inferers.FlipTTA", "inferer": window, "spatial_axes": TTA_AXES}
         parser["validate#inferer#inferer"] = flips
     return parser
 
@@ -105,7 +106,7 @@ def main() -> None:
         members = [load_member(parser, path) for path in args.members]
         evaluator = parser.get_parsed_content("validate#evaluator")
         rows = []
-        passes = 2 if args.tta else 1  # the network runs on the volume and on its flip
+        passes = 1 + len(TTA_AXES) if args.tta else 1  # the volume, then each flip
         for path, net in zip(args.members, members, strict=True):
             dice, secs = validate(evaluator, net)
             rows.append({"model": str(path), **dice, "seconds_per_volume": passes * secs})

@@ -40,18 +40,18 @@ from medfcn.inferers import cpu_bf16_supported
 OUT = Path(__file__).resolve().parent / "results" / "inference_options.json"
 
 
-def interleaved(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+def interleaved(calls: dict[tuple[str, str], Callable[[], object]], repeats: int) -> dict[tuple[str, str], float]:
     """Median seconds of each call, timed in turns (one of each per round), so that this host's
     drift over the minutes of a run (20 % and more) falls on every variant alike."""
     for fn in calls.values():
         fn()  # warm-up
-    times: dict[str, list[float]] = {name: [] for name in calls}
+    times: dict[tuple[str, str], list[float]] = {name: [] for name in calls}
     for _ in range(repeats):
         for name, fn in calls.items():
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
-    return {f"{name}_s": statistics.median(t) for name, t in times.items()}
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def one_thread(fn: Callable[[], object]) -> Callable[[], object]:
@@ -131,11 +131,10 @@ def main() -> None:
             inferer.enabled = True  # bfloat16 autocast for both models: like for like
             compiled, figures[name] = compile_first_calls(net, inferer, volume)
             for variant, fn in variant_calls(net, inferer, volume, compiled).items():
-                calls[f"{name}/{variant}"] = fn
+                calls[name, variant] = fn
         # both models' variants in one rotation, so that the ratios between them see the same drift
-        for key, seconds in interleaved(calls, args.repeats).items():
-            name, variant = key.split("/")
-            figures[name][variant] = seconds
+        for (name, variant), seconds in interleaved(calls, args.repeats).items():
+            figures[name][f"{variant}_s"] = seconds
         figures["medfcn_whole_head"] = whole_head_windows(seg, str(root / "dicom" / "PGBM-003_T1post"))
 
     print("| figure (bf16 autocast, seconds) | medfcn | baseline UNet |")

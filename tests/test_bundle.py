@@ -9,7 +9,7 @@ import sys
 
 import nibabel as nib
 import numpy as np
-from monai.bundle import ConfigWorkflow
+from monai.bundle import ConfigParser, ConfigWorkflow
 
 from medfcn.handlers import WeightAverage
 
@@ -133,8 +133,6 @@ def test_train_config_passes_monai_property_check():
 def test_amp_follows_the_configured_device(monkeypatch):
     """float16 AMP only where the bundle computes on CUDA: a run set to the CPU on a GPU machine
     (the exact-resume tests do that) keeps the CPU's precision and no gradient scaling."""
-    from monai.bundle import ConfigParser
-
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)
     amp_keys = {"train.json": ["train#trainer#amp", "validate#evaluator#amp"], "inference.json": ["evaluator#amp"]}
     for name, keys in amp_keys.items():
