@@ -6,18 +6,29 @@ from the same 208 cases, trained on the training cases of one fold of
 on all axes) on that fold's cases, so its Dice compares with ``bench/accuracy.py`` and
 ``bench/ensemble.py`` (mean over cases of each class's Dice). nnU-Net's defaults are kept (its
 plan, augmentation, SGD with poly learning rate, 250 iterations per epoch, float32 on a CPU):
-only the number of epochs is set, so that the learning rate decays to zero within the time
-given (nnU-Net's own default is 1000 epochs).
+only the length of the schedule is set: ``--epochs`` (nnU-Net's default is 1000) of
+``--iterations`` (its default 250; its validation iterations per epoch are scaled alike, 50 at
+250). nnU-Net steps its poly learning rate once per epoch, so a short schedule needs many short
+epochs to anneal: 20 epochs of 25 iterations end at 0.00067 (0.01 x 0.05^0.9), where 2 of 250
+stay at 0.01 and then 0.0054.
+
+Dice is nnU-Net's: per case and class, NaN (left out of the mean) only when both the reference
+and the prediction are empty; MONAI's, as medfcn uses it, is NaN whenever the reference is
+empty. Task04 has no case with an empty label, so the two agree there.
 
 nnU-Net pins its own dependencies: run this in an environment of its own, not in medfcn's.
 
     python3 -m venv .venv-nnunet && . .venv-nnunet/bin/activate
-    pip install torch==2.13.0 && echo torch==2.13.0 > /tmp/c.txt && pip install nnunetv2 -c /tmp/c.txt
-    python bench/nnunet_reference.py --epochs 2 [--iterations 250] [--fold 0] [--data DIR] [--tag T]
-    python bench/nnunet_reference.py --epochs 2 --validate-only   # again, from the final checkpoint
+    pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu   # the CPU build
+    echo torch==2.13.0 > /tmp/c.txt && pip install nnunetv2 -c /tmp/c.txt
+    python bench/nnunet_reference.py --epochs 20 --iterations 25 [--fold 0] [--data DIR] [--tag T]
+    python bench/nnunet_reference.py --epochs 20 --iterations 25 --validate-only   # validate again
 
 Writes nnU-Net's folders under bench/results/nnunet/ (raw: links to the images, nothing copied;
 preprocessed; results) and bench/results/nnunet_reference<tag>.json; prints a markdown table.
+Planning and preprocessing run once (~4 minutes); delete bench/results/nnunet/ to redo them.
+The trainer is named ``nnUNetTrainer_<epochs>x<iterations>``, which nnU-Net's own commands
+(``nnUNetv2_predict``) cannot find by name: its results folders serve this script only.
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ import json
 import os
 import subprocess
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,6 +62,10 @@ def link_raw_dataset(source: Path, raw: Path) -> list[str]:
             (target / "imagesTr" / f"{case}_0000.nii.gz", source / "imagesTr" / f"{case}.nii.gz"),
             (target / "labelsTr" / f"{case}.nii.gz", source / "labelsTr" / f"{case}.nii.gz"),
         ):
+            if not file.is_file():
+                raise SystemExit(f"{file}: missing; every label in labelsTr needs its image in imagesTr.")
+            if link.is_symlink() and link.resolve() != file.resolve():
+                link.unlink()  # an earlier run with another --data
             if not link.is_symlink():
                 link.symlink_to(file.resolve())
     meta = {
@@ -66,9 +82,10 @@ def link_raw_dataset(source: Path, raw: Path) -> list[str]:
 def write_splits(preprocessed: Path, cases: list[str]) -> None:
     """medfcn's five folds as nnU-Net's ``splits_final.json`` (each fold: train = all others)."""
     folds = json.loads((REPO / "datasets" / TASK / "folds.json").read_text())["folds"]
-    missing = sorted({c for f in folds for c in f} - set(cases))
-    if missing:
-        raise SystemExit(f"datasets/{TASK}/folds.json names cases not in the data: {', '.join(missing[:3])}.")
+    in_folds = {c for f in folds for c in f}
+    if in_folds != set(cases):
+        odd = sorted(in_folds ^ set(cases))
+        raise SystemExit(f"datasets/{TASK}/folds.json and the data differ in {len(odd)} cases ({', '.join(odd[:3])}).")
     splits = [{"train": [c for c in cases if c not in set(f)], "val": sorted(f)} for f in folds]
     (preprocessed / DATASET / "splits_final.json").write_text(json.dumps(splits, indent=1))
 
@@ -81,10 +98,12 @@ def nnunet_trainer(epochs: int, iterations: int) -> type:
 
     # Built here rather than found by name: nnU-Net's trainer search imports every trainer
     # module, some of which need a torchvision built for a CUDA torch.
-    # nnU-Net records its constructor's arguments from locals(): they must be named.
+    # nnU-Net records its constructor's arguments by looking its own parameter names up in
+    # locals(): the parameters must be exactly nnUNetTrainer.__init__'s (no **kwargs).
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict, device: torch.device):
         nnUNetTrainer.__init__(self, plans, configuration, fold, dataset_json, device)
         self.num_epochs = epochs
+        self.num_val_iterations_per_epoch = max(1, round(self.num_val_iterations_per_epoch * iterations / 250))
         self.num_iterations_per_epoch = iterations
 
     return type(f"nnUNetTrainer_{epochs}x{iterations}", (nnUNetTrainer,), {"__init__": __init__})
@@ -99,7 +118,7 @@ def train_and_validate(fold: int, epochs: int, iterations: int, validate_only: b
 
     base = Path(os.environ["nnUNet_preprocessed"]) / DATASET
     plans = json.loads((base / "nnUNetPlans.json").read_text())
-    plans["continue_training"] = False
+    plans["continue_training"] = False  # nnU-Net 2.8 pops this key from the plans
     dataset_json = json.loads((base / "dataset.json").read_text())
     torch.set_num_threads(os.cpu_count() or 1)
     trainer = nnunet_trainer(epochs, iterations)(
@@ -111,6 +130,8 @@ def train_and_validate(fold: int, epochs: int, iterations: int, validate_only: b
         if not final.is_file():
             raise SystemExit(f"{final}: no final checkpoint; train first (without --validate-only).")
         trainer.load_checkpoint(str(final))
+        if trainer.current_epoch != epochs:
+            raise SystemExit(f"{final}: holds {trainer.current_epoch} epochs, not {epochs}.")
     else:
         trainer.run_training()
     trained = time.monotonic()
@@ -121,6 +142,7 @@ def train_and_validate(fold: int, epochs: int, iterations: int, validate_only: b
         end - begin for begin, end in zip(log["epoch_start_timestamps"], log["epoch_end_timestamps"], strict=True)
     ]
     return {
+        "versions": {name: version(name) for name in ("nnunetv2", "torch")},
         "output_folder": trainer.output_folder,
         "train_s": None if validate_only else trained - start,
         "validation_s": done - trained,
@@ -137,11 +159,9 @@ def main() -> None:
         "--epochs",
         type=int,
         required=True,
-        help="nnU-Net epochs (its default: 1000); the poly learning rate decays to zero over them",
+        help="nnU-Net epochs (its default: 1000); its poly learning rate steps once per epoch",
     )
-    parser.add_argument(
-        "--iterations", type=int, default=250, help="iterations per epoch (nnU-Net's: 250; fewer for a smoke test)"
-    )
+    parser.add_argument("--iterations", type=int, default=250, help="iterations per epoch (nnU-Net's: 250)")
     parser.add_argument("--fold", type=int, default=0)
     parser.add_argument(
         "--data", type=Path, default=None, help=f"folder holding {TASK} (default: $MEDFCN_DATA or ../shared/datasets)"
@@ -156,11 +176,13 @@ def main() -> None:
     for key, path in env.items():
         path.mkdir(parents=True, exist_ok=True)
         os.environ[f"nnUNet_{key}"] = str(path)
-    os.environ.setdefault("nnUNet_n_proc_DA", str(os.cpu_count() or 1))
+    cores = str(os.cpu_count() or 1)
+    os.environ.setdefault("nnUNet_n_proc_DA", cores)  # augmentation workers
+    os.environ.setdefault("nnUNet_def_n_proc", cores)  # export workers in validation (nnU-Net's default: 8)
 
     cases = link_raw_dataset(data / TASK, env["raw"])
     if not (env["preprocessed"] / DATASET / "nnUNetPlans.json").is_file():
-        subprocess.run(["nnUNetv2_plan_and_preprocess", "-d", "4", "-c", "3d_fullres", "-np", "2"], check=True)
+        subprocess.run(["nnUNetv2_plan_and_preprocess", "-d", "4", "-c", "3d_fullres", "-np", cores], check=True)
     write_splits(env["preprocessed"], cases)
     run = train_and_validate(args.fold, args.epochs, args.iterations, args.validate_only)
 
@@ -180,5 +202,7 @@ def main() -> None:
     print(f"wrote {out}")
 
 
+# The guard matters: nnU-Net's validation exports through spawned processes, which import
+# this module again.
 if __name__ == "__main__":
     main()
