@@ -86,7 +86,7 @@ def write_splits(preprocessed: Path, cases: list[str]) -> None:
     if in_folds != set(cases):
         odd = sorted(in_folds ^ set(cases))
         raise SystemExit(f"datasets/{TASK}/folds.json and the data differ in {len(odd)} cases ({', '.join(odd[:3])}).")
-    splits = [{"train": [c for c in cases if c not in set(f)], "val": sorted(f)} for f in folds]
+    splits = [{"train": [c for c in cases if c not in val], "val": sorted(val)} for val in map(set, folds)]
     (preprocessed / DATASET / "splits_final.json").write_text(json.dumps(splits, indent=1))
 
 
@@ -170,6 +170,8 @@ def main() -> None:
     parser.add_argument("--tag", default="")
     args = parser.parse_args()
 
+    # medfcn.data.data_root's rule, written out: importing medfcn needs MONAI, which nnU-Net's
+    # environment lacks.
     data = args.data or Path(os.environ.get("MEDFCN_DATA") or REPO.parent / "shared" / "datasets")
     work = REPO / "bench" / "results" / "nnunet"
     env = {"raw": work / "raw", "preprocessed": work / "preprocessed", "results": work / "results"}
