@@ -145,7 +145,10 @@ def infer(
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1... (default: CUDA if present).")] = None,
     sw_batch_size: Annotated[int | None, typer.Option(help="Sliding-window batch size.")] = None,
     overlap: Annotated[float | None, typer.Option(help="Sliding-window overlap, 0..1.")] = None,
-    tta: Annotated[bool, typer.Option("--tta", help="Average with left-right flipped input (2x time).")] = False,
+    tta: Annotated[
+        bool,
+        typer.Option("--tta", help="Average with input flipped as the model trained (3D bundle: left-right, 2x time)."),
+    ] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing masks and volume tables.")] = False,
 ) -> None:
     """Segment scans with a bundle; one uint8 NIfTI mask per scan in the scan's own geometry.

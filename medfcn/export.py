@@ -22,7 +22,7 @@ __all__ = ["export_torchscript"]
 
 def export_torchscript(
     bundle: str | os.PathLike,
-    check_shape: tuple[int, ...] = (1, 1, 35, 51, 32),
+    check_shape: tuple[int, ...] | None = None,
     atol: float = 1e-5,
     overwrite: bool = False,
 ) -> tuple[Path, float]:
@@ -30,7 +30,9 @@ def export_torchscript(
 
     Args:
         bundle: bundle folder with ``configs/inference.json`` and ``models/model.pt``.
-        check_shape: input shape ``(B, C, *S)`` for the equality check (odd sizes on purpose).
+        check_shape: input shape ``(B, C, *S)`` for the equality check; default
+            ``(1, in_channels, 35, 51, 32)``, or ``(1, in_channels, 35, 51)`` for a 2D network
+            (odd sizes on purpose).
         atol: largest allowed absolute difference of logits between the state dict and export.
         overwrite: replace an existing ``models/model.ts``; otherwise it is an error.
 
@@ -59,6 +61,9 @@ def export_torchscript(
             bundle_root=str(root),
         )
         exported = torch.jit.load(str(tmp), map_location="cpu")
+        if check_shape is None:
+            dims, channels = (parser.get_parsed_content(f"network_def#{k}") for k in ("spatial_dims", "in_channels"))
+            check_shape = (1, int(channels), *(35, 51, 32)[: int(dims)])
         x = torch.randn(*check_shape, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             diff = float((exported(x) - network(x)).abs().max())

@@ -81,12 +81,20 @@ class Segmenter:
 
 
 def load_segmenter(
-    bundle: str | os.PathLike, device: str | None = None, overrides: dict[str, Any] | None = None
+    bundle: str | os.PathLike,
+    device: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    tta: bool = False,
 ) -> Segmenter:
     """Build the segmenter of ``bundle`` with the weights in ``models/model.pt``.
 
+    With ``tta`` the inferer also averages over the flips along the bundle's
+    ``trained_flip_axes`` (spatial axes its model was trained flipped along; ``[0]``,
+    left-right, where a bundle does not say).
+
     Raises:
-        UserError: incomplete bundle, missing weights, or weights of another architecture.
+        UserError: incomplete bundle, missing weights, weights of another architecture, or
+            ``tta`` for a bundle trained without flips.
     """
     files = bundle_files(bundle, "inference.json")
     weights = files["bundle_root"] / "models" / "model.pt"
@@ -97,6 +105,14 @@ def load_segmenter(
     parser.update({"bundle_root": str(files["bundle_root"]), **(overrides or {})})
     if device:
         parser["device"] = f"$torch.device({check_device(device)!r})"
+    if tta:
+        axes = parser.get_parsed_content("trained_flip_axes", default=[0])
+        if not axes:
+            raise UserError(
+                f"{files['config_file']}: this model was trained without flips, so --tta has nothing to average; "
+                "run without --tta."
+            )
+        parser["tta_flip_axes"] = list(axes)
     network = load_weights(parser.get_parsed_content("network"), weights)
     dev = parser.get_parsed_content("device")
     network.eval()
@@ -230,7 +246,8 @@ def infer(
         out_dir: gets ``<case>.nii.gz`` per scan, ``volumes.csv`` and ``volumes.json``.
         device: ``"cpu"``, ``"cuda"``...; default CUDA when available.
         sw_batch_size, overlap: sliding-window settings (default: the bundle's).
-        tta: average with left-right flipped predictions (twice the compute).
+        tta: average with predictions on flipped input, along the axes the bundle's model was
+            trained flipped (left-right for the 3D hippocampus bundle: twice the compute).
         overwrite: replace existing masks and volume tables; otherwise an existing one is an error.
         progress: called with one line per scan.
 
@@ -257,9 +274,7 @@ def infer(
         overrides["sw_batch_size"] = sw_batch_size
     if overlap is not None:
         overrides["overlap"] = overlap
-    if tta:
-        overrides["tta_flip_axes"] = [0]
-    segmenter = load_segmenter(bundle, device=device, overrides=overrides)
+    segmenter = load_segmenter(bundle, device=device, overrides=overrides, tta=tta)
     writable_dir(out, fix="choose another --out")
 
     rows = []

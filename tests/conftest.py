@@ -12,6 +12,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "hippocampus_fcn"
+BUNDLE_2D = REPO / "bundles" / "hippocampus_fcn_2d"  # the same task slice by slice
+BUNDLES = [pytest.param(BUNDLE, id="3d"), pytest.param(BUNDLE_2D, id="2d")]
 DATA_ROOT = Path(os.environ.get("MEDFCN_DATA") or REPO.parent / "shared" / "datasets")
 HIPPO = DATA_ROOT / "Task04_Hippocampus"
 DICOM = DATA_ROOT / "dicom"

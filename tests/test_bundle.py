@@ -1,4 +1,5 @@
-"""The hippocampus bundle through MONAI's own runner: inference.json, verify_net_in_out, metadata."""
+"""The hippocampus bundles (3D and slice-wise 2D) through MONAI's own runner: inference.json,
+evaluate.json, verify_net_in_out, metadata, and the Dice metadata.json records."""
 
 from __future__ import annotations
 
@@ -9,39 +10,43 @@ import sys
 
 import nibabel as nib
 import numpy as np
+import pytest
+import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 
 from medfcn.handlers import WeightAverage
 
-from .conftest import BUNDLE, HIPPO, REPO, need
+from .conftest import BUNDLE, BUNDLE_2D, BUNDLES, HIPPO, REPO, need
 
 
-def monai_bundle(*args: str) -> subprocess.CompletedProcess:
+def monai_bundle(*args: str, bundle=BUNDLE) -> subprocess.CompletedProcess:
     cmd = [
         sys.executable,
         "-m",
         "monai.bundle",
         *args,
         "--meta_file",
-        str(BUNDLE / "configs" / "metadata.json"),
+        str(bundle / "configs" / "metadata.json"),
         "--bundle_root",
-        str(BUNDLE),
+        str(bundle),
     ]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
 
 
-def test_monai_runs_inference_config(tmp_path):
+@pytest.mark.parametrize("bundle", BUNDLES)
+def test_monai_runs_inference_config(tmp_path, bundle):
     case = sorted((need(HIPPO) / "imagesTr").glob("*.nii.gz"))[0]
     (tmp_path / "imagesTs").mkdir()
     shutil.copy(case, tmp_path / "imagesTs" / case.name)
     result = monai_bundle(
         "run",
         "--config_file",
-        str(BUNDLE / "configs" / "inference.json"),
+        str(bundle / "configs" / "inference.json"),
         "--dataset_dir",
         str(tmp_path),
         "--output_dir",
         str(tmp_path / "out"),
+        bundle=bundle,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     mask = nib.load(str(tmp_path / "out" / case.name.replace(".nii.gz", "_seg.nii.gz")))
@@ -50,15 +55,16 @@ def test_monai_runs_inference_config(tmp_path):
     assert set(np.unique(np.asarray(mask.dataobj))) == {0, 1, 2}
 
 
-def test_verify_net_in_out():
-    result = monai_bundle(
-        "verify_net_in_out", "network_def", "--config_file", str(BUNDLE / "configs" / "inference.json")
-    )
+@pytest.mark.parametrize("bundle", BUNDLES)
+def test_verify_net_in_out(bundle):
+    config = str(bundle / "configs" / "inference.json")
+    result = monai_bundle("verify_net_in_out", "network_def", "--config_file", config, bundle=bundle)
     assert result.returncode == 0, result.stderr[-2000:]
 
 
-def test_metadata_and_weights():
-    meta = json.loads((BUNDLE / "configs" / "metadata.json").read_text())
+@pytest.mark.parametrize("bundle", BUNDLES)
+def test_metadata_and_weights(bundle):
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
     for key in (
         "version",
         "monai_version",
@@ -76,28 +82,34 @@ def test_metadata_and_weights():
         "1": "anterior",
         "2": "posterior",
     }
-    assert (BUNDLE / "models" / "model.pt").stat().st_size < 20 * 2**20
+    assert (bundle / "models" / "model.pt").stat().st_size < 20 * 2**20
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "inference.json"))
+    patch = meta["network_data_format"]["inputs"]["image"]["spatial_shape"]
+    assert patch == parser["patch_size"] and len(patch) == parser["network_def"]["spatial_dims"]
 
 
-def test_evaluate_reproduces_metadata_dice(tmp_path):
+@pytest.mark.parametrize("bundle", BUNDLES)
+def test_evaluate_reproduces_metadata_dice(tmp_path, bundle):
     """medfcn infer + medfcn evaluate on the held-out fold give the Dice metadata.json records."""
     from medfcn.evaluate import evaluate_folders
     from medfcn.infer import infer
 
     hippo = need(HIPPO)
-    meta = json.loads((BUNDLE / "configs" / "metadata.json").read_text())["performance"]
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text())["performance"]
     fold0 = json.loads((REPO / "datasets" / "Task04_Hippocampus" / "folds.json").read_text())["folds"][0]
-    infer(BUNDLE, [hippo / "imagesTr" / f"{c}.nii.gz" for c in fold0], tmp_path)
+    infer(bundle, [hippo / "imagesTr" / f"{c}.nii.gz" for c in fold0], tmp_path)
     _, summary = evaluate_folders(tmp_path, hippo / "labelsTr", labels=[1, 2])
     assert abs(summary["dice_1"]["mean"] - meta["fold0_dice_anterior"]) < 2e-3
     assert abs(summary["dice_2"]["mean"] - meta["fold0_dice_posterior"]) < 2e-3
     assert abs(summary["dice_mean"]["mean"] - meta["fold0_dice_mean"]) < 2e-3
 
 
-def test_monai_runs_evaluate_config(tmp_path):
+@pytest.mark.parametrize("bundle", BUNDLES)
+def test_monai_runs_evaluate_config(tmp_path, bundle):
     """train.json + evaluate.json through MONAI's runner: per-case Dice and HD95 CSVs."""
     need(HIPPO)
-    configs = [str(BUNDLE / "configs" / name) for name in ("train.json", "evaluate.json")]
+    configs = [str(bundle / "configs" / name) for name in ("train.json", "evaluate.json")]
     result = monai_bundle(
         "run",
         "--config_file",
@@ -106,6 +118,7 @@ def test_monai_runs_evaluate_config(tmp_path):
         "3",
         "--output_dir",
         str(tmp_path / "eval"),
+        bundle=bundle,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     rows = (tmp_path / "eval" / "val_mean_dice_raw.csv").read_text().strip().splitlines()
@@ -115,14 +128,15 @@ def test_monai_runs_evaluate_config(tmp_path):
     assert (tmp_path / "eval" / "val_hd95_raw.csv").is_file()
 
 
-def test_train_config_passes_monai_property_check():
+@pytest.mark.parametrize("bundle", BUNDLES)
+def test_train_config_passes_monai_property_check(bundle):
     """MONAI's ``check_properties`` (run by bundle tooling) reads ``_target_`` of every entry
     of ``train#handlers``: each must be a component, not a bare reference."""
     workflow = ConfigWorkflow(
-        config_file=str(BUNDLE / "configs" / "train.json"),
-        meta_file=str(BUNDLE / "configs" / "metadata.json"),
+        config_file=str(bundle / "configs" / "train.json"),
+        meta_file=str(bundle / "configs" / "metadata.json"),
         workflow_type="train",
-        bundle_root=str(BUNDLE),
+        bundle_root=str(bundle),
     )
     workflow.initialize()
     workflow.check_properties()  # raised TypeError on a string handler
@@ -130,7 +144,8 @@ def test_train_config_passes_monai_property_check():
     assert isinstance(workflow.parser.get_parsed_content("weight_average"), WeightAverage)
 
 
-def test_amp_follows_the_configured_device(monkeypatch):
+@pytest.mark.parametrize("bundle", BUNDLES)
+def test_amp_follows_the_configured_device(monkeypatch, bundle):
     """float16 AMP only where the bundle computes on CUDA: a run set to the CPU on a GPU machine
     (the exact-resume tests do that) keeps the CPU's precision and no gradient scaling."""
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)
@@ -138,6 +153,26 @@ def test_amp_follows_the_configured_device(monkeypatch):
     for name, keys in amp_keys.items():
         for device, expected in (("cpu", False), ("cuda", True)):
             parser = ConfigParser()
-            parser.read_config(str(BUNDLE / "configs" / name))
+            parser.read_config(str(bundle / "configs" / name))
             parser["device"] = f"$torch.device({device!r})"
             assert [parser.get_parsed_content(k) for k in keys] == [expected] * len(keys), (name, device)
+
+
+def test_2d_bundle_segments_each_sagittal_slice_on_its_own():
+    """The 2D bundle's inferer runs its network on slices along ``slice_axis`` (0, sagittal, the
+    axis the 3D bundle flips along): changing one slice of the input changes that slice's
+    logits and no other's, and the output keeps the volume's shape."""
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE_2D / "configs" / "inference.json"))
+    parser.update({"bundle_root": str(BUNDLE_2D), "device": "$torch.device('cpu')"})
+    network = parser.get_parsed_content("network").eval()
+    inferer = parser.get_parsed_content("inferer")
+    assert parser.get_parsed_content("slice_axis") == 0
+    x = torch.randn(1, 1, 9, 61, 37, generator=torch.Generator().manual_seed(0))
+    changed = x.clone()
+    changed[:, :, 4] += 1.0
+    with torch.no_grad():
+        before, after = inferer(x, network), inferer(changed, network)
+    assert before.shape == (1, 3, 9, 61, 37)
+    differs = (before - after).abs().amax(dim=(0, 1, 3, 4))
+    assert differs[4] > 1e-3 and torch.all(differs[torch.arange(9) != 4] == 0), differs

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import shutil
 
+import pytest
 import torch
 from monai.bundle import ConfigParser
 
 from medfcn import FCN
 from medfcn.export import export_torchscript
 
-from .conftest import BUNDLE
+from .conftest import BUNDLES
 
 
-def test_torchscript_export_matches_state_dict(tmp_path):
+@pytest.mark.parametrize("source", BUNDLES)
+def test_torchscript_export_matches_state_dict(tmp_path, source):
     bundle = tmp_path / "bundle"
-    shutil.copytree(BUNDLE / "configs", bundle / "configs")
+    shutil.copytree(source / "configs", bundle / "configs")
     (bundle / "models").mkdir()
     parser = ConfigParser()
     parser.read_config(str(bundle / "configs" / "inference.json"))
@@ -25,6 +27,6 @@ def test_torchscript_export_matches_state_dict(tmp_path):
     path, diff = export_torchscript(bundle)
     assert path == bundle / "models" / "model.ts" and diff <= 1e-5
     exported = torch.jit.load(str(path))
-    x = torch.randn(1, 1, 37, 45, 29)
+    x = torch.randn(1, 1, *(37, 45, 29)[: net.spatial_dims])
     torch.testing.assert_close(exported(x), net.eval()(x), atol=1e-5, rtol=0)
     assert sorted(p.name for p in (bundle / "models").iterdir()) == ["model.pt", "model.ts"]  # no temp left

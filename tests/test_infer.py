@@ -13,7 +13,7 @@ import SimpleITK as sitk
 from medfcn.errors import UserError
 from medfcn.infer import expand_inputs, infer, label_volumes, mask_name
 
-from .conftest import BUNDLE, DICOM, HIPPO, SPLEEN, need
+from .conftest import BUNDLE, BUNDLE_2D, BUNDLES, DICOM, HIPPO, SPLEEN, need
 
 
 def _same_geometry_as_simpleitk(mask_path, reference: sitk.Image):
@@ -57,9 +57,10 @@ def test_anisotropic_ct_is_resampled_inside_and_back(tmp_path):
     _same_geometry_as_simpleitk(tmp_path / "spleen_2.nii.gz", sitk.ReadImage(str(scan)))
 
 
-def test_dicom_series_masks_match_simpleitk_geometry(tmp_path):
+@pytest.mark.parametrize("bundle", BUNDLES)
+def test_dicom_series_masks_match_simpleitk_geometry(tmp_path, bundle):
     folders = [need(DICOM) / f"PGBM-00{k}_HippoCrop" for k in (2, 3, 6)]
-    rows = infer(BUNDLE, folders, tmp_path)
+    rows = infer(bundle, folders, tmp_path)
     for folder, row in zip(folders, rows, strict=True):
         reference = sitk.ReadImage(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder)))
         _same_geometry_as_simpleitk(tmp_path / f"{folder.name}.nii.gz", reference)
@@ -78,6 +79,17 @@ def test_existing_mask_needs_overwrite(tmp_path, spheres_dataset):
         infer(BUNDLE, [scan], tmp_path)
     assert (tmp_path / "case_000.nii.gz").read_bytes() == before
     infer(BUNDLE, [scan], tmp_path, overwrite=True, tta=True)
+
+
+def test_tta_needs_a_bundle_trained_with_flips(tmp_path, spheres_dataset):
+    """The 2D bundle trains on sagittal slices without flips: --tta would only repeat the same
+    passes, so it is refused in one line and nothing is written."""
+    scan = spheres_dataset / "imagesTr" / "case_000.nii.gz"
+    with pytest.raises(UserError, match="trained without flips, so --tta has nothing to average"):
+        infer(BUNDLE_2D, [scan], tmp_path / "out", tta=True)
+    assert not (tmp_path / "out").exists()
+    infer(BUNDLE_2D, [scan], tmp_path / "out")
+    assert (tmp_path / "out" / "case_000.nii.gz").is_file()
 
 
 def test_volumes_use_voxel_size():

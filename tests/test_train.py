@@ -10,7 +10,7 @@ from medfcn import FCN
 from medfcn.errors import UserError
 from medfcn.train import train
 
-from .conftest import BUNDLE, HIPPO, need
+from .conftest import BUNDLE, BUNDLE_2D, HIPPO, need
 
 # a small, fast variant of the shipped recipe: the bundle's pipeline with a narrow network
 SMALL = {
@@ -33,18 +33,25 @@ def _best(run_dir) -> dict:
 
 
 @pytest.mark.slow
-def test_synthetic_training_dice_rises(spheres_dataset, tmp_path):
+@pytest.mark.parametrize(
+    ("bundle", "sampling"),
+    [(BUNDLE, {"patch_size": [24, 24, 24]}), (BUNDLE_2D, {"patch_size": [24, 24], "slice_axis": 2})],
+    ids=["3d", "2d"],
+)
+def test_synthetic_training_dice_rises(spheres_dataset, tmp_path, bundle, sampling):
     """Spheres of two intensities: Dice after 1 epoch is low; after 60 epochs (~10 s) both
-    classes are found (measured: mean 0.94 on this seed)."""
+    classes are found (measured on this seed: mean 0.94 in 3D; 0.89 for the 2D bundle, trained
+    on and validated slice by slice along the volumes' shortest axis, whose 28 x 32 slices give
+    it the most context: 0.74-0.75 along their first axis, 32 x 24)."""
     overrides = {
         **SMALL,
         "folds_file": str(spheres_dataset / "folds.json"),
-        "patch_size": [24, 24, 24],
+        **sampling,
         "learning_rate": 0.01,
         "batch_size": 2,
     }
-    first = train(BUNDLE, spheres_dataset, fold=0, epochs=1, output_dir=tmp_path / "e1", overrides=overrides)
-    out = train(BUNDLE, spheres_dataset, fold=0, epochs=60, output_dir=tmp_path / "e60", overrides=overrides)
+    first = train(bundle, spheres_dataset, fold=0, epochs=1, output_dir=tmp_path / "e1", overrides=overrides)
+    out = train(bundle, spheres_dataset, fold=0, epochs=60, output_dir=tmp_path / "e60", overrides=overrides)
     dice_1, dice_60 = _best(first)["best_metric"], _best(out)["best_metric"]
     assert dice_60 > 0.8, dice_60
     assert dice_60 > dice_1 + 0.3, (dice_1, dice_60)
