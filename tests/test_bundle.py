@@ -176,3 +176,20 @@ def test_2d_bundle_segments_each_sagittal_slice_on_its_own():
     assert before.shape == (1, 3, 9, 61, 37)
     differs = (before - after).abs().amax(dim=(0, 1, 3, 4))
     assert differs[4] > 1e-3 and torch.all(differs[torch.arange(9) != 4] == 0), differs
+
+
+@pytest.mark.parametrize("bundle", BUNDLES)
+def test_inference_config_matches_training(bundle):
+    """inference.json repeats what train.json trained with; a model retrained with another
+    slice axis, patch or network loads into an unedited inference.json without any error (the
+    weights keep their shapes), so the two files must agree, and the axes ``--tta`` flips must be
+    those the training augmentation flipped."""
+    train, inference = ConfigParser(), ConfigParser()
+    train.read_config(str(bundle / "configs" / "train.json"))
+    inference.read_config(str(bundle / "configs" / "inference.json"))
+    for key in ("network_def", "patch_size", "modality", "num_classes", "class_names", "slice_axis"):
+        assert train.get(key) == inference.get(key), key
+    pixdim = next(t["pixdim"] for t in train["preprocessing"] if isinstance(t, dict) and "pixdim" in t)
+    assert pixdim == inference["pixdim"]
+    flips = [t["spatial_axis"] for t in train["train#augmentation"] if t["_target_"] == "RandFlipd"]
+    assert inference["trained_flip_axes"] == flips

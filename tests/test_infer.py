@@ -11,7 +11,7 @@ import pytest
 import SimpleITK as sitk
 
 from medfcn.errors import UserError
-from medfcn.infer import expand_inputs, infer, label_volumes, mask_name
+from medfcn.infer import expand_inputs, infer, label_volumes, load_segmenter, mask_name
 
 from .conftest import BUNDLE, BUNDLE_2D, BUNDLES, DICOM, HIPPO, SPLEEN, need
 
@@ -79,6 +79,12 @@ def test_existing_mask_needs_overwrite(tmp_path, spheres_dataset):
         infer(BUNDLE, [scan], tmp_path)
     assert (tmp_path / "case_000.nii.gz").read_bytes() == before
     infer(BUNDLE, [scan], tmp_path, overwrite=True, tta=True)
+
+
+def test_tta_flips_along_the_trained_axes():
+    """--tta on the 3D bundle averages over its left-right flip (axis 0), the one it trained with."""
+    assert load_segmenter(BUNDLE, device="cpu", tta=True).inferer.inferer.spatial_axes == [0]
+    assert load_segmenter(BUNDLE, device="cpu").inferer.inferer.spatial_axes == []
 
 
 def test_tta_needs_a_bundle_trained_with_flips(tmp_path, spheres_dataset):
