@@ -27,7 +27,6 @@ from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "hippocampus_fcn"
-TTA_AXES = [0]  # left-right, the one flip the bundle trains with (as `medfcn infer --tta`)
 
 
 class MeanProbability(nn.Module):
@@ -51,19 +50,25 @@ def member_weights(path: Path) -> dict:
     return state
 
 
-def validation_parser(fold: int, output_dir: str, tta: bool = False) -> ConfigParser:
+def trained_flip_axes() -> list[int]:
+    """The axes the bundle's model trained flipped along, which ``medfcn infer --tta`` flips:
+    ``trained_flip_axes`` of its inference.json."""
+    return list(ConfigParser.load_config_file(str(BUNDLE / "configs" / "inference.json"))["trained_flip_axes"])
+
+
+def validation_parser(fold: int, output_dir: str, tta_axes: list[int] | None = None) -> ConfigParser:
     """The bundle's train.json set to validate on ``fold``, writing only to ``output_dir``: its
     ``validate`` section keeps the metric handlers alone (no TensorBoard writer, no overlays).
-    With ``tta`` its sliding window also runs on the volume flipped along ``TTA_AXES``
+    With ``tta_axes`` its sliding window also runs on the volume flipped along each of them
     (``medfcn.inferers.FlipTTA``)."""
     parser = ConfigParser()
     parser.read_config(str(BUNDLE / "configs" / "train.json"))
     parser.read_meta(str(BUNDLE / "configs" / "metadata.json"))
     parser.update({"bundle_root": str(BUNDLE), "fold": fold, "output_dir": output_dir})
     parser["validate#handlers"] = [parser["validate#handlers"][0]]
-    if tta:
+    if tta_axes:
         window = parser["validate#inferer#inferer"]
-        flips = {"_target_": "medfcn.inferers.FlipTTA", "inferer": window, "spatial_axes": TTA_AXES}
+        flips = {"_target_": "medfcn.inferers.FlipTTA", "inferer": window, "spatial_axes": tta_axes}
         parser["validate#inferer#inferer"] = flips
     return parser
 
@@ -100,13 +105,14 @@ def main() -> None:
     cli.add_argument("--tta", action="store_true", help="validate with left-right flip test-time augmentation")
     args = cli.parse_args()
     torch.set_grad_enabled(False)
+    tta_axes = trained_flip_axes() if args.tta else []
 
     with tempfile.TemporaryDirectory() as tmp:
-        parser = validation_parser(args.fold, tmp, tta=args.tta)
+        parser = validation_parser(args.fold, tmp, tta_axes)
         members = [load_member(parser, path) for path in args.members]
         evaluator = parser.get_parsed_content("validate#evaluator")
         rows = []
-        passes = 1 + len(TTA_AXES) if args.tta else 1  # the volume, then each flip
+        passes = 1 + len(tta_axes)  # the volume, then each flip
         for path, net in zip(args.members, members, strict=True):
             dice, secs = validate(evaluator, net)
             rows.append({"model": str(path), **dice, "seconds_per_volume": passes * secs})

@@ -51,6 +51,9 @@ def export_torchscript(
     parser.read_config(str(files["config_file"]))
     parser["bundle_root"] = str(root)
     network = load_weights(parser.get_parsed_content("network_def"), weights).eval()
+    if check_shape is None:
+        dims, channels = (parser.get_parsed_content(f"network_def#{k}") for k in ("spatial_dims", "in_channels"))
+        check_shape = (1, int(channels), *(35, 51, 32)[: int(dims)])
     with atomic_path(target, suffix=".ts") as tmp:
         ckpt_export(
             net_id="network_def",
@@ -61,9 +64,6 @@ def export_torchscript(
             bundle_root=str(root),
         )
         exported = torch.jit.load(str(tmp), map_location="cpu")
-        if check_shape is None:
-            dims, channels = (parser.get_parsed_content(f"network_def#{k}") for k in ("spatial_dims", "in_channels"))
-            check_shape = (1, int(channels), *(35, 51, 32)[: int(dims)])
         x = torch.randn(*check_shape, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             diff = float((exported(x) - network(x)).abs().max())
