@@ -81,11 +81,20 @@ def train(
         typer.Option("--data", help="Dataset folder with an MSD dataset.json (default: $MEDFCN_DATA/<task>)."),
     ] = None,
     fold: Annotated[int | None, typer.Option(help="Validation fold of the bundle's split (-1: all cases).")] = None,
+    folds: Annotated[
+        Path | None,
+        typer.Option("--folds", help="Fold split JSON for --data (`medfcn folds` writes one; default: the bundle's)."),
+    ] = None,
     epochs: Annotated[int | None, typer.Option(help="Number of epochs (default: the bundle's).")] = None,
     output: Annotated[
         Path | None, typer.Option("--output", help="Run folder: checkpoints and TensorBoard events.")
     ] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --output from last.pt.")] = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume", help="Continue the run in --output from last.pt, with the data and --set it started with."
+        ),
+    ] = False,
     encoder: Annotated[
         Path | None, typer.Option("--encoder", help="Initialise the encoder from this FCN checkpoint.")
     ] = None,
@@ -108,6 +117,7 @@ def train(
         bundle,
         dataset_dir=data,
         fold=fold,
+        folds_file=folds,
         epochs=epochs,
         output_dir=output,
         resume=resume,
@@ -118,6 +128,30 @@ def train(
         },
     )
     typer.echo(f"done: checkpoints and TensorBoard events in {out}")
+
+
+@app.command()
+@_user_errors
+def package(
+    run: Annotated[Path, typer.Argument(help="A `medfcn train` output folder (medfcn_run.json, best_model.pt).")],
+    out: Annotated[Path, typer.Option("--out", help="Bundle folder to create, e.g. bundles/spleen_fcn.")],
+    bundle: Annotated[
+        Path | None, typer.Option("--bundle", help="The bundle the run trained (default: as recorded in the run).")
+    ] = None,
+    weights: Annotated[
+        str, typer.Option("--weights", help="best (best validation epoch) or last (last epoch); moving averages.")
+    ] = "best",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing bundle folder.")] = False,
+) -> None:
+    """Make a MONAI bundle of a training run: its options in the configs, its weights in models/model.pt.
+
+    The new bundle runs with `medfcn infer OUT ...` and `python -m monai.bundle run`, and retrains the same
+    recipe with `medfcn train OUT`.
+    """
+    from medfcn.package import package_run
+
+    path = package_run(run, out, bundle=bundle, weights=weights, overwrite=overwrite)
+    typer.echo(f"wrote bundle {path}: `medfcn infer {path} SCANS --out MASKS`")
 
 
 @app.command()

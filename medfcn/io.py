@@ -96,7 +96,9 @@ def atomic_write_text(text: str, target: str | os.PathLike) -> None:
 
 
 def _first_line(err: BaseException) -> str:
-    lines = [line for line in str(err).splitlines() if line.strip()]
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("Error(s) in loading state_dict"):
+        lines = lines[1:]  # the header names only the class; the next line says what differs
     return (lines[0] if lines else type(err).__name__)[:300]
 
 

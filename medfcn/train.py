@@ -12,6 +12,8 @@ Example::
 
 from __future__ import annotations
 
+import difflib
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -21,10 +23,18 @@ from monai.bundle import ConfigParser, ConfigWorkflow
 
 from medfcn.data.checks import check_training_pairs
 from medfcn.data.datasets import fold_datalists
+from medfcn.data.transforms import intensity_normalization
 from medfcn.errors import UserError, root_message
-from medfcn.io import load_weights, writable_dir
+from medfcn.io import atomic_write_text, load_weights, writable_dir
 
-__all__ = ["bundle_files", "train"]
+__all__ = ["RUN_FILE", "bundle_files", "train"]
+
+# Written into every run folder: the options a resume must repeat (see ``_resume_settings``).
+RUN_FILE = "medfcn_run.json"
+# Options that name files: compared as resolved paths, so ``data/`` and ``/abs/data`` agree.
+_PATH_KEYS = ("dataset_dir", "folds_file", "pretrained_encoder")
+# How the CLI spells the options that are not ``--set``.
+_OPTION_NAMES = {"dataset_dir": "--data", "fold": "--fold", "folds_file": "--folds", "epochs": "--epochs"}
 
 
 def bundle_files(bundle: str | os.PathLike, config: str) -> dict[str, Path]:
@@ -53,6 +63,76 @@ def _parser(config_file: Path, overrides: dict[str, Any]) -> ConfigParser:
     parser.read_config(str(config_file))
     parser.update(overrides)
     return parser
+
+
+def _check_override_keys(config_file: Path, overrides: dict[str, Any]) -> None:
+    """Each override must name an entry of the config, or a new argument of one of its
+    components (``network_def#encoder_blocks``): a misspelt key would otherwise be added
+    unused and the run would silently train with the default."""
+    parser = _parser(config_file, {})
+    for key in overrides:
+        parent = key.rpartition("#")[0]
+        if key in parser or (parent and parent in parser and isinstance(parser[parent], dict)):
+            continue
+        entries = [k for k in parser.get() if not k.startswith("_")]
+        close = difflib.get_close_matches(key.split("#")[0], entries, n=1)
+        hint = f"did you mean {close[0]!r}?" if close else f"entries: {', '.join(entries)}"
+        raise UserError(f"--set {key}: no such entry in {config_file}; {hint}")
+
+
+def _option(key: str) -> str:
+    return _OPTION_NAMES.get(key, f"--set {key}")
+
+
+def _same(key: str, a: Any, b: Any) -> bool:
+    """Whether two values of option ``key`` agree as recorded in a RUN_FILE (JSON: tuples are
+    lists; paths are compared resolved)."""
+    if key in _PATH_KEYS and a is not None and b is not None:
+        return os.path.realpath(str(a)) == os.path.realpath(str(b))
+    return json.loads(json.dumps(a, default=str)) == json.loads(json.dumps(b, default=str))
+
+
+def _resume_settings(out: Path, args: dict[str, Any], given: set[str]) -> dict[str, Any]:
+    """``args`` completed with the settings the run in ``out`` started with (its RUN_FILE).
+
+    A resumed run must train on the same data, split and config as before, or it would
+    silently mix two experiments: options not given again are taken from the run; options
+    given with another value are refused. ``epochs`` may grow (extending the run). Runs
+    without a RUN_FILE (``python -m monai.bundle run``, older medfcn) are resumed as given.
+    """
+    run_file = out / RUN_FILE
+    if not run_file.is_file():
+        return args
+    try:
+        saved = json.loads(run_file.read_text())["settings"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UserError(
+            f"{run_file}: unreadable ({err}); restore it, or start a new run with another --output."
+        ) from err
+    merged = dict(args)
+    for key in given - {"epochs"}:
+        if key not in saved or not _same(key, saved[key], args[key]):
+            before = f"{saved[key]!r}" if key in saved else "the bundle's default"
+            raise UserError(
+                f"{out}: this run started with {_option(key)} {before}, not {args[key]!r}; "
+                "resume without that option (the run's settings are reused) or start a new run with another --output."
+            )
+    for key, value in saved.items():
+        if key not in given:
+            merged[key] = value
+    return merged
+
+
+def _write_run_settings(out: Path, parser: ConfigParser, args: dict[str, Any]) -> None:
+    """Record in ``out/RUN_FILE`` the bundle and what a resume must repeat: the options given
+    and the data, split, fold and length they resolved to (``medfcn package`` reads it too)."""
+    settings = {k: v for k, v in args.items() if k not in ("bundle_root", "output_dir", "resume")}
+    for key in ("dataset_dir", "folds_file", "fold", "epochs"):
+        value = parser.get_parsed_content(key)
+        settings[key] = os.path.abspath(value) if key in _PATH_KEYS else value
+    bundle = os.path.abspath(parser.get_parsed_content("bundle_root"))
+    text = json.dumps({"bundle": bundle, "settings": settings}, indent=1, default=str) + "\n"
+    atomic_write_text(text, out / RUN_FILE)
 
 
 def _read_checkpoint(checkpoint: Path) -> tuple[dict, int]:
@@ -95,6 +175,37 @@ def _network(parser: ConfigParser, config_file: Path) -> torch.nn.Module:
         ) from err
 
 
+def _check_dry_run(network: torch.nn.Module, parser: ConfigParser, config_file: Path) -> None:
+    """One forward pass of a zero patch, so that a patch the network cannot take (too small
+    for its poolings, or of another dimensionality) fails in one line before any data is
+    loaded. The network is a throwaway copy: the run builds its own from the config."""
+    patch = [int(s) for s in parser.get_parsed_content("patch_size")]
+    channels = int(parser.get_parsed_content("network_def#in_channels"))
+    try:
+        with torch.no_grad():
+            network.train()(torch.zeros(1, channels, *patch))
+    except Exception as err:
+        raise UserError(
+            f"{config_file}: the network cannot train on patch_size {patch} ({root_message(err)}); "
+            "give one size per spatial axis of the network, each large enough for its poolings (halved per scale)."
+        ) from err
+
+
+def _check_classes(parser: ConfigParser, config_file: Path) -> None:
+    """``class_names`` names every foreground label, and the intensity normalisation exists."""
+    num_classes, names = (parser.get_parsed_content(k) for k in ("num_classes", "class_names"))
+    if len(names) != int(num_classes) - 1:
+        raise UserError(
+            f"{config_file}: num_classes {num_classes} (background + {int(num_classes) - 1}) but class_names has "
+            f"{len(names)} name(s) {list(names)}; set both, e.g. --set num_classes=2 --set 'class_names=[\"tumour\"]'."
+        )
+    window = {"hu_window": parser.get_parsed_content("hu_window")} if "hu_window" in parser else {}
+    try:
+        intensity_normalization("image", parser.get_parsed_content("modality"), **window)
+    except (ValueError, TypeError) as err:
+        raise UserError(f"{config_file}: {err}") from err
+
+
 def _check_encoder(network: torch.nn.Module, path: str | None) -> None:
     """A ``pretrained_encoder`` must exist and fit ``network``'s encoder (one clear line if not)."""
     if not path:
@@ -118,6 +229,7 @@ def train(
     output_dir: str | os.PathLike | None = None,
     resume: bool = False,
     overrides: dict[str, Any] | None = None,
+    folds_file: str | os.PathLike | None = None,
 ) -> Path:
     """Train with ``bundle/configs/train.json``; return the run's output folder.
 
@@ -129,34 +241,54 @@ def train(
         epochs: number of epochs (total, counting epochs done before a resume).
         output_dir: where checkpoints (``last.pt``, ``best_model.pt``) and TensorBoard
             events go; default: the config's.
-        resume: continue from ``output_dir/last.pt``: weights, optimizer, scheduler, epoch.
+        resume: continue from ``output_dir/last.pt``: weights, optimizer, scheduler, epoch,
+            and the data, split and overrides the run started with (``output_dir/medfcn_run.json``).
         overrides: more config entries to override, e.g. ``{"batch_size": 4}``; transfer
             learning: ``{"pretrained_encoder": "runs/a/best_model.pt", "freeze_encoder": True}``.
+        folds_file: the fold split (``medfcn folds`` writes one); default: the config's.
 
     Raises:
-        UserError: missing data, unknown fold, nothing to resume, or an output folder that
-            already holds a run (resume it or choose another folder).
+        UserError: missing data or split, unknown fold or config entry, a patch or class list
+            the network cannot train on, nothing to resume, a resume with other settings, or
+            an output folder that already holds a run (resume it or choose another folder).
     """
     files = bundle_files(bundle, "train.json")
+    _check_override_keys(files["config_file"], overrides or {})
     args: dict[str, Any] = {"bundle_root": str(files["bundle_root"])}
-    for key, value in (("dataset_dir", dataset_dir), ("fold", fold), ("epochs", epochs), ("output_dir", output_dir)):
+    given = {"dataset_dir": dataset_dir, "folds_file": folds_file, "fold": fold, "epochs": epochs}
+    for key, value in (*given.items(), ("output_dir", output_dir)):
         if value is not None:
             args[key] = str(value) if isinstance(value, os.PathLike) else value
     args.update(overrides or {})
+    if resume:
+        explicit = {k for k in args if k not in ("bundle_root", "output_dir")}
+        args = _resume_settings(
+            Path(_parser(files["config_file"], args).get_parsed_content("output_dir")), args, explicit
+        )
     args["resume"] = bool(resume)
 
     parser = _parser(files["config_file"], args)  # one parser for every check before the run
-    data, folds_file, fold_k, out, n_epochs, num_classes, encoder = (
+    data, split, fold_k, out, n_epochs, num_classes, encoder = (
         parser.get_parsed_content(i)
         for i in ("dataset_dir", "folds_file", "fold", "output_dir", "epochs", "num_classes", "pretrained_encoder")
     )
     if not (Path(data) / "dataset.json").is_file():
         raise UserError(f"{data}: no dataset.json here; pass --data with the MSD dataset folder or set MEDFCN_DATA.")
+    new_split = f"make one with `medfcn folds {data} --out FILE` and pass --folds FILE"
+    if not Path(split).is_file():
+        raise UserError(f"{split}: fold split not found; {new_split}.")
     try:
-        train_list, val_list = fold_datalists(data, folds_file, int(fold_k))
-    except (FileNotFoundError, ValueError) as err:
+        train_list, val_list = fold_datalists(data, split, int(fold_k))
+    except FileNotFoundError as err:
         raise UserError(str(err)) from err
-    check_training_pairs(train_list + val_list, int(num_classes))
+    except ValueError as err:
+        hint = f" The split is for another dataset: {new_split}." if "names cases not in" in str(err) else ""
+        raise UserError(f"{err}{hint}") from err
+    _check_classes(parser, files["config_file"])
+    network = _network(parser, files["config_file"])
+    check_training_pairs(
+        train_list + val_list, int(num_classes), int(parser.get_parsed_content("network_def#in_channels"))
+    )
     last = Path(out) / "last.pt"
     if resume:
         if not last.is_file():
@@ -168,13 +300,15 @@ def train(
         raise UserError(f"{out}: already holds a run (last.pt); add --resume to continue it, or pick another --output.")
     if int(n_epochs) < 1:
         raise UserError(f"epochs must be at least 1, got {n_epochs}.")
-    network = _network(parser, files["config_file"])
+    _check_dry_run(network, parser, files["config_file"])
     if resume or encoder:
         _check_encoder(network, encoder)
         if resume:  # a run of another network_def must fail here, in one line, not deep in MONAI's loader
             load_weights(network, last, key="network")
             _check_resumable(last, saved, parser)
     writable_dir(out, fix="choose another --output")
+    if not resume:
+        _write_run_settings(Path(out), parser, {k: v for k, v in args.items() if k in given or k in (overrides or {})})
 
     logging_file = files["logging_file"] if files["logging_file"].is_file() else None
     workflow = ConfigWorkflow(

@@ -187,9 +187,8 @@ def test_inference_config_matches_training(bundle):
     train, inference = ConfigParser(), ConfigParser()
     train.read_config(str(bundle / "configs" / "train.json"))
     inference.read_config(str(bundle / "configs" / "inference.json"))
-    for key in ("network_def", "patch_size", "modality", "num_classes", "class_names", "slice_axis"):
+    keys = ("network_def", "patch_size", "modality", "hu_window", "pixdim", "num_classes", "class_names", "slice_axis")
+    for key in keys:
         assert train.get(key) == inference.get(key), key
-    pixdim = next(t["pixdim"] for t in train["preprocessing"] if isinstance(t, dict) and "pixdim" in t)
-    assert pixdim == inference["pixdim"]
     flips = [t["spatial_axis"] for t in train["train#augmentation"] if t["_target_"] == "RandFlipd"]
     assert inference["trained_flip_axes"] == flips

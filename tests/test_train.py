@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from medfcn import FCN
 from medfcn.errors import UserError
-from medfcn.train import train
+from medfcn.train import RUN_FILE, train
 
-from .conftest import BUNDLE, BUNDLE_2D, HIPPO, need
+from .conftest import BUNDLE, BUNDLE_2D, HIPPO, need, write_msd_dataset
 
 # a small, fast variant of the shipped recipe: the bundle's pipeline with a narrow network
 SMALL = {
@@ -126,11 +128,14 @@ def test_resume_needs_the_same_weight_averaging(spheres_dataset, tmp_path):
 
     with pytest.raises(UserError, match="has no weight_average"):
         resume("old", overrides)
+    # a run folder that records its settings refuses another ema_decay before the checkpoint is read
+    with pytest.raises(UserError, match="started with --set ema_decay the bundle's default, not None"):
+        resume("averaged", plain)
+    (runs["plain"] / RUN_FILE).rename(tmp_path / RUN_FILE)  # as a run of MONAI's own runner: nothing recorded
     with pytest.raises(UserError, match="averaging off; add --set ema_decay=null"):
         resume("plain", overrides)
-    with pytest.raises(UserError, match="averaging on; drop --set ema_decay=null"):
-        resume("averaged", plain)
-    resume("plain", plain)
+    (tmp_path / RUN_FILE).rename(runs["plain"] / RUN_FILE)
+    resume("plain", overrides)  # ema_decay=null is taken from the run's settings
     state = torch.load(runs["plain"] / "last.pt", weights_only=True)
     assert state["weight_average"] == {} and state["trainer"]["iteration"] == 2 * state["trainer"]["epoch_length"]
 
@@ -170,3 +175,69 @@ def test_transfer_learning_trains_only_the_decoder(spheres_dataset, tmp_path):
     bad["pretrained_encoder"] = str(tmp_path / "narrow.pt")
     with pytest.raises(UserError, match="does not fit this bundle's encoder"):
         train(BUNDLE, spheres_dataset, fold=0, epochs=1, output_dir=tmp_path / "bad", overrides=bad)
+
+
+def test_resume_reuses_the_runs_settings_and_refuses_others(spheres_dataset, tmp_path):
+    """--resume alone continues the run on its own data, split, overrides and length; an option
+    given again with another value is refused, before any work."""
+    other = write_msd_dataset(tmp_path / "Other", n_cases=4, seed=1)
+    overrides = {**SMALL, "folds_file": str(spheres_dataset / "folds.json"), "network_def#fusion": "concat"}
+    out = tmp_path / "run"
+    train(BUNDLE, spheres_dataset, fold=1, epochs=1, output_dir=out, overrides=overrides)
+    saved = json.loads((out / RUN_FILE).read_text())["settings"]
+    assert saved["dataset_dir"] == str(spheres_dataset.resolve()) and saved["fold"] == 1 and saved["epochs"] == 1
+    length = torch.load(out / "last.pt", weights_only=True)["trainer"]["epoch_length"]
+    for given, message in (
+        ({"dataset_dir": other}, "started with --data"),
+        ({"fold": 0}, "started with --fold 1, not 0"),
+        ({"overrides": {"network_def#fusion": "sum"}}, "started with --set network_def#fusion 'concat', not 'sum'"),
+        ({"overrides": {"batch_size": 3}}, "started with --set batch_size 4, not 3"),
+    ):
+        with pytest.raises(UserError, match=message):
+            train(BUNDLE, output_dir=out, resume=True, epochs=2, **given)
+    # nothing but the folder and the new length: the run's dataset (not $MEDFCN_DATA) and fold, and its
+    # concat fusion (with the bundle's sum fusion, last.pt would not fit the network and fail to load)
+    train(BUNDLE, output_dir=out, resume=True, epochs=2)
+    state = torch.load(out / "last.pt", weights_only=True)
+    assert state["trainer"]["iteration"] == 2 * length
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"batchsize": 4}, "--set batchsize: no such entry .*did you mean 'batch_size'"),
+        ({"network_def#fusoin#x": 1}, "--set network_def#fusoin#x: no such entry"),
+        ({"patch_size": [4, 4, 4]}, "cannot train on patch_size \\[4, 4, 4\\]"),
+        ({"patch_size": [24, 24]}, "cannot train on patch_size \\[24, 24\\]"),
+        ({"num_classes": 2}, "num_classes 2 .* class_names has 2 name"),
+        ({"modality": "PET"}, "unknown modality 'PET'"),
+        ({"network_def#in_channels": 2}, r"case_\d+.nii.gz: has 1 channel.* network takes 2"),
+    ],
+    ids=["misspelt", "nested", "small-patch", "2d-patch", "classes", "modality", "channels"],
+)
+def test_config_mistakes_fail_before_training(spheres_dataset, tmp_path, overrides, message):
+    """A misspelt key, a patch the network cannot take, a class list that does not match
+    num_classes, an unknown modality or a channel count the images do not have: one line each,
+    before any data is loaded or any output folder is made."""
+    settings = {**SMALL, "folds_file": str(spheres_dataset / "folds.json"), **overrides}
+    with pytest.raises(UserError, match=message):
+        train(BUNDLE, spheres_dataset, fold=0, epochs=1, output_dir=tmp_path / "x", overrides=settings)
+    assert not (tmp_path / "x").exists()
+
+
+def test_split_of_another_dataset_says_how_to_make_one(spheres_dataset, tmp_path):
+    """The bundle's own split (Task04 case names) on another dataset, and a missing split file,
+    both point to `medfcn folds` and --folds; --folds then trains."""
+    with pytest.raises(UserError, match="split is for another dataset: make one with `medfcn folds .* --folds FILE"):
+        train(BUNDLE, spheres_dataset, fold=0, epochs=1, output_dir=tmp_path / "x", overrides=SMALL)
+    with pytest.raises(UserError, match="missing.json: fold split not found; make one with `medfcn folds"):
+        train(BUNDLE, spheres_dataset, epochs=1, output_dir=tmp_path / "x", folds_file=tmp_path / "missing.json")
+    out = train(
+        BUNDLE,
+        spheres_dataset,
+        epochs=1,
+        output_dir=tmp_path / "x",
+        folds_file=spheres_dataset / "folds.json",
+        overrides=SMALL,
+    )
+    assert (out / "last.pt").is_file()

@@ -81,11 +81,13 @@ def check_scan(
             )
 
 
-def check_training_pairs(datalist: Sequence[dict], num_classes: int) -> None:
+def check_training_pairs(datalist: Sequence[dict], num_classes: int, in_channels: int | None = None) -> None:
     """Check every image/label pair of a training datalist.
 
-    Shapes and affines come from the NIfTI headers; label values and finite image voxels from
-    the data. Raises UserError naming the first offending file.
+    Shapes, affines and channel counts (axes after the third: MSD stores modalities as
+    ``(X, Y, Z, C)``) come from the NIfTI headers; label values and finite image voxels from
+    the data. ``in_channels``: the channels the network takes (not checked when None).
+    Raises UserError naming the first offending file.
     """
     for item in datalist:
         image_path, label_path = item["image"], item.get("label")
@@ -96,6 +98,12 @@ def check_training_pairs(datalist: Sequence[dict], num_classes: int) -> None:
             raise UserError(f"{image_path}: cannot be read as NIfTI ({err}); re-export or remove the case.") from err
         if not np.all(np.isfinite(voxels)):
             raise UserError(f"{image_path}: has NaN/Inf voxels; fix the image or drop the case from dataset.json.")
+        channels = int(np.prod(image.shape[3:], dtype=int))
+        if in_channels is not None and channels != in_channels:
+            raise UserError(
+                f"{image_path}: has {channels} channel(s) (shape {image.shape}) but the network takes {in_channels}; "
+                f"pass --set network_def#in_channels={channels} (and the same in configs/inference.json)."
+            )
         if label_path is None:
             continue
         try:

@@ -1,0 +1,259 @@
+"""Package a training run as a MONAI bundle that ``medfcn infer`` and MONAI's runner can use.
+
+A run of ``medfcn train`` records the bundle it trained and every option it was given
+(``medfcn_run.json``). Packaging copies that bundle, writes the options into its
+``configs/train.json`` (so the new bundle retrains the same recipe on the same data) and the
+entries that describe the model into ``configs/inference.json`` (network, patch, spacing,
+modality, classes, slice axis, flips), puts the run's weights in ``models/model.pt`` and
+rewrites ``metadata.json`` and ``docs/README.md`` for the new model. The bundle is assembled in
+a hidden folder beside the target, loaded once with its weights as ``medfcn infer`` would, and
+only then renamed into place, so a failed packaging leaves nothing behind.
+
+Example::
+
+    from medfcn.package import package_run
+    package_run("runs/spleen/fold0", "bundles/spleen_fcn")
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from monai.bundle import ConfigParser
+
+from medfcn.errors import UserError, root_message
+from medfcn.io import atomic_torch_save
+from medfcn.train import RUN_FILE
+
+__all__ = ["MODEL_KEYS", "package_run", "trained_flip_axes"]
+
+# Entries of train.json that describe the model; inference.json must repeat them.
+MODEL_KEYS = (
+    "network_def",
+    "patch_size",
+    "modality",
+    "hu_window",
+    "pixdim",
+    "num_classes",
+    "class_names",
+    "slice_axis",
+)
+_CONFIGS = ("train.json", "inference.json", "evaluate.json", "logging.conf", "metadata.json")
+
+
+def _disabled(component: Any) -> bool:
+    """MONAI's reading of ``_disabled_``: a bool, or the string "true"."""
+    flag = component.get("_disabled_", False) if isinstance(component, dict) else False
+    return flag.strip().lower() == "true" if isinstance(flag, str) else bool(flag)
+
+
+def trained_flip_axes(train: ConfigParser) -> list[int]:
+    """Spatial axes the training augmentation flips along (enabled ``RandFlipd`` only)."""
+    augmentation = train.get("train#augmentation", [])
+    return [
+        t["spatial_axis"]
+        for t in augmentation
+        if isinstance(t, dict) and t.get("_target_") == "RandFlipd" and not _disabled(t)
+    ]
+
+
+def _read_run(run_dir: Path) -> dict:
+    run_file = run_dir / RUN_FILE
+    if not run_file.is_file():
+        raise UserError(f"{run_file}: missing; package a run of `medfcn train` (it writes this file).")
+    try:
+        return json.loads(run_file.read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"{run_file}: unreadable ({err}); package another run.") from err
+
+
+def _run_weights(run_dir: Path, which: str) -> tuple[dict, str]:
+    """The state dict to ship and a sentence on where it came from.
+
+    ``best``: ``best_model.pt`` (moving-average weights of the best validation epoch); ``last``:
+    the last epoch's moving average in ``last.pt`` (its plain weights when the run kept none).
+    """
+    if which not in ("best", "last"):
+        raise UserError(f"--weights {which!r}: use best or last.")
+    path = run_dir / ("best_model.pt" if which == "best" else "last.pt")
+    if not path.is_file():
+        raise UserError(f"{path}: missing; the run has not finished a validation yet, or pass the other --weights.")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise UserError(f"{path}: not a readable checkpoint ({root_message(err)}).") from err
+    if which == "best":
+        return state, "best_model.pt: the moving-average weights of the best validation epoch"
+    average = (state.get("weight_average") or {}).get("network")
+    if average:
+        return average, "last.pt: the moving-average weights of the last epoch"
+    return state["network"], "last.pt: the weights of the last epoch (the run kept no moving average)"
+
+
+def _best(run_dir: Path) -> dict:
+    """``last.pt``'s record of the best validation (``best_metric``, ``best_metric_epoch``)."""
+    try:
+        return dict(torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True).get("best", {}))
+    except Exception:  # the score is documentation only; the weights were checked on their own
+        return {}
+
+
+def _metadata(meta: dict, train: ConfigParser, name: str, run_dir: Path, best: dict, source: str) -> dict:
+    """``meta`` (the source bundle's metadata.json) rewritten for the packaged model."""
+    classes = list(train.get_parsed_content("class_names"))
+    patch = list(train.get_parsed_content("patch_size"))
+    channels = int(train.get_parsed_content("network_def#in_channels"))
+    modality = str(train.get_parsed_content("modality"))
+    today = datetime.date.today().isoformat()
+    meta = dict(meta)
+    meta["version"] = "0.1.0"
+    meta["changelog"] = {"0.1.0": f"packaged by medfcn on {today} from the run in {run_dir} ({source})"}
+    meta["task"] = f"Segmentation of {', '.join(classes)}"
+    meta["description"] = f"{meta.get('description', '')} Retrained with medfcn: see docs/README.md.".strip()
+    meta["data_source"] = str(train.get_parsed_content("dataset_dir"))
+    meta["image_classes"] = f"{channels} channel(s) {modality}, resampled to {train.get('pixdim')} mm, RAS"
+    meta["label_classes"] = ", ".join(f"{i} {n}" for i, n in enumerate(["background", *classes]))
+    fmt = meta.setdefault("network_data_format", {})
+    image = fmt.setdefault("inputs", {}).setdefault("image", {})
+    image.update(
+        num_channels=channels,
+        spatial_shape=patch,
+        modality=modality,
+        channel_def={str(i): f"channel {i}" for i in range(channels)},
+    )
+    pred = fmt.setdefault("outputs", {}).setdefault("pred", {})
+    pred.update(
+        num_channels=len(classes) + 1,
+        spatial_shape=patch,
+        channel_def={str(i): n for i, n in enumerate(["background", *classes])},
+    )
+    meta["performance"] = {
+        "validation": f"fold {train.get('fold')} of {train.get('folds_file')}",
+        "best_validation_mean_dice": best.get("best_metric"),
+        "best_validation_epoch": best.get("best_metric_epoch"),
+    }
+    meta["name"] = name
+    return meta
+
+
+def _readme(name: str, run_dir: Path, settings: dict, best: dict, source: str, origin: Path) -> str:
+    score = best.get("best_metric")
+    score = f"{score:.4f}" if isinstance(score, float) else score
+    lines = [
+        f"# {name}",
+        "",
+        f"Packaged by `medfcn package` on {datetime.date.today().isoformat()} from the training run in `{run_dir}`,",
+        f"a run of the bundle `{origin}`. Weights: {source}.",
+        "",
+        "Run it: `medfcn infer <this folder> scan.nii.gz dicom_series/ --out masks/`.",
+        "Retrain the same recipe: `medfcn train <this folder> --output RUN` (configs/train.json holds the",
+        "run's options below).",
+        "",
+        "## Training options of the run (`medfcn_run.json`)",
+        "",
+        "| entry | value |",
+        "| --- | --- |",
+        *(f"| `{k}` | `{json.dumps(v)}` |" for k, v in sorted(settings.items())),
+        "",
+        "## Validation during training",
+        "",
+        f"Best mean Dice {score} at epoch {best.get('best_metric_epoch')} on fold "
+        f"{settings.get('fold')} of `{settings.get('folds_file')}`. With fold -1 the validation cases were",
+        "trained on, so this is not a held-out score: estimate one by cross-validation (one run per fold).",
+        "",
+        "Licence: the code and configs are medfcn's (Apache-2.0); the weights are derived from the training",
+        "data, under its licence.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _assemble(tmp: Path, name: str, origin: Path, run_dir: Path, run: dict, weights: dict, source: str) -> None:
+    """Write the packaged bundle ``name`` into the empty folder ``tmp``."""
+    settings = run["settings"]
+    (tmp / "configs").mkdir()
+    (tmp / "models").mkdir()
+    (tmp / "docs").mkdir()
+    for config in _CONFIGS:
+        if (origin / "configs" / config).is_file():
+            shutil.copy2(origin / "configs" / config, tmp / "configs" / config)
+    train = ConfigParser()
+    train.read_config(str(tmp / "configs" / "train.json"))
+    train.update(settings)
+    ConfigParser.export_config_file(train.get(), tmp / "configs" / "train.json", indent=4)
+    inference = ConfigParser()
+    inference.read_config(str(tmp / "configs" / "inference.json"))
+    for key in MODEL_KEYS:
+        if key in train and key in inference:
+            inference[key] = train.get(key)
+    if "trained_flip_axes" in inference:
+        inference["trained_flip_axes"] = trained_flip_axes(train)
+    ConfigParser.export_config_file(inference.get(), tmp / "configs" / "inference.json", indent=4)
+    best = _best(run_dir)
+    meta_file = tmp / "configs" / "metadata.json"
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    meta_file.write_text(json.dumps(_metadata(meta, train, name, run_dir, best, source), indent=4) + "\n")
+    (tmp / "docs" / "README.md").write_text(_readme(name, run_dir, settings, best, source, origin))
+    atomic_torch_save(weights, tmp / "models" / "model.pt")
+
+
+def package_run(
+    run_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    bundle: str | os.PathLike | None = None,
+    weights: str = "best",
+    overwrite: bool = False,
+) -> Path:
+    """Make the bundle ``out`` from the training run in ``run_dir``; return ``out``.
+
+    Args:
+        run_dir: a ``medfcn train`` output folder (``medfcn_run.json``, ``last.pt``,
+            ``best_model.pt``).
+        out: the bundle folder to create.
+        bundle: the bundle the run trained; default: the one ``medfcn_run.json`` names.
+        weights: ``best`` (best validation epoch) or ``last`` (last epoch), both the
+            moving-average weights.
+        overwrite: replace an existing ``out``.
+
+    Raises:
+        UserError: not a medfcn run, missing weights, an existing ``out``, or weights that do
+            not load into the packaged inference config.
+    """
+    from medfcn.infer import load_segmenter  # infer imports train; keep the import graph one-way
+
+    run_dir, out = Path(run_dir), Path(out)
+    run = _read_run(run_dir)
+    origin = Path(bundle or run.get("bundle") or "")
+    if not (origin / "configs" / "inference.json").is_file():
+        raise UserError(
+            f"{origin}: not a bundle with configs/inference.json; pass --bundle with the bundle the run trained."
+        )
+    if out.exists() and not overwrite:
+        raise UserError(f"{out}: already exists; pass --overwrite to replace it, or choose another --out.")
+    state, source = _run_weights(run_dir, weights)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        _assemble(tmp, out.name, origin, run_dir, run, state, source)
+        try:
+            load_segmenter(tmp, device="cpu")
+        except UserError as err:
+            raise UserError(f"{run_dir}: the packaged bundle does not load its weights ({err}).") from err
+        os.chmod(tmp, 0o755)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

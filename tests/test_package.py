@@ -1,0 +1,100 @@
+"""medfcn.package: a training run becomes a bundle that medfcn infer runs with the run's settings."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import pytest
+import torch
+from monai.bundle import ConfigParser
+
+from medfcn.errors import UserError
+from medfcn.infer import infer
+from medfcn.package import MODEL_KEYS, package_run, trained_flip_axes
+from medfcn.train import RUN_FILE, train
+
+from .conftest import BUNDLE, BUNDLE_2D
+
+# a run whose model differs from the bundle's in every way inference must know about
+RUN = {
+    "network_def#features": [8, 16, 32],
+    "network_def#deep_supervision": 1,
+    "class_names": ["dim", "bright"],
+    "pixdim": [2.0, 2.0, 2.0],
+    "batch_size": 2,
+    "val_interval": 1,
+    "bf16": False,
+}
+
+
+@pytest.fixture
+def run_dir(spheres_dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "run"
+    overrides = {**RUN, "folds_file": str(spheres_dataset / "folds.json"), "patch_size": [16, 16, 12]}
+    return train(BUNDLE, spheres_dataset, fold=0, epochs=1, output_dir=out, overrides=overrides)
+
+
+def _configs(bundle):
+    parsers = {}
+    for name in ("train", "inference"):
+        parsers[name] = ConfigParser()
+        parsers[name].read_config(str(bundle / "configs" / f"{name}.json"))
+    return parsers["train"], parsers["inference"]
+
+
+def test_packaged_bundle_carries_the_runs_model(run_dir, spheres_dataset, tmp_path):
+    out = package_run(run_dir, tmp_path / "bundles" / "spheres_fcn")
+    train_cfg, inference = _configs(out)
+    for key in MODEL_KEYS:  # inference.json repeats what the run trained with, as in a shipped bundle
+        assert train_cfg.get(key) == inference.get(key), key
+    assert inference["network_def"]["features"] == [8, 16, 32]
+    assert inference["class_names"] == ["dim", "bright"] and inference["pixdim"] == [2.0, 2.0, 2.0]
+    assert inference["patch_size"] == [16, 16, 12]
+    assert inference["trained_flip_axes"] == trained_flip_axes(train_cfg) == [0]
+    # train.json retrains the same recipe on the same data and split
+    assert train_cfg["dataset_dir"] == str(spheres_dataset.resolve())
+    assert train_cfg["folds_file"] == str((spheres_dataset / "folds.json").resolve())
+    assert train_cfg["batch_size"] == 2
+    shipped = torch.load(out / "models" / "model.pt", weights_only=True)
+    best = torch.load(run_dir / "best_model.pt", weights_only=True)
+    assert shipped.keys() == best.keys() and all(torch.equal(shipped[k], best[k]) for k in best)
+    meta = json.loads((out / "configs" / "metadata.json").read_text())
+    assert meta["name"] == "spheres_fcn"
+    assert meta["network_data_format"]["outputs"]["pred"]["channel_def"] == {
+        "0": "background",
+        "1": "dim",
+        "2": "bright",
+    }
+    assert meta["performance"]["best_validation_epoch"] == 1
+    assert "spheres_fcn" in (out / "docs" / "README.md").read_text().splitlines()[0]
+
+    scan = spheres_dataset / "imagesTr" / "case_000.nii.gz"
+    rows = infer(out, [scan], tmp_path / "masks")
+    assert {"dim_mm3", "bright_mm3"} <= set(rows[0])
+    mask = nib.load(tmp_path / "masks" / "case_000.nii.gz")
+    assert mask.shape == nib.load(scan).shape
+
+
+def test_last_weights_and_refusals(run_dir, tmp_path):
+    out = package_run(run_dir, tmp_path / "b", weights="last")
+    average = torch.load(run_dir / "last.pt", weights_only=True)["weight_average"]["network"]
+    shipped = torch.load(out / "models" / "model.pt", weights_only=True)
+    assert all(torch.equal(shipped[k], average[k]) for k in average)
+    with pytest.raises(UserError, match="already exists; pass --overwrite"):
+        package_run(run_dir, out)
+    package_run(run_dir, out, overwrite=True)
+    assert (out / "models" / "model.pt").is_file()
+    with pytest.raises(UserError, match="--weights 'final': use best or last"):
+        package_run(run_dir, tmp_path / "c", weights="final")
+    with pytest.raises(UserError, match=f"{RUN_FILE}: missing; package a run of `medfcn train`"):
+        package_run(tmp_path, tmp_path / "d")
+
+
+def test_weights_that_do_not_load_leave_nothing(run_dir, tmp_path):
+    """Packaged against another bundle (the 2D one) the weights cannot load: one line, and no
+    bundle folder or hidden temporary folder is left."""
+    target = tmp_path / "out" / "wrong"
+    with pytest.raises(UserError, match="the packaged bundle does not load its weights"):
+        package_run(run_dir, target, bundle=BUNDLE_2D)
+    assert not target.parent.exists() or not any(target.parent.iterdir())
