@@ -183,7 +183,11 @@ def evaluate(
     out: Annotated[Path | None, typer.Option("--out", help="Where metrics.csv/json go (default: PRED_DIR).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing metrics.csv/json.")] = False,
 ) -> None:
-    """Dice per label and mean, HD95 in mm, per case and summarised (mean, std, median)."""
+    """Dice per label and mean, HD95 in mm, per case and summarised (mean, std, median, n scored).
+
+    A label in only one of prediction and reference scores Dice 0 and no HD95 (counted below
+    the table); a label in neither is not scored.
+    """
     from rich.console import Console
     from rich.table import Table
 
@@ -196,6 +200,14 @@ def evaluate(
     for name, stats in summary.items():
         table.add_row(name, f"{stats['mean']:.4f}", f"{stats['std']:.4f}", f"{stats['median']:.4f}", str(stats["n"]))
     Console().print(table)
+    for name, stats in summary.items():
+        if stats.get("not_scored"):
+            k = name.removeprefix("hd95_")
+            typer.echo(
+                f"{name}: {stats['not_scored']} case(s) not scored (label missing from prediction or reference: "
+                f"{summary[f'dice_{k}']['missed']} missed, {summary[f'dice_{k}']['false_positive']} false positive); "
+                f"dice_{k} is 0 there."
+            )
     typer.echo(f"per-case metrics: {(out or pred_dir) / 'metrics.csv'}")
 
 
