@@ -127,11 +127,12 @@ def folds(
     out: Annotated[Path, typer.Option("--out", help="JSON file to write, e.g. datasets/<Task>/folds.json.")],
     n_folds: Annotated[int, typer.Option(help="Number of folds.")] = 5,
     seed: Annotated[int, typer.Option(help="Shuffle seed.")] = 0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out file.")] = False,
 ) -> None:
     """Write a deterministic k-fold split of an MSD dataset (case names only, no images)."""
     from medfcn.data.datasets import write_folds
 
-    split = write_folds(dataset, out, n_folds=n_folds, seed=seed)
+    split = write_folds(dataset, out, n_folds=n_folds, seed=seed, overwrite=overwrite)
     sizes = ", ".join(str(len(f)) for f in split["folds"])
     typer.echo(f"wrote {out}: {n_folds} folds of {sizes} cases")
 
