@@ -161,11 +161,12 @@ def folds(
     out: Annotated[Path, typer.Option("--out", help="JSON file to write, e.g. datasets/<Task>/folds.json.")],
     n_folds: Annotated[int, typer.Option(help="Number of folds.")] = 5,
     seed: Annotated[int, typer.Option(help="Shuffle seed.")] = 0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out file.")] = False,
 ) -> None:
     """Write a deterministic k-fold split of an MSD dataset (case names only, no images)."""
     from medfcn.data.datasets import write_folds
 
-    split = write_folds(dataset, out, n_folds=n_folds, seed=seed)
+    split = write_folds(dataset, out, n_folds=n_folds, seed=seed, overwrite=overwrite)
     sizes = ", ".join(str(len(f)) for f in split["folds"])
     typer.echo(f"wrote {out}: {n_folds} folds of {sizes} cases")
 
@@ -217,7 +218,11 @@ def evaluate(
     out: Annotated[Path | None, typer.Option("--out", help="Where metrics.csv/json go (default: PRED_DIR).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing metrics.csv/json.")] = False,
 ) -> None:
-    """Dice per label and mean, HD95 in mm, per case and summarised (mean, std, median)."""
+    """Dice per label and mean, HD95 in mm, per case and summarised (mean, std, median, n scored).
+
+    A label in only one of prediction and reference scores Dice 0 and no HD95 (counted below
+    the table); a label in neither is not scored.
+    """
     from rich.console import Console
     from rich.table import Table
 
@@ -230,6 +235,14 @@ def evaluate(
     for name, stats in summary.items():
         table.add_row(name, f"{stats['mean']:.4f}", f"{stats['std']:.4f}", f"{stats['median']:.4f}", str(stats["n"]))
     Console().print(table)
+    for name, stats in summary.items():
+        if stats.get("not_scored"):
+            k = name.removeprefix("hd95_")
+            typer.echo(
+                f"{name}: {stats['not_scored']} case(s) not scored (label missing from prediction or reference: "
+                f"{summary[f'dice_{k}']['missed']} missed, {summary[f'dice_{k}']['false_positive']} false positive); "
+                f"dice_{k} is 0 there."
+            )
     typer.echo(f"per-case metrics: {(out or pred_dir) / 'metrics.csv'}")
 
 

@@ -50,24 +50,28 @@ def case_metrics(pred: np.ndarray, label: np.ndarray, spacing: tuple[float, ...]
         spacing: voxel size in mm along X, Y, Z.
         labels: foreground label values to score.
 
-    A label absent from both masks gets Dice NaN (left out of means); HD95 is NaN when either
-    mask lacks the label.
+    Dice follows nnU-Net's convention: a label absent from both masks gets NaN (not scored,
+    left out of means); a label in only one of them, a missed structure or a false positive,
+    gets 0. HD95 is NaN when either mask lacks the label (no surface to measure from).
     """
     n = int(max(max(labels), pred.max(), label.max())) + 1
     p = one_hot(torch.as_tensor(pred)[None, None], n)
     y = one_hot(torch.as_tensor(label)[None, None], n)
-    dice = DiceMetric(include_background=True, reduction="none", ignore_empty=True)(p, y)[0]
+    # ignore_empty=False: an empty reference gives 1 if the prediction is empty too, else 0
+    dice = DiceMetric(include_background=True, reduction="none", ignore_empty=False)(p, y)[0]
     with warnings.catch_warnings():
         # MONAI 1.6 warns about its own internal use of a deprecated argument
         warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*", category=FutureWarning)
+        # an empty mask is reported as a NaN HD95 below and counted by evaluate_folders
+        warnings.filterwarnings("ignore", message=".* is all 0, this may result in nan/inf", category=UserWarning)
         hd95 = HausdorffDistanceMetric(include_background=True, percentile=95, reduction="none")(p, y, spacing=spacing)[
             0
         ]
     row = {}
     for k in labels:
-        row[f"dice_{k}"] = float(dice[k])
-        empty = not bool(p[0, k].any()) or not bool(y[0, k].any())
-        row[f"hd95_{k}"] = float("nan") if empty else float(hd95[k])
+        in_pred, in_label = bool(p[0, k].any()), bool(y[0, k].any())
+        row[f"dice_{k}"] = float(dice[k]) if in_pred or in_label else float("nan")
+        row[f"hd95_{k}"] = float(hd95[k]) if in_pred and in_label else float("nan")
     return row
 
 
@@ -101,8 +105,12 @@ def evaluate_folders(
 
     Returns:
         ``(rows, summary)``; rows hold ``case``, ``dice_<k>``, ``hd95_<k>`` (mm) and
-        ``dice_mean``. Written to ``out_dir`` (default ``pred_dir``) as ``metrics.csv`` and
-        ``metrics.json``; existing ones are replaced only with ``overwrite``.
+        ``dice_mean`` (over the case's labels that are in either mask). The summary holds
+        :func:`summarise`'s statistics per column; ``dice_<k>`` adds ``missed`` (cases whose
+        reference has label k and whose prediction has none) and ``false_positive`` (the
+        reverse), both scored Dice 0, and ``hd95_<k>`` adds ``not_scored``, their sum (no
+        HD95 without both surfaces). Written to ``out_dir`` (default ``pred_dir``) as
+        ``metrics.csv`` and ``metrics.json``; existing ones are replaced only with ``overwrite``.
     """
     pred_dir, label_dir = Path(pred_dir), Path(label_dir)
     for folder in (pred_dir, label_dir):
@@ -116,6 +124,8 @@ def evaluate_folders(
     refuse_existing([out / "metrics.csv", out / "metrics.json"], overwrite)
     writable_dir(out, fix="choose another --out")
     rows = []
+    missed: dict[int, int] = {}  # label -> cases where the reference has it, the prediction not
+    false_positive: dict[int, int] = {}  # label -> cases where the prediction has it, the reference not
     for pred_path in preds:
         name = case_id(pred_path)
         if name not in references:
@@ -126,7 +136,11 @@ def evaluate_folders(
             raise UserError(f"{pred_path}: shape {pred.shape} differs from its label's {label.shape}.")
         if not np.allclose(pred_affine, label_affine, atol=1e-3):
             raise UserError(f"{pred_path}: affine differs from its label's; masks must be on the label's grid.")
-        case_labels = labels or sorted(int(v) for v in np.union1d(np.unique(label), np.unique(pred)) if v > 0)
+        in_label, in_pred = set(np.unique(label).tolist()), set(np.unique(pred).tolist())
+        case_labels = labels or sorted(int(v) for v in in_label | in_pred if v > 0)
+        for k in case_labels:
+            missed[k] = missed.get(k, 0) + (k in in_label and k not in in_pred)
+            false_positive[k] = false_positive.get(k, 0) + (k in in_pred and k not in in_label)
         spacing = tuple(float(s) for s in np.sqrt((label_affine[:3, :3] ** 2).sum(axis=0)))
         row = {"case": name, **case_metrics(pred, label, spacing, case_labels)}
         dices = [row[f"dice_{k}"] for k in case_labels if not math.isnan(row[f"dice_{k}"])]
@@ -135,6 +149,9 @@ def evaluate_folders(
     columns = sorted({k for r in rows for k in r}, key=lambda k: (k != "case", k))
     rows = [{k: r.get(k, math.nan) for k in columns} for r in rows]
     summary = summarise(rows)
+    for k in sorted(missed):
+        summary[f"dice_{k}"].update(missed=missed[k], false_positive=false_positive[k])
+        summary[f"hd95_{k}"]["not_scored"] = missed[k] + false_positive[k]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns)
     writer.writeheader()

@@ -7,7 +7,10 @@ existing export.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -18,6 +21,19 @@ from medfcn.io import atomic_path, load_weights, refuse_existing
 from medfcn.train import bundle_files
 
 __all__ = ["export_torchscript"]
+
+
+@contextlib.contextmanager
+def _quiet_ckpt_export() -> Iterator[None]:
+    """Hide the INFO lines of MONAI's ``ckpt_export`` (its arguments and "exported to file"),
+    which name the temporary file; warnings still show. The caller reports the final path."""
+    logger = logging.getLogger("monai.bundle.scripts")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def export_torchscript(
@@ -46,7 +62,7 @@ def export_torchscript(
     if not weights.is_file():
         raise UserError(f"{weights}: missing; nothing to export.")
     target = root / "models" / "model.ts"
-    refuse_existing([target], overwrite)
+    refuse_existing([target], overwrite, fix="pass --overwrite to replace it")
     parser = ConfigParser()
     parser.read_config(str(files["config_file"]))
     parser["bundle_root"] = str(root)
@@ -54,7 +70,7 @@ def export_torchscript(
     if check_shape is None:
         dims, channels = (parser.get_parsed_content(f"network_def#{k}") for k in ("spatial_dims", "in_channels"))
         check_shape = (1, int(channels), *(35, 51, 32)[: int(dims)])
-    with atomic_path(target, suffix=".ts") as tmp:
+    with atomic_path(target, suffix=".ts") as tmp, _quiet_ckpt_export():
         ckpt_export(
             net_id="network_def",
             filepath=str(tmp),

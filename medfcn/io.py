@@ -53,13 +53,21 @@ def _temp_file(folder: Path, prefix: str, suffix: str, fix: str) -> str:
     return path
 
 
-def refuse_existing(paths: Iterable[str | os.PathLike], overwrite: bool) -> None:
-    """UserError for the first of ``paths`` that exists, unless ``overwrite``."""
+def refuse_existing(
+    paths: Iterable[str | os.PathLike],
+    overwrite: bool,
+    fix: str = "pass --overwrite to replace it, or choose another output",
+) -> None:
+    """UserError for the first of ``paths`` that exists, unless ``overwrite``.
+
+    ``fix`` completes the message ``<path>: already exists; <fix>.``; commands whose output
+    path is fixed (export) leave out "choose another output".
+    """
     if overwrite:
         return
     for path in map(Path, paths):
         if path.exists():
-            raise UserError(f"{path}: already exists; pass --overwrite to replace it, or choose another output.")
+            raise UserError(f"{path}: already exists; {fix}.")
 
 
 @contextlib.contextmanager

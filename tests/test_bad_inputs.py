@@ -31,6 +31,7 @@ def assert_user_error(result, *fragments: str):
     assert "Traceback" not in result.output
     for fragment in fragments:
         assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
 
 
 def _nifti(path, data, affine=None):
@@ -158,6 +159,48 @@ def test_unknown_fold_and_folds_naming_unknown_cases(spheres_dataset, tmp_path):
     assert_user_error(run("train", BUNDLE, "--data", spheres_dataset, *sets), "case_999")
 
 
+@pytest.mark.parametrize(
+    "case, fragments",
+    [
+        ("no_folder", ["nonexistent: dataset folder not found"]),
+        ("no_index", ["dataset.json: not found", "MSD dataset.json"]),
+        ("empty_training", ["dataset.json: has no 'training' list of cases", '"image"']),
+        ("too_many_folds", ["dataset.json: lists 12 case(s), cannot make 13 folds", "--n-folds between 2 and 12"]),
+        ("one_fold", ["dataset.json: lists 12 case(s), cannot make 1 folds", "--n-folds between 2 and 12"]),
+        ("out_under_a_file", ["a_file: output folder not writable", "choose another --out"]),
+        ("out_is_a_folder", ["is a folder", "folds.json"]),
+    ],
+)
+def test_folds_bad_inputs(case, fragments, spheres_dataset, tmp_path):
+    dataset, out, n_folds = spheres_dataset, tmp_path / "out" / "folds.json", "2"
+    if case == "no_folder":
+        dataset = tmp_path / "nonexistent"
+    elif case == "no_index":
+        (dataset / "dataset.json").unlink()
+    elif case == "empty_training":
+        meta = json.loads((dataset / "dataset.json").read_text())
+        (dataset / "dataset.json").write_text(json.dumps({**meta, "training": []}))
+    elif case in ("too_many_folds", "one_fold"):
+        n_folds = "13" if case == "too_many_folds" else "1"
+    elif case == "out_under_a_file":
+        (tmp_path / "a_file").write_text("not a folder")
+        out = tmp_path / "a_file" / "folds.json"
+    else:
+        out = tmp_path
+    assert_user_error(run("folds", dataset, "--out", out, "--n-folds", n_folds), *fragments)
+    assert not (tmp_path / "out").exists()
+
+
+def test_folds_keeps_an_existing_split_without_overwrite(spheres_dataset, tmp_path):
+    out = tmp_path / "folds.json"
+    out.write_text("an earlier split")
+    assert_user_error(run("folds", spheres_dataset, "--out", out), "folds.json: already exists", "--overwrite")
+    assert out.read_text() == "an earlier split"
+    assert run("folds", spheres_dataset, "--out", out, "--overwrite").exit_code == 0
+    assert json.loads(out.read_text())["n_folds"] == 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["Spheres", "folds.json"]  # no temporary file left
+
+
 def test_evaluate_missing_label(tmp_path):
     _nifti(tmp_path / "pred" / "a.nii.gz", np.zeros((4, 4, 4), np.uint8))
     (tmp_path / "labels").mkdir()
@@ -211,7 +254,7 @@ def test_existing_tables_and_exports_are_kept_without_overwrite(tmp_path):
     bundle = tmp_path / "bundle"
     shutil.copytree(BUNDLE, bundle, ignore=shutil.ignore_patterns("model.ts", "eval"))
     (bundle / "models" / "model.ts").write_text("an earlier export")
-    assert_user_error(run("export", bundle), "model.ts", "--overwrite")
+    assert "choose another output" not in assert_user_error(run("export", bundle), "model.ts", "--overwrite")
     assert (bundle / "models" / "model.ts").read_text() == "an earlier export"
 
 

@@ -5,7 +5,12 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import nibabel as nib
+import numpy as np
 import pytest
+from typer.testing import CliRunner
+
+from medfcn.cli import app
 
 from .conftest import BUNDLE, REPO
 
@@ -81,3 +86,21 @@ def test_infer_and_evaluate_commands(spheres_dataset, tmp_path):
     assert "dice_mean" in result.stdout
     missing = medfcn("infer", str(BUNDLE), str(tmp_path / "nope.nii.gz"), "--out", str(out))
     assert missing.returncode == 2 and "nope.nii.gz: not found" in missing.stderr
+
+
+def test_evaluate_says_which_hd95_were_not_scored(tmp_path):
+    label = np.zeros((12, 12, 12), dtype=np.uint8)
+    label[2:6, 2:6, 2:6], label[7:10, 7:10, 7:10] = 1, 2
+    missed = np.where(label == 2, 0, label).astype(np.uint8)
+    for folder, a, b in (("labels", label, label), ("pred", missed, label)):
+        (tmp_path / folder).mkdir()
+        nib.save(nib.Nifti1Image(a, np.eye(4)), tmp_path / folder / "a.nii.gz")
+        nib.save(nib.Nifti1Image(b, np.eye(4)), tmp_path / folder / "b.nii.gz")
+    result = CliRunner().invoke(app, ["evaluate", str(tmp_path / "pred"), str(tmp_path / "labels")])
+    assert result.exit_code == 0, result.output
+    assert "2 cases" in result.output
+    notes = [line for line in result.output.splitlines() if "not scored" in line]
+    assert notes == [
+        "hd95_2: 1 case(s) not scored (label missing from prediction or reference: 1 missed, 0 false positive); "
+        "dice_2 is 0 there."
+    ]

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from medfcn.data.datasets import case_id, data_root, fold_datalists, load_msd_datalist, make_folds
+from medfcn.data.datasets import case_id, data_root, fold_datalists, load_msd_datalist, make_folds, write_folds
+from medfcn.errors import UserError
 
 from .conftest import HIPPO, REPO, need
 
@@ -50,6 +51,36 @@ def test_make_folds_is_deterministic_disjoint_and_complete():
     assert {len(f) for f in folds} <= {4, 5}
     with pytest.raises(ValueError):
         make_folds(ids, 1)
+
+
+def test_write_folds(spheres_dataset, tmp_path):
+    out = tmp_path / "split" / "folds.json"
+    split = write_folds(spheres_dataset, out, n_folds=3, seed=1)
+    assert json.loads(out.read_text()) == split
+    ids = [case_id(d["image"]) for d in load_msd_datalist(spheres_dataset)]
+    assert split["folds"] == make_folds(ids, 3, 1)
+    with pytest.raises(UserError, match="already exists"):
+        write_folds(spheres_dataset, out, n_folds=4)
+    assert write_folds(spheres_dataset, out, n_folds=4, overwrite=True)["n_folds"] == 4
+    assert json.loads(out.read_text())["n_folds"] == 4
+    assert [p.name for p in out.parent.iterdir()] == ["folds.json"]
+
+
+@pytest.mark.parametrize("n_folds", [1, 13])
+def test_write_folds_refuses_impossible_fold_counts(spheres_dataset, tmp_path, n_folds):
+    with pytest.raises(UserError, match=f"lists 12 case.*cannot make {n_folds} folds"):
+        write_folds(spheres_dataset, tmp_path / "folds.json", n_folds=n_folds)
+    assert not (tmp_path / "folds.json").exists()
+
+
+def test_write_folds_without_a_dataset(tmp_path):
+    with pytest.raises(UserError, match="dataset folder not found"):
+        write_folds(tmp_path / "nope", tmp_path / "folds.json")
+    with pytest.raises(UserError, match="dataset.json: not found"):
+        write_folds(tmp_path, tmp_path / "folds.json")
+    (tmp_path / "dataset.json").write_text('{"training": []}')
+    with pytest.raises(UserError, match="no 'training' list"):
+        write_folds(tmp_path, tmp_path / "folds.json")
 
 
 def test_fold_datalists(spheres_dataset):

@@ -64,3 +64,44 @@ def test_mismatches_are_user_errors(tmp_path, change, message):
         (tmp_path / "labels").mkdir()
     with pytest.raises(UserError, match=message):
         evaluate_folders(tmp_path / "pred", tmp_path / "labels")
+
+
+def test_label_only_in_prediction_scores_zero_and_lowers_the_mean(tmp_path):
+    label = _cube()
+    label[label == 2] = 0  # the reference has label 1 only
+    pred = _cube()  # ... the prediction adds a label 2
+    row = case_metrics(pred, label, (1.0, 1.0, 1.0), [1, 2])
+    assert row["dice_1"] == pytest.approx(1.0) and row["dice_2"] == 0.0
+    assert np.isnan(row["hd95_2"])
+    _save(tmp_path / "labels" / "a.nii.gz", label)
+    _save(tmp_path / "pred" / "a.nii.gz", pred)
+    rows, summary = evaluate_folders(tmp_path / "pred", tmp_path / "labels")
+    assert rows[0]["dice_mean"] == pytest.approx(0.5)
+    assert summary["dice_2"]["false_positive"] == 1 and summary["dice_2"]["missed"] == 0
+    assert summary["hd95_2"]["not_scored"] == 1 and summary["hd95_2"]["n"] == 0
+
+
+def test_label_in_neither_mask_is_not_scored():
+    label = _cube()
+    label[label == 2] = 0
+    row = case_metrics(label, label, (1.0, 1.0, 1.0), [1, 2])
+    assert np.isnan(row["dice_2"]) and np.isnan(row["hd95_2"])
+    assert row["dice_1"] == pytest.approx(1.0)
+
+
+def test_missed_structure_scores_zero_and_is_counted(tmp_path):
+    label = _cube()
+    pred = label.copy()
+    pred[pred == 2] = 0  # the prediction misses label 2
+    _save(tmp_path / "labels" / "a.nii.gz", label)
+    _save(tmp_path / "labels" / "b.nii.gz", label)
+    _save(tmp_path / "pred" / "a.nii.gz", pred)
+    _save(tmp_path / "pred" / "b.nii.gz", label)
+    rows, summary = evaluate_folders(tmp_path / "pred", tmp_path / "labels")
+    assert rows[0]["dice_2"] == 0.0 and rows[0]["dice_mean"] == pytest.approx(0.5)
+    assert summary["dice_2"]["n"] == 2 and summary["dice_2"]["mean"] == pytest.approx(0.5)
+    assert summary["dice_2"]["missed"] == 1 and summary["dice_2"]["false_positive"] == 0
+    assert summary["hd95_2"]["n"] == 1 and summary["hd95_2"]["not_scored"] == 1
+    assert summary["hd95_1"]["not_scored"] == 0
+    saved = json.loads((tmp_path / "pred" / "metrics.json").read_text())
+    assert saved["summary"]["dice_2"]["missed"] == 1

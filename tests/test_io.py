@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medfcn.io import atomic_path, atomic_torch_save, atomic_write_text
+from medfcn.errors import UserError
+from medfcn.io import atomic_path, atomic_torch_save, atomic_write_text, refuse_existing
 
 
 def test_failed_write_keeps_old_file_and_leaves_no_temp(tmp_path):
@@ -55,3 +56,14 @@ def test_sigkill_during_writes_leaves_old_or_new_complete_file(tmp_path):
         assert torch.all(ckpt["w"] == float(ckpt["step"]))  # complete and self-consistent
     leftovers = [p.name for p in tmp_path.iterdir() if p.name != "last.pt"]
     assert all(name.startswith(".last.pt.") for name in leftovers)  # only hidden temp files of killed writes
+
+
+def test_refuse_existing_names_the_file_and_the_fix(tmp_path):
+    (tmp_path / "b.txt").write_text("kept")
+    refuse_existing([tmp_path / "a.txt"], overwrite=False)
+    refuse_existing([tmp_path / "b.txt"], overwrite=True)
+    with pytest.raises(UserError, match=r"b.txt: already exists; pass --overwrite to replace it, or choose another"):
+        refuse_existing([tmp_path / "a.txt", tmp_path / "b.txt"], overwrite=False)
+    with pytest.raises(UserError) as err:
+        refuse_existing([tmp_path / "b.txt"], overwrite=False, fix="pass --overwrite to replace it")
+    assert str(err.value) == f"{tmp_path / 'b.txt'}: already exists; pass --overwrite to replace it."

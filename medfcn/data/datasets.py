@@ -11,6 +11,9 @@ import os
 import random
 from pathlib import Path
 
+from medfcn.errors import UserError
+from medfcn.io import atomic_write_text, refuse_existing, writable_dir
+
 __all__ = [
     "DEFAULT_DATA_ROOT",
     "data_root",
@@ -54,10 +57,12 @@ def load_msd_datalist(dataset_dir: str | os.PathLike, section: str = "training")
     try:
         meta = json.loads(index.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"{index}: not valid JSON ({err}).") from err
-    entries = meta.get(section)
+        raise ValueError(f"{index}: not valid JSON ({err}); fix the file.") from err
+    entries = meta.get(section) if isinstance(meta, dict) else None
     if not isinstance(entries, list) or not entries:
-        raise ValueError(f"{index}: has no '{section}' list of cases.")
+        raise ValueError(
+            f'{index}: has no \'{section}\' list of cases; list them as [{{"image": ..., "label": ...}}, ...].'
+        )
     datalist, missing = [], []
     for entry in entries:
         item = {}
@@ -86,12 +91,37 @@ def make_folds(case_ids: list[str], n_folds: int = 5, seed: int = 0) -> list[lis
     return [sorted(ids[k::n_folds]) for k in range(n_folds)]
 
 
-def write_folds(dataset_dir: str | os.PathLike, out: str | os.PathLike, n_folds: int = 5, seed: int = 0) -> dict:
-    """Make the k-fold split of an MSD dataset and write it as JSON to ``out``."""
-    ids = [case_id(item["image"]) for item in load_msd_datalist(dataset_dir)]
+def write_folds(
+    dataset_dir: str | os.PathLike, out: str | os.PathLike, n_folds: int = 5, seed: int = 0, overwrite: bool = False
+) -> dict:
+    """Make the k-fold split of an MSD dataset and write it as JSON to ``out`` (atomically).
+
+    Returns:
+        ``{"n_folds", "seed", "folds"}`` as written; ``folds`` holds ``n_folds`` lists of case ids.
+
+    Raises:
+        UserError: no dataset folder or no readable ``dataset.json`` with cases, ``n_folds``
+            outside 2..number of cases, an existing ``out`` without ``overwrite``, or an
+            ``out`` that cannot be written.
+    """
+    dataset_dir, out = Path(dataset_dir), Path(out)
+    if not dataset_dir.is_dir():
+        raise UserError(f"{dataset_dir}: dataset folder not found; pass the folder that holds an MSD dataset.json.")
+    try:
+        ids = [case_id(item["image"]) for item in load_msd_datalist(dataset_dir)]
+    except (FileNotFoundError, ValueError) as err:
+        raise UserError(str(err)) from err
+    if not 2 <= n_folds <= len(ids):
+        fix = f"pass --n-folds between 2 and {len(ids)}" if len(ids) >= 2 else "a split needs at least 2 cases"
+        raise UserError(
+            f"{dataset_dir / 'dataset.json'}: lists {len(ids)} case(s), cannot make {n_folds} folds; {fix}."
+        )
+    if out.is_dir():
+        raise UserError(f"{out}: is a folder; pass a file name for --out, e.g. {out / 'folds.json'}.")
+    refuse_existing([out], overwrite)
+    writable_dir(out.parent, fix="choose another --out")
     folds = {"n_folds": n_folds, "seed": seed, "folds": make_folds(ids, n_folds, seed)}
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps(folds, indent=1) + "\n")
+    atomic_write_text(json.dumps(folds, indent=1) + "\n", out)
     return folds
 
 
