@@ -2,19 +2,21 @@
 
 User mistakes (:class:`medfcn.errors.UserError`) print one line ``medfcn: error: ...`` and exit
 with code 2; ``--debug`` (or ``MEDFCN_DEBUG=1``) shows the full traceback instead. Anything else
-is a bug and keeps its traceback.
+is a bug and keeps its traceback. A doubtful input that is still processed
+(:class:`medfcn.errors.InputWarning`) prints one line ``medfcn: warning: ...``.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import warnings
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from medfcn.errors import find_user_error
+from medfcn.errors import InputWarning, find_user_error
 
 app = typer.Typer(
     name="medfcn",
@@ -28,12 +30,24 @@ _state = {"debug": False}
 
 
 def _user_errors(command):
-    """Run ``command``; a user error becomes one line on stderr and exit code 2."""
+    """Run ``command``; a user error becomes one line on stderr and exit code 2, and an
+    :class:`~medfcn.errors.InputWarning` one line ``medfcn: warning: ...``."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
-            return command(*args, **kwargs)
+            with warnings.catch_warnings():
+                warnings.simplefilter("always", InputWarning)  # one per input, also for repeats
+                other = warnings.showwarning
+
+                def show(message, category, *rest, **kw):
+                    if issubclass(category, InputWarning):
+                        typer.echo(f"medfcn: warning: {message}", err=True)
+                    else:  # library warnings keep their usual form
+                        other(message, category, *rest, **kw)
+
+                warnings.showwarning = show
+                return command(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise
         except Exception as err:

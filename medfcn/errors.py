@@ -1,4 +1,5 @@
-"""The one exception type for mistakes a user can fix (bad path, bad file, bad option).
+"""The one exception type for mistakes a user can fix (bad path, bad file, bad option), and
+the one warning type for inputs that are probably mistakes but still processed.
 
 The CLI prints a :class:`UserError` as one line and exits with code 2; anything else is a
 bug and keeps its traceback (``--debug`` shows tracebacks for user errors too).
@@ -6,11 +7,16 @@ bug and keeps its traceback (``--debug`` shows tracebacks for user errors too).
 
 from __future__ import annotations
 
-__all__ = ["UserError", "find_user_error"]
+__all__ = ["UserError", "InputWarning", "find_user_error"]
 
 
 class UserError(Exception):
     """An error in the user's input; the message names the file and says what to do."""
+
+
+class InputWarning(UserWarning):
+    """An input that is probably a mistake but still processed (e.g. a label map given as the
+    scan); the CLI prints it as one line ``medfcn: warning: ...``."""
 
 
 def find_user_error(err: BaseException) -> UserError | None:

@@ -31,8 +31,9 @@ import SimpleITK as sitk
 import torch
 from monai.bundle import ConfigParser
 
-from medfcn.data.checks import check_scan
+from medfcn.data.checks import check_scan, warn_if_label_map
 from medfcn.data.datasets import case_id
+from medfcn.data.readers import quiet_itk
 from medfcn.errors import UserError, root_message
 from medfcn.io import atomic_path, load_weights, refuse_existing, writable_dir
 from medfcn.train import bundle_files
@@ -54,6 +55,7 @@ class Segmenter:
     device: torch.device
     in_channels: int = 1
     pixdim: Sequence[float] | None = None
+    slice_axis: int | None = None  # slice-by-slice bundles: the axis (after RAS) they slice along
 
     def __call__(self, path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, float]:
         """Segment one scan.
@@ -66,7 +68,8 @@ class Segmenter:
             data = self.preprocessing({"image": str(path)}, end=1)
         except Exception as err:
             raise UserError(f"{path}: cannot be read as an image ({root_message(err)}).") from err
-        check_scan(data["image"], path, self.in_channels, self.pixdim)
+        check_scan(data["image"], path, self.in_channels, self.pixdim, self.slice_axis)
+        warn_if_label_map(data["image"], path)
         data = self.preprocessing(data, start=1)
         image = data["image"]
         with torch.no_grad():
@@ -125,6 +128,7 @@ def load_segmenter(
         device=dev,
         in_channels=int(parser.get_parsed_content("network_def#in_channels")),
         pixdim=parser.get_parsed_content("pixdim"),
+        slice_axis=parser.get_parsed_content("slice_axis", default=None),
     )
 
 
@@ -143,12 +147,14 @@ def check_device(device: str) -> str:
 
 def _is_dicom_series(folder: Path) -> bool:
     """True for a folder with exactly one complete DICOM series; UserError for a broken one."""
-    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    with quiet_itk():  # a folder of NIfTI files is probed too; GDCM would print "No Series were found"
+        series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
     if not series:
         return False
     if len(series) > 1:
         raise UserError(f"{folder}: holds {len(series)} DICOM series; put each series in its own folder.")
-    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0])
+    with quiet_itk():
+        files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0])
     _check_slice_spacing(folder, files)
     return True
 
@@ -175,7 +181,8 @@ def _check_slice_spacing(folder: Path, files: Sequence[str]) -> None:
 
 def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     """Scans named by ``inputs``: NIfTI files, DICOM series folders, and the NIfTI files of
-    other folders (sorted). Raises UserError for missing paths and folders with no scan."""
+    other folders (sorted; hidden files skipped). A scan named twice (also through its folder)
+    is kept once. Raises UserError for missing paths and folders with no scan."""
     scans: list[Path] = []
     for item in map(Path, inputs):
         if not item.exists():
@@ -187,13 +194,23 @@ def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
         elif _is_dicom_series(item):
             scans.append(item)
         else:
-            found = sorted(p for p in item.iterdir() if p.name.lower().endswith(NIFTI_SUFFIXES))
+            # Hidden names are not scans: macOS's AppleDouble "._case.nii.gz" (in MSD tarballs)
+            # and our own ".<name>.tmp" files would otherwise fail a whole batch.
+            found = sorted(
+                p for p in item.iterdir() if p.name.lower().endswith(NIFTI_SUFFIXES) and not p.name.startswith(".")
+            )
             if not found:
                 raise UserError(f"{item}: no NIfTI files and no DICOM series in this folder.")
             scans.extend(found)
     if not scans:
         raise UserError("no input scans given.")
-    return scans
+    seen: set[Path] = set()
+    unique = []
+    for scan in scans:  # a file given twice, or by name and through its folder, is one scan
+        if scan.resolve() not in seen:
+            seen.add(scan.resolve())
+            unique.append(scan)
+    return unique
 
 
 def mask_name(scan: Path) -> str:
@@ -215,6 +232,7 @@ def _stage_mask(stack: contextlib.ExitStack, labels: np.ndarray, affine: np.ndar
     image = nib.Nifti1Image(labels.astype(np.uint8), affine)
     image.set_qform(affine, code=1)
     image.set_sform(affine, code=1)
+    image.header.set_xyzt_units("mm")  # the affine is in mm; 0 ("unknown") makes some viewers guess
     nib.save(image, stack.enter_context(atomic_path(target, suffix=".nii.gz")))
 
 
@@ -261,8 +279,14 @@ def infer(
     scans = expand_inputs(inputs)
     out = Path(out_dir)
     targets = [out / mask_name(s) for s in scans]
-    if len(set(targets)) != len(targets):
-        raise UserError("two inputs have the same case name; their masks would overwrite each other.")
+    named: dict[Path, Path] = {}
+    for scan, target in zip(scans, targets, strict=True):
+        if target in named:
+            raise UserError(
+                f"{named[target]} and {scan}: same case name, so both masks would be {target.name}; "
+                "rename one or segment them into separate --out folders."
+            )
+        named[target] = scan
     refuse_existing([*targets, out / "volumes.csv", out / "volumes.json"], overwrite)
     if overlap is not None and not 0 <= overlap < 1:
         raise UserError(f"--overlap {overlap}: must be in [0, 1).")

@@ -31,7 +31,7 @@ def writable_dir(folder: str | os.PathLike, fix: str = "choose another output fo
     """Create ``folder`` if needed and check that a file can be created in it.
 
     Raises:
-        UserError: naming the folder, the system's reason, and ``fix``.
+        UserError: naming the folder, the system's reason (or that it is a file), and ``fix``.
     """
     folder = Path(folder)
     os.unlink(_temp_file(folder, ".medfcn-write-test-", "", fix))
@@ -42,12 +42,15 @@ def _temp_file(folder: Path, prefix: str, suffix: str, fix: str) -> str:
     """Create ``folder`` if needed and an empty temporary file in it; return the file's path.
 
     Raises:
-        UserError: the folder cannot be created or written (naming it, the reason and ``fix``).
+        UserError: the folder cannot be created or written, or is a file (naming it, the
+            reason and ``fix``).
     """
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd, path = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=folder)
     except OSError as err:
+        if folder.exists() and not folder.is_dir():
+            raise UserError(f"{folder}: is a file, not a folder; {fix}.") from err
         raise UserError(f"{folder}: output folder not writable ({err.strerror or err}); {fix}.") from err
     os.close(fd)
     return path

@@ -67,12 +67,14 @@ def _make_bad_scan(kind: str, tmp_path):
         return _nifti(tmp_path / "in" / "series.nii.gz", np.stack([vol, vol], -1)), "2 channels"
     if kind == "2d":
         return _nifti(tmp_path / "in" / "flat.nii.gz", vol[..., 0]), "2D image"
+    if kind == "single_slice":  # how 2D images often come as NIfTI
+        return _nifti(tmp_path / "in" / "slice.nii.gz", vol[..., :1]), "is a single slice (30 x 34 x 1)"
     if kind == "zero_length":
         return _nifti(tmp_path / "in" / "empty.nii.gz", np.zeros((0, 5, 5), np.float32)), "empty.nii.gz"
     raise ValueError(kind)
 
 
-@pytest.mark.parametrize("kind", ["not_an_image", "truncated", "nan", "4d", "2d", "zero_length"])
+@pytest.mark.parametrize("kind", ["not_an_image", "truncated", "nan", "4d", "2d", "single_slice", "zero_length"])
 def test_bad_scans(kind, tmp_path):
     path, fragment = _make_bad_scan(kind, tmp_path)
     out = tmp_path / "out"
@@ -90,7 +92,14 @@ def test_missing_path_and_empty_folder(tmp_path):
 def test_volume_over_memory_budget(tmp_path):
     scan = _good(tmp_path)
     result = run("infer", BUNDLE, scan, "--out", tmp_path / "o", env={"MEDFCN_MAX_MEMORY_GB": "0.0001"})
-    assert_user_error(result, "scan.nii.gz", "GiB budget", "MEDFCN_MAX_MEMORY_GB")
+    # small budgets keep their digits: not "needs about 0.0 GiB ... over the 0.0 GiB budget"
+    assert_user_error(result, "scan.nii.gz", "needs about 0.00", "over the 0.0001 GiB budget", "MEDFCN_MAX_MEMORY_GB")
+
+
+@pytest.mark.parametrize("value", ["lots", "0", "-2", "nan"])
+def test_memory_budget_that_is_not_a_positive_number(value, tmp_path):
+    result = run("infer", BUNDLE, _good(tmp_path), "--out", tmp_path / "o", env={"MEDFCN_MAX_MEMORY_GB": value})
+    assert_user_error(result, f"MEDFCN_MAX_MEMORY_GB={value!r}: not a number of GiB; e.g. MEDFCN_MAX_MEMORY_GB=8.")
 
 
 def test_output_folder_problems(tmp_path):
@@ -98,6 +107,7 @@ def test_output_folder_problems(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     assert_user_error(run("infer", BUNDLE, scan, "--out", blocker / "sub"), "not writable")
+    assert_user_error(run("infer", BUNDLE, scan, "--out", blocker), f"{blocker}: is a file, not a folder")
     assert run("infer", BUNDLE, scan, "--out", tmp_path / "o").exit_code == 0
     assert_user_error(run("infer", BUNDLE, scan, "--out", tmp_path / "o"), "already exists", "--overwrite")
 
@@ -110,6 +120,32 @@ def test_bundle_without_weights_and_with_foreign_weights(tmp_path):
     (bundle / "models").mkdir()
     torch.save(FCN(3, 1, 3, features=(8, 16)).state_dict(), bundle / "models" / "model.pt")
     assert_user_error(run("infer", bundle, scan, "--out", tmp_path / "o"), "does not fit the bundle")
+
+
+def test_nifti_folder_with_macos_junk_and_no_itk_noise(tmp_path, capfd):
+    """An MSD-like folder: a scan and its AppleDouble twin ``._<name>``. The junk is skipped and
+    nothing but medfcn's own lines reaches stderr (GDCM's "No Series were found" included)."""
+    scan = _good(tmp_path, "hippocampus_004.nii.gz")
+    (scan.parent / "._hippocampus_004.nii.gz").write_bytes(b"\x00\x05\x16\x07Mac OS X        ")
+    result = run("infer", BUNDLE, scan.parent, "--out", tmp_path / "o")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "o").glob("*.nii.gz")) == ["hippocampus_004.nii.gz"]
+    err = capfd.readouterr().err
+    assert "GDCM" not in err and "WARNING" not in err, err
+
+
+def test_label_map_as_input_is_one_warning_line(tmp_path):
+    labels = np.zeros((30, 34, 28), np.uint8)
+    labels[5:12, 6:14, 4:10] = 1
+    labels[14:20, 10:18, 8:16] = 2
+    path = _nifti(tmp_path / "in" / "label.nii.gz", labels)
+    result = run("infer", BUNDLE, path, "--out", tmp_path / "o")
+    assert result.exit_code == 0, result.output
+    warned = [line for line in result.output.splitlines() if "warning" in line.lower()]
+    assert warned == [
+        f"medfcn: warning: {path}: looks like a label map (values 0, 1, 2), not a scan; segmenting it anyway."
+    ], result.output
+    assert (tmp_path / "o" / "label.nii.gz").is_file()
 
 
 def test_dicom_missing_slice_and_mixed_series(tmp_path):

@@ -25,7 +25,7 @@ def _rotation(angles) -> np.ndarray:
 
 @st.composite
 def scans(draw):
-    shape = tuple(draw(st.integers(1, 19)) for _ in range(3))
+    shape = tuple(draw(st.integers(2, 19)) for _ in range(3))  # 1 voxel thick: the "slice" defect
     dtype = draw(st.sampled_from([np.uint8, np.int16, np.float32, np.float64]))
     spacing = [draw(st.floats(0.5, 2.5)) for _ in range(3)]
     perm = draw(st.permutations([0, 1, 2]))
@@ -53,7 +53,7 @@ def run_infer():
 
 
 def _with_defect(data: np.ndarray, defect: str | None) -> np.ndarray:
-    """The scan, or a broken copy: a NaN voxel, a second channel, or an empty first axis."""
+    """The scan, or a broken copy: a NaN voxel, a second channel, an empty or a one-voxel first axis."""
     if defect == "nan":
         data = data.astype(np.float32)
         data.flat[data.size // 2] = np.nan
@@ -61,11 +61,14 @@ def _with_defect(data: np.ndarray, defect: str | None) -> np.ndarray:
         data = np.stack([data, data], axis=-1)
     elif defect == "empty":
         data = data[:0]
+    elif defect == "slice":
+        data = data[:1]
     return data
 
 
+@pytest.mark.filterwarnings("ignore::medfcn.errors.InputWarning")  # a 2x2x2 uint8 scan "looks like labels"
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(scan=scans(), defect=st.sampled_from([None, None, None, "nan", "channels", "empty"]))
+@given(scan=scans(), defect=st.sampled_from([None, None, None, "nan", "channels", "empty", "slice"]))
 def test_mask_geometry_equals_input(run_infer, tmp_path_factory, scan, defect):
     """A valid scan gives a uint8 mask file on exactly its grid; a broken one a UserError and no file."""
     data, affine = scan

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 
 import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from medfcn.errors import UserError
+from medfcn.errors import InputWarning, UserError
 from medfcn.infer import expand_inputs, infer, label_volumes, load_segmenter, mask_name
 
 from .conftest import BUNDLE, BUNDLE_2D, BUNDLES, DICOM, HIPPO, SPLEEN, need
@@ -124,3 +125,90 @@ def test_bundle_without_weights_is_a_user_error(tmp_path, spheres_dataset):
     shutil.copytree(BUNDLE / "configs", bundle / "configs")
     with pytest.raises(UserError, match="model.pt: missing"):
         infer(bundle, [spheres_dataset / "imagesTr" / "case_000.nii.gz"], tmp_path / "out")
+
+
+def _scan(path, shape=(24, 28, 20), affine=None, seed=0):
+    """A small float32 noise volume written as NIfTI (a scan, as far as the checks can tell)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = np.random.default_rng(seed).random(shape).astype(np.float32)
+    nib.save(nib.Nifti1Image(data, np.eye(4) if affine is None else affine), path)
+    return path
+
+
+def test_probing_a_nifti_folder_prints_nothing(tmp_path, capfd):
+    """GDCM writes "WARNING: ... No Series were found" to file descriptor 2 when a folder
+    without DICOM is probed; the probe silences it, and restores ITK's setting afterwards."""
+    scan = _scan(tmp_path / "in" / "case.nii.gz")
+    (tmp_path / "empty").mkdir()
+    assert expand_inputs([tmp_path / "in"]) == [scan]
+    with pytest.raises(UserError, match="no NIfTI files"):
+        expand_inputs([tmp_path / "empty"])
+    captured = capfd.readouterr()
+    assert "GDCM" not in captured.err and "WARNING" not in captured.err, captured.err
+    assert captured.err.strip() == ""
+    assert sitk.ProcessObject.GetGlobalWarningDisplay()
+
+
+def test_hidden_files_in_a_folder_are_skipped(tmp_path):
+    """macOS AppleDouble files (``._case.nii.gz``, in MSD tarballs) are not scans and must not
+    fail the batch; a hidden file named explicitly is still an input."""
+    scan = _scan(tmp_path / "in" / "case.nii.gz")
+    junk = tmp_path / "in" / "._case.nii.gz"
+    junk.write_bytes(b"\x00\x05\x16\x07 AppleDouble resource fork")
+    assert expand_inputs([tmp_path / "in"]) == [scan]
+    assert expand_inputs([junk]) == [junk]
+
+
+def test_a_scan_named_twice_is_segmented_once(tmp_path):
+    scan = _scan(tmp_path / "in" / "case.nii.gz")
+    again = tmp_path / "in" / ".." / "in" / "case.nii.gz"
+    assert expand_inputs([tmp_path / "in", scan, again]) == [scan]
+    rows = infer(BUNDLE, [scan, tmp_path / "in"], tmp_path / "out")
+    assert len(rows) == 1 and json.loads((tmp_path / "out" / "volumes.json").read_text())[0]["input"] == str(scan)
+
+
+def test_two_scans_with_one_case_name_are_both_named(tmp_path):
+    a = _scan(tmp_path / "a" / "case.nii.gz")
+    b = _scan(tmp_path / "b" / "case.nii.gz", seed=1)
+    with pytest.raises(UserError, match="same case name") as info:
+        infer(BUNDLE, [a, b], tmp_path / "out")
+    assert str(a) in str(info.value) and str(b) in str(info.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_written_mask_states_millimetres(tmp_path):
+    infer(BUNDLE, [_scan(tmp_path / "case.nii.gz")], tmp_path / "out")
+    assert nib.load(tmp_path / "out" / "case.nii.gz").header.get_xyzt_units()[0] == "mm"
+
+
+def test_single_slice_is_refused_except_across_a_2d_bundles_slice_axis(tmp_path):
+    """A one-slice volume gives the 3D network nothing to see (it came out all background); the
+    2D bundle segments sagittal slices, so one sagittal slice is a valid input for it alone."""
+    axial = _scan(tmp_path / "axial.nii.gz", shape=(24, 28, 1))
+    sagittal = _scan(tmp_path / "sagittal.nii.gz", shape=(1, 28, 20))
+    with pytest.raises(UserError, match=r"axial.nii.gz: is a single slice \(24 x 28 x 1\)"):
+        infer(BUNDLE, [axial], tmp_path / "o1")
+    with pytest.raises(UserError, match="sagittal.nii.gz: is a single slice"):
+        infer(BUNDLE, [sagittal], tmp_path / "o1")
+    with pytest.raises(UserError, match="axial.nii.gz: is a single slice"):
+        infer(BUNDLE_2D, [axial], tmp_path / "o2")
+    assert not list(tmp_path.glob("o*/*.nii.gz"))
+    # stored with the sagittal axis last: still one sagittal slice once reoriented to RAS
+    turned = _scan(tmp_path / "turned.nii.gz", shape=(28, 20, 1), affine=np.eye(4)[:, [1, 2, 0, 3]])
+    rows = infer(BUNDLE_2D, [sagittal, turned], tmp_path / "o2")
+    assert [r["shape"] for r in rows] == ["1x28x20", "28x20x1"]
+
+
+def test_a_label_map_as_input_warns(tmp_path):
+    labels = np.zeros((24, 28, 20), np.uint8)
+    labels[5:10, 5:12, 4:9] = 1
+    labels[12:18, 8:14, 6:12] = 2
+    (tmp_path / "in").mkdir()
+    nib.save(nib.Nifti1Image(labels, np.eye(4)), tmp_path / "in" / "label.nii.gz")
+    scan = _scan(tmp_path / "in" / "scan.nii.gz")
+    with pytest.warns(InputWarning, match=r"label.nii.gz: looks like a label map \(values 0, 1, 2\), not a scan"):
+        infer(BUNDLE, [tmp_path / "in" / "label.nii.gz"], tmp_path / "o1")
+    assert (tmp_path / "o1" / "label.nii.gz").is_file()  # segmented anyway
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", InputWarning)
+        infer(BUNDLE, [scan], tmp_path / "o2")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from medfcn.errors import UserError
-from medfcn.io import atomic_path, atomic_torch_save, atomic_write_text, refuse_existing
+from medfcn.io import atomic_path, atomic_torch_save, atomic_write_text, refuse_existing, writable_dir
 
 
 def test_failed_write_keeps_old_file_and_leaves_no_temp(tmp_path):
@@ -27,6 +27,18 @@ def test_successful_writes_replace(tmp_path):
     assert (tmp_path / "t.txt").read_text() == "b"
     atomic_torch_save({"w": torch.ones(2)}, tmp_path / "sub" / "c.pt")
     assert torch.equal(torch.load(tmp_path / "sub" / "c.pt", weights_only=True)["w"], torch.ones(2))
+
+
+def test_output_folder_that_is_a_file(tmp_path):
+    """--out naming an existing file says so, not "not writable (File exists)"; the file is kept."""
+    blocker = tmp_path / "afile"
+    blocker.write_text("keep me")
+    with pytest.raises(UserError, match=r"afile: is a file, not a folder; choose another --out\.$"):
+        writable_dir(blocker, fix="choose another --out")
+    assert blocker.read_text() == "keep me"
+    with pytest.raises(UserError, match="afile/sub: output folder not writable"):  # a file above it
+        writable_dir(blocker / "sub")
+    assert writable_dir(tmp_path / "new" / "dir").is_dir()
 
 
 def test_sigkill_during_writes_leaves_old_or_new_complete_file(tmp_path):

@@ -88,3 +88,13 @@ def test_real_nifti_same_as_nibabel_reader():
     b = LoadImage(reader="NibabelReader", image_only=True)(path)
     np.testing.assert_allclose(np.asarray(a), np.asarray(b))
     np.testing.assert_allclose(np.asarray(a.affine), np.asarray(b.affine), atol=1e-5)
+
+
+def test_folder_without_dicom_raises_without_itk_output(tmp_path, capfd):
+    """GDCM's own "No Series were found" warning (printed by C++ on stderr) stays silent; the
+    ValueError says it instead."""
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)), tmp_path / "a.nii.gz")
+    with pytest.raises(ValueError, match="no DICOM image series"):
+        read_dicom_series(tmp_path)
+    assert capfd.readouterr().err == ""
+    assert sitk.ProcessObject.GetGlobalWarningDisplay()  # restored for everyone else

@@ -7,16 +7,18 @@ count, size) and at image/label pairs (shape, affine, label values).
 
 from __future__ import annotations
 
+import math
 import os
+import warnings
 from collections.abc import Sequence
 
 import nibabel as nib
 import numpy as np
 import torch
 
-from medfcn.errors import UserError
+from medfcn.errors import InputWarning, UserError
 
-__all__ = ["BYTES_PER_VOXEL", "memory_budget", "check_scan", "check_training_pairs"]
+__all__ = ["BYTES_PER_VOXEL", "memory_budget", "check_scan", "warn_if_label_map", "check_training_pairs"]
 
 # float32 bytes per voxel at the model's spacing during inference: the input, the logits and
 # their softmax (3 classes each), the sliding-window sum and weight maps, and the inverted
@@ -25,17 +27,37 @@ BYTES_PER_VOXEL = 64
 
 
 def memory_budget() -> int:
-    """Bytes one scan may take: ``$MEDFCN_MAX_MEMORY_GB``, else half the machine's RAM."""
-    if os.environ.get("MEDFCN_MAX_MEMORY_GB"):
-        return int(float(os.environ["MEDFCN_MAX_MEMORY_GB"]) * 2**30)
+    """Bytes one scan may take: ``$MEDFCN_MAX_MEMORY_GB`` (GiB), else half the machine's RAM.
+
+    Raises:
+        UserError: the variable is set but not a positive, finite number.
+    """
+    value = os.environ.get("MEDFCN_MAX_MEMORY_GB", "").strip()
+    if value:
+        try:
+            gib = float(value)
+        except ValueError:
+            gib = math.nan
+        if not 0 < gib < math.inf:  # also NaN
+            raise UserError(f"MEDFCN_MAX_MEMORY_GB={value!r}: not a number of GiB; e.g. MEDFCN_MAX_MEMORY_GB=8.")
+        return int(gib * 2**30)
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
     except (ValueError, OSError):  # no sysconf: assume 8 GiB
         return 4 * 2**30
 
 
+def _amount(x: float) -> str:
+    """3 significant digits, no exponent above 100: ``0.0123``, ``1.5``, ``12.3``, ``1234``."""
+    return f"{x:.3g}" if x < 100 else f"{x:.0f}"
+
+
 def check_scan(
-    image: torch.Tensor, path: str | os.PathLike, in_channels: int, target_spacing: Sequence[float] | None = None
+    image: torch.Tensor,
+    path: str | os.PathLike,
+    in_channels: int,
+    target_spacing: Sequence[float] | None = None,
+    slice_axis: int | None = None,
 ) -> None:
     """Check a freshly loaded scan (before channel-first, resampling and normalisation).
 
@@ -44,10 +66,12 @@ def check_scan(
         path: the file or folder, named in messages.
         in_channels: channels the bundle's network takes.
         target_spacing: the bundle's voxel size in mm, to estimate the resampled size.
+        slice_axis: for a bundle that segments slice by slice, its slice axis after
+            reorientation to RAS (0: sagittal); one slice across it is a valid input.
 
     Raises:
-        UserError: wrong dimensionality or channel count, an empty axis, NaN/Inf voxels, or a
-            volume whose resampled size exceeds :func:`memory_budget`.
+        UserError: wrong dimensionality or channel count, an empty axis, a single slice, NaN/Inf
+            voxels, or a volume whose resampled size exceeds :func:`memory_budget`.
     """
     shape = tuple(int(s) for s in image.shape)
     meta = getattr(image, "meta", {})
@@ -64,21 +88,54 @@ def check_scan(
         )
     if min(spatial) < 1:
         raise UserError(f"{path}: has an empty axis (shape {shape}).")
+    affine = np.asarray(meta.get("affine", np.eye(4)), dtype=np.float64)
+    # A one-voxel axis gives the 3D network nothing to see: the mask comes out all background.
+    # Only a slice-by-slice bundle reads a lone slice across its own slice axis (as it reads each).
+    ras_axes = list(nib.io_orientation(affine)[:, 0])  # the RAS axis each stored axis becomes
+    own_axis = ras_axes.index(slice_axis) if slice_axis in ras_axes else None
+    if any(size < 2 and axis != own_axis for axis, size in enumerate(spatial)):
+        what = "a single slice" if sum(size < 2 for size in spatial) == 1 else "not a volume"
+        dims = " x ".join(map(str, spatial))
+        raise UserError(f"{path}: is {what} ({dims}); this bundle segments 3D volumes.")
     finite = torch.isfinite(torch.as_tensor(image))
     if not bool(finite.all()):
         bad = int((~finite).sum())
         raise UserError(f"{path}: has {bad} NaN/Inf voxels; fix or mask them before segmenting.")
     if target_spacing is not None:
-        affine = np.asarray(meta.get("affine", np.eye(4)), dtype=np.float64)
         spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
         voxels = float(np.prod(np.ceil(np.array(spatial) * spacing / np.asarray(target_spacing, dtype=float))))
         need = voxels * BYTES_PER_VOXEL * max(in_channels, 1)
         budget = memory_budget()
         if need > budget:
             raise UserError(
-                f"{path}: needs about {need / 2**30:.1f} GiB at the model's spacing ({voxels / 1e6:.0f} M voxels), "
-                f"over the {budget / 2**30:.1f} GiB budget; crop the scan or raise MEDFCN_MAX_MEMORY_GB."
+                f"{path}: needs about {_amount(need / 2**30)} GiB at the model's spacing "
+                f"({_amount(voxels / 1e6)} M voxels), over the {_amount(budget / 2**30)} GiB budget; "
+                "crop the scan or raise MEDFCN_MAX_MEMORY_GB."
             )
+
+
+def warn_if_label_map(image: torch.Tensor, path: str | os.PathLike, max_values: int = 8) -> None:
+    """Warn (:class:`~medfcn.errors.InputWarning`) when ``image`` holds at most ``max_values``
+    distinct whole numbers, as a label map does and no MR or CT scan does.
+
+    A label map passed instead of its scan segments without error into a meaningless mask. The
+    values of a subsample of about 10^6 voxels decide (cheap on large scans); the message lists
+    those of the whole image.
+    """
+    flat = torch.as_tensor(image).as_subclass(torch.Tensor).reshape(-1)
+    sample = flat[:: max(1, flat.numel() // 1_000_000)]
+    if sample.is_floating_point() and not bool((sample == sample.round()).all()):
+        return
+    if len(torch.unique(sample)) > max_values:
+        return
+    values = torch.unique(flat)
+    if len(values) < 2 or len(values) > max_values:  # a constant image is blank, not a label map
+        return
+    listed = ", ".join(str(int(v)) for v in values.tolist())
+    warnings.warn(
+        InputWarning(f"{path}: looks like a label map (values {listed}), not a scan; segmenting it anyway."),
+        stacklevel=2,
+    )
 
 
 def check_training_pairs(datalist: Sequence[dict], num_classes: int, in_channels: int | None = None) -> None:

@@ -12,8 +12,9 @@ Axis order follows MONAI's nibabel and ITK readers: the array is indexed ``[x, y
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from monai.data import ImageReader
 from monai.data.image_reader import _copy_compatible_dict, _stack_images
 from monai.utils import MetaKeys, SpaceKeys, ensure_tuple
 
-__all__ = ["SimpleITKReader", "sitk_affine_ras", "read_dicom_series"]
+__all__ = ["SimpleITKReader", "sitk_affine_ras", "read_dicom_series", "quiet_itk"]
 
 _SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".dcm")
 
@@ -43,6 +44,21 @@ def sitk_affine_ras(image: sitk.Image) -> np.ndarray:
     return flip @ affine
 
 
+@contextlib.contextmanager
+def quiet_itk() -> Iterator[None]:
+    """Silence ITK's warnings inside the block, restoring the previous setting after it.
+
+    GDCM prints "WARNING: ... No Series were found" (and a blank line) straight to stderr,
+    outside Python, whenever a folder without DICOM is probed; medfcn reports that itself.
+    """
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+
+
 def read_dicom_series(folder: str | os.PathLike) -> sitk.Image:
     """Read the one DICOM series in ``folder`` as a 3D image, slices sorted by position.
 
@@ -50,14 +66,16 @@ def read_dicom_series(folder: str | os.PathLike) -> sitk.Image:
         ValueError: the folder holds no DICOM series, or more than one.
     """
     folder = str(folder)
-    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder)
+    with quiet_itk():
+        series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder)
     if not series:
         raise ValueError(f"{folder}: no DICOM image series found in this folder.")
     if len(series) > 1:
         raise ValueError(
             f"{folder}: holds {len(series)} DICOM series ({', '.join(series)}); put each series in its own folder."
         )
-    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, series[0])
+    with quiet_itk():
+        files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, series[0])
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     return reader.Execute()
