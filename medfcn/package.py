@@ -29,7 +29,7 @@ import torch
 from monai.bundle import ConfigParser
 
 from medfcn.errors import UserError, root_message
-from medfcn.io import atomic_torch_save
+from medfcn.io import atomic_torch_save, writable_dir
 from medfcn.train import RUN_FILE
 
 __all__ = ["MODEL_KEYS", "package_run", "trained_flip_axes"]
@@ -238,7 +238,7 @@ def package_run(
     if out.exists() and not overwrite:
         raise UserError(f"{out}: already exists; pass --overwrite to replace it, or choose another --out.")
     state, source = _run_weights(run_dir, weights)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    writable_dir(out.parent, fix="choose another --out")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         _assemble(tmp, out.name, origin, run_dir, run, state, source)

@@ -203,7 +203,7 @@ def test_unknown_fold_and_folds_naming_unknown_cases(spheres_dataset, tmp_path):
         ("empty_training", ["dataset.json: has no 'training' list of cases", '"image"']),
         ("too_many_folds", ["dataset.json: lists 12 case(s), cannot make 13 folds", "--n-folds between 2 and 12"]),
         ("one_fold", ["dataset.json: lists 12 case(s), cannot make 1 folds", "--n-folds between 2 and 12"]),
-        ("out_under_a_file", ["a_file: output folder not writable", "choose another --out"]),
+        ("out_under_a_file", ["a_file: is a file, not a folder", "choose another --out"]),
         ("out_is_a_folder", ["is a folder", "folds.json"]),
     ],
 )
