@@ -153,8 +153,13 @@ def package(
         Path | None, typer.Option("--bundle", help="The bundle the run trained (default: as recorded in the run).")
     ] = None,
     weights: Annotated[
-        str, typer.Option("--weights", help="best (best validation epoch) or last (last epoch); moving averages.")
-    ] = "best",
+        str | None,
+        typer.Option(
+            "--weights",
+            help="best (best validation epoch) or last (last epoch); moving averages. Default: best, or last "
+            "for a --fold -1 run (its validation cases were trained on).",
+        ),
+    ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing bundle folder.")] = False,
 ) -> None:
     """Make a MONAI bundle of a training run: its options in the configs, its weights in models/model.pt.

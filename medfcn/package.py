@@ -46,6 +46,12 @@ MODEL_KEYS = (
     "slice_axis",
 )
 _CONFIGS = ("train.json", "inference.json", "evaluate.json", "logging.conf", "metadata.json")
+_LICENSE = """Code and configs: Apache License 2.0 (see the LICENSE file at the root of the medfcn repository).
+
+Model weights (models/model.pt) were trained by the user of medfcn on their own data and are a
+derived work of it: they fall under that data's licence and terms of use, which this file does
+not know. State them here before sharing the bundle.
+"""
 
 
 def _disabled(component: Any) -> bool:
@@ -55,13 +61,20 @@ def _disabled(component: Any) -> bool:
 
 
 def trained_flip_axes(train: ConfigParser) -> list[int]:
-    """Spatial axes the training augmentation flips along (enabled ``RandFlipd`` only)."""
-    augmentation = train.get("train#augmentation", [])
-    return [
-        t["spatial_axis"]
-        for t in augmentation
-        if isinstance(t, dict) and t.get("_target_") == "RandFlipd" and not _disabled(t)
-    ]
+    """Spatial axes the training augmentation flips one at a time: enabled ``RandFlipd`` with a
+    single axis (``%file#id`` macros resolved). Joint flips (``spatial_axis=[0, 1]``, or None for
+    all axes) are left out: the model never saw one of those axes flipped alone, which is what
+    ``--tta`` would show it."""
+    train.resolve_macro_and_relative_ids()
+    axes = set()
+    for t in train.get("train#augmentation", []):
+        if not isinstance(t, dict) or not str(t.get("_target_", "")).endswith("RandFlipd") or _disabled(t):
+            continue
+        axis = t.get("spatial_axis")
+        axis = axis[0] if isinstance(axis, list) and len(axis) == 1 else axis
+        if isinstance(axis, int) and not isinstance(axis, bool):
+            axes.add(axis)
+    return sorted(axes)
 
 
 def _read_run(run_dir: Path) -> dict:
@@ -115,8 +128,12 @@ def _metadata(meta: dict, train: ConfigParser, name: str, run_dir: Path, best: d
     meta = dict(meta)
     meta["version"] = "0.1.0"
     meta["changelog"] = {"0.1.0": f"packaged by medfcn on {today} from the run in {run_dir} ({source})"}
+    dims = int(train.get_parsed_content("network_def#spatial_dims"))
     meta["task"] = f"Segmentation of {', '.join(classes)}"
-    meta["description"] = f"{meta.get('description', '')} Retrained with medfcn: see docs/README.md.".strip()
+    meta["description"] = (
+        f"A {dims}D fully convolutional network with skip fusion (medfcn.FCN) segmenting {', '.join(classes)}, "
+        "packaged by medfcn from a training run; see docs/README.md."
+    )
     meta["data_source"] = str(train.get_parsed_content("dataset_dir"))
     meta["image_classes"] = f"{channels} channel(s) {modality}, resampled to {train.get('pixdim')} mm, RAS"
     meta["label_classes"] = ", ".join(f"{i} {n}" for i, n in enumerate(["background", *classes]))
@@ -168,8 +185,8 @@ def _readme(name: str, run_dir: Path, settings: dict, best: dict, source: str, o
         f"{settings.get('fold')} of `{settings.get('folds_file')}`. With fold -1 the validation cases were",
         "trained on, so this is not a held-out score: estimate one by cross-validation (one run per fold).",
         "",
-        "Licence: the code and configs are medfcn's (Apache-2.0); the weights are derived from the training",
-        "data, under its licence.",
+        "Licence: see LICENSE. The code and configs are medfcn's (Apache-2.0); the weights are derived",
+        "from the training data and fall under its licence.",
         "",
     ]
     return "\n".join(lines)
@@ -187,6 +204,9 @@ def _assemble(tmp: Path, name: str, origin: Path, run_dir: Path, run: dict, weig
     train = ConfigParser()
     train.read_config(str(tmp / "configs" / "train.json"))
     train.update(settings)
+    train.resolve_macro_and_relative_ids()  # a %file#id macro would not resolve from another folder
+    # its own default run folder, not the source bundle's
+    train["output_dir"] = f"$os.path.join('runs', {name!r}, 'fold' + str(@fold))"
     ConfigParser.export_config_file(train.get(), tmp / "configs" / "train.json", indent=4)
     inference = ConfigParser()
     inference.read_config(str(tmp / "configs" / "inference.json"))
@@ -201,6 +221,7 @@ def _assemble(tmp: Path, name: str, origin: Path, run_dir: Path, run: dict, weig
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
     meta_file.write_text(json.dumps(_metadata(meta, train, name, run_dir, best, source), indent=4) + "\n")
     (tmp / "docs" / "README.md").write_text(_readme(name, run_dir, settings, best, source, origin))
+    (tmp / "LICENSE").write_text(_LICENSE)
     atomic_torch_save(weights, tmp / "models" / "model.pt")
 
 
@@ -208,7 +229,7 @@ def package_run(
     run_dir: str | os.PathLike,
     out: str | os.PathLike,
     bundle: str | os.PathLike | None = None,
-    weights: str = "best",
+    weights: str | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Make the bundle ``out`` from the training run in ``run_dir``; return ``out``.
@@ -219,7 +240,8 @@ def package_run(
         out: the bundle folder to create.
         bundle: the bundle the run trained; default: the one ``medfcn_run.json`` names.
         weights: ``best`` (best validation epoch) or ``last`` (last epoch), both the
-            moving-average weights.
+            moving-average weights; default ``best``, except for a run of ``fold=-1``, whose
+            validation cases were trained on: ``last`` then.
         overwrite: replace an existing ``out``.
 
     Raises:
@@ -237,6 +259,8 @@ def package_run(
         )
     if out.exists() and not overwrite:
         raise UserError(f"{out}: already exists; pass --overwrite to replace it, or choose another --out.")
+    if weights is None:
+        weights = "last" if run["settings"].get("fold") == -1 else "best"
     state, source = _run_weights(run_dir, weights)
     writable_dir(out.parent, fix="choose another --out")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))

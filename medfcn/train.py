@@ -13,13 +13,17 @@ Example::
 from __future__ import annotations
 
 import difflib
+import inspect
 import json
 import os
+import pydoc
 from pathlib import Path
 from typing import Any
 
 import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
+from monai.bundle.config_item import ComponentLocator, ConfigComponent
+from monai.bundle.reference_resolver import ReferenceResolver
 
 from medfcn.data.checks import check_training_pairs
 from medfcn.data.datasets import fold_datalists
@@ -34,7 +38,16 @@ RUN_FILE = "medfcn_run.json"
 # Options that name files: compared as resolved paths, so ``data/`` and ``/abs/data`` agree.
 _PATH_KEYS = ("dataset_dir", "folds_file", "pretrained_encoder")
 # How the CLI spells the options that are not ``--set``.
-_OPTION_NAMES = {"dataset_dir": "--data", "fold": "--fold", "folds_file": "--folds", "epochs": "--epochs"}
+_OPTION_NAMES = {
+    "dataset_dir": "--data",
+    "fold": "--fold",
+    "folds_file": "--folds",
+    "epochs": "--epochs",
+    "pretrained_encoder": "--encoder",
+    "freeze_encoder": "--freeze-encoder",
+}
+# Settings a resume may change: they do not change what the network learns.
+_RUNTIME_KEYS = ("num_workers", "val_interval")
 
 
 def bundle_files(bundle: str | os.PathLike, config: str) -> dict[str, Path]:
@@ -65,19 +78,57 @@ def _parser(config_file: Path, overrides: dict[str, Any]) -> ConfigParser:
     return parser
 
 
+def _arguments(component: Any) -> list[str] | None:
+    """Constructor arguments of the MONAI component ``component`` (a dict with ``_target_``);
+    None where any name is accepted (``**kwargs``, an expression, a target that cannot be
+    inspected) and ``[]`` for entries that are not components (plain dicts and lists)."""
+    if not isinstance(component, dict) or not isinstance(component.get("_target_"), str):
+        return []
+    item = ConfigComponent(config=component, locator=ComponentLocator())
+    target = pydoc.locate(str(item.resolve_module_name() or component["_target_"]))
+    try:
+        params = list(inspect.signature(target).parameters.values()) if target is not None else None
+    except (TypeError, ValueError):
+        params = None
+    if params is None or any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return [p.name for p in params if p.kind is not p.VAR_POSITIONAL]
+
+
 def _check_override_keys(config_file: Path, overrides: dict[str, Any]) -> None:
-    """Each override must name an entry of the config, or a new argument of one of its
-    components (``network_def#encoder_blocks``): a misspelt key would otherwise be added
-    unused and the run would silently train with the default."""
+    """Each override must name an entry of the config (after the overrides before it, macros
+    resolved), or an argument of one of its components (``network_def#encoder_blocks``, and
+    MONAI's reserved ``_disabled_`` etc.): a misspelt key would otherwise be added unused and
+    the run would silently train with the default, or fail late with a traceback."""
     parser = _parser(config_file, {})
-    for key in overrides:
-        parent = key.rpartition("#")[0]
-        if key in parser or (parent and parent in parser and isinstance(parser[parent], dict)):
-            continue
-        entries = [k for k in parser.get() if not k.startswith("_")]
-        close = difflib.get_close_matches(key.split("#")[0], entries, n=1)
-        hint = f"did you mean {close[0]!r}?" if close else f"entries: {', '.join(entries)}"
-        raise UserError(f"--set {key}: no such entry in {config_file}; {hint}")
+    for key, value in overrides.items():
+        path = key.replace(ReferenceResolver.sep, "#")
+        parent, _, name = path.rpartition("#")
+        if path not in parser:
+            while parent and parent not in parser:  # name the deepest entry that exists
+                parent, _, name = parent.rpartition("#")
+            scope = parser[parent] if parent else parser.get()
+            arguments = _arguments(scope) if parent else []
+            reserved = name.startswith("_") and name.endswith("_") and arguments != []
+            if arguments is None or reserved or (path.endswith(f"#{name}") and name in (arguments or [])):
+                _apply(parser, key, path, value)
+                continue
+            known = [str(k) for k in (scope if isinstance(scope, dict) else range(len(scope)))]
+            known = sorted({k for k in known + (arguments or []) if not k.startswith("_")})
+            close = difflib.get_close_matches(name, known, n=1)
+            where = f"{parent!r}" if parent else str(config_file)
+            hint = f"did you mean {close[0]!r}?" if close else f"entries there: {', '.join(known)}"
+            raise UserError(f"--set {key}: no {name!r} in {where}; {hint}")
+        _apply(parser, key, path, value)
+
+
+def _apply(parser: ConfigParser, key: str, path: str, value: Any) -> None:
+    """Set one checked override, resolving ``%file#id`` macros so the next key sees their content."""
+    parser[path] = value
+    try:
+        parser.resolve_macro_and_relative_ids()
+    except Exception as err:
+        raise UserError(f"--set {key}: cannot resolve {value!r} ({root_message(err)}); check the file and id.") from err
 
 
 def _option(key: str) -> str:
@@ -92,13 +143,15 @@ def _same(key: str, a: Any, b: Any) -> bool:
     return json.loads(json.dumps(a, default=str)) == json.loads(json.dumps(b, default=str))
 
 
-def _resume_settings(out: Path, args: dict[str, Any], given: set[str]) -> dict[str, Any]:
+def _resume_settings(out: Path, args: dict[str, Any], given: set[str], config_file: Path) -> dict[str, Any]:
     """``args`` completed with the settings the run in ``out`` started with (its RUN_FILE).
 
     A resumed run must train on the same data, split and config as before, or it would
     silently mix two experiments: options not given again are taken from the run; options
-    given with another value are refused. ``epochs`` may grow (extending the run). Runs
-    without a RUN_FILE (``python -m monai.bundle run``, older medfcn) are resumed as given.
+    given with another value (than the run's, or the bundle's default where the run set none)
+    are refused, except ``epochs`` (the LR schedule follows the new length) and settings that
+    do not change what is learnt (``_RUNTIME_KEYS``). Runs without a RUN_FILE (``python -m
+    monai.bundle run``, older medfcn) are resumed as given.
     """
     run_file = out / RUN_FILE
     if not run_file.is_file():
@@ -109,27 +162,28 @@ def _resume_settings(out: Path, args: dict[str, Any], given: set[str]) -> dict[s
         raise UserError(
             f"{run_file}: unreadable ({err}); restore it, or start a new run with another --output."
         ) from err
-    merged = dict(args)
-    for key in given - {"epochs"}:
-        if key not in saved or not _same(key, saved[key], args[key]):
-            before = f"{saved[key]!r}" if key in saved else "the bundle's default"
+    default = _parser(config_file, {})
+    for key in given - {"epochs", *_RUNTIME_KEYS}:
+        before = saved[key] if key in saved else default.get(key.replace(ReferenceResolver.sep, "#"))
+        if not _same(key, before, args[key]):
+            shown = f"{before!r}" if key in saved else f"the bundle's default {before!r}"
             raise UserError(
-                f"{out}: this run started with {_option(key)} {before}, not {args[key]!r}; "
+                f"{out}: this run started with {_option(key)} {shown}, not {args[key]!r}; "
                 "resume without that option (the run's settings are reused) or start a new run with another --output."
             )
-    for key, value in saved.items():
-        if key not in given:
-            merged[key] = value
-    return merged
+    return {**args, **{k: v for k, v in saved.items() if k not in given}}
 
 
 def _write_run_settings(out: Path, parser: ConfigParser, args: dict[str, Any]) -> None:
     """Record in ``out/RUN_FILE`` the bundle and what a resume must repeat: the options given
-    and the data, split, fold and length they resolved to (``medfcn package`` reads it too)."""
+    (paths made absolute) and the data, split, fold and length they resolved to (``medfcn
+    package`` reads it too). Rewritten on every resume, so an extended run records its new length."""
     settings = {k: v for k, v in args.items() if k not in ("bundle_root", "output_dir", "resume")}
     for key in ("dataset_dir", "folds_file", "fold", "epochs"):
-        value = parser.get_parsed_content(key)
-        settings[key] = os.path.abspath(value) if key in _PATH_KEYS else value
+        settings[key] = parser.get_parsed_content(key)
+    for key in _PATH_KEYS:
+        if settings.get(key):
+            settings[key] = os.path.abspath(str(settings[key]))
     bundle = os.path.abspath(parser.get_parsed_content("bundle_root"))
     text = json.dumps({"bundle": bundle, "settings": settings}, indent=1, default=str) + "\n"
     atomic_write_text(text, out / RUN_FILE)
@@ -262,9 +316,8 @@ def train(
     args.update(overrides or {})
     if resume:
         explicit = {k for k in args if k not in ("bundle_root", "output_dir")}
-        args = _resume_settings(
-            Path(_parser(files["config_file"], args).get_parsed_content("output_dir")), args, explicit
-        )
+        run_dir = Path(_parser(files["config_file"], args).get_parsed_content("output_dir"))
+        args = _resume_settings(run_dir, args, explicit, files["config_file"])
     args["resume"] = bool(resume)
 
     parser = _parser(files["config_file"], args)  # one parser for every check before the run
@@ -301,14 +354,15 @@ def train(
     if int(n_epochs) < 1:
         raise UserError(f"epochs must be at least 1, got {n_epochs}.")
     _check_dry_run(network, parser, files["config_file"])
-    if resume or encoder:
+    if resume:  # a run of another network_def must fail here, in one line, not deep in MONAI's loader
+        load_weights(network, last, key="network")
+        _check_resumable(last, saved, parser)
+    elif encoder:
         _check_encoder(network, encoder)
-        if resume:  # a run of another network_def must fail here, in one line, not deep in MONAI's loader
-            load_weights(network, last, key="network")
-            _check_resumable(last, saved, parser)
     writable_dir(out, fix="choose another --output")
-    if not resume:
-        _write_run_settings(Path(out), parser, {k: v for k, v in args.items() if k in given or k in (overrides or {})})
+    _write_run_settings(Path(out), parser, args)
+    if resume:  # last.pt's weights replace the encoder's initialisation, whose file may be gone by now
+        args = {**args, "pretrained_encoder": None}
 
     logging_file = files["logging_file"] if files["logging_file"].is_file() else None
     workflow = ConfigWorkflow(

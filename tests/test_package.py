@@ -14,7 +14,7 @@ from medfcn.infer import infer
 from medfcn.package import MODEL_KEYS, package_run, trained_flip_axes
 from medfcn.train import RUN_FILE, train
 
-from .conftest import BUNDLE, BUNDLE_2D
+from .conftest import BUNDLE, BUNDLE_2D, REPO
 
 # a run whose model differs from the bundle's in every way inference must know about
 RUN = {
@@ -59,6 +59,8 @@ def test_packaged_bundle_carries_the_runs_model(run_dir, spheres_dataset, tmp_pa
     shipped = torch.load(out / "models" / "model.pt", weights_only=True)
     best = torch.load(run_dir / "best_model.pt", weights_only=True)
     assert shipped.keys() == best.keys() and all(torch.equal(shipped[k], best[k]) for k in best)
+    assert "spheres_fcn" in train_cfg["output_dir"]  # retraining does not collide with the source's runs
+    assert "trained by the user" in (out / "LICENSE").read_text()
     meta = json.loads((out / "configs" / "metadata.json").read_text())
     assert meta["name"] == "spheres_fcn"
     assert meta["network_data_format"]["outputs"]["pred"]["channel_def"] == {
@@ -98,3 +100,32 @@ def test_weights_that_do_not_load_leave_nothing(run_dir, tmp_path):
     with pytest.raises(UserError, match="the packaged bundle does not load its weights"):
         package_run(run_dir, target, bundle=BUNDLE_2D)
     assert not target.parent.exists() or not any(target.parent.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("augmentation", "axes"),
+    [
+        ({"train#augmentation#3#_disabled_": True}, []),
+        ({"train#augmentation#3#spatial_axis": [0, 1]}, []),  # a joint flip: no single axis to flip at test time
+        ({"train#augmentation#3#spatial_axis": [2]}, [2]),
+        ({"train#augmentation": f"%{REPO / 'bench' / 'recipes' / 'nnunet_augmentation.json'}#augmentation"}, [0, 1, 2]),
+    ],
+    ids=["disabled", "joint", "one-element-list", "macro"],
+)
+def test_trained_flip_axes_follow_the_augmentation(augmentation, axes):
+    train_cfg = ConfigParser()
+    train_cfg.read_config(str(BUNDLE / "configs" / "train.json"))
+    train_cfg.update(augmentation)
+    assert trained_flip_axes(train_cfg) == axes
+
+
+def test_a_run_on_all_cases_ships_its_last_weights(spheres_dataset, tmp_path):
+    """--fold -1 validates on cases it trained on, so its best epoch was chosen on training data:
+    the default is then the last epoch's moving average."""
+    overrides = {**RUN, "folds_file": str(spheres_dataset / "folds.json"), "patch_size": [16, 16, 12]}
+    run = train(BUNDLE, spheres_dataset, fold=-1, epochs=1, output_dir=tmp_path / "all", overrides=overrides)
+    out = package_run(run, tmp_path / "b")
+    average = torch.load(run / "last.pt", weights_only=True)["weight_average"]["network"]
+    shipped = torch.load(out / "models" / "model.pt", weights_only=True)
+    assert all(torch.equal(shipped[k], average[k]) for k in average)
+    assert "last epoch" in json.loads((out / "configs" / "metadata.json").read_text())["changelog"]["0.1.0"]

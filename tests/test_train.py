@@ -10,9 +10,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from medfcn import FCN
 from medfcn.errors import UserError
-from medfcn.train import RUN_FILE, train
+from medfcn.train import RUN_FILE, _check_override_keys, train
 
-from .conftest import BUNDLE, BUNDLE_2D, HIPPO, need, write_msd_dataset
+from .conftest import BUNDLE, BUNDLE_2D, HIPPO, REPO, need, write_msd_dataset
 
 # a small, fast variant of the shipped recipe: the bundle's pipeline with a narrow network
 SMALL = {
@@ -129,7 +129,7 @@ def test_resume_needs_the_same_weight_averaging(spheres_dataset, tmp_path):
     with pytest.raises(UserError, match="has no weight_average"):
         resume("old", overrides)
     # a run folder that records its settings refuses another ema_decay before the checkpoint is read
-    with pytest.raises(UserError, match="started with --set ema_decay the bundle's default, not None"):
+    with pytest.raises(UserError, match="started with --set ema_decay the bundle's default 0.999, not None"):
         resume("averaged", plain)
     (runs["plain"] / RUN_FILE).rename(tmp_path / RUN_FILE)  # as a run of MONAI's own runner: nothing recorded
     with pytest.raises(UserError, match="averaging off; add --set ema_decay=null"):
@@ -168,6 +168,12 @@ def test_transfer_learning_trains_only_the_decoder(spheres_dataset, tmp_path):
     assert all(torch.equal(trained[k], donor[k]) for k in encoder)
     assert not all(torch.equal(trained[k], donor[k]) for k in decoder)
 
+    # resuming does not need the encoder's file any more (last.pt's weights replace it); the encoder stays frozen
+    (source / "best_model.pt").rename(tmp_path / "moved.pt")
+    train(BUNDLE, output_dir=out, resume=True, epochs=3)
+    resumed = torch.load(out / "last.pt", weights_only=True)["network"]
+    assert all(torch.equal(resumed[k], donor[k]) for k in encoder)
+
     bad = {**overrides, "pretrained_encoder": str(tmp_path / "missing.pt")}
     with pytest.raises(UserError, match="encoder checkpoint not found"):
         train(BUNDLE, spheres_dataset, fold=0, epochs=1, output_dir=tmp_path / "bad", overrides=bad)
@@ -196,24 +202,46 @@ def test_resume_reuses_the_runs_settings_and_refuses_others(spheres_dataset, tmp
         with pytest.raises(UserError, match=message):
             train(BUNDLE, output_dir=out, resume=True, epochs=2, **given)
     # nothing but the folder and the new length: the run's dataset (not $MEDFCN_DATA) and fold, and its
-    # concat fusion (with the bundle's sum fusion, last.pt would not fit the network and fail to load)
-    train(BUNDLE, output_dir=out, resume=True, epochs=2)
+    # concat fusion (with the bundle's sum fusion, last.pt would not fit the network and fail to load);
+    # a value equal to the bundle's default and a setting that does not change what is learnt are fine
+    train(BUNDLE, output_dir=out, resume=True, epochs=2, overrides={"learning_rate": 0.002, "num_workers": 0})
     state = torch.load(out / "last.pt", weights_only=True)
     assert state["trainer"]["iteration"] == 2 * length
+    assert json.loads((out / RUN_FILE).read_text())["settings"]["epochs"] == 2  # the extension is recorded
+    with pytest.raises(UserError, match="finished 2 epochs"):  # so a later --resume keeps the new length
+        train(BUNDLE, output_dir=out, resume=True)
 
 
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"batchsize": 4}, "--set batchsize: no such entry .*did you mean 'batch_size'"),
-        ({"network_def#fusoin#x": 1}, "--set network_def#fusoin#x: no such entry"),
+        ({"batchsize": 4}, "--set batchsize: no 'batchsize' in .*train.json; did you mean 'batch_size'"),
+        (
+            {"network_def#fusoin#x": 1},
+            "--set network_def#fusoin#x: no 'fusoin' in 'network_def'; did you mean 'fusion'",
+        ),
+        ({"train#batch_size": 4}, "--set train#batch_size: no 'batch_size' in 'train'"),
+        (
+            {"loss#loss#lamda_ce": 0.5},
+            "--set loss#loss#lamda_ce: no 'lamda_ce' in 'loss#loss'; did you mean 'lambda_ce'",
+        ),
         ({"patch_size": [4, 4, 4]}, "cannot train on patch_size \\[4, 4, 4\\]"),
         ({"patch_size": [24, 24]}, "cannot train on patch_size \\[24, 24\\]"),
         ({"num_classes": 2}, "num_classes 2 .* class_names has 2 name"),
         ({"modality": "PET"}, "unknown modality 'PET'"),
         ({"network_def#in_channels": 2}, r"case_\d+.nii.gz: has 1 channel.* network takes 2"),
     ],
-    ids=["misspelt", "nested", "small-patch", "2d-patch", "classes", "modality", "channels"],
+    ids=[
+        "misspelt",
+        "nested",
+        "not-a-component",
+        "argument",
+        "small-patch",
+        "2d-patch",
+        "classes",
+        "modality",
+        "channels",
+    ],
 )
 def test_config_mistakes_fail_before_training(spheres_dataset, tmp_path, overrides, message):
     """A misspelt key, a patch the network cannot take, a class list that does not match
@@ -241,3 +269,21 @@ def test_split_of_another_dataset_says_how_to_make_one(spheres_dataset, tmp_path
         overrides=SMALL,
     )
     assert (out / "last.pt").is_file()
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"network_def#encoder_blocks": [1, 3, 3, 1, 1]},  # an argument of medfcn.FCN the config does not set
+        {"network_def::encoder_blocks": [1, 3, 3, 1, 1]},  # MONAI's own separator
+        {"loss#loss#include_background": False},
+        {"train#augmentation#3#_disabled_": True},
+        {  # a macro, then an entry that exists only in what it brings in
+            "train#augmentation": f"%{REPO / 'bench' / 'recipes' / 'nnunet_augmentation.json'}#augmentation",
+            "train#augmentation#10#prob": 0.3,
+        },
+    ],
+    ids=["argument", "separator", "nested-argument", "reserved", "macro"],
+)
+def test_overrides_of_existing_entries_and_arguments_are_accepted(overrides):
+    _check_override_keys(BUNDLE / "configs" / "train.json", overrides)
