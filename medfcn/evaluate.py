@@ -116,10 +116,13 @@ def evaluate_folders(
     for folder in (pred_dir, label_dir):
         if not folder.is_dir():
             raise UserError(f"{folder}: folder not found.")
-    preds = sorted(p for p in pred_dir.iterdir() if p.name.endswith(NIFTI_SUFFIXES))
+    # hidden files (macOS "._" companions that archives carry) are no masks
+    preds = sorted(p for p in pred_dir.iterdir() if p.name.endswith(NIFTI_SUFFIXES) and not p.name.startswith("."))
     if not preds:
         raise UserError(f"{pred_dir}: no NIfTI masks in this folder.")
-    references = {case_id(p): p for p in label_dir.iterdir() if p.name.endswith(NIFTI_SUFFIXES)}
+    references = {
+        case_id(p): p for p in label_dir.iterdir() if p.name.endswith(NIFTI_SUFFIXES) and not p.name.startswith(".")
+    }
     out = Path(out_dir) if out_dir else pred_dir
     refuse_existing([out / "metrics.csv", out / "metrics.json"], overwrite)
     writable_dir(out, fix="choose another --out")

@@ -49,8 +49,10 @@ def _temp_file(folder: Path, prefix: str, suffix: str, fix: str) -> str:
         folder.mkdir(parents=True, exist_ok=True)
         fd, path = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=folder)
     except OSError as err:
-        if folder.exists() and not folder.is_dir():
-            raise UserError(f"{folder}: is a file, not a folder; {fix}.") from err
+        # the folder itself, or a folder above it, may be an existing file
+        blocking = next((f for f in (folder, *folder.parents) if f.exists() and not f.is_dir()), None)
+        if blocking is not None:
+            raise UserError(f"{blocking}: is a file, not a folder; {fix}.") from err
         raise UserError(f"{folder}: output folder not writable ({err.strerror or err}); {fix}.") from err
     os.close(fd)
     return path

@@ -106,7 +106,7 @@ def test_output_folder_problems(tmp_path):
     scan = _good(tmp_path)
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    assert_user_error(run("infer", BUNDLE, scan, "--out", blocker / "sub"), "not writable")
+    assert_user_error(run("infer", BUNDLE, scan, "--out", blocker / "sub"), f"{blocker}: is a file, not a folder")
     assert_user_error(run("infer", BUNDLE, scan, "--out", blocker), f"{blocker}: is a file, not a folder")
     assert run("infer", BUNDLE, scan, "--out", tmp_path / "o").exit_code == 0
     assert_user_error(run("infer", BUNDLE, scan, "--out", tmp_path / "o"), "already exists", "--overwrite")

@@ -31,6 +31,7 @@ def test_perfect_and_shifted_masks(tmp_path):
     _save(tmp_path / "labels" / "unused.nii.gz", label)  # labels without a prediction are ignored
     _save(tmp_path / "pred" / "a.nii.gz", label)
     _save(tmp_path / "pred" / "b.nii.gz", np.roll(label, 2, axis=0))
+    (tmp_path / "pred" / "._a.nii.gz").write_bytes(b"\x00\x05\x16\x07")  # a macOS companion: not a mask
     rows, summary = evaluate_folders(tmp_path / "pred", tmp_path / "labels")
     a, b = rows
     assert a["dice_1"] == pytest.approx(1.0) and a["hd95_1"] == pytest.approx(0.0)

@@ -36,8 +36,8 @@ def test_output_folder_that_is_a_file(tmp_path):
     with pytest.raises(UserError, match=r"afile: is a file, not a folder; choose another --out\.$"):
         writable_dir(blocker, fix="choose another --out")
     assert blocker.read_text() == "keep me"
-    with pytest.raises(UserError, match="afile/sub: output folder not writable"):  # a file above it
-        writable_dir(blocker / "sub")
+    with pytest.raises(UserError, match=r"afile: is a file, not a folder"):  # a file above it is named
+        writable_dir(blocker / "sub" / "deeper")
     assert writable_dir(tmp_path / "new" / "dir").is_dir()
 
 
