@@ -23,13 +23,13 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import torch
 from monai.bundle import ConfigParser
+from monai.bundle.config_item import ConfigComponent
 
 from medfcn.errors import UserError, root_message
-from medfcn.io import atomic_torch_save, writable_dir
+from medfcn.io import atomic_torch_save, refuse_existing, writable_dir
 from medfcn.train import RUN_FILE
 
 __all__ = ["MODEL_KEYS", "package_run", "trained_flip_axes"]
@@ -54,12 +54,6 @@ not know. State them here before sharing the bundle.
 """
 
 
-def _disabled(component: Any) -> bool:
-    """MONAI's reading of ``_disabled_``: a bool, or the string "true"."""
-    flag = component.get("_disabled_", False) if isinstance(component, dict) else False
-    return flag.strip().lower() == "true" if isinstance(flag, str) else bool(flag)
-
-
 def trained_flip_axes(train: ConfigParser) -> list[int]:
     """Spatial axes the training augmentation flips one at a time: enabled ``RandFlipd`` with a
     single axis (``%file#id`` macros resolved). Joint flips (``spatial_axis=[0, 1]``, or None for
@@ -68,7 +62,9 @@ def trained_flip_axes(train: ConfigParser) -> list[int]:
     train.resolve_macro_and_relative_ids()
     axes = set()
     for t in train.get("train#augmentation", []):
-        if not isinstance(t, dict) or not str(t.get("_target_", "")).endswith("RandFlipd") or _disabled(t):
+        if not isinstance(t, dict) or not str(t.get("_target_", "")).endswith("RandFlipd"):
+            continue
+        if ConfigComponent(config=t).is_disabled():
             continue
         axis = t.get("spatial_axis")
         axis = axis[0] if isinstance(axis, list) and len(axis) == 1 else axis
@@ -257,8 +253,7 @@ def package_run(
         raise UserError(
             f"{origin}: not a bundle with configs/inference.json; pass --bundle with the bundle the run trained."
         )
-    if out.exists() and not overwrite:
-        raise UserError(f"{out}: already exists; pass --overwrite to replace it, or choose another --out.")
+    refuse_existing([out], overwrite, fix="pass --overwrite to replace it, or choose another --out")
     if weights is None:
         weights = "last" if run["settings"].get("fold") == -1 else "best"
     state, source = _run_weights(run_dir, weights)

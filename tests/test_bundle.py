@@ -15,6 +15,7 @@ import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 
 from medfcn.handlers import WeightAverage
+from medfcn.package import MODEL_KEYS
 
 from .conftest import BUNDLE, BUNDLE_2D, BUNDLES, HIPPO, REPO, need
 
@@ -187,8 +188,7 @@ def test_inference_config_matches_training(bundle):
     train, inference = ConfigParser(), ConfigParser()
     train.read_config(str(bundle / "configs" / "train.json"))
     inference.read_config(str(bundle / "configs" / "inference.json"))
-    keys = ("network_def", "patch_size", "modality", "hu_window", "pixdim", "num_classes", "class_names", "slice_axis")
-    for key in keys:
+    for key in MODEL_KEYS:  # the entries medfcn package copies from a run into inference.json
         assert train.get(key) == inference.get(key), key
     flips = [t["spatial_axis"] for t in train["train#augmentation"] if t["_target_"] == "RandFlipd"]
     assert inference["trained_flip_axes"] == flips
