@@ -240,7 +240,8 @@ def evaluate(
     """Dice per label and mean, HD95 in mm, per case and summarised (mean, std, median, n scored).
 
     A label in only one of prediction and reference scores Dice 0 and no HD95 (counted below
-    the table); a label in neither is not scored.
+    the table); a label in neither is not scored. Labels present in both masks without any
+    voxel in common are counted below the table too.
     """
     from rich.console import Console
     from rich.table import Table
@@ -261,6 +262,11 @@ def evaluate(
                 f"{name}: {stats['not_scored']} case(s) not scored (label missing from prediction or reference: "
                 f"{summary[f'dice_{k}']['missed']} missed, {summary[f'dice_{k}']['false_positive']} false positive); "
                 f"dice_{k} is 0 there."
+            )
+        if stats.get("no_overlap"):
+            typer.echo(
+                f"{name}: {stats['no_overlap']} case(s) where prediction and reference both hold the label "
+                "in no voxel in common (Dice 0): a structure in the wrong place or under another label."
             )
     typer.echo(f"per-case metrics: {(out or pred_dir) / 'metrics.csv'}")
 

@@ -23,8 +23,7 @@ from monai.networks.utils import one_hot
 
 from medfcn.data.datasets import case_id
 from medfcn.errors import UserError
-from medfcn.infer import NIFTI_SUFFIXES
-from medfcn.io import atomic_write_text, refuse_existing, writable_dir
+from medfcn.io import atomic_write_text, nifti_files, refuse_existing, writable_dir
 
 __all__ = ["evaluate_folders", "case_metrics", "summarise"]
 
@@ -108,27 +107,26 @@ def evaluate_folders(
         ``dice_mean`` (over the case's labels that are in either mask). The summary holds
         :func:`summarise`'s statistics per column; ``dice_<k>`` adds ``missed`` (cases whose
         reference has label k and whose prediction has none) and ``false_positive`` (the
-        reverse), both scored Dice 0, and ``hd95_<k>`` adds ``not_scored``, their sum (no
-        HD95 without both surfaces). Written to ``out_dir`` (default ``pred_dir``) as
+        reverse), both scored Dice 0, and ``no_overlap`` (both masks hold label k, in no voxel
+        in common: Dice 0 too); ``hd95_<k>`` adds ``not_scored``, the sum of ``missed`` and
+        ``false_positive`` (no HD95 without both surfaces). Written to ``out_dir`` (default ``pred_dir``) as
         ``metrics.csv`` and ``metrics.json``; existing ones are replaced only with ``overwrite``.
     """
     pred_dir, label_dir = Path(pred_dir), Path(label_dir)
     for folder in (pred_dir, label_dir):
         if not folder.is_dir():
             raise UserError(f"{folder}: folder not found.")
-    # hidden files (macOS "._" companions that archives carry) are no masks
-    preds = sorted(p for p in pred_dir.iterdir() if p.name.endswith(NIFTI_SUFFIXES) and not p.name.startswith("."))
+    preds = nifti_files(pred_dir)
     if not preds:
         raise UserError(f"{pred_dir}: no NIfTI masks in this folder.")
-    references = {
-        case_id(p): p for p in label_dir.iterdir() if p.name.endswith(NIFTI_SUFFIXES) and not p.name.startswith(".")
-    }
+    references = {case_id(p): p for p in nifti_files(label_dir)}
     out = Path(out_dir) if out_dir else pred_dir
     refuse_existing([out / "metrics.csv", out / "metrics.json"], overwrite)
     writable_dir(out, fix="choose another --out")
     rows = []
     missed: dict[int, int] = {}  # label -> cases where the reference has it, the prediction not
     false_positive: dict[int, int] = {}  # label -> cases where the prediction has it, the reference not
+    no_overlap: dict[int, int] = {}  # label -> cases where both have it, in no voxel in common
     for pred_path in preds:
         name = case_id(pred_path)
         if name not in references:
@@ -146,6 +144,11 @@ def evaluate_folders(
             false_positive[k] = false_positive.get(k, 0) + (k in in_pred and k not in in_label)
         spacing = tuple(float(s) for s in np.sqrt((label_affine[:3, :3] ** 2).sum(axis=0)))
         row = {"case": name, **case_metrics(pred, label, spacing, case_labels)}
+        for k in case_labels:
+            # both masks hold the label and Dice is 0: a structure found in the wrong place or
+            # under another label, which the mean alone does not tell from a merely poor mask
+            both = k in in_label and k in in_pred
+            no_overlap[k] = no_overlap.get(k, 0) + (both and row[f"dice_{k}"] == 0.0)
         dices = [row[f"dice_{k}"] for k in case_labels if not math.isnan(row[f"dice_{k}"])]
         row["dice_mean"] = float(np.mean(dices)) if dices else math.nan
         rows.append(row)
@@ -153,7 +156,7 @@ def evaluate_folders(
     rows = [{k: r.get(k, math.nan) for k in columns} for r in rows]
     summary = summarise(rows)
     for k in sorted(missed):
-        summary[f"dice_{k}"].update(missed=missed[k], false_positive=false_positive[k])
+        summary[f"dice_{k}"].update(missed=missed[k], false_positive=false_positive[k], no_overlap=no_overlap[k])
         summary[f"hd95_{k}"]["not_scored"] = missed[k] + false_positive[k]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns)

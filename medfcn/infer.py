@@ -35,12 +35,10 @@ from medfcn.data.checks import check_scan, warn_if_label_map
 from medfcn.data.datasets import case_id
 from medfcn.data.readers import quiet_itk
 from medfcn.errors import UserError, root_message
-from medfcn.io import atomic_path, load_weights, refuse_existing, writable_dir
+from medfcn.io import NIFTI_SUFFIXES, atomic_path, load_weights, nifti_files, refuse_existing, writable_dir
 from medfcn.train import bundle_files
 
 __all__ = ["Segmenter", "load_segmenter", "check_device", "expand_inputs", "mask_name", "label_volumes", "infer"]
-
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
 @dataclass
@@ -194,11 +192,7 @@ def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
         elif _is_dicom_series(item):
             scans.append(item)
         else:
-            # Hidden names are not scans: macOS's AppleDouble "._case.nii.gz" (in MSD tarballs)
-            # and our own ".<name>.tmp" files would otherwise fail a whole batch.
-            found = sorted(
-                p for p in item.iterdir() if p.name.lower().endswith(NIFTI_SUFFIXES) and not p.name.startswith(".")
-            )
+            found = nifti_files(item)
             if not found:
                 raise UserError(f"{item}: no NIfTI files and no DICOM series in this folder.")
             scans.extend(found)

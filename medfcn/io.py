@@ -17,14 +17,28 @@ import torch
 
 from medfcn.errors import UserError
 
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
 __all__ = [
     "atomic_path",
     "atomic_torch_save",
     "atomic_write_text",
     "load_weights",
+    "nifti_files",
     "refuse_existing",
     "writable_dir",
 ]
+
+
+def nifti_files(folder: str | os.PathLike) -> list[Path]:
+    """The NIfTI files directly in ``folder``, sorted; ``.nii``/``.nii.gz`` in any letter case.
+
+    Hidden names are skipped: macOS's AppleDouble ``._case.nii.gz`` (in MSD tarballs) and our
+    own ``.<name>.tmp`` files are no images and would otherwise fail a whole batch.
+    """
+    return sorted(
+        p for p in Path(folder).iterdir() if p.name.lower().endswith(NIFTI_SUFFIXES) and not p.name.startswith(".")
+    )
 
 
 def writable_dir(folder: str | os.PathLike, fix: str = "choose another output folder") -> Path:

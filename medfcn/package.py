@@ -83,8 +83,9 @@ def _read_run(run_dir: Path) -> dict:
         raise UserError(f"{run_file}: unreadable ({err}); package another run.") from err
 
 
-def _run_weights(run_dir: Path, which: str) -> tuple[dict, str]:
-    """The state dict to ship and a sentence on where it came from.
+def _run_weights(run_dir: Path, which: str) -> tuple[dict, str, dict]:
+    """The state dict to ship, a sentence on where it came from, and the run's record of its
+    best validation (``best_metric``, ``best_metric_epoch``; ``{}`` when unreadable).
 
     ``best``: ``best_model.pt`` (moving-average weights of the best validation epoch); ``last``:
     the last epoch's moving average in ``last.pt`` (its plain weights when the run kept none).
@@ -99,11 +100,12 @@ def _run_weights(run_dir: Path, which: str) -> tuple[dict, str]:
     except Exception as err:
         raise UserError(f"{path}: not a readable checkpoint ({root_message(err)}).") from err
     if which == "best":
-        return state, "best_model.pt: the moving-average weights of the best validation epoch"
+        return state, "best_model.pt: the moving-average weights of the best validation epoch", _best(run_dir)
+    best = dict(state.get("best", {}))
     average = (state.get("weight_average") or {}).get("network")
     if average:
-        return average, "last.pt: the moving-average weights of the last epoch"
-    return state["network"], "last.pt: the weights of the last epoch (the run kept no moving average)"
+        return average, "last.pt: the moving-average weights of the last epoch", best
+    return state["network"], "last.pt: the weights of the last epoch (the run kept no moving average)", best
 
 
 def _best(run_dir: Path) -> dict:
@@ -188,7 +190,9 @@ def _readme(name: str, run_dir: Path, settings: dict, best: dict, source: str, o
     return "\n".join(lines)
 
 
-def _assemble(tmp: Path, name: str, origin: Path, run_dir: Path, run: dict, weights: dict, source: str) -> None:
+def _assemble(
+    tmp: Path, name: str, origin: Path, run_dir: Path, run: dict, weights: dict, source: str, best: dict
+) -> None:
     """Write the packaged bundle ``name`` into the empty folder ``tmp``."""
     settings = run["settings"]
     (tmp / "configs").mkdir()
@@ -212,7 +216,6 @@ def _assemble(tmp: Path, name: str, origin: Path, run_dir: Path, run: dict, weig
     if "trained_flip_axes" in inference:
         inference["trained_flip_axes"] = trained_flip_axes(train)
     ConfigParser.export_config_file(inference.get(), tmp / "configs" / "inference.json", indent=4)
-    best = _best(run_dir)
     meta_file = tmp / "configs" / "metadata.json"
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
     meta_file.write_text(json.dumps(_metadata(meta, train, name, run_dir, best, source), indent=4) + "\n")
@@ -256,11 +259,11 @@ def package_run(
     refuse_existing([out], overwrite, fix="pass --overwrite to replace it, or choose another --out")
     if weights is None:
         weights = "last" if run["settings"].get("fold") == -1 else "best"
-    state, source = _run_weights(run_dir, weights)
+    state, source, best = _run_weights(run_dir, weights)
     writable_dir(out.parent, fix="choose another --out")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        _assemble(tmp, out.name, origin, run_dir, run, state, source)
+        _assemble(tmp, out.name, origin, run_dir, run, state, source, best)
         try:
             load_segmenter(tmp, device="cpu")
         except UserError as err:

@@ -104,3 +104,17 @@ def test_evaluate_says_which_hd95_were_not_scored(tmp_path):
         "hd95_2: 1 case(s) not scored (label missing from prediction or reference: 1 missed, 0 false positive); "
         "dice_2 is 0 there."
     ]
+
+
+def test_evaluate_names_labels_without_common_voxels(tmp_path):
+    label = np.zeros((12, 12, 12), dtype=np.uint8)
+    label[2:6, 2:6, 2:6], label[7:10, 7:10, 7:10] = 1, 2
+    swapped = np.select([label == 1, label == 2], [2, 1], 0).astype(np.uint8)
+    for folder, data in (("labels", label), ("pred", swapped)):
+        (tmp_path / folder).mkdir()
+        nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / folder / "a.nii.gz")
+    result = CliRunner().invoke(app, ["evaluate", str(tmp_path / "pred"), str(tmp_path / "labels")])
+    assert result.exit_code == 0, result.output
+    notes = [line for line in result.output.splitlines() if "no voxel in common" in line]
+    assert [n.split(":")[0] for n in notes] == ["dice_1", "dice_2"]
+    assert "not scored" not in result.output

@@ -106,3 +106,30 @@ def test_missed_structure_scores_zero_and_is_counted(tmp_path):
     assert summary["hd95_1"]["not_scored"] == 0
     saved = json.loads((tmp_path / "pred" / "metrics.json").read_text())
     assert saved["summary"]["dice_2"]["missed"] == 1
+
+
+def test_labels_without_common_voxels_are_counted(tmp_path):
+    """Swapped labels score Dice 0 with both present (HD95 scored): counted as no_overlap, so a
+    swap is told apart from a poor mask."""
+    label = _cube()
+    swapped = np.select([label == 1, label == 2], [2, 1], 0)
+    _save(tmp_path / "labels" / "a.nii.gz", label)
+    _save(tmp_path / "labels" / "b.nii.gz", label)
+    _save(tmp_path / "pred" / "a.nii.gz", swapped)
+    _save(tmp_path / "pred" / "b.nii.gz", label)
+    rows, summary = evaluate_folders(tmp_path / "pred", tmp_path / "labels")
+    assert rows[0]["dice_1"] == 0.0 and rows[0]["dice_2"] == 0.0 and not np.isnan(rows[0]["hd95_1"])
+    for k in (1, 2):
+        assert summary[f"dice_{k}"]["no_overlap"] == 1
+        assert summary[f"dice_{k}"]["missed"] == 0 and summary[f"hd95_{k}"]["not_scored"] == 0
+
+
+def test_upper_case_suffixes_are_listed_and_matched(tmp_path):
+    """A mask ``A.NII.GZ`` is scored against the label ``A.nii.gz``: the suffix's letter case
+    is no part of the case name."""
+    label = _cube()
+    _save(tmp_path / "labels" / "A.nii.gz", label)
+    _save(tmp_path / "pred" / "A.nii.gz", label)
+    (tmp_path / "pred" / "A.nii.gz").rename(tmp_path / "pred" / "A.NII.GZ")
+    rows, _ = evaluate_folders(tmp_path / "pred", tmp_path / "labels")
+    assert [r["case"] for r in rows] == ["A"] and rows[0]["dice_mean"] == pytest.approx(1.0)

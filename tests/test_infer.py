@@ -117,6 +117,7 @@ def test_input_expansion_and_safe_names(tmp_path):
     with pytest.raises(UserError, match="not a NIfTI"):
         expand_inputs([tmp_path / "notes.txt"])
     assert mask_name(tmp_path / ".." / "..hidden.nii.gz") == "hidden.nii.gz"
+    assert mask_name(tmp_path / "CASE_1.NII.GZ") == "CASE_1.nii.gz"  # not CASE_1.NII.GZ.nii.gz
     assert "/" not in mask_name(tmp_path / "a" / "b.nii.gz")
 
 
@@ -157,6 +158,15 @@ def test_hidden_files_in_a_folder_are_skipped(tmp_path):
     junk.write_bytes(b"\x00\x05\x16\x07 AppleDouble resource fork")
     assert expand_inputs([tmp_path / "in"]) == [scan]
     assert expand_inputs([junk]) == [junk]
+
+
+def test_folder_listing_ignores_the_suffixs_letter_case(tmp_path):
+    """Scans exported as ``CASE.NII.GZ`` or ``case.Nii`` (Windows tools) are NIfTI files too."""
+    # renamed after writing: nibabel picks its writer by the lower-case suffix
+    upper = _scan(tmp_path / "in" / "a.nii.gz").rename(tmp_path / "in" / "A.NII.GZ")
+    mixed = _scan(tmp_path / "in" / "b.nii", seed=1).rename(tmp_path / "in" / "b.Nii")
+    (tmp_path / "in" / "notes.txt").write_text("x")
+    assert expand_inputs([tmp_path / "in"]) == [upper, mixed]
 
 
 def test_a_scan_named_twice_is_segmented_once(tmp_path):

@@ -83,6 +83,8 @@ def test_last_weights_and_refusals(run_dir, tmp_path):
     average = torch.load(run_dir / "last.pt", weights_only=True)["weight_average"]["network"]
     shipped = torch.load(out / "models" / "model.pt", weights_only=True)
     assert all(torch.equal(shipped[k], average[k]) for k in average)
+    # the best score is still recorded, read from the same last.pt
+    assert json.loads((out / "configs" / "metadata.json").read_text())["performance"]["best_validation_epoch"] == 1
     with pytest.raises(UserError, match="already exists; pass --overwrite"):
         package_run(run_dir, out)
     package_run(run_dir, out, overwrite=True)
