@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -30,7 +31,23 @@ def test_load_msd_datalist(spheres_dataset):
     items = load_msd_datalist(spheres_dataset)
     assert len(items) == 12
     assert set(items[0]) == {"image", "label"}
-    assert items[0]["image"].startswith(str(spheres_dataset.resolve()))
+    assert items[0]["image"].startswith(os.path.abspath(spheres_dataset))
+
+
+def test_symlinked_cases_keep_their_own_names(spheres_dataset, tmp_path):
+    # A dataset of links (e.g. into a shared store) is named by its links, not their targets.
+    linked = tmp_path / "Linked"
+    for sub in ("imagesTr", "labelsTr"):
+        (linked / sub).mkdir(parents=True)
+        for n in range(3):
+            (linked / sub / f"case_{n}.nii.gz").symlink_to(spheres_dataset / sub / "case_000.nii.gz")
+    entries = [{"image": f"./imagesTr/case_{n}.nii.gz", "label": f"./labelsTr/case_{n}.nii.gz"} for n in range(3)]
+    (linked / "dataset.json").write_text(json.dumps({"training": entries}))
+    assert [case_id(d["image"]) for d in load_msd_datalist(linked)] == ["case_0", "case_1", "case_2"]
+    split = write_folds(linked, tmp_path / "folds.json", n_folds=3)
+    assert sorted(c for f in split["folds"] for c in f) == ["case_0", "case_1", "case_2"]
+    train, val = fold_datalists(linked, tmp_path / "folds.json", 0)
+    assert len(train) == 2 and len(val) == 1
 
 
 def test_missing_files_and_missing_index(spheres_dataset, tmp_path):

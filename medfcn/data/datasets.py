@@ -45,7 +45,8 @@ def case_id(path: str | os.PathLike) -> str:
 def load_msd_datalist(dataset_dir: str | os.PathLike, section: str = "training") -> list[dict]:
     """Read an MSD ``dataset.json`` and return ``[{"image": path, "label": path}, ...]``.
 
-    Paths are made absolute against ``dataset_dir``. Every listed file must exist.
+    Paths are made absolute against ``dataset_dir`` without following symbolic links, so a
+    case linked to a file of another name keeps its own name. Every listed file must exist.
 
     Raises:
         FileNotFoundError: no ``dataset.json``, or it names files that are missing.
@@ -68,7 +69,7 @@ def load_msd_datalist(dataset_dir: str | os.PathLike, section: str = "training")
     for entry in entries:
         item = {}
         for key, rel in entry.items() if isinstance(entry, dict) else [("image", entry)]:
-            path = (dataset_dir / rel).resolve()
+            path = Path(os.path.abspath(dataset_dir / rel))
             if not path.exists():
                 missing.append(str(path))
             item[key] = str(path)
