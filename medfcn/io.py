@@ -23,6 +23,7 @@ __all__ = [
     "atomic_path",
     "atomic_torch_save",
     "atomic_write_text",
+    "checkpoint_reason",
     "load_weights",
     "nifti_files",
     "refuse_existing",
@@ -35,10 +36,17 @@ def nifti_files(folder: str | os.PathLike) -> list[Path]:
 
     Hidden names are skipped: macOS's AppleDouble ``._case.nii.gz`` (in MSD tarballs) and our
     own ``.<name>.tmp`` files are no images and would otherwise fail a whole batch.
+
+    Raises:
+        UserError: a file is a symbolic link whose target is missing.
     """
-    return sorted(
+    found = sorted(
         p for p in Path(folder).iterdir() if p.name.lower().endswith(NIFTI_SUFFIXES) and not p.name.startswith(".")
     )
+    for path in found:
+        if not path.exists():  # a link whose target is gone
+            raise UserError(f"{path}: links to {os.readlink(path)}, which is missing; restore it or remove the link.")
+    return found
 
 
 def writable_dir(folder: str | os.PathLike, fix: str = "choose another output folder") -> Path:
@@ -122,11 +130,30 @@ def atomic_write_text(text: str, target: str | os.PathLike) -> None:
         tmp.write_text(text)
 
 
-def _first_line(err: BaseException) -> str:
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+def checkpoint_reason(err: BaseException) -> str:
+    """One line on why ``torch.load`` or ``load_state_dict`` failed, for a user error.
+
+    PyTorch's own messages run to several sentences of advice, some of it wrong for us (to
+    load with ``weights_only=False``, which runs whatever code the file holds): keep the first
+    sentence that says what is wrong, and say what a weights-only load refused.
+    """
+    while err.__cause__ is not None:
+        err = err.__cause__
+    text = str(err)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        detail = _first_sentence(text.split(marker, 1)[1])
+        return f"holds more than tensors, or is no checkpoint: {detail}; medfcn reads state dicts only"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     if len(lines) > 1 and lines[0].startswith("Error(s) in loading state_dict"):
         lines = lines[1:]  # the header names only the class; the next line says what differs
-    return (lines[0] if lines else type(err).__name__)[:300]
+    return _first_sentence(lines[0]) if lines else type(err).__name__
+
+
+def _first_sentence(text: str) -> str:
+    line = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    # "...archive: failed finding central directory. This is an internal miniz error. ..."
+    return line.split(". ", 1)[0].rstrip(".")[:300]
 
 
 def load_weights(network: torch.nn.Module, path: str | os.PathLike, key: str | None = None) -> torch.nn.Module:
@@ -144,7 +171,8 @@ def load_weights(network: torch.nn.Module, path: str | os.PathLike, key: str | N
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise UserError(f"{path}: not a readable PyTorch checkpoint ({_first_line(err)}); replace the file.") from err
+        reason = checkpoint_reason(err)
+        raise UserError(f"{path}: not a readable PyTorch checkpoint ({reason}); replace the file.") from err
     if key is not None:
         if not isinstance(state, dict) or key not in state:
             raise UserError(f"{path}: no {key!r} entry; not a medfcn training checkpoint.")
@@ -153,7 +181,7 @@ def load_weights(network: torch.nn.Module, path: str | os.PathLike, key: str | N
         network.load_state_dict(state)
     except Exception as err:
         raise UserError(
-            f"{path}: does not fit the bundle's network_def ({_first_line(err)}); "
+            f"{path}: does not fit the bundle's network_def ({checkpoint_reason(err)}); "
             "use weights trained with this bundle's network."
         ) from err
     return network

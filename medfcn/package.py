@@ -28,8 +28,8 @@ import torch
 from monai.bundle import ConfigParser
 from monai.bundle.config_item import ConfigComponent
 
-from medfcn.errors import UserError, root_message
-from medfcn.io import atomic_torch_save, refuse_existing, writable_dir
+from medfcn.errors import UserError
+from medfcn.io import atomic_torch_save, checkpoint_reason, refuse_existing, writable_dir
 from medfcn.train import RUN_FILE
 
 __all__ = ["MODEL_KEYS", "package_run", "trained_flip_axes"]
@@ -98,7 +98,7 @@ def _run_weights(run_dir: Path, which: str) -> tuple[dict, str, dict]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise UserError(f"{path}: not a readable checkpoint ({root_message(err)}).") from err
+        raise UserError(f"{path}: not a readable checkpoint ({checkpoint_reason(err)}).") from err
     if which == "best":
         return state, "best_model.pt: the moving-average weights of the best validation epoch", _best(run_dir)
     best = dict(state.get("best", {}))
@@ -180,14 +180,26 @@ def _readme(name: str, run_dir: Path, settings: dict, best: dict, source: str, o
         "## Validation during training",
         "",
         f"Best mean Dice {score} at epoch {best.get('best_metric_epoch')} on fold "
-        f"{settings.get('fold')} of `{settings.get('folds_file')}`. With fold -1 the validation cases were",
-        "trained on, so this is not a held-out score: estimate one by cross-validation (one run per fold).",
+        f"{settings.get('fold')} of `{settings.get('folds_file')}`.",
+        _held_out_note(settings.get("fold")),
         "",
         "Licence: see LICENSE. The code and configs are medfcn's (Apache-2.0); the weights are derived",
         "from the training data and fall under its licence.",
         "",
     ]
     return "\n".join(lines)
+
+
+def _held_out_note(fold: int | None) -> str:
+    if fold == -1:
+        return (
+            "With fold -1 the validation cases were trained on, so this is not a held-out score: "
+            "estimate one by cross-validation (one run per fold)."
+        )
+    return (
+        "The fold's cases were held out from training; the best epoch was chosen on them, so its "
+        "score is slightly optimistic: cross-validation (one run per fold) estimates new cases."
+    )
 
 
 def _assemble(

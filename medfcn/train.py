@@ -29,7 +29,7 @@ from medfcn.data.checks import check_training_pairs
 from medfcn.data.datasets import fold_datalists
 from medfcn.data.transforms import intensity_normalization
 from medfcn.errors import UserError, root_message
-from medfcn.io import atomic_write_text, load_weights, writable_dir
+from medfcn.io import atomic_write_text, checkpoint_reason, load_weights, writable_dir
 
 __all__ = ["RUN_FILE", "bundle_files", "train"]
 
@@ -143,6 +143,10 @@ def _same(key: str, a: Any, b: Any) -> bool:
     return json.loads(json.dumps(a, default=str)) == json.loads(json.dumps(b, default=str))
 
 
+def _json(value: Any) -> str:
+    return json.dumps(value, default=str)
+
+
 def _resume_settings(out: Path, args: dict[str, Any], given: set[str], config_file: Path) -> dict[str, Any]:
     """``args`` completed with the settings the run in ``out`` started with (its RUN_FILE).
 
@@ -166,9 +170,10 @@ def _resume_settings(out: Path, args: dict[str, Any], given: set[str], config_fi
     for key in given - {"epochs", *_RUNTIME_KEYS}:
         before = saved[key] if key in saved else default.get(key.replace(ReferenceResolver.sep, "#"))
         if not _same(key, before, args[key]):
-            shown = f"{before!r}" if key in saved else f"the bundle's default {before!r}"
+            # JSON, as --set takes values (null, true, "concat"), not Python's None / True / 'concat'
+            shown = _json(before) if key in saved else f"the bundle's default {_json(before)}"
             raise UserError(
-                f"{out}: this run started with {_option(key)} {shown}, not {args[key]!r}; "
+                f"{out}: this run started with {_option(key)} {shown}, not {_json(args[key])}; "
                 "resume without that option (the run's settings are reused) or start a new run with another --output."
             )
     return {**args, **{k: v for k, v in saved.items() if k not in given}}
@@ -194,8 +199,10 @@ def _read_checkpoint(checkpoint: Path) -> tuple[dict, int]:
     try:
         saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
         state = saved["trainer"]
+    except (KeyError, TypeError) as err:
+        raise UserError(f"{checkpoint}: no 'trainer' entry; not a medfcn training checkpoint.") from err
     except Exception as err:
-        raise UserError(f"{checkpoint}: not a readable medfcn training checkpoint ({err}).") from err
+        raise UserError(f"{checkpoint}: not a readable medfcn training checkpoint ({checkpoint_reason(err)}).") from err
     return saved, int(state["iteration"]) // max(int(state["epoch_length"]), 1)
 
 
@@ -270,7 +277,7 @@ def _check_encoder(network: torch.nn.Module, path: str | None) -> None:
         network.load_encoder(str(path))
     except Exception as err:
         raise UserError(
-            f"{path}: does not fit this bundle's encoder ({root_message(err)}); "
+            f"{path}: does not fit this bundle's encoder ({checkpoint_reason(err)}); "
             "use a checkpoint of an FCN with the same features and in_channels."
         ) from err
 

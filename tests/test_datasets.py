@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 
@@ -48,6 +49,24 @@ def test_symlinked_cases_keep_their_own_names(spheres_dataset, tmp_path):
     assert sorted(c for f in split["folds"] for c in f) == ["case_0", "case_1", "case_2"]
     train, val = fold_datalists(linked, tmp_path / "folds.json", 0)
     assert len(train) == 2 and len(val) == 1
+
+
+def test_a_case_name_listed_twice_is_refused(spheres_dataset, tmp_path):
+    """Cases are keyed by file name: a namesake in another folder would merge into one case,
+    and the same file listed twice could sit in two folds (validated on what it trained on)."""
+    index = spheres_dataset / "dataset.json"
+    meta = json.loads(index.read_text())
+    (spheres_dataset / "extra").mkdir()
+    for sub in ("image", "label"):
+        shutil.copy(spheres_dataset / meta["training"][0][sub], spheres_dataset / "extra" / f"{sub}_case_000.nii.gz")
+    namesake = {"image": "./extra/case_000.nii.gz", "label": "./extra/label_case_000.nii.gz"}
+    (spheres_dataset / "extra" / "image_case_000.nii.gz").rename(spheres_dataset / "extra" / "case_000.nii.gz")
+    for extra in (meta["training"][0], namesake):
+        index.write_text(json.dumps({**meta, "training": [*meta["training"], extra]}))
+        with pytest.raises(ValueError, match="lists the case name 'case_000' twice"):
+            load_msd_datalist(spheres_dataset)
+        with pytest.raises(UserError, match="case_000"):
+            write_folds(spheres_dataset, tmp_path / "folds.json")
 
 
 def test_missing_files_and_missing_index(spheres_dataset, tmp_path):

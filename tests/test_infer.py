@@ -161,12 +161,16 @@ def test_hidden_files_in_a_folder_are_skipped(tmp_path):
 
 
 def test_folder_listing_ignores_the_suffixs_letter_case(tmp_path):
-    """Scans exported as ``CASE.NII.GZ`` or ``case.Nii`` (Windows tools) are NIfTI files too."""
+    """Scans exported as ``CASE.NII.GZ`` or ``case.Nii`` (Windows tools) are NIfTI files too;
+    a link to a missing file is named as such, not as an unreadable image."""
     # renamed after writing: nibabel picks its writer by the lower-case suffix
     upper = _scan(tmp_path / "in" / "a.nii.gz").rename(tmp_path / "in" / "A.NII.GZ")
     mixed = _scan(tmp_path / "in" / "b.nii", seed=1).rename(tmp_path / "in" / "b.Nii")
     (tmp_path / "in" / "notes.txt").write_text("x")
     assert expand_inputs([tmp_path / "in"]) == [upper, mixed]
+    (tmp_path / "in" / "c.nii.gz").symlink_to(tmp_path / "gone.nii.gz")
+    with pytest.raises(UserError, match=r"c.nii.gz: links to .*gone.nii.gz, which is missing"):
+        expand_inputs([tmp_path / "in"])
 
 
 def test_a_scan_named_twice_is_segmented_once(tmp_path):

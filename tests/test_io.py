@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from medfcn.errors import UserError
-from medfcn.io import atomic_path, atomic_torch_save, atomic_write_text, refuse_existing, writable_dir
+from medfcn.io import (
+    atomic_path,
+    atomic_torch_save,
+    atomic_write_text,
+    load_weights,
+    refuse_existing,
+    writable_dir,
+)
 
 
 def test_failed_write_keeps_old_file_and_leaves_no_temp(tmp_path):
@@ -79,3 +86,29 @@ def test_refuse_existing_names_the_file_and_the_fix(tmp_path):
     with pytest.raises(UserError) as err:
         refuse_existing([tmp_path / "b.txt"], overwrite=False, fix="pass --overwrite to replace it")
     assert str(err.value) == f"{tmp_path / 'b.txt'}: already exists; pass --overwrite to replace it."
+
+
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        ("truncated", "(PytorchStreamReader failed reading zip archive: failed finding central directory)"),
+        ("pickled module", "(holds more than tensors, or is no checkpoint: Unsupported global: GLOBAL torch.nn"),
+        ("text", "(holds more than tensors, or is no checkpoint: Unsupported operand"),
+    ],
+)
+def test_unreadable_checkpoints_get_one_short_reason(tmp_path, content, reason):
+    """PyTorch's messages run to a paragraph, advising weights_only=False (which would run the
+    file's code): the error keeps the sentence that says what is wrong, on one line."""
+    path = tmp_path / "model.pt"
+    network = torch.nn.Linear(2, 2)
+    if content == "text":
+        path.write_text("garbage\n")
+    else:
+        torch.save(network if content == "pickled module" else network.state_dict(), path)
+    if content == "truncated":
+        path.write_bytes(path.read_bytes()[:300])
+    with pytest.raises(UserError) as err:
+        load_weights(network, path)
+    message = str(err.value)
+    assert reason in message and "\n" not in message
+    assert "weights_only" not in message and len(message) < 400

@@ -69,7 +69,9 @@ def test_packaged_bundle_carries_the_runs_model(run_dir, spheres_dataset, tmp_pa
         "2": "bright",
     }
     assert meta["performance"]["best_validation_epoch"] == 1
-    assert "spheres_fcn" in (out / "docs" / "README.md").read_text().splitlines()[0]
+    readme = (out / "docs" / "README.md").read_text()
+    assert "spheres_fcn" in readme.splitlines()[0]
+    assert "held out from training" in readme and "fold -1" not in readme
 
     scan = spheres_dataset / "imagesTr" / "case_000.nii.gz"
     rows = infer(out, [scan], tmp_path / "masks")
@@ -131,3 +133,4 @@ def test_a_run_on_all_cases_ships_its_last_weights(spheres_dataset, tmp_path):
     shipped = torch.load(out / "models" / "model.pt", weights_only=True)
     assert all(torch.equal(shipped[k], average[k]) for k in average)
     assert "last epoch" in json.loads((out / "configs" / "metadata.json").read_text())["changelog"]["0.1.0"]
+    assert "not a held-out score" in (out / "docs" / "README.md").read_text()

@@ -129,7 +129,7 @@ def test_resume_needs_the_same_weight_averaging(spheres_dataset, tmp_path):
     with pytest.raises(UserError, match="has no weight_average"):
         resume("old", overrides)
     # a run folder that records its settings refuses another ema_decay before the checkpoint is read
-    with pytest.raises(UserError, match="started with --set ema_decay the bundle's default 0.999, not None"):
+    with pytest.raises(UserError, match="started with --set ema_decay the bundle's default 0.999, not null"):
         resume("averaged", plain)
     (runs["plain"] / RUN_FILE).rename(tmp_path / RUN_FILE)  # as a run of MONAI's own runner: nothing recorded
     with pytest.raises(UserError, match="averaging off; add --set ema_decay=null"):
@@ -196,7 +196,7 @@ def test_resume_reuses_the_runs_settings_and_refuses_others(spheres_dataset, tmp
     for given, message in (
         ({"dataset_dir": other}, "started with --data"),
         ({"fold": 0}, "started with --fold 1, not 0"),
-        ({"overrides": {"network_def#fusion": "sum"}}, "started with --set network_def#fusion 'concat', not 'sum'"),
+        ({"overrides": {"network_def#fusion": "sum"}}, 'started with --set network_def#fusion "concat", not "sum"'),
         ({"overrides": {"batch_size": 3}}, "started with --set batch_size 4, not 3"),
     ):
         with pytest.raises(UserError, match=message):

@@ -50,7 +50,8 @@ def load_msd_datalist(dataset_dir: str | os.PathLike, section: str = "training")
 
     Raises:
         FileNotFoundError: no ``dataset.json``, or it names files that are missing.
-        ValueError: the file is not valid JSON or has no ``section`` list.
+        ValueError: the file is not valid JSON, has no ``section`` list, or lists one case
+            name twice (the same file, or namesakes in different folders).
     """
     dataset_dir = Path(dataset_dir)
     index = dataset_dir / "dataset.json"
@@ -77,7 +78,23 @@ def load_msd_datalist(dataset_dir: str | os.PathLike, section: str = "training")
     if missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise FileNotFoundError(f"{index}: names {len(missing)} missing file(s): {shown}. Fix the paths or the files.")
+    _refuse_shared_case_names(index, datalist)
     return datalist
+
+
+def _refuse_shared_case_names(index: Path, datalist: list[dict]) -> None:
+    """Folds and datalists key cases by file name, so two entries of one name (the same file
+    listed twice, or namesakes in different folders) would silently merge, or put one case in
+    two folds: refuse them."""
+    first: dict[str, str] = {}
+    for item in datalist:
+        name = case_id(item["image"])
+        if name in first:
+            raise ValueError(
+                f"{index}: lists the case name {name!r} twice ({first[name]}, {item['image']}); "
+                "list each case once, under its own file name."
+            )
+        first[name] = item["image"]
 
 
 def make_folds(case_ids: list[str], n_folds: int = 5, seed: int = 0) -> list[list[str]]:
