@@ -28,6 +28,8 @@ def test_help_lists_commands():
     train_help = medfcn("train", "--help").stdout
     for option in ("--data", "--fold", "--epochs", "--output", "--resume"):
         assert option in train_help
+    as_module = subprocess.run([sys.executable, "-m", "medfcn", "--help"], capture_output=True, text=True, cwd=REPO)
+    assert as_module.returncode == 0 and "train" in as_module.stdout
 
 
 @pytest.mark.parametrize(
