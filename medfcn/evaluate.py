@@ -139,12 +139,11 @@ def evaluate_folders(
             raise UserError(f"{pred_path}: affine differs from its label's; masks must be on the label's grid.")
         in_label, in_pred = set(np.unique(label).tolist()), set(np.unique(pred).tolist())
         case_labels = labels or sorted(int(v) for v in in_label | in_pred if v > 0)
-        for k in case_labels:
-            missed[k] = missed.get(k, 0) + (k in in_label and k not in in_pred)
-            false_positive[k] = false_positive.get(k, 0) + (k in in_pred and k not in in_label)
         spacing = tuple(float(s) for s in np.sqrt((label_affine[:3, :3] ** 2).sum(axis=0)))
         row = {"case": name, **case_metrics(pred, label, spacing, case_labels)}
         for k in case_labels:
+            missed[k] = missed.get(k, 0) + (k in in_label and k not in in_pred)
+            false_positive[k] = false_positive.get(k, 0) + (k in in_pred and k not in in_label)
             # both masks hold the label and Dice is 0: a structure found in the wrong place or
             # under another label, which the mean alone does not tell from a merely poor mask
             both = k in in_label and k in in_pred
