@@ -217,7 +217,8 @@ class CheckpointWriter:
       optimizer, scheduler, trainer, ...), enough to resume.
     - ``{save_dir}/best_model.pt`` whenever the evaluator's key metric improves: the state dict
       of the network validated (``best_network``, default ``save_dict[network_key]``) alone,
-      the file a bundle ships as ``models/model.pt``.
+      the file a bundle ships as ``models/model.pt``; its tensors are on the CPU whatever the
+      training device, so a plain ``torch.load`` reads it on a machine without a GPU.
 
     Attach to the trainer after the validation handler, so ``last.pt`` records the best score
     including the epoch just validated.
@@ -247,7 +248,8 @@ class CheckpointWriter:
 
     def save_best(self, evaluator: Engine) -> None:
         if evaluator.state.best_metric_epoch == evaluator.state.epoch:
-            atomic_torch_save(self.best_network.state_dict(), self.save_dir / "best_model.pt")
+            weights = {k: v.detach().cpu() for k, v in self.best_network.state_dict().items()}
+            atomic_torch_save(weights, self.save_dir / "best_model.pt")
 
 
 class EpochProgress:

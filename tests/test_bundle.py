@@ -130,7 +130,7 @@ def test_monai_runs_evaluate_config(tmp_path, bundle):
 
 
 @pytest.mark.parametrize("bundle", BUNDLES)
-def test_train_config_passes_monai_property_check(bundle):
+def test_train_config_passes_monai_property_check(bundle, spheres_dataset):
     """MONAI's ``check_properties`` (run by bundle tooling) reads ``_target_`` of every entry
     of ``train#handlers``: each must be a component, not a bare reference."""
     workflow = ConfigWorkflow(
@@ -138,6 +138,8 @@ def test_train_config_passes_monai_property_check(bundle):
         meta_file=str(bundle / "configs" / "metadata.json"),
         workflow_type="train",
         bundle_root=str(bundle),
+        dataset_dir=str(spheres_dataset),  # a synthetic dataset: no real data needed
+        folds_file=str(spheres_dataset / "folds.json"),
     )
     workflow.initialize()
     workflow.check_properties()  # raised TypeError on a string handler

@@ -82,7 +82,7 @@ def test_packaged_bundle_carries_the_runs_model(run_dir, spheres_dataset, tmp_pa
 
 def test_last_weights_and_refusals(run_dir, tmp_path):
     out = package_run(run_dir, tmp_path / "b", weights="last")
-    average = torch.load(run_dir / "last.pt", weights_only=True)["weight_average"]["network"]
+    average = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)["weight_average"]["network"]
     shipped = torch.load(out / "models" / "model.pt", weights_only=True)
     assert all(torch.equal(shipped[k], average[k]) for k in average)
     # the best score is still recorded, read from the same last.pt
@@ -129,7 +129,7 @@ def test_a_run_on_all_cases_ships_its_last_weights(spheres_dataset, tmp_path):
     overrides = {**RUN, "folds_file": str(spheres_dataset / "folds.json"), "patch_size": [16, 16, 12]}
     run = train(BUNDLE, spheres_dataset, fold=-1, epochs=1, output_dir=tmp_path / "all", overrides=overrides)
     out = package_run(run, tmp_path / "b")
-    average = torch.load(run / "last.pt", weights_only=True)["weight_average"]["network"]
+    average = torch.load(run / "last.pt", map_location="cpu", weights_only=True)["weight_average"]["network"]
     shipped = torch.load(out / "models" / "model.pt", weights_only=True)
     assert all(torch.equal(shipped[k], average[k]) for k in average)
     assert "last epoch" in json.loads((out / "configs" / "metadata.json").read_text())["changelog"]["0.1.0"]
