@@ -34,10 +34,16 @@ def find_user_error(err: BaseException) -> UserError | None:
     return None
 
 
+def innermost_cause(err: BaseException) -> BaseException:
+    """The end of ``err``'s ``__cause__`` chain (``err`` itself when nothing caused it)."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return err
+
+
 def root_message(err: BaseException) -> str:
     """``"<Type>: <first line>"`` of the innermost cause of ``err`` (MONAI wraps reader and
     config errors in generic RuntimeErrors), at most 300 characters."""
-    while err.__cause__ is not None:
-        err = err.__cause__
+    err = innermost_cause(err)
     lines = [line for line in str(err).splitlines() if line.strip()]
     return f"{type(err).__name__}: {lines[0] if lines else ''}"[:300]

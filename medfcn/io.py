@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from medfcn.errors import UserError
+from medfcn.errors import UserError, innermost_cause
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -137,8 +137,7 @@ def checkpoint_reason(err: BaseException) -> str:
     load with ``weights_only=False``, which runs whatever code the file holds): keep the first
     sentence that says what is wrong, and say what a weights-only load refused.
     """
-    while err.__cause__ is not None:
-        err = err.__cause__
+    err = innermost_cause(err)
     text = str(err)
     marker = "WeightsUnpickler error:"
     if marker in text:
