@@ -14,6 +14,14 @@ class _DropNvImageCodecNotice(logging.Filter):
 
 logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").addFilter(_DropNvImageCodecNotice())
 warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader: nvImageCodec decoder plugin did not register")
+# MONAI's trainer makes its AMP gradient scaler through torch.cuda.amp, which PyTorch deprecates:
+# a FutureWarning at the start of every CUDA run that the user can do nothing about.
+warnings.filterwarnings(
+    "ignore",
+    message=r"`torch\.cuda\.amp\.GradScaler\(args\.\.\.\)` is deprecated",
+    category=FutureWarning,
+    module=r"monai\.engines\.trainer",
+)
 
 from medfcn.networks.fcn import FCN  # noqa: E402
 
