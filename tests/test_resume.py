@@ -59,12 +59,12 @@ def _cli_train(dataset, out, *extra) -> list[str]:
 
 
 def _weights(path, part: str = "network") -> dict:
-    state = torch.load(path, weights_only=True)[part]
+    state = torch.load(path, map_location="cpu", weights_only=True)[part]
     return state["network"] if part == "weight_average" else state
 
 
 def _epoch(path) -> int:
-    state = torch.load(path, weights_only=True)["trainer"]
+    state = torch.load(path, map_location="cpu", weights_only=True)["trainer"]
     return state["iteration"] // state["epoch_length"]
 
 

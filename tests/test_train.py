@@ -31,7 +31,7 @@ def _events(run_dir):
 
 
 def _best(run_dir) -> dict:
-    return torch.load(run_dir / "last.pt", weights_only=True)["best"]
+    return torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)["best"]
 
 
 @pytest.mark.slow
@@ -69,12 +69,12 @@ def test_real_hippocampus_two_epochs_checkpoints_tensorboard_resume(tmp_path):
     overrides = {**SMALL, "max_cases": 6}
     train(BUNDLE, data, fold=0, epochs=2, output_dir=out, overrides=overrides)
     assert (out / "last.pt").is_file() and (out / "best_model.pt").is_file()
-    ckpt = torch.load(out / "last.pt", weights_only=True)
+    ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
     assert set(ckpt) == {"network", "optimizer", "lr_scheduler", "trainer", "best", "weight_average"}
     assert ckpt["trainer"]["iteration"] == 2 * ckpt["trainer"]["epoch_length"]
     assert ckpt["best"]["best_metric_epoch"] == 2  # validation ran after the last epoch
-    weights = torch.load(out / "best_model.pt", weights_only=True)
-    assert "head.weight" in weights
+    weights = torch.load(out / "best_model.pt", weights_only=True)  # no map_location: written from CPU copies
+    assert "head.weight" in weights and all(t.device.type == "cpu" for t in weights.values())
     # the validated (and shipped) weights are the moving average, not the last iterate
     average = ckpt["weight_average"]["network"]
     assert ckpt["weight_average"]["updates"] == ckpt["trainer"]["iteration"]
@@ -94,7 +94,7 @@ def test_real_hippocampus_two_epochs_checkpoints_tensorboard_resume(tmp_path):
     with pytest.raises(UserError, match="finished 2 epochs"):
         train(BUNDLE, data, fold=0, epochs=2, output_dir=out, resume=True, overrides=overrides)
     train(BUNDLE, data, fold=0, epochs=4, output_dir=out, resume=True, overrides=overrides)
-    resumed = torch.load(out / "last.pt", weights_only=True)
+    resumed = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
     assert resumed["trainer"]["iteration"] == 4 * ckpt["trainer"]["epoch_length"]
     assert resumed["lr_scheduler"]["last_epoch"] == 4
     assert resumed["lr_scheduler"]["total_iters"] == 4
@@ -118,7 +118,7 @@ def test_resume_needs_the_same_weight_averaging(spheres_dataset, tmp_path):
     runs = {name: tmp_path / name for name in ("averaged", "plain", "old")}
     train(BUNDLE, spheres_dataset, fold=0, epochs=1, output_dir=runs["averaged"], overrides=overrides)
     train(BUNDLE, spheres_dataset, fold=0, epochs=1, output_dir=runs["plain"], overrides=plain)
-    state = torch.load(runs["averaged"] / "last.pt", weights_only=True)
+    state = torch.load(runs["averaged"] / "last.pt", map_location="cpu", weights_only=True)
     del state["weight_average"]  # as written before weight averaging was part of the recipe
     runs["old"].mkdir()
     torch.save(state, runs["old"] / "last.pt")
@@ -136,7 +136,7 @@ def test_resume_needs_the_same_weight_averaging(spheres_dataset, tmp_path):
         resume("plain", overrides)
     (tmp_path / RUN_FILE).rename(runs["plain"] / RUN_FILE)
     resume("plain", overrides)  # ema_decay=null is taken from the run's settings
-    state = torch.load(runs["plain"] / "last.pt", weights_only=True)
+    state = torch.load(runs["plain"] / "last.pt", map_location="cpu", weights_only=True)
     assert state["weight_average"] == {} and state["trainer"]["iteration"] == 2 * state["trainer"]["epoch_length"]
 
 
@@ -161,7 +161,7 @@ def test_transfer_learning_trains_only_the_decoder(spheres_dataset, tmp_path):
     donor = torch.load(source / "best_model.pt", weights_only=True)
     transfer = {**overrides, "pretrained_encoder": str(source / "best_model.pt"), "freeze_encoder": True, "seed": 1}
     out = train(BUNDLE, spheres_dataset, fold=0, epochs=2, output_dir=tmp_path / "transfer", overrides=transfer)
-    trained = torch.load(out / "last.pt", weights_only=True)["network"]
+    trained = torch.load(out / "last.pt", map_location="cpu", weights_only=True)["network"]
     encoder = [k for k in donor if k.startswith("encoder.") and donor[k].is_floating_point()]
     decoder = [k for k in donor if k.startswith("decoder.") and k.endswith("weight")]
     assert encoder and decoder
@@ -171,7 +171,7 @@ def test_transfer_learning_trains_only_the_decoder(spheres_dataset, tmp_path):
     # resuming does not need the encoder's file any more (last.pt's weights replace it); the encoder stays frozen
     (source / "best_model.pt").rename(tmp_path / "moved.pt")
     train(BUNDLE, output_dir=out, resume=True, epochs=3)
-    resumed = torch.load(out / "last.pt", weights_only=True)["network"]
+    resumed = torch.load(out / "last.pt", map_location="cpu", weights_only=True)["network"]
     assert all(torch.equal(resumed[k], donor[k]) for k in encoder)
 
     bad = {**overrides, "pretrained_encoder": str(tmp_path / "missing.pt")}
@@ -192,7 +192,7 @@ def test_resume_reuses_the_runs_settings_and_refuses_others(spheres_dataset, tmp
     train(BUNDLE, spheres_dataset, fold=1, epochs=1, output_dir=out, overrides=overrides)
     saved = json.loads((out / RUN_FILE).read_text())["settings"]
     assert saved["dataset_dir"] == str(spheres_dataset.resolve()) and saved["fold"] == 1 and saved["epochs"] == 1
-    length = torch.load(out / "last.pt", weights_only=True)["trainer"]["epoch_length"]
+    length = torch.load(out / "last.pt", map_location="cpu", weights_only=True)["trainer"]["epoch_length"]
     for given, message in (
         ({"dataset_dir": other}, "started with --data"),
         ({"fold": 0}, "started with --fold 1, not 0"),
@@ -205,7 +205,7 @@ def test_resume_reuses_the_runs_settings_and_refuses_others(spheres_dataset, tmp
     # concat fusion (with the bundle's sum fusion, last.pt would not fit the network and fail to load);
     # a value equal to the bundle's default and a setting that does not change what is learnt are fine
     train(BUNDLE, output_dir=out, resume=True, epochs=2, overrides={"learning_rate": 0.002, "num_workers": 0})
-    state = torch.load(out / "last.pt", weights_only=True)
+    state = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
     assert state["trainer"]["iteration"] == 2 * length
     assert json.loads((out / RUN_FILE).read_text())["settings"]["epochs"] == 2  # the extension is recorded
     with pytest.raises(UserError, match="finished 2 epochs"):  # so a later --resume keeps the new length
