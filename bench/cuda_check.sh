@@ -8,30 +8,37 @@
 # datasets/Task04_Hippocampus/folds.json) found there. FOLDS_JSON: the split of TASK04_DIR for the
 # short training runs (validation on its fold 0). DATA_ROOT: holds dicom/ (the four series).
 # OUT_DIR: metrics and cuda_check.json. PYTEST_ARGS: e.g. -n 8 (pytest-xdist; PYTEST_THREADS=2
-# then); PYTEST_PATHS: test files instead of all of tests/. DEVICE=cpu runs the same steps
-# without a GPU (a dry run of the script). Each step prints "== step: rc=N, S s"; the script
-# exits non-zero if any step failed. Steps:
+# then); PYTEST_PATHS: test files instead of all of tests/. DEVICE: cuda (default; the script
+# stops unless torch sees a GPU) or cpu (a dry run of the script: CUDA hidden from every step).
+# Each step prints "== step: rc=N, S s"; the script exits non-zero if any step failed. Steps:
 #   1. the shipped 3D bundle on those held-out cases, --device cuda and --device cpu: Dice of
 #      each (medfcn evaluate) and voxel agreement of the two mask sets; the same on the DICOM series
 #   2. model compute per hippocampus volume on the GPU (fp32 and fp16 autocast, as the bundle
 #      infers on CUDA) and peak GPU memory of the whole-head series
-#   3. medfcn train on CUDA (3D: 2 epochs, then --resume to 3; 2D: 1 epoch), medfcn package,
-#      and the packaged bundle's inference on the CPU (checkpoints written on a GPU load on a CPU)
+#   3. medfcn train on CUDA (3D: 2 epochs, then --resume to 3; 2D: 1 epoch); best_model.pt loads
+#      onto the CPU without map_location; medfcn package and the packaged bundle on the CPU
 #   4. the test suite (pytest) with the GPU visible
 set -uo pipefail
 TASK=${1:?TASK04_DIR}; FOLDS=${2:?FOLDS_JSON}; DATA=${3:?DATA_ROOT}; OUT=${4:?OUT_DIR}
 PY=${PYTHON:-python3}; DEV=${DEVICE:-cuda}
 HERE=$(cd "$(dirname "$0")/.." && pwd)
-mkdir -p "$OUT"; W=$(mktemp -d); FAILED=0
+export PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's medfcn, installed or not
+case $DEV in
+    cpu) export CUDA_VISIBLE_DEVICES= ;;
+    cuda) "$PY" -c "import sys, torch; sys.exit(not torch.cuda.is_available())" || { echo "no GPU seen"; exit 2; } ;;
+    *) echo "DEVICE must be cuda or cpu, not $DEV"; exit 2 ;;
+esac
+mkdir -p "$OUT"; rm -rf "$OUT"/eval_* "$OUT/cuda_check.json"; W=$(mktemp -d); FAILED=0
+trap 'rm -rf "$W"' EXIT
 step() {  # step NAME TIMEOUT_S CMD...: run, print rc and seconds, remember failures
     local name=$1 limit=$2; shift 2; local t0=$SECONDS
-    [ "$1" = medfcn ] && set -- "$PY" -m "$@"  # the CLI of this checkout's interpreter, console script or not
+    [ "$1" = medfcn ] && set -- "$PY" -m "$@"  # the CLI run by $PY, console script or not
     echo "== $name"; timeout "$limit" "$@"; local rc=$?
     echo "== $name: rc=$rc, $((SECONDS - t0)) s"; [ "$rc" = 0 ] || FAILED=1
 }
 
 [ "$DEV" = cpu ] || nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-"$PY" -c "import torch, monai; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'monai', monai.__version__)"
+"$PY" -c "import torch, monai; print('torch', torch.__version__, 'monai', monai.__version__)" || exit 2
 
 # the shipped model's held-out cases in TASK04_DIR, as two folders of links
 "$PY" - "$TASK" "$HERE/datasets/Task04_Hippocampus/folds.json" "$W" <<'EOF'
@@ -45,6 +52,7 @@ for case in json.load(open(folds))["folds"][0]:
             os.symlink(os.path.abspath(f"{task}/{tr}/{case}.nii.gz"), f"{w}/{sub}/{case}.nii.gz")
 print(len(os.listdir(f"{w}/labels")), "held-out cases of the shipped model")
 EOF
+[ $? = 0 ] || exit 2
 
 B3=$HERE/bundles/hippocampus_fcn; B2=$HERE/bundles/hippocampus_fcn_2d
 SERIES=("$DATA"/dicom/PGBM-00{2,3,6}_HippoCrop "$DATA"/dicom/PGBM-003_T1post)
@@ -67,7 +75,7 @@ for kind in ("", "dicom_"):
     diff, total, cases = 0, 0, 0
     for g in sorted(glob.glob(f"{w}/{kind}{dev}/*.nii.gz")):
         a = np.asarray(nib.load(g).dataobj)
-        b = np.asarray(nib.load(g.replace(f"/{kind}{dev}/", f"/{kind}cpu/")).dataobj)
+        b = np.asarray(nib.load(os.path.join(w, f"{kind}cpu", os.path.basename(g))).dataobj)
         assert a.shape == b.shape, g
         diff += int((a != b).sum()); total += a.size; cases += 1
     report[f"{kind or 'fold0_'}masks"] = {"cases": cases, "voxels_differing": diff, "fraction": diff / max(total, 1)}
@@ -86,8 +94,9 @@ for name, amp in (("fp32", False), ("autocast_" + str(half)[6:], True)):
             if i >= 10:
                 times.append(1000 * (time.perf_counter() - t0))
     report[f"compute_ms_per_volume_{name}"] = statistics.median(times)
+del net, x  # the peak below is the whole-head inference's alone
 if dev == "cuda":
-    torch.cuda.reset_peak_memory_stats()
+    torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats()
 t0 = time.perf_counter()
 infer(bundle, [f"{data}/dicom/PGBM-003_T1post"], f"{w}/head", device=dev)
 report["whole_head_infer_s"] = time.perf_counter() - t0
@@ -98,13 +107,17 @@ EOF
 
 for b in 3 2; do
     bundle=$([ $b = 3 ] && echo "$B3" || echo "$B2"); run=$W/run${b}d
-    step "train ${b}D ($DEV)" 180 medfcn train "$bundle" --data "$TASK" --folds "$FOLDS" --fold 0 --epochs $((b == 3 ? 2 : 1)) \
-        --output "$run"
+    step "train ${b}D ($DEV)" 180 medfcn train "$bundle" --data "$TASK" --folds "$FOLDS" --fold 0 \
+        --epochs $((b == 3 ? 2 : 1)) --output "$run"
     [ $b = 3 ] && step "resume 3D to 3 epochs" 120 medfcn train "$bundle" --output "$run" --resume --epochs 3
+    step "${b}D best_model.pt holds CPU tensors" 60 "$PY" -c "import sys, torch
+weights = torch.load(sys.argv[1], weights_only=True)  # no map_location, as a user would
+sys.exit(any(t.device.type != 'cpu' for t in weights.values()))" "$run/best_model.pt"
     step "package ${b}D run" 60 medfcn package "$run" --out "$W/pkg${b}d"
-    step "packaged ${b}D bundle on the CPU" 60 medfcn infer "$W/pkg${b}d" "${SERIES[0]}" --out "$W/pkg${b}d_out" --device cpu
+    step "packaged ${b}D bundle on the CPU" 60 medfcn infer "$W/pkg${b}d" "${SERIES[0]}" --out "$W/pkg${b}d_out" \
+        --device cpu
 done
 
-step "pytest ($DEV visible)" 240 env OMP_NUM_THREADS="${PYTEST_THREADS:-$(nproc)}" "$PY" -m pytest -q -p no:cacheprovider "${@:5}" ${PYTEST_PATHS:-"$HERE/tests"}
-rm -rf "$W"
+step "pytest ($DEV visible)" 240 env OMP_NUM_THREADS="${PYTEST_THREADS:-$(nproc)}" \
+    "$PY" -m pytest -q -p no:cacheprovider "${@:5}" ${PYTEST_PATHS:-"$HERE/tests"}
 exit $FAILED

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -248,7 +249,9 @@ class CheckpointWriter:
 
     def save_best(self, evaluator: Engine) -> None:
         if evaluator.state.best_metric_epoch == evaluator.state.epoch:
-            weights = {k: v.detach().cpu() for k, v in self.best_network.state_dict().items()}
+            state = self.best_network.state_dict()
+            weights = OrderedDict((k, v.cpu()) for k, v in state.items())
+            weights._metadata = getattr(state, "_metadata", None)  # as load_state_dict expects it
             atomic_torch_save(weights, self.save_dir / "best_model.pt")
 
 

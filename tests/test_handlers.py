@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from unittest.mock import create_autospec
 
 import numpy as np
@@ -10,7 +11,7 @@ import torch
 from ignite.engine import Engine
 from monai.engines import Evaluator
 
-from medfcn.handlers import PerClassMetrics, ValidateEvery, WeightAverage, overlay_slice
+from medfcn.handlers import CheckpointWriter, PerClassMetrics, ValidateEvery, WeightAverage, overlay_slice
 
 
 def test_overlay_colours_only_labelled_pixels():
@@ -94,3 +95,25 @@ def test_weight_average_state_round_trip_and_disabled():
         off.load_state_dict(ema.state_dict())
     with pytest.raises(ValueError, match="decay"):
         WeightAverage(source, decay=1.0)
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_best_model_holds_cpu_tensors_whatever_the_training_device(tmp_path, device):
+    """best_model.pt is the file users copy into a bundle: a plain torch.load must read it on a
+    machine without a GPU, and load_state_dict must take it as the network's own state dict."""
+    net = torch.nn.Sequential(torch.nn.Conv3d(1, 2, 3), torch.nn.BatchNorm3d(2)).to(device)
+    writer = CheckpointWriter(str(tmp_path), {"network": net})
+    writer.save_best(SimpleNamespace(state=SimpleNamespace(best_metric_epoch=3, epoch=3)))
+    weights = torch.load(tmp_path / "best_model.pt", weights_only=True)
+    state = net.state_dict()
+    assert list(weights) == list(state) and all(t.device.type == "cpu" for t in weights.values())
+    assert all(torch.equal(weights[k], v.cpu()) for k, v in state.items())
+    assert weights._metadata == state._metadata  # layer versions, which load_state_dict reads
+    torch.nn.Sequential(torch.nn.Conv3d(1, 2, 3), torch.nn.BatchNorm3d(2)).load_state_dict(weights)
+
+    (tmp_path / "best_model.pt").unlink()
+    writer.save_best(SimpleNamespace(state=SimpleNamespace(best_metric_epoch=3, epoch=4)))  # not the best epoch
+    assert not (tmp_path / "best_model.pt").exists()
