@@ -108,7 +108,7 @@ EOF
 for b in 3 2; do
     bundle=$([ $b = 3 ] && echo "$B3" || echo "$B2"); run=$W/run${b}d
     step "train ${b}D ($DEV)" 180 medfcn train "$bundle" --data "$TASK" --folds "$FOLDS" --fold 0 \
-        --epochs $((b == 3 ? 2 : 1)) --output "$run"
+        --epochs $((b == 3 ? 2 : 1)) --output "$run" --device "$DEV"
     [ $b = 3 ] && step "resume 3D to 3 epochs" 120 medfcn train "$bundle" --output "$run" --resume --epochs 3
     step "${b}D best_model.pt holds CPU tensors" 60 "$PY" -c "import sys, torch
 weights = torch.load(sys.argv[1], weights_only=True)  # no map_location, as a user would

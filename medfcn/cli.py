@@ -118,6 +118,9 @@ def train(
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="Override a config entry, KEY=VALUE (JSON), repeatable.")
     ] = None,
+    device: Annotated[
+        str | None, typer.Option(help="cpu, cuda, cuda:1... (default: CUDA if present); a resume may change it.")
+    ] = None,
 ) -> None:
     """Train the bundle's network (its configs/train.json) on an MSD-style dataset.
 
@@ -135,6 +138,7 @@ def train(
         epochs=epochs,
         output_dir=output,
         resume=resume,
+        device=device,
         overrides={
             **_parse_overrides(set_ or []),
             **({"pretrained_encoder": str(encoder)} if encoder else {}),

@@ -34,6 +34,7 @@ from monai.bundle import ConfigParser
 from medfcn.data.checks import check_scan, warn_if_label_map
 from medfcn.data.datasets import case_id
 from medfcn.data.readers import quiet_itk
+from medfcn.devices import check_device, device_expression
 from medfcn.errors import UserError, root_message
 from medfcn.io import NIFTI_SUFFIXES, atomic_path, load_weights, nifti_files, refuse_existing, writable_dir
 from medfcn.train import bundle_files
@@ -105,7 +106,7 @@ def load_segmenter(
     parser.read_config(str(files["config_file"]))
     parser.update({"bundle_root": str(files["bundle_root"]), **(overrides or {})})
     if device:
-        parser["device"] = f"$torch.device({check_device(device)!r})"
+        parser["device"] = device_expression(device)
     if tta:
         axes = parser.get_parsed_content("trained_flip_axes", default=[0])
         if not axes:
@@ -128,19 +129,6 @@ def load_segmenter(
         pixdim=parser.get_parsed_content("pixdim"),
         slice_axis=parser.get_parsed_content("slice_axis", default=None),
     )
-
-
-def check_device(device: str) -> str:
-    """``device`` if this machine has it; UserError otherwise (e.g. ``cuda`` without a GPU)."""
-    try:
-        dev = torch.device(device)
-    except RuntimeError as err:
-        raise UserError(f"--device {device!r}: not a device name; use cpu, cuda or cuda:N.") from err
-    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
-        raise UserError(f"--device {device}: no such CUDA device on this machine; use --device cpu.")
-    if dev.type not in ("cpu", "cuda"):
-        raise UserError(f"--device {device}: unsupported; use cpu, cuda or cuda:N.")
-    return device
 
 
 def _is_dicom_series(folder: Path) -> bool:

@@ -206,7 +206,8 @@ def _assemble(
     tmp: Path, name: str, origin: Path, run_dir: Path, run: dict, weights: dict, source: str, best: dict
 ) -> None:
     """Write the packaged bundle ``name`` into the empty folder ``tmp``."""
-    settings = run["settings"]
+    # where the run computed (recorded by runs before `train --device`) is no part of the bundle
+    settings = {k: v for k, v in run["settings"].items() if k != "device"}
     (tmp / "configs").mkdir()
     (tmp / "models").mkdir()
     (tmp / "docs").mkdir()

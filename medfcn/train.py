@@ -28,6 +28,7 @@ from monai.bundle.reference_resolver import ReferenceResolver
 from medfcn.data.checks import check_training_pairs
 from medfcn.data.datasets import fold_datalists
 from medfcn.data.transforms import intensity_normalization
+from medfcn.devices import device_expression
 from medfcn.errors import UserError, root_message
 from medfcn.io import atomic_write_text, checkpoint_reason, load_weights, writable_dir
 
@@ -47,7 +48,7 @@ _OPTION_NAMES = {
     "freeze_encoder": "--freeze-encoder",
 }
 # Settings a resume may change: they do not change what the network learns.
-_RUNTIME_KEYS = ("num_workers", "val_interval")
+_RUNTIME_KEYS = ("num_workers", "val_interval", "device")
 
 
 def bundle_files(bundle: str | os.PathLike, config: str) -> dict[str, Path]:
@@ -183,7 +184,8 @@ def _write_run_settings(out: Path, parser: ConfigParser, args: dict[str, Any]) -
     """Record in ``out/RUN_FILE`` the bundle and what a resume must repeat: the options given
     (paths made absolute) and the data, split, fold and length they resolved to (``medfcn
     package`` reads it too). Rewritten on every resume, so an extended run records its new length."""
-    settings = {k: v for k, v in args.items() if k not in ("bundle_root", "output_dir", "resume")}
+    # where the run computed is no setting of it: a resume or a packaged bundle picks its own device
+    settings = {k: v for k, v in args.items() if k not in ("bundle_root", "output_dir", "resume", "device")}
     for key in ("dataset_dir", "folds_file", "fold", "epochs"):
         settings[key] = parser.get_parsed_content(key)
     for key in _PATH_KEYS:
@@ -291,6 +293,7 @@ def train(
     resume: bool = False,
     overrides: dict[str, Any] | None = None,
     folds_file: str | os.PathLike | None = None,
+    device: str | None = None,
 ) -> Path:
     """Train with ``bundle/configs/train.json``; return the run's output folder.
 
@@ -307,9 +310,13 @@ def train(
         overrides: more config entries to override, e.g. ``{"batch_size": 4}``; transfer
             learning: ``{"pretrained_encoder": "runs/a/best_model.pt", "freeze_encoder": True}``.
         folds_file: the fold split (``medfcn folds`` writes one); default: the config's.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; default: the config's (CUDA when
+            present). Not part of the run's settings: a resume computes where its own
+            ``device`` (or the default) says, on this machine or another.
 
     Raises:
-        UserError: missing data or split, unknown fold or config entry, a patch or class list
+        UserError: missing data or split, unknown fold or config entry, a device this machine
+            lacks, a patch or class list
             the network cannot train on, nothing to resume, a resume with other settings, or
             an output folder that already holds a run (resume it or choose another folder).
     """
@@ -321,6 +328,8 @@ def train(
         if value is not None:
             args[key] = str(value) if isinstance(value, os.PathLike) else value
     args.update(overrides or {})
+    if device is not None:
+        args["device"] = device_expression(device)
     if resume:
         explicit = {k for k in args if k not in ("bundle_root", "output_dir")}
         run_dir = Path(_parser(files["config_file"], args).get_parsed_content("output_dir"))

@@ -324,9 +324,12 @@ def test_bad_inference_options(option, fragment, tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
-def test_cuda_device_without_a_gpu(tmp_path):
+def test_cuda_device_without_a_gpu(tmp_path, spheres_dataset):
     result = run("infer", BUNDLE, _good(tmp_path), "--out", tmp_path / "o", "--device", "cuda")
     assert_user_error(result, "--device cuda", "--device cpu")
+    result = run("train", BUNDLE, "--data", spheres_dataset, "--output", tmp_path / "run", "--device", "cuda:1")
+    assert_user_error(result, "--device cuda:1", "--device cpu")
+    assert not (tmp_path / "run").exists()
 
 
 def test_output_names_cannot_leave_the_output_folder(tmp_path):

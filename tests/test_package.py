@@ -97,6 +97,18 @@ def test_last_weights_and_refusals(run_dir, tmp_path):
         package_run(tmp_path, tmp_path / "d")
 
 
+def test_a_recorded_device_is_not_packaged(run_dir, tmp_path):
+    """Runs before `medfcn train --device` could record a `--set device=...`: the bundle keeps
+    the source bundle's choice (CUDA when present), not the machine the run trained on."""
+    record = json.loads((run_dir / RUN_FILE).read_text())
+    assert "device" not in record["settings"]
+    record["settings"]["device"] = "$torch.device('cuda:3')"
+    (run_dir / RUN_FILE).write_text(json.dumps(record))
+    out = package_run(run_dir, tmp_path / "b")
+    packaged, source = _configs(out), _configs(BUNDLE)
+    assert [c["device"] for c in packaged] == [c["device"] for c in source]  # train.json, inference.json
+
+
 def test_weights_that_do_not_load_leave_nothing(run_dir, tmp_path):
     """Packaged against another bundle (the 2D one) the weights cannot load: one line, and no
     bundle folder or hidden temporary folder is left."""

@@ -189,9 +189,10 @@ def test_resume_reuses_the_runs_settings_and_refuses_others(spheres_dataset, tmp
     other = write_msd_dataset(tmp_path / "Other", n_cases=4, seed=1)
     overrides = {**SMALL, "folds_file": str(spheres_dataset / "folds.json"), "network_def#fusion": "concat"}
     out = tmp_path / "run"
-    train(BUNDLE, spheres_dataset, fold=1, epochs=1, output_dir=out, overrides=overrides)
+    train(BUNDLE, spheres_dataset, fold=1, epochs=1, output_dir=out, overrides=overrides, device="cpu")
     saved = json.loads((out / RUN_FILE).read_text())["settings"]
     assert saved["dataset_dir"] == str(spheres_dataset.resolve()) and saved["fold"] == 1 and saved["epochs"] == 1
+    assert "device" not in saved  # where it computed: the resume's own choice, on this machine or another
     length = torch.load(out / "last.pt", map_location="cpu", weights_only=True)["trainer"]["epoch_length"]
     for given, message in (
         ({"dataset_dir": other}, "started with --data"),
@@ -204,7 +205,8 @@ def test_resume_reuses_the_runs_settings_and_refuses_others(spheres_dataset, tmp
     # nothing but the folder and the new length: the run's dataset (not $MEDFCN_DATA) and fold, and its
     # concat fusion (with the bundle's sum fusion, last.pt would not fit the network and fail to load);
     # a value equal to the bundle's default and a setting that does not change what is learnt are fine
-    train(BUNDLE, output_dir=out, resume=True, epochs=2, overrides={"learning_rate": 0.002, "num_workers": 0})
+    runtime = {"learning_rate": 0.002, "num_workers": 0}
+    train(BUNDLE, output_dir=out, resume=True, epochs=2, overrides=runtime, device="cpu")
     state = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
     assert state["trainer"]["iteration"] == 2 * length
     assert json.loads((out / RUN_FILE).read_text())["settings"]["epochs"] == 2  # the extension is recorded
