@@ -47,7 +47,8 @@ _OPTION_NAMES = {
     "pretrained_encoder": "--encoder",
     "freeze_encoder": "--freeze-encoder",
 }
-# Settings a resume may change: they do not change what the network learns.
+# Settings a resume may change: how the run computes, not what it trains (the device sets the
+# precision, so a resume elsewhere is not bit-identical, but it continues the same recipe).
 _RUNTIME_KEYS = ("num_workers", "val_interval", "device")
 
 
@@ -177,7 +178,8 @@ def _resume_settings(out: Path, args: dict[str, Any], given: set[str], config_fi
                 f"{out}: this run started with {_option(key)} {shown}, not {_json(args[key])}; "
                 "resume without that option (the run's settings are reused) or start a new run with another --output."
             )
-    return {**args, **{k: v for k, v in saved.items() if k not in given}}
+    # a device recorded by runs before --device (through --set) is not reused: the resume's own applies
+    return {**args, **{k: v for k, v in saved.items() if k not in given and k != "device"}}
 
 
 def _write_run_settings(out: Path, parser: ConfigParser, args: dict[str, Any]) -> None:
@@ -312,15 +314,18 @@ def train(
         folds_file: the fold split (``medfcn folds`` writes one); default: the config's.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; default: the config's (CUDA when
             present). Not part of the run's settings: a resume computes where its own
-            ``device`` (or the default) says, on this machine or another.
+            ``device`` (or the default) says, on this machine or another. Not accepted in
+            ``overrides``, where it would escape the check.
 
     Raises:
         UserError: missing data or split, unknown fold or config entry, a device this machine
-            lacks, a patch or class list
-            the network cannot train on, nothing to resume, a resume with other settings, or
-            an output folder that already holds a run (resume it or choose another folder).
+            lacks (or one given as an override), a patch or class list the network cannot
+            train on, nothing to resume, a resume with other settings, or an output folder
+            that already holds a run (resume it or choose another folder).
     """
     files = bundle_files(bundle, "train.json")
+    if "device" in (overrides or {}):  # unchecked there, and no setting of the run: see _write_run_settings
+        raise UserError("--set device: use --device cpu, cuda or cuda:N instead.")
     _check_override_keys(files["config_file"], overrides or {})
     args: dict[str, Any] = {"bundle_root": str(files["bundle_root"])}
     given = {"dataset_dir": dataset_dir, "folds_file": folds_file, "fold": fold, "epochs": epochs}
@@ -376,7 +381,7 @@ def train(
     elif encoder:
         _check_encoder(network, encoder)
     writable_dir(out, fix="choose another --output")
-    _write_run_settings(Path(out), parser, args)
+    recorded = args
     if resume:  # last.pt's weights replace the encoder's initialisation, whose file may be gone by now
         args = {**args, "pretrained_encoder": None}
 
@@ -389,6 +394,7 @@ def train(
         **args,
     )
     workflow.initialize()
+    _write_run_settings(Path(out), parser, recorded)  # after the set-up: a resume failing there keeps its record
     workflow.run()
     workflow.finalize()
     return Path(out)

@@ -205,8 +205,10 @@ def test_resume_reuses_the_runs_settings_and_refuses_others(spheres_dataset, tmp
     # nothing but the folder and the new length: the run's dataset (not $MEDFCN_DATA) and fold, and its
     # concat fusion (with the bundle's sum fusion, last.pt would not fit the network and fail to load);
     # a value equal to the bundle's default and a setting that does not change what is learnt are fine
-    runtime = {"learning_rate": 0.002, "num_workers": 0}
-    train(BUNDLE, output_dir=out, resume=True, epochs=2, overrides=runtime, device="cpu")
+    # a device recorded by older runs (through --set) is not reused: cuda:3 exists on no test machine
+    record = json.loads((out / RUN_FILE).read_text())
+    (out / RUN_FILE).write_text(json.dumps({**record, "settings": {**saved, "device": "$torch.device('cuda:3')"}}))
+    train(BUNDLE, output_dir=out, resume=True, epochs=2, overrides={"learning_rate": 0.002, "num_workers": 0})
     state = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
     assert state["trainer"]["iteration"] == 2 * length
     assert json.loads((out / RUN_FILE).read_text())["settings"]["epochs"] == 2  # the extension is recorded
