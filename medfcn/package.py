@@ -30,7 +30,7 @@ from monai.bundle.config_item import ConfigComponent
 
 from medfcn.errors import UserError
 from medfcn.io import atomic_torch_save, checkpoint_reason, refuse_existing, writable_dir
-from medfcn.train import RUN_FILE
+from medfcn.train import NOT_SETTINGS, RUN_FILE
 
 __all__ = ["MODEL_KEYS", "package_run", "trained_flip_axes"]
 
@@ -206,8 +206,8 @@ def _assemble(
     tmp: Path, name: str, origin: Path, run_dir: Path, run: dict, weights: dict, source: str, best: dict
 ) -> None:
     """Write the packaged bundle ``name`` into the empty folder ``tmp``."""
-    # where the run computed (recorded by runs before `train --device`) is no part of the bundle
-    settings = {k: v for k, v in run["settings"].items() if k != "device"}
+    # a device recorded by runs before `train --device` is no part of the bundle
+    settings = {k: v for k, v in run["settings"].items() if k not in NOT_SETTINGS}
     (tmp / "configs").mkdir()
     (tmp / "models").mkdir()
     (tmp / "docs").mkdir()

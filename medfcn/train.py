@@ -47,9 +47,13 @@ _OPTION_NAMES = {
     "pretrained_encoder": "--encoder",
     "freeze_encoder": "--freeze-encoder",
 }
-# Settings a resume may change: how the run computes, not what it trains (the device sets the
-# precision, so a resume elsewhere is not bit-identical, but it continues the same recipe).
-_RUNTIME_KEYS = ("num_workers", "val_interval", "device")
+# Settings a resume may change: they do not change what the network learns.
+_RUNTIME_KEYS = ("num_workers", "val_interval")
+# Arguments of a run that are no settings of it: where its bundle and output are, whether it
+# resumes, and where it computes (a resume or a packaged bundle picks its own device; the device
+# sets the precision, so only a resume on the same one is bit-identical). Never written to
+# RUN_FILE, and ignored where a record of an older medfcn holds them (`--set device`).
+NOT_SETTINGS = ("bundle_root", "output_dir", "resume", "device")
 
 
 def bundle_files(bundle: str | os.PathLike, config: str) -> dict[str, Path]:
@@ -156,20 +160,21 @@ def _resume_settings(out: Path, args: dict[str, Any], given: set[str], config_fi
     silently mix two experiments: options not given again are taken from the run; options
     given with another value (than the run's, or the bundle's default where the run set none)
     are refused, except ``epochs`` (the LR schedule follows the new length) and settings that
-    do not change what is learnt (``_RUNTIME_KEYS``). Runs without a RUN_FILE (``python -m
+    do not change what is learnt (``_RUNTIME_KEYS``); ``NOT_SETTINGS`` (the device) are neither
+    compared nor reused. Runs without a RUN_FILE (``python -m
     monai.bundle run``, older medfcn) are resumed as given.
     """
     run_file = out / RUN_FILE
     if not run_file.is_file():
         return args
     try:
-        saved = json.loads(run_file.read_text())["settings"]
+        saved = {k: v for k, v in json.loads(run_file.read_text())["settings"].items() if k not in NOT_SETTINGS}
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise UserError(
             f"{run_file}: unreadable ({err}); restore it, or start a new run with another --output."
         ) from err
     default = _parser(config_file, {})
-    for key in given - {"epochs", *_RUNTIME_KEYS}:
+    for key in given - {"epochs", *_RUNTIME_KEYS, *NOT_SETTINGS}:
         before = saved[key] if key in saved else default.get(key.replace(ReferenceResolver.sep, "#"))
         if not _same(key, before, args[key]):
             # JSON, as --set takes values (null, true, "concat"), not Python's None / True / 'concat'
@@ -178,16 +183,14 @@ def _resume_settings(out: Path, args: dict[str, Any], given: set[str], config_fi
                 f"{out}: this run started with {_option(key)} {shown}, not {_json(args[key])}; "
                 "resume without that option (the run's settings are reused) or start a new run with another --output."
             )
-    # a device recorded by runs before --device (through --set) is not reused: the resume's own applies
-    return {**args, **{k: v for k, v in saved.items() if k not in given and k != "device"}}
+    return {**args, **{k: v for k, v in saved.items() if k not in given}}
 
 
 def _write_run_settings(out: Path, parser: ConfigParser, args: dict[str, Any]) -> None:
     """Record in ``out/RUN_FILE`` the bundle and what a resume must repeat: the options given
     (paths made absolute) and the data, split, fold and length they resolved to (``medfcn
     package`` reads it too). Rewritten on every resume, so an extended run records its new length."""
-    # where the run computed is no setting of it: a resume or a packaged bundle picks its own device
-    settings = {k: v for k, v in args.items() if k not in ("bundle_root", "output_dir", "resume", "device")}
+    settings = {k: v for k, v in args.items() if k not in NOT_SETTINGS}
     for key in ("dataset_dir", "folds_file", "fold", "epochs"):
         settings[key] = parser.get_parsed_content(key)
     for key in _PATH_KEYS:
@@ -324,7 +327,7 @@ def train(
             that already holds a run (resume it or choose another folder).
     """
     files = bundle_files(bundle, "train.json")
-    if "device" in (overrides or {}):  # unchecked there, and no setting of the run: see _write_run_settings
+    if "device" in (overrides or {}):  # unchecked there, and no setting of the run (NOT_SETTINGS)
         raise UserError("--set device: use --device cpu, cuda or cuda:N instead.")
     _check_override_keys(files["config_file"], overrides or {})
     args: dict[str, Any] = {"bundle_root": str(files["bundle_root"])}

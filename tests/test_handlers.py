@@ -104,7 +104,11 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.i
 def test_best_model_holds_cpu_tensors_whatever_the_training_device(tmp_path, device):
     """best_model.pt is the file users copy into a bundle: a plain torch.load must read it on a
     machine without a GPU, and load_state_dict must take it as the network's own state dict."""
-    net = torch.nn.Sequential(torch.nn.Conv3d(1, 2, 3), torch.nn.BatchNorm3d(2)).to(device)
+
+    def network():
+        return torch.nn.Sequential(torch.nn.Conv3d(1, 2, 3), torch.nn.BatchNorm3d(2))
+
+    net = network().to(device)
     writer = CheckpointWriter(str(tmp_path), {"network": net})
     writer.save_best(SimpleNamespace(state=SimpleNamespace(best_metric_epoch=3, epoch=3)))
     weights = torch.load(tmp_path / "best_model.pt", weights_only=True)
@@ -112,7 +116,7 @@ def test_best_model_holds_cpu_tensors_whatever_the_training_device(tmp_path, dev
     assert list(weights) == list(state) and all(t.device.type == "cpu" for t in weights.values())
     assert all(torch.equal(weights[k], v.cpu()) for k, v in state.items())
     assert weights._metadata == state._metadata  # layer versions, which load_state_dict reads
-    torch.nn.Sequential(torch.nn.Conv3d(1, 2, 3), torch.nn.BatchNorm3d(2)).load_state_dict(weights)
+    network().load_state_dict(weights)
 
     (tmp_path / "best_model.pt").unlink()
     writer.save_best(SimpleNamespace(state=SimpleNamespace(best_metric_epoch=3, epoch=4)))  # not the best epoch
