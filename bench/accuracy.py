@@ -146,16 +146,20 @@ def run(
     trainer.run()
     # a run stopped within an epoch has trained whole epochs plus that epoch's full batches
     whole, partial = divmod(trainer.state.iteration, trainer.state.epoch_length)
-    volumes = whole * n_cases + partial * batch
-    best = max(curve, key=lambda c: c["mean"])
+    return run_summary(name, curve, trainer.state.epoch, clock["train"], whole * n_cases + partial * batch)
+
+
+def run_summary(name: str, curve: list[dict], epochs: int, train_seconds: float, volumes: int) -> dict:
+    """One run's result as ``accuracy.json`` holds it: its validations (``curve``, training
+    minutes and Dice each), the best and the last of them, and the training throughput."""
     return {
         "name": name,
         "curve": curve,
-        "best": best,
+        "best": max(curve, key=lambda c: c["mean"]),
         "final": curve[-1],
-        "epochs": trainer.state.epoch,
-        "train_minutes": clock["train"] / 60,
-        "volumes_per_s": volumes / max(clock["train"], 1e-9),
+        "epochs": epochs,
+        "train_minutes": train_seconds / 60,
+        "volumes_per_s": volumes / max(train_seconds, 1e-9),
     }
 
 
@@ -191,6 +195,42 @@ def settled_time(curve: list[dict], level: float) -> float | None:
     below = [i for i, c in enumerate(curve) if c["mean"] < level]
     start = below[-1] + 1 if below else 0
     return curve[start]["minutes"] if start < len(curve) else None
+
+
+def markdown_table(runs: list[dict]) -> list[str]:
+    """The printed table: one row per run (``run()``'s results) and, with two runs, a row comparing
+    the first with the second (medfcn with the baseline): Dice differences, and the ratios of the
+    minutes to mean Dice 0.84 and 0.85 and of the throughput."""
+
+    def fmt(x: float | None) -> str:
+        return "-" if x is None else f"{x:.1f}"
+
+    rows = [
+        "| model | epochs | train min | best mean (ant/post) | final mean (ant/post) | min to 0.84 | min to 0.85 "
+        "| vol/s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in runs:
+        b, f = r["best"], r["final"]
+        rows.append(
+            f"| {r['name']} | {r['epochs']} | {r['train_minutes']:.1f} | {b['mean']:.4f} "
+            f"({b['anterior']:.4f}/{b['posterior']:.4f}) | {f['mean']:.4f} ({f['anterior']:.4f}/{f['posterior']:.4f}) "
+            f"| {fmt(first_time(r['curve'], 0.84))} | {fmt(first_time(r['curve'], 0.85))} | {r['volumes_per_s']:.1f} |"
+        )
+    if len(runs) == 2:
+        a, b = runs
+
+        def ratio(x: float | None, y: float | None) -> str:
+            return "-" if x is None or y is None else f"{x / y:.2f}"
+
+        times = [ratio(first_time(a["curve"], lv), first_time(b["curve"], lv)) for lv in (0.84, 0.85)]
+        rows.append(
+            f"| {a['name']} vs {b['name']} (Dice: difference; times: ratio) | | "
+            f"| {a['best']['mean'] - b['best']['mean']:+.4f} "
+            f"| {a['final']['mean'] - b['final']['mean']:+.4f} | {times[0]} | {times[1]} "
+            f"| {a['volumes_per_s'] / b['volumes_per_s']:.2f} |"
+        )
+    return rows
 
 
 def main() -> None:
@@ -271,17 +311,7 @@ def main() -> None:
     fig.tight_layout()
     fig.savefig(RESULTS / f"accuracy{args.tag}.png", dpi=120)
 
-    print("| model | epochs | train min | best mean (ant/post) | final mean | min to 0.84 | min to 0.85 | vol/s |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for r in runs:
-        b = r["best"]
-        t84, t85 = (first_time(r["curve"], x) for x in (0.84, 0.85))
-        fmt = lambda t: "-" if t is None else f"{t:.1f}"  # noqa: E731
-        print(
-            f"| {r['name']} | {r['epochs']} | {r['train_minutes']:.1f} | {b['mean']:.4f} "
-            f"({b['anterior']:.4f}/{b['posterior']:.4f}) | {r['final']['mean']:.4f} | {fmt(t84)} | {fmt(t85)} "
-            f"| {r['volumes_per_s']:.1f} |"
-        )
+    print("\n".join(markdown_table(runs)))
 
 
 if __name__ == "__main__":

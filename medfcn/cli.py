@@ -236,7 +236,10 @@ def evaluate(
     pred_dir: Annotated[Path, typer.Argument(help="Folder of predicted masks (NIfTI).")],
     label_dir: Annotated[Path, typer.Argument(help="Folder of reference labels with the same file names.")],
     labels: Annotated[
-        list[int] | None, typer.Option("--labels", help="Label values to score (default: all present).")
+        list[int] | None,
+        typer.Option(
+            "--labels", help="Label values to score, one per option: --labels 1 --labels 2 (default: all present)."
+        ),
     ] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Where metrics.csv/json go (default: PRED_DIR).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing metrics.csv/json.")] = False,
