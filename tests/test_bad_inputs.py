@@ -252,7 +252,7 @@ def test_dicom_folder_with_non_image_files_is_read_without_them(tmp_path):
     del report.PixelData
     report.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"  # a structured report: no pixels
     report.Modality = "SR"
-    report.SOPInstanceUID += ".9"
+    report.SOPInstanceUID = pydicom.uid.generate_uid()  # the image's UID + ".9" passed VR UI's 64 characters
     report.save_as(folder / "report.dcm")
     (folder / "DICOMDIR").write_bytes(b"not really a DICOMDIR")
     (folder / "notes.txt").write_text("scanner notes")
