@@ -160,9 +160,9 @@ def _resume_settings(out: Path, args: dict[str, Any], given: set[str], config_fi
     silently mix two experiments: options not given again are taken from the run; options
     given with another value (than the run's, or the bundle's default where the run set none)
     are refused, except ``epochs`` (the LR schedule follows the new length) and settings that
-    do not change what is learnt (``_RUNTIME_KEYS``); ``NOT_SETTINGS`` (the device) are neither
-    compared nor reused. Runs without a RUN_FILE (``python -m
-    monai.bundle run``, older medfcn) are resumed as given.
+    do not change what is learnt (``_RUNTIME_KEYS``). ``given``: the settings given again, none of
+    ``NOT_SETTINGS`` (the device), which are neither compared nor reused. Runs without a RUN_FILE
+    (``python -m monai.bundle run``, older medfcn) are resumed as given.
     """
     run_file = out / RUN_FILE
     if not run_file.is_file():
@@ -174,7 +174,7 @@ def _resume_settings(out: Path, args: dict[str, Any], given: set[str], config_fi
             f"{run_file}: unreadable ({err}); restore it, or start a new run with another --output."
         ) from err
     default = _parser(config_file, {})
-    for key in given - {"epochs", *_RUNTIME_KEYS, *NOT_SETTINGS}:
+    for key in given - {"epochs", *_RUNTIME_KEYS}:
         before = saved[key] if key in saved else default.get(key.replace(ReferenceResolver.sep, "#"))
         if not _same(key, before, args[key]):
             # JSON, as --set takes values (null, true, "concat"), not Python's None / True / 'concat'
@@ -339,7 +339,7 @@ def train(
     if device is not None:
         args["device"] = device_expression(device)
     if resume:
-        explicit = {k for k in args if k not in ("bundle_root", "output_dir")}
+        explicit = {k for k in args if k not in NOT_SETTINGS}
         run_dir = Path(_parser(files["config_file"], args).get_parsed_content("output_dir"))
         args = _resume_settings(run_dir, args, explicit, files["config_file"])
     args["resume"] = bool(resume)
