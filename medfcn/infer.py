@@ -230,7 +230,7 @@ def infer(
 
     Args:
         bundle: bundle folder with ``configs/inference.json`` and ``models/model.pt``.
-        inputs: NIfTI files, folders of NIfTI files, DICOM series folders.
+        inputs: NIfTI files, folders of NIfTI files, DICOM series folders, folders of series folders.
         out_dir: gets ``<case>.nii.gz`` per scan, ``volumes.csv`` and ``volumes.json``.
         device: ``"cpu"``, ``"cuda"``...; default CUDA when available.
         sw_batch_size, overlap: sliding-window settings (default: the bundle's).

@@ -15,6 +15,7 @@ import pytest
 import SimpleITK as sitk
 from pydicom.uid import generate_uid
 
+from medfcn.data.readers import read_dicom_series
 from medfcn.errors import UserError
 from medfcn.infer import expand_inputs, infer
 
@@ -215,3 +216,20 @@ def test_bad_series_in_an_export_is_refused_naming_it(tmp_path):
     (export / "PAT1" / "SER2" / "16.dcm").unlink()
     with pytest.raises(UserError, match=r"SER2: slice positions are uneven .*a slice is missing"):
         expand_inputs([export])
+
+
+def test_slice_without_position_is_refused(tmp_path):
+    folder = _series(tmp_path)
+    ds = pydicom.dcmread(folder / "5.dcm")
+    del ds.ImagePositionPatient
+    ds.save_as(folder / "5.dcm")
+    with pytest.raises(UserError, match="series: 5.dcm: no ImagePositionPatient or ImageOrientationPatient"):
+        expand_inputs([folder])
+
+
+def test_reader_refuses_what_infer_refuses(tmp_path):
+    """SimpleITKReader (the bundles' LoadImage reader) runs the same checks on a series folder."""
+    folder = _series(tmp_path)
+    _edit_slices(folder, _move(lambda z: (0, 0, z if z <= 16 else 16 + 1.4 * (z - 16))))
+    with pytest.raises(UserError, match="slice steps are uneven"):
+        read_dicom_series(folder)

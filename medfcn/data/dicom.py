@@ -187,7 +187,7 @@ def _slice_frame(folder: Path, stack: Sequence[SliceHeader]) -> tuple[np.ndarray
     unplaced = [h for h in stack if h.position is None or h.orientation is None or len(h.orientation) != 6]
     if unplaced:
         raise UserError(
-            f"{folder}: {_names(unplaced)} lack ImagePositionPatient or ImageOrientationPatient, so the slices "
+            f"{folder}: {_names(unplaced)}: no ImagePositionPatient or ImageOrientationPatient, so the slices "
             "cannot be placed; export the series with its geometry tags."
         )
     row, column = np.asarray(stack[0].orientation).reshape(2, 3)
@@ -250,14 +250,15 @@ def _check_even_steps(folder: Path, along: np.ndarray) -> None:
             f"{folder}: slice positions are uneven (a step of {_mm(np.unique(gaps.round(3)))} where the others are "
             f"{step:.3g} mm): a slice is missing; export the complete series."
         )
-    index = np.arange(len(along))
-    fitted = np.polyval(np.polyfit(index, along, 1), index)  # the evenly spaced grid nearest the slices
-    off = float(np.abs(along - fitted).max())
-    if off > tolerance:
+    # A reader stacks the slices on the even grid from the first to the last: how far a slice
+    # lies from it is how far its part of the mask would be misplaced.
+    grid = np.linspace(along[0], along[-1], len(along))
+    off = float(np.abs(along - grid).max())
+    if off > TOLERANCE_VOXELS * (grid[1] - grid[0]):
         raise UserError(
-            f"{folder}: slice steps are uneven ({_mm(np.unique(steps.round(2))[:6])}): slices lie up to {off:.3g} mm "
-            f"off an evenly spaced grid (tolerance {tolerance:.3g} mm, a tenth of a step); medfcn does not resample "
-            "uneven series: convert it with dcm2niix, which writes an evenly resampled NIfTI (_Eq_1), "
+            f"{folder}: slice steps are uneven ({_mm(np.unique(steps.round(2))[:6])}): on one even grid from the first "
+            f"slice to the last, slices would lie up to {off:.3g} mm off (tolerance: a tenth of a step); medfcn does "
+            "not resample uneven series: convert it with dcm2niix, which writes an evenly resampled NIfTI (_Eq_1), "
             "and segment that."
         )
 
