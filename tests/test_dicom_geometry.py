@@ -233,3 +233,17 @@ def test_reader_refuses_what_infer_refuses(tmp_path):
     _edit_slices(folder, _move(lambda z: (0, 0, z if z <= 16 else 16 + 1.4 * (z - 16))))
     with pytest.raises(UserError, match="slice steps are uneven"):
         read_dicom_series(folder)
+
+
+def test_compressed_series_that_gdcm_decodes_is_read(tmp_path):
+    """RLE Lossless is on the decodable list: read, with the same voxels as uncompressed."""
+    folder = _series(tmp_path)
+
+    def rle(ds, z):
+        ds.compress(pydicom.uid.RLELossless)
+
+    _edit_slices(folder, rle)
+    assert pydicom.dcmread(folder / "1.dcm").file_meta.TransferSyntaxUID == pydicom.uid.RLELossless
+    original = sitk.GetArrayFromImage(read_dicom_series(need(DICOM) / "PGBM-002_HippoCrop"))
+    assert expand_inputs([folder]) == [folder]
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(read_dicom_series(folder)), original)

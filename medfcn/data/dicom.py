@@ -112,8 +112,17 @@ def _floats(value) -> tuple[float, ...] | None:
 
 
 def read_header(path: str | os.PathLike) -> SliceHeader:
-    """The geometry tags and transfer syntax of one DICOM file, read without its pixel data."""
-    ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+    """The geometry tags and transfer syntax of one DICOM file, read without its pixel data.
+
+    Raises:
+        UserError: the file cannot be read or is no DICOM file.
+    """
+    try:  # force: GDCM, which listed the file, also reads files without the 'DICM' preamble
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS, force=True)
+    except Exception as err:  # a damaged file raises whatever the parser met first
+        raise UserError(
+            f"{path}: not a readable DICOM file ({type(err).__name__}: {err}); remove it or export the series again."
+        ) from err
     meta = getattr(ds, "file_meta", None)
     rows, columns = ds.get("Rows"), ds.get("Columns")
     return SliceHeader(
@@ -337,9 +346,12 @@ def _looks_like_dicom(folder: Path, probe: int = 8) -> bool:
         for entry in entries:
             if entry.name.startswith(".") or not entry.is_file() or entry.name.upper() == "DICOMDIR":
                 continue
-            with open(entry.path, "rb") as file:
-                if file.read(132)[128:] == b"DICM":
-                    return True
+            try:
+                with open(entry.path, "rb") as file:
+                    if file.read(132)[128:] == b"DICM":
+                        return True
+            except OSError:  # unreadable: not ours to judge here; GDCM would skip it too
+                pass
             tried += 1
             if tried >= probe:
                 return False
