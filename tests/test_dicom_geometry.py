@@ -15,6 +15,7 @@ import pytest
 import SimpleITK as sitk
 from pydicom.uid import generate_uid
 
+from medfcn.data.dicom import find_series
 from medfcn.data.readers import read_dicom_series
 from medfcn.errors import UserError
 from medfcn.infer import expand_inputs, infer
@@ -194,6 +195,8 @@ def test_export_with_series_in_subfolders_is_searched(tmp_path):
     export = _export(
         tmp_path / "export", {"PAT1/STUDY1/SER1": "PGBM-002_HippoCrop", "PAT1/STUDY1/SER2": "PGBM-006_HippoCrop"}
     )
+    # GDCM (slow: it parses every file) probes only folders whose first files look like DICOM
+    assert find_series(export) == [export / "PAT1" / "STUDY1" / "SER1", export / "PAT1" / "STUDY1" / "SER2"]
     out = tmp_path / "o"
     result = run("infer", BUNDLE, export, "--out", out)
     assert result.exit_code == 0, result.output

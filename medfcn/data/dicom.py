@@ -339,13 +339,16 @@ def gdcm_series_files(folder: str | os.PathLike) -> list[str] | None:
 
 
 def _looks_like_dicom(folder: Path, probe: int = 8) -> bool:
-    """True when one of the first ``probe`` files of ``folder`` starts like a DICOM file
-    (``DICM`` after the 128-byte preamble); a cheap test before GDCM parses the folder."""
+    """True when one of the first ``probe`` files of ``folder`` is named ``*.dcm`` or starts
+    like a DICOM file (``DICM`` after the 128-byte preamble); a cheap test before GDCM parses
+    the folder."""
     tried = 0
     with os.scandir(folder) as entries:
         for entry in entries:
             if entry.name.startswith(".") or not entry.is_file() or entry.name.upper() == "DICOMDIR":
                 continue
+            if entry.name.lower().endswith(".dcm"):  # also files written without the preamble
+                return True
             try:
                 with open(entry.path, "rb") as file:
                     if file.read(132)[128:] == b"DICM":
