@@ -119,14 +119,18 @@ def read_header(path: str | os.PathLike) -> SliceHeader:
     """
     try:  # force: GDCM, which listed the file, also reads files without the 'DICM' preamble
         ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS, force=True)
-    except Exception as err:  # a damaged file raises whatever the parser met first
+        return _slice_header(Path(path), ds)
+    except Exception as err:  # a damaged file or tag raises whatever the parser met first
         raise UserError(
             f"{path}: not a readable DICOM file ({type(err).__name__}: {err}); remove it or export the series again."
         ) from err
+
+
+def _slice_header(path: Path, ds: pydicom.Dataset) -> SliceHeader:
     meta = getattr(ds, "file_meta", None)
     rows, columns = ds.get("Rows"), ds.get("Columns")
     return SliceHeader(
-        path=Path(path),
+        path=path,
         transfer_syntax=str(getattr(meta, "TransferSyntaxUID", "1.2.840.10008.1.2")),
         frames=int(ds.get("NumberOfFrames") or 1),
         sop_class=str(ds.get("SOPClassUID", "")),
