@@ -27,13 +27,12 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
-import SimpleITK as sitk
 import torch
 from monai.bundle import ConfigParser
 
 from medfcn.data.checks import check_scan, warn_if_label_map
 from medfcn.data.datasets import case_id
-from medfcn.data.readers import quiet_itk
+from medfcn.data.dicom import find_series, gdcm_series_files, series_files
 from medfcn.devices import check_device, device_expression
 from medfcn.errors import UserError, root_message
 from medfcn.io import NIFTI_SUFFIXES, atomic_path, load_weights, nifti_files, refuse_existing, writable_dir
@@ -132,67 +131,56 @@ def load_segmenter(
 
 
 def _is_dicom_series(folder: Path) -> bool:
-    """True for a folder with exactly one complete DICOM series; UserError for a broken one."""
-    with quiet_itk():  # a folder of NIfTI files is probed too; GDCM would print "No Series were found"
-        series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
-    if not series:
+    """True for a folder with exactly one DICOM series that reads as an even 3D stack (a
+    localizer in it is left out with a warning); UserError for a broken one."""
+    files = gdcm_series_files(folder)
+    if not files:
         return False
-    if len(series) > 1:
-        raise UserError(f"{folder}: holds {len(series)} DICOM series; put each series in its own folder.")
-    with quiet_itk():
-        files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0])
-    _check_slice_spacing(folder, files)
+    series_files(folder, files, warn=True)
     return True
 
 
-def _check_slice_spacing(folder: Path, files: Sequence[str]) -> None:
-    """Slices must be evenly spaced along the slice normal; a gap means a missing file."""
-    if len(files) < 3:
-        return
-    reader = sitk.ImageFileReader()
-    positions = []
-    for name in files:
-        reader.SetFileName(name)
-        reader.ReadImageInformation()
-        positions.append(reader.GetOrigin())
-        direction = reader.GetDirection()
-    normal = np.asarray(direction, dtype=float).reshape(3, 3)[:, 2]
-    steps = np.diff(np.sort(np.asarray(positions) @ normal))
-    if steps.min() <= 1e-6 or steps.max() > 1.5 * np.median(steps):
-        raise UserError(
-            f"{folder}: slice positions are uneven (steps {steps.min():.3g} to {steps.max():.3g} mm): "
-            "a slice is missing or duplicated; export the complete series."
-        )
+def _scans_in(item: Path) -> list[tuple[Path, str]]:
+    """``(scan, mask name)`` of one input: a NIfTI file, a DICOM series folder, the NIfTI files
+    of a folder, or else the DICOM series in its subfolders (an export, PATIENT/STUDY/SERIES),
+    each named by its path below ``item`` joined with ``_`` so that namesakes stay apart."""
+    if not item.exists():
+        raise UserError(f"{item}: not found; pass NIfTI files, folders of them, or DICOM series folders.")
+    if item.is_file():
+        if not item.name.lower().endswith(NIFTI_SUFFIXES):
+            raise UserError(f"{item}: not a NIfTI file (.nii/.nii.gz); DICOM is read per series folder.")
+        return [(item, mask_name(item))]
+    if _is_dicom_series(item):
+        return [(item, mask_name(item))]
+    found = nifti_files(item)
+    if found:
+        return [(scan, mask_name(scan)) for scan in found]
+    series = [folder for folder in find_series(item) if _is_dicom_series(folder)]
+    if not series:
+        raise UserError(f"{item}: no NIfTI files and no DICOM series in this folder or its subfolders.")
+    return [(folder, mask_name(Path("_".join(folder.relative_to(item).parts)))) for folder in series]
 
 
-def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
-    """Scans named by ``inputs``: NIfTI files, DICOM series folders, and the NIfTI files of
-    other folders (sorted; hidden files skipped). A scan named twice (also through its folder)
-    is kept once. Raises UserError for missing paths and folders with no scan."""
-    scans: list[Path] = []
-    for item in map(Path, inputs):
-        if not item.exists():
-            raise UserError(f"{item}: not found; pass NIfTI files, folders of them, or DICOM series folders.")
-        if item.is_file():
-            if not item.name.lower().endswith(NIFTI_SUFFIXES):
-                raise UserError(f"{item}: not a NIfTI file (.nii/.nii.gz); DICOM is read per series folder.")
-            scans.append(item)
-        elif _is_dicom_series(item):
-            scans.append(item)
-        else:
-            found = nifti_files(item)
-            if not found:
-                raise UserError(f"{item}: no NIfTI files and no DICOM series in this folder.")
-            scans.extend(found)
-    if not scans:
+def expand_named_inputs(inputs: Sequence[str | os.PathLike]) -> list[tuple[Path, str]]:
+    """``(scan, mask file name)`` of every scan named by ``inputs`` (see :func:`expand_inputs`)."""
+    named = [pair for item in map(Path, inputs) for pair in _scans_in(item)]
+    if not named:
         raise UserError("no input scans given.")
     seen: set[Path] = set()
     unique = []
-    for scan in scans:  # a file given twice, or by name and through its folder, is one scan
+    for scan, name in named:  # a file given twice, or by name and through its folder, is one scan
         if scan.resolve() not in seen:
             seen.add(scan.resolve())
-            unique.append(scan)
+            unique.append((scan, name))
     return unique
+
+
+def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
+    """Scans named by ``inputs``: NIfTI files, DICOM series folders, the NIfTI files of other
+    folders (sorted; hidden files skipped), or else the DICOM series in their subfolders. A
+    scan named twice (also through its folder) is kept once. Raises UserError for missing
+    paths, folders with no scan and DICOM series that do not read as an even 3D stack."""
+    return [scan for scan, _ in expand_named_inputs(inputs)]
 
 
 def mask_name(scan: Path) -> str:
@@ -242,7 +230,7 @@ def infer(
 
     Args:
         bundle: bundle folder with ``configs/inference.json`` and ``models/model.pt``.
-        inputs: NIfTI files, folders of NIfTI files, DICOM series folders.
+        inputs: NIfTI files, folders of NIfTI files, DICOM series folders, folders of series folders.
         out_dir: gets ``<case>.nii.gz`` per scan, ``volumes.csv`` and ``volumes.json``.
         device: ``"cpu"``, ``"cuda"``...; default CUDA when available.
         sw_batch_size, overlap: sliding-window settings (default: the bundle's).
@@ -258,9 +246,10 @@ def infer(
         UserError: a bad input, bundle or option; nothing is written then, not even the masks
             of the scans before the bad one.
     """
-    scans = expand_inputs(inputs)
+    named_scans = expand_named_inputs(inputs)
+    scans = [scan for scan, _ in named_scans]
     out = Path(out_dir)
-    targets = [out / mask_name(s) for s in scans]
+    targets = [out / name for _, name in named_scans]
     named: dict[Path, Path] = {}
     for scan, target in zip(scans, targets, strict=True):
         if target in named:

@@ -62,22 +62,21 @@ def quiet_itk() -> Iterator[None]:
 def read_dicom_series(folder: str | os.PathLike) -> sitk.Image:
     """Read the one DICOM series in ``folder`` as a 3D image, slices sorted by position.
 
+    Only the files of its one stack are read (:func:`medfcn.data.dicom.series_files`: a
+    localizer sharing the series UID is left out), after the checks that keep SimpleITK from
+    misplacing slices or printing codec noise.
+
     Raises:
-        ValueError: the folder holds no DICOM series, or more than one.
+        ValueError: the folder holds no DICOM series.
+        UserError: more than one series, or one that cannot be read as an even 3D stack.
     """
-    folder = str(folder)
-    with quiet_itk():
-        series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder)
-    if not series:
+    from medfcn.data.dicom import gdcm_series_files, series_files  # it imports quiet_itk from here
+
+    files = gdcm_series_files(folder)
+    if not files:
         raise ValueError(f"{folder}: no DICOM image series found in this folder.")
-    if len(series) > 1:
-        raise ValueError(
-            f"{folder}: holds {len(series)} DICOM series ({', '.join(series)}); put each series in its own folder."
-        )
-    with quiet_itk():
-        files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, series[0])
     reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(files)
+    reader.SetFileNames(series_files(folder, files))
     return reader.Execute()
 
 
