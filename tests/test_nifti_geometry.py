@@ -4,6 +4,7 @@ voxel where they place the scan's."""
 
 from __future__ import annotations
 
+import gzip
 import shutil
 import warnings
 
@@ -15,6 +16,7 @@ from typer.testing import CliRunner
 
 from medfcn.cli import app
 from medfcn.data.checks import check_training_pairs
+from medfcn.data.nifti import check_gzip_integrity
 from medfcn.data.readers import quiet_itk
 from medfcn.errors import InputWarning, UserError
 from medfcn.evaluate import evaluate_folders
@@ -61,8 +63,9 @@ def flip_a_bit(source, target):
 
 @pytest.fixture
 def damaged(tmp_path):
-    source = need(HIPPO) / "imagesTr" / CASE
-    return flip_a_bit(source, tmp_path / "in" / CASE) if (tmp_path / "in").mkdir() is None else None
+    """A copy of a real case with one bit flipped, in ``tmp_path / "in"``."""
+    (tmp_path / "in").mkdir()
+    return flip_a_bit(need(HIPPO) / "imagesTr" / CASE, tmp_path / "in" / CASE)
 
 
 def test_flipped_bit_is_refused_by_infer(damaged, tmp_path):
@@ -93,6 +96,20 @@ def test_flipped_bit_is_refused_by_evaluate(which, tmp_path):
     assert not (tmp_path / "pred" / "metrics.csv").exists()
 
 
+@pytest.mark.parametrize("field, reason", [(-8, "gzip CRC check failed"), (-1, "gzip length check failed")])
+def test_every_gzip_member_is_checked(field, reason, tmp_path):
+    """A .gz may hold several members; the second one's CRC32 (8 bytes from the end) and length
+    (the last 4 bytes) are checked too."""
+    path = tmp_path / "two_members.nii.gz"
+    stream = bytearray(gzip.compress(b"first member " * 100) + gzip.compress(b"second member " * 100))
+    path.write_bytes(bytes(stream))
+    check_gzip_integrity(path)  # intact: no error
+    stream[field] ^= 0x01
+    path.write_bytes(bytes(stream))
+    with pytest.raises(UserError, match=f"two_members.nii.gz: is corrupt \\({reason}"):
+        check_gzip_integrity(path)
+
+
 def _variant(tmp_path, name, qform, sform, units="mm", qcode=1, scode=1):
     """The real case with the given qform, sform (4x4, in ``units``), codes and units."""
     source = nib.load(need(HIPPO) / "imagesTr" / CASE)
@@ -119,10 +136,10 @@ def _assert_same_geometry(mask, scan_path):
     """Mask and scan: equal qform, sform, codes, qfac, voxel sizes and units (unknown: mm), and
     a labelled voxel placed at one position by nibabel and by ITK (its own qform/sform choice)."""
     scan = nib.load(scan_path)
-    for mine, theirs in [(mask.get_qform(coded=True), scan.get_qform(coded=True))]:
-        assert mine[1] == theirs[1] and (mine[0] is None or np.array_equal(mine[0], theirs[0]))
-    for mine, theirs in [(mask.get_sform(coded=True), scan.get_sform(coded=True))]:
-        assert mine[1] == theirs[1] and (mine[0] is None or np.array_equal(mine[0], theirs[0]))
+    for form in ("get_qform", "get_sform"):  # (affine or None when its code is 0, code)
+        (mine, my_code), (theirs, their_code) = getattr(mask, form)(coded=True), getattr(scan, form)(coded=True)
+        assert my_code == their_code, (form, my_code, their_code)
+        assert (mine is None and theirs is None) or np.array_equal(mine, theirs), (form, mine, theirs)
     assert np.array_equal(mask.header["pixdim"][:4], scan.header["pixdim"][:4])
     unit = scan.header.get_xyzt_units()[0]
     assert mask.header.get_xyzt_units()[0] == ("mm" if unit == "unknown" else unit)

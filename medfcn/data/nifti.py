@@ -54,11 +54,12 @@ def check_gzip_integrity(path: str | os.PathLike) -> None:
     """Decompress the whole gzip stream of ``path`` (every member), checking each member's
     CRC32 and length; files not named ``.gz`` are left alone.
 
-    Streams in chunks of :data:`CHUNK_BYTES`, so memory stays flat; a 10 MB ``.nii.gz`` takes
-    tens of milliseconds.
+    Streams in chunks of :data:`CHUNK_BYTES`, so memory stays flat; about 20 ms per MB of
+    ``.nii.gz`` (1 ms for a hippocampus case, 43 ms for a 2 MB LeftAtrium image, on one core).
 
     Raises:
-        UserError: ``<file>: is corrupt (<what the check found>); re-copy or re-export it.``
+        UserError: ``<file>: is corrupt (<what the check found>); re-copy or re-export it.``, or
+            the file cannot be opened (``<file>: cannot be read (<system's reason>) ...``).
     """
     if not str(path).lower().endswith(".gz"):
         return
@@ -70,12 +71,15 @@ def check_gzip_integrity(path: str | os.PathLike) -> None:
         raise UserError(
             f"{path}: is corrupt (the gzip stream ends early: the file is truncated); re-copy or re-export it."
         ) from err
-    except (OSError, zlib.error) as err:  # BadGzipFile is an OSError
+    except (gzip.BadGzipFile, zlib.error) as err:
         text = str(err)
-        reason = "gzip CRC check failed" if "CRC" in text else f"gzip: {text}"
+        checks = {"CRC": "gzip CRC check failed", "Incorrect length": "gzip length check failed"}
+        reason = next((said for found, said in checks.items() if found in text), f"gzip: {text}")
         raise UserError(
             f"{path}: is corrupt ({reason}: the compressed data is damaged); re-copy or re-export it."
         ) from err
+    except OSError as err:  # not the data: the file itself (permissions, a folder named .gz)
+        raise UserError(f"{path}: cannot be read ({err.strerror or err}); check the file and its permissions.") from err
 
 
 def mm_per_unit(header: nib.Nifti1Header) -> float:
