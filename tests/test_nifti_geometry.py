@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import shutil
+import struct
 import warnings
 
 import nibabel as nib
@@ -16,7 +17,7 @@ from typer.testing import CliRunner
 
 from medfcn.cli import app
 from medfcn.data.checks import check_training_pairs
-from medfcn.data.nifti import check_gzip_integrity
+from medfcn.data.nifti import check_gzip_integrity, check_nifti_geometry
 from medfcn.data.readers import quiet_itk
 from medfcn.errors import InputWarning, UserError
 from medfcn.evaluate import evaluate_folders
@@ -221,6 +222,23 @@ def test_singular_affine_is_refused_in_one_line(defect, tmp_path):
     out = tmp_path / "out"
     assert_one_line_error(run("infer", BUNDLE, path, "--out", out), str(path), fragment, "fix the header")
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_qfac_zero_is_read_as_one_not_refused(tmp_path):
+    """pixdim[0] (qfac) = 0, common in old files, is 1 by the NIfTI standard: no error, no
+    warning (nibabel's raw qform would raise on it)."""
+    path = tmp_path / "qfac0.nii"
+    rotation = AFFINE @ np.diag([1.0, -1.0, 1.0, 1.0])  # det +1: qfac 1 and 0 mean the same
+    image = nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), None)
+    image.set_qform(rotation, code=1)
+    image.set_sform(rotation, code=0)
+    nib.save(image, path)
+    stored = bytearray(path.read_bytes())
+    stored[76:80] = struct.pack("<f", 0.0)  # pixdim[0], which nibabel will not save as 0
+    path.write_bytes(bytes(stored))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", InputWarning)
+        np.testing.assert_allclose(check_nifti_geometry(path).affine, rotation)
 
 
 def test_training_refuses_files_not_in_mm(spheres_dataset):

@@ -13,10 +13,13 @@ and units (:func:`mask_like_scan`).
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import logging
 import os
 import warnings
 import zlib
+from collections.abc import Iterator
 
 import nibabel as nib
 import numpy as np
@@ -148,22 +151,39 @@ def _max_distance_mm(a: np.ndarray, b: np.ndarray, shape, scale: float) -> float
     return float(scale * np.linalg.norm((a - b) @ corners, axis=0).max())
 
 
+@contextlib.contextmanager
+def _quiet_nibabel() -> Iterator[None]:
+    """Silence nibabel's header-fix log lines inside the block (nibabel's own
+    ``LoggingOutputSuppressor`` loses its handler on exit)."""
+    logger = nib.imageglobals.logger
+    level = logger.level
+    logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _load_header(path: str | os.PathLike) -> tuple[nib.Nifti1Image, nib.Nifti1Header]:
-    """``path`` loaded lazily by nibabel, and its header exactly as stored: nibabel's loader
-    "fixes" some fields (a zero ``pixdim`` becomes 1, with a log line on stderr), which would
-    hide a singular qform from the check and from the user.
+    """``path`` loaded lazily by nibabel, and its header with the voxel sizes as stored.
+
+    nibabel's loader "fixes" a zero voxel size in ``pixdim`` to 1 (with a log line on stderr),
+    which would hide a singular qform from the check and from the user; its other fixes (qfac 0
+    read as 1, negative sizes as positive) are kept, as the NIfTI reference library reads them.
 
     Raises:
         UserError: nibabel cannot read the file (``<file>: cannot be read as an image (...)``).
     """
     try:
-        with nib.imageglobals.LoggingOutputSuppressor():
+        with _quiet_nibabel():
             image = nib.load(str(path))
+            header = image.header.copy()
         with nib.openers.ImageOpener(str(path)) as stream:
             stored = type(image.header).from_fileobj(stream, check=False)
     except Exception as err:
         raise UserError(f"{path}: cannot be read as an image ({root_message(err)}).") from err
-    return image, stored
+    header["pixdim"][1:4] = np.where(stored["pixdim"][1:4] == 0, 0, header["pixdim"][1:4])
+    return image, header
 
 
 def check_nifti_geometry(path: str | os.PathLike) -> nib.Nifti1Image:
