@@ -22,6 +22,7 @@ from monai.metrics import DiceMetric, HausdorffDistanceMetric
 from monai.networks.utils import one_hot
 
 from medfcn.data.datasets import case_id
+from medfcn.data.nifti import check_gzip_integrity, scan_affine_mm
 from medfcn.errors import UserError
 from medfcn.io import atomic_write_text, nifti_files, refuse_existing, writable_dir
 
@@ -29,6 +30,9 @@ __all__ = ["evaluate_folders", "case_metrics", "summarise"]
 
 
 def _load_labels(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The label map ``(X, Y, Z)`` in ``path`` (int64) and its affine in mm (metres, microns
+    scaled), after the gzip CRC check of a ``.nii.gz``."""
+    check_gzip_integrity(path)  # nibabel reads a damaged .nii.gz without complaint
     try:
         image = nib.load(str(path))
         data = np.asarray(image.dataobj)
@@ -38,7 +42,7 @@ def _load_labels(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise UserError(f"{path}: expected a 3D label map, got shape {data.shape}.")
     if not np.all(np.isfinite(data)) or np.any(data != np.round(data)):
         raise UserError(f"{path}: label values must be whole numbers.")
-    return data.astype(np.int64), image.affine
+    return data.astype(np.int64), scan_affine_mm(image)
 
 
 def case_metrics(pred: np.ndarray, label: np.ndarray, spacing: tuple[float, ...], labels: list[int]) -> dict:

@@ -33,6 +33,7 @@ from monai.bundle import ConfigParser
 from medfcn.data.checks import check_scan, warn_if_label_map
 from medfcn.data.datasets import case_id
 from medfcn.data.dicom import find_series, gdcm_series_files, series_files
+from medfcn.data.nifti import check_gzip_integrity, check_nifti_geometry, is_nifti, mask_like_scan, use_file_affine
 from medfcn.devices import check_device, device_expression
 from medfcn.errors import UserError, root_message
 from medfcn.io import NIFTI_SUFFIXES, atomic_path, load_weights, nifti_files, refuse_existing, writable_dir
@@ -60,12 +61,19 @@ class Segmenter:
 
         Returns:
             ``(labels, affine, seconds)``: uint8 labels ``(X, Y, Z)`` on the scan's own voxel
-            grid, its RAS affine (mm), and the model-compute time in seconds.
+            grid, its RAS affine (mm; a NIfTI scan's as nibabel reads it, scaled from metres or
+            microns to mm), and the model-compute time in seconds.
         """
+        nifti = None
+        if is_nifti(path):  # nibabel would read a damaged .nii.gz, or a singular affine, without complaint
+            check_gzip_integrity(path)
+            nifti = check_nifti_geometry(path)
         try:  # loading alone first, so the scan can be checked before any resampling
             data = self.preprocessing({"image": str(path)}, end=1)
         except Exception as err:
             raise UserError(f"{path}: cannot be read as an image ({root_message(err)}).") from err
+        if nifti is not None:  # the file's own affine, in mm whatever its spatial units
+            use_file_affine(data["image"], nifti)
         check_scan(data["image"], path, self.in_channels, self.pixdim, self.slice_axis)
         warn_if_label_map(data["image"], path)
         data = self.preprocessing(data, start=1)
@@ -197,12 +205,18 @@ def label_volumes(labels: np.ndarray, affine: np.ndarray, class_names: Sequence[
     return {f"{name}_mm3": round(float(counts[k + 1]) * voxel_mm3, 3) for k, name in enumerate(class_names)}
 
 
-def _stage_mask(stack: contextlib.ExitStack, labels: np.ndarray, affine: np.ndarray, target: Path) -> None:
-    """Write the mask to a temporary file that ``stack`` renames onto ``target`` on success."""
-    image = nib.Nifti1Image(labels.astype(np.uint8), affine)
-    image.set_qform(affine, code=1)
-    image.set_sform(affine, code=1)
-    image.header.set_xyzt_units("mm")  # the affine is in mm; 0 ("unknown") makes some viewers guess
+def _stage_mask(stack: contextlib.ExitStack, labels: np.ndarray, affine: np.ndarray, target: Path, scan: Path) -> None:
+    """Write the mask to a temporary file that ``stack`` renames onto ``target`` on success.
+
+    A NIfTI scan's mask carries the scan's own header geometry (qform, sform, codes, units);
+    other scans' masks get ``affine`` (mm) as qform and sform."""
+    if is_nifti(scan):
+        image = mask_like_scan(labels, nib.load(str(scan)))
+    else:
+        image = nib.Nifti1Image(labels.astype(np.uint8), affine)
+        image.set_qform(affine, code=1)
+        image.set_sform(affine, code=1)
+        image.header.set_xyzt_units("mm")  # the affine is in mm; 0 ("unknown") makes some viewers guess
     nib.save(image, stack.enter_context(atomic_path(target, suffix=".nii.gz")))
 
 
@@ -279,7 +293,7 @@ def infer(
         for k, (scan, target) in enumerate(zip(scans, targets, strict=True), start=1):
             start = time.perf_counter()
             labels, affine, compute = segmenter(scan)
-            _stage_mask(stack, labels, affine, target)
+            _stage_mask(stack, labels, affine, target, scan)
             spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
             row = {
                 "input": str(scan),

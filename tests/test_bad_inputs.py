@@ -267,7 +267,7 @@ def test_bad_scan_in_a_batch_leaves_no_output(tmp_path):
     out = tmp_path / "out"
     result = run("infer", BUNDLE, good, bad, "--out", out)
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
-    assert result.output.strip().splitlines()[-1].startswith(f"medfcn: error: {bad}: cannot be read")
+    assert result.output.strip().splitlines()[-1].startswith(f"medfcn: error: {bad}: is corrupt")
     assert not out.exists() or not any(out.iterdir())  # not even the good scan's mask
 
 

@@ -16,6 +16,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from medfcn.data.nifti import check_gzip_integrity, refuse_non_mm
 from medfcn.errors import InputWarning, UserError
 
 __all__ = ["BYTES_PER_VOXEL", "memory_budget", "check_scan", "warn_if_label_map", "check_training_pairs"]
@@ -143,16 +144,19 @@ def check_training_pairs(datalist: Sequence[dict], num_classes: int, in_channels
 
     Shapes, affines and channel counts (axes after the third: MSD stores modalities as
     ``(X, Y, Z, C)``) come from the NIfTI headers; label values and finite image voxels from
-    the data. ``in_channels``: the channels the network takes (not checked when None).
+    the data; ``.nii.gz`` files must pass their gzip CRC check and be in mm. ``in_channels``:
+    the channels the network takes (not checked when None).
     Raises UserError naming the first offending file.
     """
     for item in datalist:
         image_path, label_path = item["image"], item.get("label")
+        check_gzip_integrity(image_path)  # nibabel reads a damaged .nii.gz without complaint
         try:
             image = nib.load(image_path)
             voxels = np.asarray(image.dataobj)
         except Exception as err:
             raise UserError(f"{image_path}: cannot be read as NIfTI ({err}); re-export or remove the case.") from err
+        refuse_non_mm(image, image_path)
         if not np.all(np.isfinite(voxels)):
             raise UserError(f"{image_path}: has NaN/Inf voxels; fix the image or drop the case from dataset.json.")
         channels = int(np.prod(image.shape[3:], dtype=int))
@@ -163,11 +167,13 @@ def check_training_pairs(datalist: Sequence[dict], num_classes: int, in_channels
             )
         if label_path is None:
             continue
+        check_gzip_integrity(label_path)
         try:
             label = nib.load(label_path)
             values = np.unique(np.asarray(label.dataobj)).tolist()
         except Exception as err:
             raise UserError(f"{label_path}: cannot be read as NIfTI ({err}); re-export or remove the case.") from err
+        refuse_non_mm(label, label_path)
         if label.shape[:3] != image.shape[:3]:
             raise UserError(f"{label_path}: shape {label.shape} differs from its image's {image.shape}.")
         if not np.allclose(label.affine, image.affine, atol=1e-3):
