@@ -198,7 +198,7 @@ def folds(
 @_user_errors
 def infer(
     bundle: Annotated[Path, typer.Argument(help="Bundle folder with configs/inference.json and models/model.pt.")],
-    inputs: Annotated[list[Path], typer.Argument(help="NIfTI files, folders of them, or DICOM series folders.")],
+    inputs: Annotated[list[Path], typer.Argument(help="NIfTI, NRRD, MetaImage files or folders; DICOM series.")],
     out: Annotated[Path, typer.Option("--out", help="Output folder for masks and volumes.csv/json.")],
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1... (default: CUDA if present).")] = None,
     sw_batch_size: Annotated[int | None, typer.Option(help="Sliding-window batch size.")] = None,

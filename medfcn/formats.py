@@ -104,15 +104,15 @@ def _read_information(path: str | os.PathLike) -> sitk.ImageFileReader:
     return reader
 
 
-def _mask_geometry(scan: str | os.PathLike, affine: np.ndarray) -> tuple[tuple, tuple, tuple]:
+def _mask_geometry(scan: str | os.PathLike | None, affine: np.ndarray) -> tuple[tuple, tuple, tuple]:
     """The mask's ``(origin, spacing, direction)``: an NRRD/MetaImage scan's own header values,
-    copied bit for bit, else (NIfTI, DICOM) those of the mask's RAS ``affine``.
+    copied bit for bit, else (NIfTI, DICOM, no scan given) those of the mask's RAS ``affine``.
 
     Raises:
         RuntimeError: the scan's header and the mask's affine disagree (a bug, not a user error).
     """
-    if not is_itk_file(scan):
-        return _geometry_from_affine(affine, scan)
+    if scan is None or not is_itk_file(scan):
+        return _geometry_from_affine(affine, scan or "the mask")
     header = _read_information(scan)
     image = sitk.Image([1] * header.GetDimension(), sitk.sitkUInt8)
     image.SetOrigin(header.GetOrigin())
@@ -124,7 +124,7 @@ def _mask_geometry(scan: str | os.PathLike, affine: np.ndarray) -> tuple[tuple, 
 
 
 def stage_itk_mask(
-    stack: contextlib.ExitStack, labels: np.ndarray, affine: np.ndarray, scan: str | os.PathLike, target: Path
+    stack: contextlib.ExitStack, labels: np.ndarray, affine: np.ndarray, scan: str | os.PathLike | None, target: Path
 ) -> None:
     """Write ``labels`` ``(X, Y, Z)`` as a uint8 NRRD or MetaImage (by ``target``'s suffix,
     compressed) to a temporary file that ``stack`` renames onto ``target`` on success.
@@ -176,7 +176,7 @@ def _dicom_grid(folder: Path) -> ScanGrid | None:
     size, spacing = list(first.GetSize()), list(first.GetSpacing())
     if len(files) > 1:  # one file per slice: the slice step is the distance between the ends
         distance = np.linalg.norm(np.subtract(last.GetOrigin(), first.GetOrigin()))
-        size[2], spacing[2] = len(files) * size[2], distance / (len(files) - 1) or spacing[2]
+        size[2], spacing[2] = len(files) * size[2], float(distance) / (len(files) - 1) or spacing[2]
     return ScanGrid(tuple(size), tuple(spacing), first.GetNumberOfComponents())
 
 

@@ -187,7 +187,8 @@ def _check_slice_spacing(folder: Path, files: Sequence[str]) -> None:
 def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     """Scans named by ``inputs``: NIfTI, NRRD and MetaImage files, DICOM series folders, and the
     NIfTI/NRRD/MetaImage files of other folders (sorted; hidden files skipped). A scan named
-    twice (also through its folder) is kept once. Raises UserError for missing paths and folders with no scan."""
+    twice (also through its folder) is kept once. Raises UserError for missing paths and
+    folders with no scan."""
     scans: list[Path] = []
     for item in map(Path, inputs):
         if not item.exists():
@@ -242,7 +243,7 @@ def _stage_mask(
     """Write the mask to a temporary file that ``stack`` renames onto ``target`` on success
     (NRRD or MetaImage by ``target``'s suffix, else NIfTI)."""
     if is_itk_file(target):
-        return stage_itk_mask(stack, labels, affine, scan if scan is not None else target, target)
+        return stage_itk_mask(stack, labels, affine, scan, target)
     image = nib.Nifti1Image(labels.astype(np.uint8), affine)
     image.set_qform(affine, code=1)
     image.set_sform(affine, code=1)
