@@ -288,6 +288,27 @@ def _list_failure(
         progress(f"{counter} {scan.name}: failed: {reason}")
 
 
+def _cohort_inputs(
+    inputs: Sequence[str | os.PathLike], failures: list[dict], progress: Callable[[str], None] | None
+) -> list[Path]:
+    """:func:`expand_inputs` for ``continue_on_error``: a folder of DICOM files whose series is
+    broken (a missing slice, two series) is appended to ``failures`` like a scan that fails to
+    read; any other error (a path not found, a file of another type) stops everything."""
+    kept = []
+    for item in map(Path, inputs):
+        try:
+            expand_inputs([item])
+        except UserError as err:
+            with quiet_itk():
+                holds_dicom = item.is_dir() and bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(item)))
+            if not holds_dicom:
+                raise
+            _list_failure(failures, item, err, "[inputs]", progress)
+            continue
+        kept.append(item)
+    return expand_inputs(kept) if kept else []
+
+
 def infer(
     bundle: str | os.PathLike,
     inputs: Sequence[str | os.PathLike],
@@ -320,7 +341,8 @@ def infer(
         continue_on_error: a scan that fails with a UserError is listed in ``failures.csv`` /
             ``failures.json`` (input, reason) and the others are segmented and written;
             ``volumes.csv`` lists the successes. Errors not about one scan (inputs not found,
-            bundle, options, ``out_dir``) still stop everything.
+            bundle, options, ``out_dir``) still stop everything; a folder holding a broken DICOM
+            series is a bad scan.
 
     Returns:
         One row per segmented scan: input, mask, shape, spacing (mm), seconds, and
@@ -331,7 +353,8 @@ def infer(
             of the scans before the bad one (unless ``continue_on_error``, for a bad scan).
     """
     check_mask_format(mask_format)
-    scans = expand_inputs(inputs)
+    failures: list[dict] = []  # with continue_on_error: scans that failed, listed or segmented
+    scans = _cohort_inputs(inputs, failures, progress) if continue_on_error else expand_inputs(inputs)
     out = Path(out_dir)
     targets = [out / mask_name(s, mask_suffix(s, mask_format)) for s in scans]
     named: dict[Path, Path] = {}
@@ -357,7 +380,7 @@ def infer(
     segmenter = load_segmenter(bundle, device=device, overrides=overrides, tta=tta)
     writable_dir(out, fix="choose another --out")
 
-    rows = InferenceRows()
+    rows = InferenceRows(failures=failures)
     # All or nothing: masks are staged as temporary files and renamed only once every scan
     # has succeeded, so a bad scan in the middle of a batch leaves no partial output behind.
     with contextlib.ExitStack() as stack:

@@ -236,6 +236,26 @@ def test_continue_on_error_python_api_and_all_failed(tmp_path):
         assert nothing_in(tmp_path / "o2")
 
 
+def test_continue_on_error_lists_a_broken_dicom_series(tmp_path):
+    """A series folder with a slice missing is a bad scan of the cohort, not the end of the run."""
+    import shutil
+
+    broken = tmp_path / "in" / "series_gap"
+    shutil.copytree(need(DICOM) / "PGBM-002_HippoCrop", broken)
+    (broken / "16.dcm").unlink()  # a slice from the middle
+    good = tmp_path / "in" / "good.mha"
+    oblique_scan(good)
+    out = tmp_path / "out"
+    one_error_line(run("infer", BUNDLE, broken, good, "--out", out, "--device", "cpu"))
+    assert nothing_in(out)
+    result = run("infer", BUNDLE, broken, good, "--out", out, "--device", "cpu", "--continue-on-error")
+    assert result.exit_code == 3, result.output
+    failures = json.loads((out / "failures.json").read_text())
+    assert [f["input"] for f in failures] == [str(broken)]
+    assert failures[0]["reason"].startswith("slice positions are uneven")
+    assert (out / "good.nii.gz").exists() and not (out / "series_gap.nii.gz").exists()
+
+
 # --- memory guard: the scan's own voxels count too ---
 
 
