@@ -198,7 +198,7 @@ def folds(
 @_user_errors
 def infer(
     bundle: Annotated[Path, typer.Argument(help="Bundle folder with configs/inference.json and models/model.pt.")],
-    inputs: Annotated[list[Path], typer.Argument(help="NIfTI files, folders of them, or DICOM series folders.")],
+    inputs: Annotated[list[Path], typer.Argument(help="NIfTI, NRRD, MetaImage files or folders; DICOM series.")],
     out: Annotated[Path, typer.Option("--out", help="Output folder for masks and volumes.csv/json.")],
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1... (default: CUDA if present).")] = None,
     sw_batch_size: Annotated[int | None, typer.Option(help="Sliding-window batch size.")] = None,
@@ -208,11 +208,25 @@ def infer(
         typer.Option("--tta", help="Average with input flipped as the model trained (3D bundle: left-right, 2x time)."),
     ] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing masks and volume tables.")] = False,
+    mask_format: Annotated[
+        str,
+        typer.Option(help="nifti (<case>.nii.gz), nrrd, mha, or input: NRRD/MetaImage scans keep their format."),
+    ] = "nifti",
+    continue_on_error: Annotated[
+        bool,
+        typer.Option(
+            "--continue-on-error",
+            help="List a bad scan in failures.csv and segment the others (exit code 3 if any failed).",
+        ),
+    ] = False,
 ) -> None:
-    """Segment scans with a bundle; one uint8 NIfTI mask per scan in the scan's own geometry.
+    """Segment scans with a bundle; one uint8 mask per scan in the scan's own geometry.
 
-    Masks are named after the input (file name or DICOM folder name) and overlay the scan in
-    3D Slicer or ITK-SNAP as they are. Also writes the volume of each label in mm3.
+    Inputs: NIfTI, NRRD, MetaImage files, folders of them, DICOM series folders. Masks are named
+    after the input (file name or DICOM folder name) and overlay the scan in 3D Slicer or
+    ITK-SNAP as they are. Also writes the volume of each label in mm3. Exit code 0: all scans
+    segmented; 2: an error, nothing written; 3 (--continue-on-error): some scans failed, listed
+    in failures.csv, the others written.
     """
     from medfcn.infer import infer as run_inference
 
@@ -226,8 +240,20 @@ def infer(
         tta=tta,
         overwrite=overwrite,
         progress=typer.echo,
+        mask_format=mask_format,
+        continue_on_error=continue_on_error,
     )
     typer.echo(f"done: {len(rows)} mask(s) and volumes.csv in {out}")
+    if rows.failures:
+        _report_failures(rows.failures, out / "failures.csv")
+
+
+def _report_failures(failures: list[dict], table: Path) -> None:
+    """One line per failed scan on stderr, then exit code 3 (some scans failed, not all-or-nothing's 2)."""
+    typer.echo(f"medfcn: {len(failures)} scan(s) failed, listed in {table}:", err=True)
+    for failure in failures:
+        typer.echo(f"medfcn: failed: {failure['input']}: {failure['reason']}", err=True)
+    raise typer.Exit(3)
 
 
 @app.command()

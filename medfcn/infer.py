@@ -36,10 +36,27 @@ from medfcn.data.dicom import find_series, gdcm_series_files, series_files
 from medfcn.data.nifti import check_gzip_integrity, check_nifti_geometry, is_nifti, mask_like_scan, use_file_affine
 from medfcn.devices import check_device, device_expression
 from medfcn.errors import UserError, root_message
-from medfcn.io import NIFTI_SUFFIXES, atomic_path, load_weights, nifti_files, refuse_existing, writable_dir
+from medfcn.formats import (
+    SCAN_SUFFIXES,
+    check_mask_format,
+    check_memory_from_header,
+    is_itk_file,
+    mask_suffix,
+    stage_itk_mask,
+)
+from medfcn.io import atomic_path, load_weights, nifti_files, refuse_existing, writable_dir
 from medfcn.train import bundle_files
 
-__all__ = ["Segmenter", "load_segmenter", "check_device", "expand_inputs", "mask_name", "label_volumes", "infer"]
+__all__ = [
+    "Segmenter",
+    "load_segmenter",
+    "check_device",
+    "expand_inputs",
+    "mask_name",
+    "label_volumes",
+    "infer",
+    "InferenceRows",
+]
 
 
 @dataclass
@@ -64,17 +81,19 @@ class Segmenter:
             grid, its RAS affine (mm; a NIfTI scan's as nibabel reads it, scaled from metres or
             microns to mm), and the model-compute time in seconds.
         """
+        num_classes = len(self.class_names) + 1
         nifti = None
         if is_nifti(path):  # nibabel would read a damaged .nii.gz, or a singular affine, without complaint
             check_gzip_integrity(path)
             nifti = check_nifti_geometry(path)
+        check_memory_from_header(path, self.in_channels, self.pixdim, num_classes)  # before reading voxels
         try:  # loading alone first, so the scan can be checked before any resampling
             data = self.preprocessing({"image": str(path)}, end=1)
         except Exception as err:
             raise UserError(f"{path}: cannot be read as an image ({root_message(err)}).") from err
         if nifti is not None:  # the file's own affine, in mm whatever its spatial units
             use_file_affine(data["image"], nifti)
-        check_scan(data["image"], path, self.in_channels, self.pixdim, self.slice_axis)
+        check_scan(data["image"], path, self.in_channels, self.pixdim, self.slice_axis, num_classes)
         warn_if_label_map(data["image"], path)
         data = self.preprocessing(data, start=1)
         image = data["image"]
@@ -148,29 +167,38 @@ def _is_dicom_series(folder: Path) -> bool:
     return True
 
 
-def _scans_in(item: Path) -> list[tuple[Path, str]]:
-    """``(scan, mask name)`` of one input: a NIfTI file, a DICOM series folder, the NIfTI files
-    of a folder, or else the DICOM series in its subfolders (an export, PATIENT/STUDY/SERIES),
-    each named by its path below ``item`` joined with ``_`` so that namesakes stay apart."""
+def _scans_in(item: Path) -> list[tuple[Path, Path]]:
+    """``(scan, path its mask is named after)`` of one input: a NIfTI, NRRD or MetaImage file, a
+    DICOM series folder, the NIfTI/NRRD/MetaImage files of a folder, or else the DICOM series in
+    its subfolders (an export, PATIENT/STUDY/SERIES), each named by its path below ``item``
+    joined with ``_`` so that namesakes stay apart."""
     if not item.exists():
-        raise UserError(f"{item}: not found; pass NIfTI files, folders of them, or DICOM series folders.")
+        raise UserError(
+            f"{item}: not found; pass NIfTI, NRRD or MetaImage files, folders of them, or DICOM series folders."
+        )
     if item.is_file():
-        if not item.name.lower().endswith(NIFTI_SUFFIXES):
-            raise UserError(f"{item}: not a NIfTI file (.nii/.nii.gz); DICOM is read per series folder.")
-        return [(item, mask_name(item))]
+        if not item.name.lower().endswith(SCAN_SUFFIXES):
+            raise UserError(
+                f"{item}: not a NIfTI, NRRD or MetaImage file (.nii/.nii.gz/.nrrd/.nhdr/.mha/.mhd; a .raw is "
+                "read through its .mhd); DICOM is read per series folder."
+            )
+        return [(item, item)]
     if _is_dicom_series(item):
-        return [(item, mask_name(item))]
-    found = nifti_files(item)
+        return [(item, item)]
+    found = nifti_files(item, SCAN_SUFFIXES)
     if found:
-        return [(scan, mask_name(scan)) for scan in found]
+        return [(scan, scan) for scan in found]
     series = [folder for folder in find_series(item) if _is_dicom_series(folder)]
     if not series:
-        raise UserError(f"{item}: no NIfTI files and no DICOM series in this folder or its subfolders.")
-    return [(folder, mask_name(Path("_".join(folder.relative_to(item).parts)))) for folder in series]
+        raise UserError(
+            f"{item}: no NIfTI, NRRD or MetaImage files and no DICOM series in this folder or its subfolders."
+        )
+    return [(folder, Path("_".join(folder.relative_to(item).parts))) for folder in series]
 
 
-def expand_named_inputs(inputs: Sequence[str | os.PathLike]) -> list[tuple[Path, str]]:
-    """``(scan, mask file name)`` of every scan named by ``inputs`` (see :func:`expand_inputs`)."""
+def expand_named_inputs(inputs: Sequence[str | os.PathLike]) -> list[tuple[Path, Path]]:
+    """``(scan, path its mask is named after)`` of every scan named by ``inputs`` (see
+    :func:`expand_inputs`)."""
     named = [pair for item in map(Path, inputs) for pair in _scans_in(item)]
     if not named:
         raise UserError("no input scans given.")
@@ -184,18 +212,20 @@ def expand_named_inputs(inputs: Sequence[str | os.PathLike]) -> list[tuple[Path,
 
 
 def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
-    """Scans named by ``inputs``: NIfTI files, DICOM series folders, the NIfTI files of other
-    folders (sorted; hidden files skipped), or else the DICOM series in their subfolders. A
-    scan named twice (also through its folder) is kept once. Raises UserError for missing
-    paths, folders with no scan and DICOM series that do not read as an even 3D stack."""
+    """Scans named by ``inputs``: NIfTI, NRRD and MetaImage files, DICOM series folders, the
+    NIfTI/NRRD/MetaImage files of other folders (sorted; hidden files skipped), or else the DICOM
+    series in their subfolders. A scan named twice (also through its folder) is kept once.
+    Raises UserError for missing paths, folders with no scan and DICOM series that do not read
+    as an even 3D stack."""
     return [scan for scan, _ in expand_named_inputs(inputs)]
 
 
-def mask_name(scan: Path) -> str:
-    """Output file name for ``scan``: its case name + ``.nii.gz``, reduced to a plain file name
-    so that no input name (``..``, separators, leading dots) can place it outside the folder."""
+def mask_name(scan: Path, suffix: str = ".nii.gz") -> str:
+    """Output file name for ``scan``: its case name + ``suffix`` (``.nii.gz``, ``.nrrd``, ``.mha``),
+    reduced to a plain file name so that no input name (``..``, separators, leading dots) can
+    place it outside the folder."""
     stem = case_id(scan).replace(os.sep, "_").replace("/", "_").lstrip(".") or "scan"
-    return f"{stem}.nii.gz"
+    return f"{stem}{suffix}"
 
 
 def label_volumes(labels: np.ndarray, affine: np.ndarray, class_names: Sequence[str]) -> dict[str, float]:
@@ -205,12 +235,17 @@ def label_volumes(labels: np.ndarray, affine: np.ndarray, class_names: Sequence[
     return {f"{name}_mm3": round(float(counts[k + 1]) * voxel_mm3, 3) for k, name in enumerate(class_names)}
 
 
-def _stage_mask(stack: contextlib.ExitStack, labels: np.ndarray, affine: np.ndarray, target: Path, scan: Path) -> None:
-    """Write the mask to a temporary file that ``stack`` renames onto ``target`` on success.
+def _stage_mask(
+    stack: contextlib.ExitStack, labels: np.ndarray, affine: np.ndarray, target: Path, scan: Path | None = None
+) -> None:
+    """Write the mask to a temporary file that ``stack`` renames onto ``target`` on success
+    (NRRD or MetaImage by ``target``'s suffix, else NIfTI).
 
-    A NIfTI scan's mask carries the scan's own header geometry (qform, sform, codes, units);
-    other scans' masks get ``affine`` (mm) as qform and sform."""
-    if is_nifti(scan):
+    A NIfTI scan's NIfTI mask carries the scan's own header geometry (qform, sform, codes,
+    units); other masks get ``affine`` (mm)."""
+    if is_itk_file(target):
+        return stage_itk_mask(stack, labels, affine, scan, target)
+    if scan is not None and is_nifti(scan):
         image = mask_like_scan(labels, nib.load(str(scan)))
     else:
         image = nib.Nifti1Image(labels.astype(np.uint8), affine)
@@ -220,13 +255,70 @@ def _stage_mask(stack: contextlib.ExitStack, labels: np.ndarray, affine: np.ndar
     nib.save(image, stack.enter_context(atomic_path(target, suffix=".nii.gz")))
 
 
-def _stage_tables(stack: contextlib.ExitStack, rows: list[dict], out_dir: Path) -> None:
+def _stage_tables(
+    stack: contextlib.ExitStack, rows: list[dict], out_dir: Path, name: str = "volumes", fields: Sequence[str] = ()
+) -> None:
+    """Stage ``<name>.csv`` and ``<name>.json`` of ``rows`` (``fields``: the columns when there are no rows)."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else list(fields))
     writer.writeheader()
     writer.writerows(rows)
-    stack.enter_context(atomic_path(out_dir / "volumes.csv")).write_text(buffer.getvalue())
-    stack.enter_context(atomic_path(out_dir / "volumes.json")).write_text(json.dumps(rows, indent=1) + "\n")
+    stack.enter_context(atomic_path(out_dir / f"{name}.csv")).write_text(buffer.getvalue())
+    stack.enter_context(atomic_path(out_dir / f"{name}.json")).write_text(json.dumps(rows, indent=1) + "\n")
+
+
+class InferenceRows(list):
+    """The volume rows :func:`infer` returns, one dict per segmented scan, and as ``failures``
+    the scans that ``continue_on_error`` skipped: ``{"input": path, "reason": one line}``."""
+
+    def __init__(self, rows: Sequence[dict] = (), failures: Sequence[dict] = ()):
+        super().__init__(rows)
+        self.failures = list(failures)
+
+
+def _volume_columns(class_names: Sequence[str]) -> list[str]:
+    """The columns of ``volumes.csv`` (written as its header also when no scan succeeded)."""
+    return ["input", "mask", "shape", "spacing_mm", "model_seconds", "seconds", *(f"{n}_mm3" for n in class_names)]
+
+
+def _list_failure(
+    failures: list[dict], scan: Path, err: UserError, counter: str, progress: Callable[[str], None] | None
+) -> None:
+    """Append ``scan``'s failure to ``failures``: its input and the error's one line, without
+    the leading ``<scan>: `` that the input column already says."""
+    reason = str(err).removeprefix(f"{scan}: ")
+    failures.append({"input": str(scan), "reason": reason})
+    if progress:
+        progress(f"{counter} {scan.name}: failed: {reason}")
+
+
+def _holds_dicom(item: Path) -> bool:
+    """True for a folder that holds DICOM files (one series or several), probed by GDCM."""
+    if not item.is_dir():
+        return False
+    try:
+        return gdcm_series_files(item) is not None
+    except UserError:  # several series: DICOM all the same
+        return True
+
+
+def _cohort_inputs(
+    inputs: Sequence[str | os.PathLike], failures: list[dict], progress: Callable[[str], None] | None
+) -> list[tuple[Path, Path]]:
+    """:func:`expand_named_inputs` for ``continue_on_error``: a folder of DICOM files whose series
+    is broken (a missing slice, two series) is appended to ``failures`` like a scan that fails to
+    read; any other error (a path not found, a file of another type) stops everything."""
+    kept = []
+    for item in map(Path, inputs):
+        try:
+            expand_named_inputs([item])
+        except UserError as err:
+            if not _holds_dicom(item):
+                raise
+            _list_failure(failures, item, err, "[inputs]", progress)
+            continue
+        kept.append(item)
+    return expand_named_inputs(kept) if kept else []
 
 
 def infer(
@@ -239,12 +331,15 @@ def infer(
     tta: bool = False,
     overwrite: bool = False,
     progress: Callable[[str], None] | None = None,
-) -> list[dict]:
+    mask_format: str = "nifti",
+    continue_on_error: bool = False,
+) -> InferenceRows:
     """Segment every scan in ``inputs``; write masks and the volume tables to ``out_dir``.
 
     Args:
         bundle: bundle folder with ``configs/inference.json`` and ``models/model.pt``.
-        inputs: NIfTI files, folders of NIfTI files, DICOM series folders, folders of series folders.
+        inputs: NIfTI, NRRD (``.nrrd``/``.nhdr``) and MetaImage (``.mha``/``.mhd``) files,
+            folders of them, DICOM series folders, folders of series folders.
         out_dir: gets ``<case>.nii.gz`` per scan, ``volumes.csv`` and ``volumes.json``.
         device: ``"cpu"``, ``"cuda"``...; default CUDA when available.
         sw_batch_size, overlap: sliding-window settings (default: the bundle's).
@@ -252,18 +347,29 @@ def infer(
             trained flipped (left-right for the 3D hippocampus bundle: twice the compute).
         overwrite: replace existing masks and volume tables; otherwise an existing one is an error.
         progress: called with one line per scan.
+        mask_format: ``"nifti"`` (``<case>.nii.gz``), ``"nrrd"``, ``"mha"``, or ``"input"``: the
+            scan's own format for NRRD and MetaImage scans (a ``.nhdr`` gives ``.nrrd``, a ``.mhd``
+            ``.mha``), NIfTI for the others.
+        continue_on_error: a scan that fails with a UserError is listed in ``failures.csv`` /
+            ``failures.json`` (input, reason) and the others are segmented and written;
+            ``volumes.csv`` lists the successes. Errors not about one scan (inputs not found,
+            bundle, options, ``out_dir``) still stop everything; a folder holding a broken DICOM
+            series is a bad scan.
 
     Returns:
-        One row per scan: input, mask, shape, spacing (mm), seconds, and ``<label>_mm3``.
+        One row per segmented scan: input, mask, shape, spacing (mm), seconds, and
+        ``<label>_mm3``; ``.failures`` lists the scans ``continue_on_error`` skipped.
 
     Raises:
         UserError: a bad input, bundle or option; nothing is written then, not even the masks
-            of the scans before the bad one.
+            of the scans before the bad one (unless ``continue_on_error``, for a bad scan).
     """
-    named_scans = expand_named_inputs(inputs)
+    check_mask_format(mask_format)
+    failures: list[dict] = []  # with continue_on_error: scans that failed, listed or segmented
+    named_scans = _cohort_inputs(inputs, failures, progress) if continue_on_error else expand_named_inputs(inputs)
     scans = [scan for scan, _ in named_scans]
     out = Path(out_dir)
-    targets = [out / name for _, name in named_scans]
+    targets = [out / mask_name(name, mask_suffix(scan, mask_format)) for scan, name in named_scans]
     named: dict[Path, Path] = {}
     for scan, target in zip(scans, targets, strict=True):
         if target in named:
@@ -272,7 +378,8 @@ def infer(
                 "rename one or segment them into separate --out folders."
             )
         named[target] = scan
-    refuse_existing([*targets, out / "volumes.csv", out / "volumes.json"], overwrite)
+    tables = ["volumes.csv", "volumes.json", *(["failures.csv", "failures.json"] if continue_on_error else [])]
+    refuse_existing([*targets, *(out / name for name in tables)], overwrite)
     if overlap is not None and not 0 <= overlap < 1:
         raise UserError(f"--overlap {overlap}: must be in [0, 1).")
     if sw_batch_size is not None and sw_batch_size < 1:
@@ -286,14 +393,20 @@ def infer(
     segmenter = load_segmenter(bundle, device=device, overrides=overrides, tta=tta)
     writable_dir(out, fix="choose another --out")
 
-    rows = []
+    rows = InferenceRows(failures=failures)
     # All or nothing: masks are staged as temporary files and renamed only once every scan
     # has succeeded, so a bad scan in the middle of a batch leaves no partial output behind.
     with contextlib.ExitStack() as stack:
         for k, (scan, target) in enumerate(zip(scans, targets, strict=True), start=1):
             start = time.perf_counter()
-            labels, affine, compute = segmenter(scan)
-            _stage_mask(stack, labels, affine, target, scan)
+            try:
+                labels, affine, compute = segmenter(scan)
+                _stage_mask(stack, labels, affine, target, scan)
+            except UserError as err:
+                if not continue_on_error:
+                    raise
+                _list_failure(rows.failures, scan, err, f"[{k}/{len(scans)}]", progress)
+                continue
             spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
             row = {
                 "input": str(scan),
@@ -308,5 +421,7 @@ def infer(
             if progress:
                 vols = "  ".join(f"{n} {row[f'{n}_mm3']:.0f} mm3" for n in segmenter.class_names)
                 progress(f"[{k}/{len(scans)}] {scan.name}: {vols}  ({row['seconds']:.2f} s) -> {target}")
-        _stage_tables(stack, rows, out)
+        _stage_tables(stack, rows, out, fields=_volume_columns(segmenter.class_names))
+        if continue_on_error:
+            _stage_tables(stack, rows.failures, out, "failures", fields=("input", "reason"))
     return rows

@@ -31,8 +31,9 @@ __all__ = [
 ]
 
 
-def nifti_files(folder: str | os.PathLike) -> list[Path]:
-    """The NIfTI files directly in ``folder``, sorted; ``.nii``/``.nii.gz`` in any letter case.
+def nifti_files(folder: str | os.PathLike, suffixes: tuple[str, ...] = NIFTI_SUFFIXES) -> list[Path]:
+    """The NIfTI files directly in ``folder``, sorted; ``.nii``/``.nii.gz`` in any letter case
+    (or the lower-case ``suffixes`` given, e.g. ``medfcn.formats.SCAN_SUFFIXES``).
 
     Hidden names are skipped: macOS's AppleDouble ``._case.nii.gz`` (in MSD tarballs) and our
     own ``.<name>.tmp`` files are no images and would otherwise fail a whole batch.
@@ -41,7 +42,7 @@ def nifti_files(folder: str | os.PathLike) -> list[Path]:
         UserError: a file is a symbolic link whose target is missing.
     """
     found = sorted(
-        p for p in Path(folder).iterdir() if p.name.lower().endswith(NIFTI_SUFFIXES) and not p.name.startswith(".")
+        p for p in Path(folder).iterdir() if p.name.lower().endswith(suffixes) and not p.name.startswith(".")
     )
     for path in found:
         if not path.exists():  # a link whose target is gone

@@ -111,7 +111,7 @@ def test_input_expansion_and_safe_names(tmp_path):
     with pytest.raises(UserError, match="not found"):
         expand_inputs([tmp_path / "missing.nii.gz"])
     (tmp_path / "empty").mkdir()
-    with pytest.raises(UserError, match="no NIfTI files and no DICOM"):
+    with pytest.raises(UserError, match="and no DICOM series in this folder"):
         expand_inputs([tmp_path / "empty"])
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(UserError, match="not a NIfTI"):
@@ -142,7 +142,7 @@ def test_probing_a_nifti_folder_prints_nothing(tmp_path, capfd):
     scan = _scan(tmp_path / "in" / "case.nii.gz")
     (tmp_path / "empty").mkdir()
     assert expand_inputs([tmp_path / "in"]) == [scan]
-    with pytest.raises(UserError, match="no NIfTI files"):
+    with pytest.raises(UserError, match="no NIfTI, NRRD or MetaImage files"):
         expand_inputs([tmp_path / "empty"])
     captured = capfd.readouterr()
     assert "GDCM" not in captured.err and "WARNING" not in captured.err, captured.err

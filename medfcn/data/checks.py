@@ -19,7 +19,15 @@ import torch
 from medfcn.data.nifti import check_gzip_integrity, refuse_non_mm
 from medfcn.errors import InputWarning, UserError
 
-__all__ = ["BYTES_PER_VOXEL", "memory_budget", "check_scan", "warn_if_label_map", "check_training_pairs"]
+__all__ = [
+    "BYTES_PER_VOXEL",
+    "memory_budget",
+    "memory_need",
+    "check_memory",
+    "check_scan",
+    "warn_if_label_map",
+    "check_training_pairs",
+]
 
 # float32 bytes per voxel at the model's spacing during inference: the input, the logits and
 # their softmax (3 classes each), the sliding-window sum and weight maps, and the inverted
@@ -59,6 +67,7 @@ def check_scan(
     in_channels: int,
     target_spacing: Sequence[float] | None = None,
     slice_axis: int | None = None,
+    num_classes: int = 3,
 ) -> None:
     """Check a freshly loaded scan (before channel-first, resampling and normalisation).
 
@@ -69,10 +78,11 @@ def check_scan(
         target_spacing: the bundle's voxel size in mm, to estimate the resampled size.
         slice_axis: for a bundle that segments slice by slice, its slice axis after
             reorientation to RAS (0: sagittal); one slice across it is a valid input.
+        num_classes: the network's output classes (background included), for the memory estimate.
 
     Raises:
         UserError: wrong dimensionality or channel count, an empty axis, a single slice, NaN/Inf
-            voxels, or a volume whose resampled size exceeds :func:`memory_budget`.
+            voxels, or a volume that needs more than :func:`memory_budget` (:func:`check_memory`).
     """
     shape = tuple(int(s) for s in image.shape)
     meta = getattr(image, "meta", {})
@@ -102,17 +112,59 @@ def check_scan(
     if not bool(finite.all()):
         bad = int((~finite).sum())
         raise UserError(f"{path}: has {bad} NaN/Inf voxels; fix or mask them before segmenting.")
+    spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    check_memory(path, spatial, spacing, in_channels, target_spacing, num_classes)
+
+
+def memory_need(
+    shape: Sequence[int],
+    spacing: Sequence[float],
+    in_channels: int,
+    target_spacing: Sequence[float] | None,
+    num_classes: int = 3,
+) -> tuple[float, float, float]:
+    """Bytes inference needs for a scan of ``shape`` voxels of ``spacing`` mm.
+
+    Returns:
+        ``(bytes, model_voxels, input_voxels)``: :data:`BYTES_PER_VOXEL` per channel on the
+        model's grid (``target_spacing`` mm; the scan's own grid when None) plus
+        :func:`bytes_per_input_voxel` on the scan's own grid.
+    """
+    input_voxels = float(np.prod(np.asarray(shape, dtype=float)))
+    model_voxels = input_voxels
     if target_spacing is not None:
-        spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
-        voxels = float(np.prod(np.ceil(np.array(spatial) * spacing / np.asarray(target_spacing, dtype=float))))
-        need = voxels * BYTES_PER_VOXEL * max(in_channels, 1)
-        budget = memory_budget()
-        if need > budget:
-            raise UserError(
-                f"{path}: needs about {_amount(need / 2**30)} GiB at the model's spacing "
-                f"({_amount(voxels / 1e6)} M voxels), over the {_amount(budget / 2**30)} GiB budget; "
-                "crop the scan or raise MEDFCN_MAX_MEMORY_GB."
-            )
+        extent = np.asarray(shape, dtype=float) * np.asarray(spacing, dtype=float)  # mm
+        model_voxels = float(np.prod(np.ceil(extent / np.asarray(target_spacing, dtype=float))))
+    need = model_voxels * BYTES_PER_VOXEL * max(in_channels, 1) + input_voxels * bytes_per_input_voxel(num_classes)
+    return need, model_voxels, input_voxels
+
+
+def bytes_per_input_voxel(num_classes: int) -> int:
+    """Bytes per voxel of the scan's own grid: the loaded float32 array and its copies (4 + 4
+    per channel), and per class the probabilities inverted onto that grid (inverse resampling,
+    inverse reorientation) and the labels (16 per class); 64 for 3 classes, measured 53-60
+    (docs/robustness.md, "How large is too large")."""
+    return 16 * (1 + num_classes)
+
+
+def check_memory(
+    path: str | os.PathLike,
+    shape: Sequence[int],
+    spacing: Sequence[float],
+    in_channels: int,
+    target_spacing: Sequence[float] | None,
+    num_classes: int = 3,
+) -> None:
+    """UserError when segmenting a scan of ``shape`` voxels of ``spacing`` mm needs more than
+    :func:`memory_budget` (estimate: :func:`memory_need`)."""
+    need, model_voxels, input_voxels = memory_need(shape, spacing, in_channels, target_spacing, num_classes)
+    budget = memory_budget()
+    if need > budget:
+        raise UserError(
+            f"{path}: needs about {_amount(need / 2**30)} GiB ({_amount(input_voxels / 1e6)} M voxels on its own "
+            f"grid, {_amount(model_voxels / 1e6)} M at the model's spacing), over the {_amount(budget / 2**30)} GiB "
+            "budget; crop the scan or raise MEDFCN_MAX_MEMORY_GB."
+        )
 
 
 def warn_if_label_map(image: torch.Tensor, path: str | os.PathLike, max_values: int = 8) -> None:

@@ -33,10 +33,10 @@ def data_root(path: str | os.PathLike | None = None) -> Path:
 
 
 def case_id(path: str | os.PathLike) -> str:
-    """A case's name: the file name without ``.nii.gz``/``.nii`` in any letter case (or a
-    folder's name)."""
+    """A case's name: the file name without ``.nii.gz``/``.nii`` or ``.nrrd``/``.nhdr``/``.mha``/``.mhd``
+    in any letter case (or a folder's name)."""
     name = Path(path).name
-    for suffix in (".nii.gz", ".nii", ".mha", ".nrrd"):
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name

@@ -25,7 +25,7 @@ from monai.utils import MetaKeys, SpaceKeys, ensure_tuple
 
 __all__ = ["SimpleITKReader", "sitk_affine_ras", "read_dicom_series", "quiet_itk"]
 
-_SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".dcm")
+_SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".nhdr", ".dcm")
 
 
 def sitk_affine_ras(image: sitk.Image) -> np.ndarray:
