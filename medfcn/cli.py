@@ -296,7 +296,10 @@ def export(
 
 
 def main() -> None:
-    """Console entry point."""
+    """Console entry point; SIGTERM unwinds like Ctrl-C, so no temporary file stays behind."""
+    from medfcn.outputs import exit_on_sigterm
+
+    exit_on_sigterm()
     app()
 
 

@@ -36,7 +36,8 @@ from medfcn.data.datasets import case_id
 from medfcn.data.readers import quiet_itk
 from medfcn.devices import check_device, device_expression
 from medfcn.errors import UserError, root_message
-from medfcn.io import NIFTI_SUFFIXES, atomic_path, load_weights, nifti_files, refuse_existing, writable_dir
+from medfcn.io import NIFTI_SUFFIXES, atomic_path, load_weights, nifti_files, refuse_existing
+from medfcn.outputs import is_utf8, output_lock, path_text, refuse_non_utf8, refuse_outputs_over_inputs
 from medfcn.train import bundle_files
 
 __all__ = ["Segmenter", "load_segmenter", "check_device", "expand_inputs", "mask_name", "label_volumes", "infer"]
@@ -133,6 +134,10 @@ def load_segmenter(
 
 def _is_dicom_series(folder: Path) -> bool:
     """True for a folder with exactly one complete DICOM series; UserError for a broken one."""
+    if not is_utf8(folder) and nifti_files(folder):
+        return False  # its NIfTI files are read by nibabel, which takes any name; GDCM does not
+    # GDCM aborts the process on a DICOM file whose name is not UTF-8 (it skips NIfTI files)
+    refuse_non_utf8(folder, [n for n in os.listdir(folder) if not n.lower().endswith(NIFTI_SUFFIXES)])
     with quiet_itk():  # a folder of NIfTI files is probed too; GDCM would print "No Series were found"
         series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
     if not series:
@@ -257,6 +262,8 @@ def infer(
     Raises:
         UserError: a bad input, bundle or option; nothing is written then, not even the masks
             of the scans before the bad one.
+        UserError: ``out_dir`` is or holds an input (``--overwrite`` would replace scans by masks),
+            or another run is writing into it (it is locked while a run writes).
     """
     scans = expand_inputs(inputs)
     out = Path(out_dir)
@@ -269,6 +276,25 @@ def infer(
                 "rename one or segment them into separate --out folders."
             )
         named[target] = scan
+    refuse_outputs_over_inputs(out, scans, targets)
+    # one run at a time into `out`, from the existence checks to the last rename
+    with output_lock(out, "medfcn infer", "--out"):
+        return _infer_into(bundle, scans, out, targets, device, sw_batch_size, overlap, tta, overwrite, progress)
+
+
+def _infer_into(
+    bundle: str | os.PathLike,
+    scans: list[Path],
+    out: Path,
+    targets: list[Path],
+    device: str | None,
+    sw_batch_size: int | None,
+    overlap: float | None,
+    tta: bool,
+    overwrite: bool,
+    progress: Callable[[str], None] | None,
+) -> list[dict]:
+    """:func:`infer` on the expanded ``scans``, into the locked folder ``out`` (masks ``targets``)."""
     refuse_existing([*targets, out / "volumes.csv", out / "volumes.json"], overwrite)
     if overlap is not None and not 0 <= overlap < 1:
         raise UserError(f"--overlap {overlap}: must be in [0, 1).")
@@ -281,7 +307,6 @@ def infer(
     if overlap is not None:
         overrides["overlap"] = overlap
     segmenter = load_segmenter(bundle, device=device, overrides=overrides, tta=tta)
-    writable_dir(out, fix="choose another --out")
 
     rows = []
     # All or nothing: masks are staged as temporary files and renamed only once every scan
@@ -293,8 +318,8 @@ def infer(
             _stage_mask(stack, labels, affine, target)
             spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
             row = {
-                "input": str(scan),
-                "mask": str(target),
+                "input": path_text(scan),  # \xNN for the bytes of a name that are not UTF-8
+                "mask": path_text(target),
                 "shape": "x".join(map(str, labels.shape)),
                 "spacing_mm": "x".join(f"{s:.4g}" for s in spacing),
                 "model_seconds": round(compute, 4),
@@ -304,6 +329,8 @@ def infer(
             rows.append(row)
             if progress:
                 vols = "  ".join(f"{n} {row[f'{n}_mm3']:.0f} mm3" for n in segmenter.class_names)
-                progress(f"[{k}/{len(scans)}] {scan.name}: {vols}  ({row['seconds']:.2f} s) -> {target}")
+                progress(
+                    f"[{k}/{len(scans)}] {path_text(scan.name)}: {vols}  ({row['seconds']:.2f} s) -> {row['mask']}"
+                )
         _stage_tables(stack, rows, out)
     return rows
