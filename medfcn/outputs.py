@@ -54,9 +54,9 @@ def is_utf8(path: str | os.PathLike) -> bool:
 
 
 def path_text(path: str | os.PathLike) -> str:
-    """``path`` as text for tables, JSON and the terminal.
+    """``path`` (or a message naming files) as text for tables, JSON and the terminal.
 
-    A UTF-8 name is returned as it is. In any other name each byte that is not UTF-8 is
+    UTF-8 text is returned as it is. In any other name each byte that is not UTF-8 is
     written ``\\xNN`` (Python's ``backslashreplace``): ``b"scan_\\xe9.nii.gz"`` gives the ten
     characters ``scan_\\xe9.nii.gz``, and ``codecs.escape_decode(text.encode())[0]`` gives the
     bytes back (unless the name also holds a literal backslash).

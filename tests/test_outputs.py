@@ -17,10 +17,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from medfcn.errors import UserError
 from medfcn.outputs import LOCK_NAME, output_lock
+from medfcn.train import train
 
 from .conftest import BUNDLE, DICOM, REPO, need
 from .test_bad_inputs import _good, _nifti, assert_user_error, run
+from .test_train import SMALL
 
 LATIN1_NAME = b"scan_\xe9.nii.gz"  # "scan_é" from an old Latin-1 export: not valid UTF-8
 
@@ -117,6 +120,16 @@ def test_evaluate_into_a_locked_folder_is_refused(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["metrics.csv", "metrics.json"]
 
 
+def test_train_into_a_locked_output_is_refused(spheres_dataset, tmp_path):
+    out = tmp_path / "run"
+    overrides = {**SMALL, "folds_file": str(spheres_dataset / "folds.json")}
+    with output_lock(out, "medfcn train", "--output"):
+        holder = f"another medfcn train \\(pid {os.getpid()}\\) is writing here; wait for it or choose another --output"
+        with pytest.raises(UserError, match=holder):
+            train(BUNDLE, spheres_dataset, fold=0, epochs=1, output_dir=out, overrides=overrides, device="cpu")
+        assert [p.name for p in out.iterdir()] == [LOCK_NAME]  # no last.pt, no medfcn_run.json
+
+
 def test_a_lock_file_left_by_a_killed_run_is_harmless(tmp_path):
     scan = _good(tmp_path)
     out = tmp_path / "out"
@@ -167,6 +180,9 @@ def test_file_name_that_is_not_utf8(tmp_path):
     # the escape is reversible: the table gives back the bytes of both names
     assert codecs.escape_decode(rows[0]["input"].encode())[0] == os.fsencode(scan)
     assert codecs.escape_decode(rows[0]["mask"].encode())[0] == os.fsencode(mask)
+    notes = _bytes_path(tmp_path, b"notes_\xe9.txt")
+    notes.write_text("not a scan")
+    assert_user_error(run("infer", BUNDLE, notes, "--out", tmp_path / "o"), "/notes_\\xe9.txt: not a NIfTI file")
 
 
 def test_dicom_file_name_that_is_not_utf8_is_refused(tmp_path):
