@@ -127,8 +127,17 @@ def _lock_holder(lock_file: Path) -> str:
     try:
         pid, _, command = lock_file.read_text().strip().partition(" ")
         return f"{command} (pid {int(pid)})"
-    except (OSError, ValueError):
-        return "another medfcn run"
+    except (OSError, ValueError):  # just created and not yet written, or not ours
+        return "medfcn run"
+
+
+def _open_lock_file(lock_file: Path) -> int:
+    """A descriptor of ``lock_file``, created if missing (mode 0666 less the umask); read-only
+    where the file is another user's (left by their killed run): ``flock`` needs no write access."""
+    try:
+        return os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o666)
+    except PermissionError:
+        return os.open(lock_file, os.O_RDONLY)
 
 
 def _acquire(lock_file: Path, command: str, option: str, folder: Path) -> int:
@@ -138,7 +147,7 @@ def _acquire(lock_file: Path, command: str, option: str, folder: Path) -> int:
     lock on a name no longer in the folder: then try again on the new file.
     """
     while True:
-        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = _open_lock_file(lock_file)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -149,8 +158,9 @@ def _acquire(lock_file: Path, command: str, option: str, folder: Path) -> int:
             ) from None
         with contextlib.suppress(FileNotFoundError):
             if os.fstat(fd).st_ino == os.stat(lock_file).st_ino:
-                os.ftruncate(fd, 0)
-                os.write(fd, f"{os.getpid()} {command}\n".encode())
+                with contextlib.suppress(OSError):  # read-only: another user's file; the lock holds without the note
+                    os.ftruncate(fd, 0)
+                    os.write(fd, f"{os.getpid()} {command}\n".encode())
                 return fd
         os.close(fd)
 
@@ -176,7 +186,8 @@ def output_lock(folder: str | os.PathLike, command: str, option: str = "--out") 
         yield folder
     finally:
         if fd is not None:
-            lock_file.unlink(missing_ok=True)  # before the unlock: a waiting run then retries on a new file
+            with contextlib.suppress(OSError):  # before the unlock: a run that opened it retries on a new file
+                lock_file.unlink()
             os.close(fd)
         for empty in created:
             with contextlib.suppress(OSError):  # not empty: the run wrote there (or another one did)
