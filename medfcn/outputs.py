@@ -18,6 +18,7 @@ import contextlib
 import os
 import signal
 import sys
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -194,24 +195,48 @@ def output_lock(folder: str | os.PathLike, command: str, option: str = "--out") 
                 os.rmdir(empty)
 
 
+class Terminated(SystemExit):
+    """Raised in the main thread on SIGTERM: unwinds like Ctrl-C, exit status 143 (128 + 15)."""
+
+
 def exit_on_sigterm() -> None:
     """Make SIGTERM unwind the program as Ctrl-C does, exiting with status 143 (128 + 15).
 
     The default action kills the process where it stands, leaving the hidden temporary files of
-    :func:`medfcn.io.atomic_path` behind; ``SystemExit`` runs every ``finally`` and context
+    :func:`medfcn.io.atomic_path` behind; :class:`Terminated` runs every ``finally`` and context
     manager on the way out. Later SIGTERMs are ignored while that cleanup runs (SIGKILL is not).
     Forked children (data-loader workers) inherit the handler; they die as before.
+
+    Python swallows an exception raised inside a ``__del__`` or a weakref callback ("Exception
+    ignored in ..."): had the signal arrived there (nibabel has such finalizers), the run would
+    carry on and finish with exit 0. ``sys.unraisablehook`` sees that and sends the signal again
+    a moment later, to land in ordinary code.
     """
     main_pid = os.getpid()
+    other_hook = sys.unraisablehook
+    told = []
 
     def terminate(signum, frame):
         if os.getpid() != main_pid:  # a worker: its parent cleans up
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGTERM)
             return
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        # os.write, not print: the signal may arrive while Python is inside a write to stderr
-        os.write(sys.stderr.fileno(), b"medfcn: terminated (SIGTERM); removing unfinished output.\n")
-        raise SystemExit(128 + signal.SIGTERM)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # no second exit in the middle of the cleanup
+        if not told:  # os.write, not print: the signal may arrive inside a write to stderr
+            os.write(sys.stderr.fileno(), b"medfcn: terminated (SIGTERM); removing unfinished output.\n")
+            told.append(True)
+        raise Terminated(128 + signal.SIGTERM)
+
+    def retry_if_swallowed(unraisable):
+        if isinstance(unraisable.exc_value, Terminated):
+            signal.signal(signal.SIGTERM, terminate)
+            # from another thread, a moment later: a signal sent from here would be handled, and
+            # swallowed again, inside this hook
+            again = threading.Timer(0.01, os.kill, (main_pid, signal.SIGTERM))
+            again.daemon = True
+            again.start()
+        else:
+            other_hook(unraisable)
 
     signal.signal(signal.SIGTERM, terminate)
+    sys.unraisablehook = retry_if_swallowed

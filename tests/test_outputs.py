@@ -161,7 +161,29 @@ def test_sigterm_while_staging_masks_leaves_nothing(tmp_path):
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, stderr
     assert "medfcn: terminated (SIGTERM)" in stderr and "Traceback" not in stderr
-    assert not out.exists() or not any(out.iterdir())  # no temporary file, no mask, no table, no lock
+    left = sorted(p.name for p in out.iterdir()) if out.exists() else []
+    assert left == [], (left, stderr)  # no temporary file, no mask, no table, no lock
+
+
+SWALLOWED_SIGTERM = """
+import os, signal, time
+from medfcn.outputs import exit_on_sigterm
+exit_on_sigterm()
+class Finalised:
+    def __del__(self):  # Python swallows what is raised here ("Exception ignored in ...")
+        os.kill(os.getpid(), signal.SIGTERM)
+        sum(range(100000))  # the handler runs in here
+Finalised()
+time.sleep(10)
+print("carried on")
+"""
+
+
+def test_sigterm_inside_a_finaliser_still_ends_the_run():
+    """A SIGTERM whose exit is swallowed in a ``__del__`` (nibabel has some) is sent again."""
+    proc = subprocess.run([sys.executable, "-c", SWALLOWED_SIGTERM], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 128 + signal.SIGTERM, (proc.stdout, proc.stderr)
+    assert proc.stdout == "" and proc.stderr == "medfcn: terminated (SIGTERM); removing unfinished output.\n"
 
 
 def test_file_name_that_is_not_utf8(tmp_path):
