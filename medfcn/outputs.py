@@ -58,9 +58,10 @@ def path_text(path: str | os.PathLike) -> str:
     """``path`` (or a message naming files) as text for tables, JSON and the terminal.
 
     UTF-8 text is returned as it is. In any other name each byte that is not UTF-8 is
-    written ``\\xNN`` (Python's ``backslashreplace``): ``b"scan_\\xe9.nii.gz"`` gives the ten
-    characters ``scan_\\xe9.nii.gz``, and ``codecs.escape_decode(text.encode())[0]`` gives the
-    bytes back (unless the name also holds a literal backslash).
+    written ``\\xNN`` (Python's ``backslashreplace``): ``b"scan_\\xe9.nii.gz"`` gives the text
+    ``scan_\\xe9.nii.gz`` (a backslash, an x, two hex digits), and
+    ``codecs.escape_decode(text.encode())[0]`` gives the bytes back (unless the name also holds a
+    literal backslash).
     """
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
