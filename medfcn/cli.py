@@ -17,6 +17,7 @@ from typing import Annotated
 import typer
 
 from medfcn.errors import InputWarning, find_user_error
+from medfcn.outputs import exit_on_sigterm, path_text
 
 app = typer.Typer(
     name="medfcn",
@@ -42,7 +43,7 @@ def _user_errors(command):
 
                 def show(message, category, *rest, **kw):
                     if issubclass(category, InputWarning):
-                        typer.echo(f"medfcn: warning: {message}", err=True)
+                        typer.echo(f"medfcn: warning: {path_text(str(message))}", err=True)
                     else:  # library warnings keep their usual form
                         other(message, category, *rest, **kw)
 
@@ -54,7 +55,7 @@ def _user_errors(command):
             user_error = find_user_error(err)
             if user_error is None or _state["debug"]:
                 raise
-            typer.echo(f"medfcn: error: {user_error}", err=True)
+            typer.echo(f"medfcn: error: {path_text(str(user_error))}", err=True)  # \xNN for non-UTF-8 names
             raise typer.Exit(2) from None
 
     return wrapper
@@ -322,7 +323,8 @@ def export(
 
 
 def main() -> None:
-    """Console entry point."""
+    """Console entry point; SIGTERM unwinds like Ctrl-C, so no temporary file stays behind."""
+    exit_on_sigterm()
     app()
 
 

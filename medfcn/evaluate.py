@@ -25,6 +25,7 @@ from medfcn.data.datasets import case_id
 from medfcn.data.nifti import check_gzip_integrity, scan_affine_mm
 from medfcn.errors import UserError
 from medfcn.io import atomic_write_text, nifti_files, refuse_existing, writable_dir
+from medfcn.outputs import output_lock
 
 __all__ = ["evaluate_folders", "case_metrics", "summarise"]
 
@@ -165,6 +166,8 @@ def evaluate_folders(
     writer = csv.DictWriter(buffer, fieldnames=columns)
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write_text(buffer.getvalue(), out / "metrics.csv")
-    atomic_write_text(json.dumps({"cases": rows, "summary": summary}, indent=1) + "\n", out / "metrics.json")
+    with output_lock(out, "medfcn evaluate", "--out"):  # the two tables of one run, not one of each of two
+        refuse_existing([out / "metrics.csv", out / "metrics.json"], overwrite)  # another run may have written them
+        atomic_write_text(buffer.getvalue(), out / "metrics.csv")
+        atomic_write_text(json.dumps({"cases": rows, "summary": summary}, indent=1) + "\n", out / "metrics.json")
     return rows, summary

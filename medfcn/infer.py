@@ -44,7 +44,8 @@ from medfcn.formats import (
     mask_suffix,
     stage_itk_mask,
 )
-from medfcn.io import atomic_path, load_weights, nifti_files, refuse_existing, writable_dir
+from medfcn.io import NIFTI_SUFFIXES, atomic_path, load_weights, nifti_files, refuse_existing
+from medfcn.outputs import is_utf8, output_lock, path_text, refuse_non_utf8, refuse_outputs_over_inputs
 from medfcn.train import bundle_files
 
 __all__ = [
@@ -160,6 +161,10 @@ def load_segmenter(
 def _is_dicom_series(folder: Path) -> bool:
     """True for a folder with exactly one DICOM series that reads as an even 3D stack (a
     localizer in it is left out with a warning); UserError for a broken one."""
+    if not is_utf8(folder) and nifti_files(folder):
+        return False  # its NIfTI files are read by nibabel, which takes any name; GDCM does not
+    # SimpleITK aborts the process on a file name that is not UTF-8 (GDCM skips NIfTI files)
+    refuse_non_utf8(folder, [n for n in os.listdir(folder) if not n.lower().endswith(NIFTI_SUFFIXES)])
     files = gdcm_series_files(folder)
     if not files:
         return False
@@ -182,6 +187,8 @@ def _scans_in(item: Path) -> list[tuple[Path, Path]]:
                 f"{item}: not a NIfTI, NRRD or MetaImage file (.nii/.nii.gz/.nrrd/.nhdr/.mha/.mhd; a .raw is "
                 "read through its .mhd); DICOM is read per series folder."
             )
+        if is_itk_file(item):  # SimpleITK aborts the process on a file name that is not UTF-8
+            refuse_non_utf8(item)
         return [(item, item)]
     if _is_dicom_series(item):
         return [(item, item)]
@@ -363,6 +370,8 @@ def infer(
     Raises:
         UserError: a bad input, bundle or option; nothing is written then, not even the masks
             of the scans before the bad one (unless ``continue_on_error``, for a bad scan).
+        UserError: ``out_dir`` is or holds an input (``--overwrite`` would replace scans by masks),
+            or another run is writing into it (it is locked while a run writes).
     """
     check_mask_format(mask_format)
     failures: list[dict] = []  # with continue_on_error: scans that failed, listed or segmented
@@ -370,6 +379,20 @@ def infer(
     scans = [scan for scan, _ in named_scans]
     out = Path(out_dir)
     targets = [out / mask_name(name, mask_suffix(scan, mask_format)) for scan, name in named_scans]
+    _refuse_namesakes(scans, targets)
+    refuse_outputs_over_inputs(out, scans, targets)
+    tables = ["volumes.csv", "volumes.json", *(["failures.csv", "failures.json"] if continue_on_error else [])]
+    # one run at a time into `out`, from the existence checks to the last rename
+    with output_lock(out, "medfcn infer", "--out"):
+        refuse_existing([*targets, *(out / name for name in tables)], overwrite)
+        segmenter = _segmenter(bundle, device, sw_batch_size, overlap, tta)
+        rows = InferenceRows(failures=failures)
+        _segment_all(segmenter, scans, targets, out, rows, continue_on_error, progress)
+    return rows
+
+
+def _refuse_namesakes(scans: Sequence[Path], targets: Sequence[Path]) -> None:
+    """UserError when two scans would get the same mask file."""
     named: dict[Path, Path] = {}
     for scan, target in zip(scans, targets, strict=True):
         if target in named:
@@ -378,24 +401,39 @@ def infer(
                 "rename one or segment them into separate --out folders."
             )
         named[target] = scan
-    tables = ["volumes.csv", "volumes.json", *(["failures.csv", "failures.json"] if continue_on_error else [])]
-    refuse_existing([*targets, *(out / name for name in tables)], overwrite)
+
+
+def _segmenter(
+    bundle: str | os.PathLike, device: str | None, sw_batch_size: int | None, overlap: float | None, tta: bool
+) -> Segmenter:
+    """:func:`load_segmenter` with the sliding-window options checked and applied."""
     if overlap is not None and not 0 <= overlap < 1:
         raise UserError(f"--overlap {overlap}: must be in [0, 1).")
     if sw_batch_size is not None and sw_batch_size < 1:
         raise UserError(f"--sw-batch-size {sw_batch_size}: must be at least 1.")
-
     overrides: dict[str, Any] = {}
     if sw_batch_size is not None:
         overrides["sw_batch_size"] = sw_batch_size
     if overlap is not None:
         overrides["overlap"] = overlap
-    segmenter = load_segmenter(bundle, device=device, overrides=overrides, tta=tta)
-    writable_dir(out, fix="choose another --out")
+    return load_segmenter(bundle, device=device, overrides=overrides, tta=tta)
 
-    rows = InferenceRows(failures=failures)
-    # All or nothing: masks are staged as temporary files and renamed only once every scan
-    # has succeeded, so a bad scan in the middle of a batch leaves no partial output behind.
+
+def _segment_all(
+    segmenter: Segmenter,
+    scans: Sequence[Path],
+    targets: Sequence[Path],
+    out: Path,
+    rows: InferenceRows,
+    continue_on_error: bool,
+    progress: Callable[[str], None] | None,
+) -> None:
+    """Segment ``scans`` into masks ``targets`` and the tables in ``out``, appending to ``rows``.
+
+    All or nothing: masks are staged as temporary files and renamed only once every scan has
+    succeeded (or, with ``continue_on_error``, been tried), so a bad scan in the middle of a
+    batch leaves no partial output behind.
+    """
     with contextlib.ExitStack() as stack:
         for k, (scan, target) in enumerate(zip(scans, targets, strict=True), start=1):
             start = time.perf_counter()
@@ -409,8 +447,8 @@ def infer(
                 continue
             spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
             row = {
-                "input": str(scan),
-                "mask": str(target),
+                "input": path_text(scan),  # \xNN for the bytes of a name that are not UTF-8
+                "mask": path_text(target),
                 "shape": "x".join(map(str, labels.shape)),
                 "spacing_mm": "x".join(f"{s:.4g}" for s in spacing),
                 "model_seconds": round(compute, 4),
@@ -420,8 +458,9 @@ def infer(
             rows.append(row)
             if progress:
                 vols = "  ".join(f"{n} {row[f'{n}_mm3']:.0f} mm3" for n in segmenter.class_names)
-                progress(f"[{k}/{len(scans)}] {scan.name}: {vols}  ({row['seconds']:.2f} s) -> {target}")
+                progress(
+                    f"[{k}/{len(scans)}] {path_text(scan.name)}: {vols}  ({row['seconds']:.2f} s) -> {row['mask']}"
+                )
         _stage_tables(stack, rows, out, fields=_volume_columns(segmenter.class_names))
         if continue_on_error:
             _stage_tables(stack, rows.failures, out, "failures", fields=("input", "reason"))
-    return rows

@@ -30,6 +30,7 @@ from monai.bundle.config_item import ConfigComponent
 
 from medfcn.errors import UserError
 from medfcn.io import atomic_torch_save, checkpoint_reason, refuse_existing, writable_dir
+from medfcn.outputs import refuse_output_over
 from medfcn.train import NOT_SETTINGS, RUN_FILE
 
 __all__ = ["MODEL_KEYS", "package_run", "trained_flip_axes"]
@@ -269,6 +270,9 @@ def package_run(
         raise UserError(
             f"{origin}: not a bundle with configs/inference.json; pass --bundle with the bundle the run trained."
         )
+    # with --overwrite, the folder `out` is replaced as a whole
+    refuse_output_over(out, [run_dir], "--out", "training run")
+    refuse_output_over(out, [origin], "--out", "source bundle")
     refuse_existing([out], overwrite, fix="pass --overwrite to replace it, or choose another --out")
     if weights is None:
         weights = "last" if run["settings"].get("fold") == -1 else "best"

@@ -30,7 +30,8 @@ from medfcn.data.datasets import fold_datalists
 from medfcn.data.transforms import intensity_normalization
 from medfcn.devices import device_expression
 from medfcn.errors import UserError, root_message
-from medfcn.io import atomic_write_text, checkpoint_reason, load_weights, writable_dir
+from medfcn.io import atomic_write_text, checkpoint_reason, load_weights
+from medfcn.outputs import output_lock
 
 __all__ = ["RUN_FILE", "bundle_files", "train"]
 
@@ -383,21 +384,21 @@ def train(
         _check_resumable(last, saved, parser)
     elif encoder:
         _check_encoder(network, encoder)
-    writable_dir(out, fix="choose another --output")
     recorded = args
     if resume:  # last.pt's weights replace the encoder's initialisation, whose file may be gone by now
         args = {**args, "pretrained_encoder": None}
 
     logging_file = files["logging_file"] if files["logging_file"].is_file() else None
-    workflow = ConfigWorkflow(
-        config_file=str(files["config_file"]),
-        meta_file=str(files["meta_file"]),
-        logging_file=str(logging_file) if logging_file else None,
-        workflow_type="train",
-        **args,
-    )
-    workflow.initialize()
-    _write_run_settings(Path(out), parser, recorded)  # after the set-up: a resume failing there keeps its record
-    workflow.run()
-    workflow.finalize()
+    with output_lock(out, "medfcn train", "--output"):  # two trainers would interleave last.pt
+        workflow = ConfigWorkflow(
+            config_file=str(files["config_file"]),
+            meta_file=str(files["meta_file"]),
+            logging_file=str(logging_file) if logging_file else None,
+            workflow_type="train",
+            **args,
+        )
+        workflow.initialize()
+        _write_run_settings(Path(out), parser, recorded)  # after the set-up: a resume failing there keeps its record
+        workflow.run()
+        workflow.finalize()
     return Path(out)

@@ -86,7 +86,8 @@ def test_bad_scans(kind, tmp_path):
 def test_missing_path_and_empty_folder(tmp_path):
     assert_user_error(run("infer", BUNDLE, tmp_path / "nope.nii.gz", "--out", tmp_path / "o"), "nope.nii.gz: not found")
     (tmp_path / "empty").mkdir()
-    assert_user_error(run("infer", BUNDLE, tmp_path / "empty", "--out", tmp_path / "o"), "no NIfTI, NRRD or MetaImage files")
+    empty = run("infer", BUNDLE, tmp_path / "empty", "--out", tmp_path / "o")
+    assert_user_error(empty, "no NIfTI, NRRD or MetaImage files")
 
 
 def test_volume_over_memory_budget(tmp_path):

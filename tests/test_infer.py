@@ -74,12 +74,13 @@ def test_dicom_series_masks_match_simpleitk_geometry(tmp_path, bundle):
 
 def test_existing_mask_needs_overwrite(tmp_path, spheres_dataset):
     scan = spheres_dataset / "imagesTr" / "case_000.nii.gz"
-    infer(BUNDLE, [scan], tmp_path)
-    before = (tmp_path / "case_000.nii.gz").read_bytes()
+    out = tmp_path / "out"  # not tmp_path, which holds the scan (refused: tests/test_outputs.py)
+    infer(BUNDLE, [scan], out)
+    before = (out / "case_000.nii.gz").read_bytes()
     with pytest.raises(UserError, match="already exists"):
-        infer(BUNDLE, [scan], tmp_path)
-    assert (tmp_path / "case_000.nii.gz").read_bytes() == before
-    infer(BUNDLE, [scan], tmp_path, overwrite=True, tta=True)
+        infer(BUNDLE, [scan], out)
+    assert (out / "case_000.nii.gz").read_bytes() == before
+    infer(BUNDLE, [scan], out, overwrite=True, tta=True)
 
 
 def test_tta_flips_along_the_trained_axes():

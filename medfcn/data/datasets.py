@@ -13,6 +13,7 @@ from pathlib import Path
 
 from medfcn.errors import UserError
 from medfcn.io import atomic_write_text, refuse_existing, writable_dir
+from medfcn.outputs import refuse_output_over
 
 __all__ = [
     "DEFAULT_DATA_ROOT",
@@ -127,9 +128,10 @@ def write_folds(
     if not dataset_dir.is_dir():
         raise UserError(f"{dataset_dir}: dataset folder not found; pass the folder that holds an MSD dataset.json.")
     try:
-        ids = [case_id(item["image"]) for item in load_msd_datalist(dataset_dir)]
+        datalist = load_msd_datalist(dataset_dir)
     except (FileNotFoundError, ValueError) as err:
         raise UserError(str(err)) from err
+    ids = [case_id(item["image"]) for item in datalist]
     if not 2 <= n_folds <= len(ids):
         fix = f"pass --n-folds between 2 and {len(ids)}" if len(ids) >= 2 else "a split needs at least 2 cases"
         raise UserError(
@@ -137,6 +139,8 @@ def write_folds(
         )
     if out.is_dir():
         raise UserError(f"{out}: is a folder; pass a file name for --out, e.g. {out / 'folds.json'}.")
+    dataset_files = [dataset_dir / "dataset.json", *(path for item in datalist for path in item.values())]
+    refuse_output_over(out, dataset_files, "--out", "dataset file")  # --overwrite would replace it
     refuse_existing([out], overwrite)
     writable_dir(out.parent, fix="choose another --out")
     folds = {"n_folds": n_folds, "seed": seed, "folds": make_folds(ids, n_folds, seed)}
