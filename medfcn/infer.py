@@ -33,9 +33,10 @@ from monai.bundle import ConfigParser
 
 from medfcn.data.checks import check_scan, warn_if_label_map
 from medfcn.data.datasets import case_id
+from medfcn.data.profile import bundle_profile, warn_if_unlike_training
 from medfcn.data.readers import quiet_itk
 from medfcn.devices import check_device, device_expression
-from medfcn.errors import UserError, root_message
+from medfcn.errors import UserError, collected_input_warnings, root_message
 from medfcn.io import NIFTI_SUFFIXES, atomic_path, load_weights, nifti_files, refuse_existing, writable_dir
 from medfcn.train import bundle_files
 
@@ -218,6 +219,14 @@ def _stage_mask(stack: contextlib.ExitStack, labels: np.ndarray, affine: np.ndar
     nib.save(image, stack.enter_context(atomic_path(target, suffix=".nii.gz")))
 
 
+def _warning_note(unlike: dict[str, str], messages: list[str]) -> str:
+    """The end of a scan's progress line: what is unlike the training data, and how many other
+    warnings the scan had (each printed on its own line)."""
+    note = f"  WARNING unlike the training data: {', '.join(unlike)}" if unlike else ""
+    others = len(messages) - bool(unlike)
+    return note + (f"  WARNING: {others} input warning(s), see above" if others else "")
+
+
 def _stage_tables(stack: contextlib.ExitStack, rows: list[dict], out_dir: Path) -> None:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
@@ -252,7 +261,8 @@ def infer(
         progress: called with one line per scan.
 
     Returns:
-        One row per scan: input, mask, shape, spacing (mm), seconds, and ``<label>_mm3``.
+        One row per scan: input, mask, shape, spacing (mm), seconds, ``<label>_mm3`` and
+        ``warnings`` (the scan's InputWarnings, `` | ``-separated; empty when all is well).
 
     Raises:
         UserError: a bad input, bundle or option; nothing is written then, not even the masks
@@ -281,6 +291,7 @@ def infer(
     if overlap is not None:
         overrides["overlap"] = overlap
     segmenter = load_segmenter(bundle, device=device, overrides=overrides, tta=tta)
+    profile = bundle_profile(Path(bundle) / "configs" / "metadata.json")
     writable_dir(out, fix="choose another --out")
 
     rows = []
@@ -289,7 +300,11 @@ def infer(
     with contextlib.ExitStack() as stack:
         for k, (scan, target) in enumerate(zip(scans, targets, strict=True), start=1):
             start = time.perf_counter()
-            labels, affine, compute = segmenter(scan)
+            with collected_input_warnings() as messages:  # for the row's `warnings` column
+                labels, affine, compute = segmenter(scan)
+                volumes = label_volumes(labels, affine, segmenter.class_names)
+                mm3 = {n: volumes[f"{n}_mm3"] for n in segmenter.class_names}
+                unlike = warn_if_unlike_training(profile, scan, affine, labels.shape, mm3)
             _stage_mask(stack, labels, affine, target)
             spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
             row = {
@@ -299,11 +314,15 @@ def infer(
                 "spacing_mm": "x".join(f"{s:.4g}" for s in spacing),
                 "model_seconds": round(compute, 4),
                 "seconds": round(time.perf_counter() - start, 4),
-                **label_volumes(labels, affine, segmenter.class_names),
+                **volumes,
+                "warnings": " | ".join(messages),
             }
             rows.append(row)
             if progress:
                 vols = "  ".join(f"{n} {row[f'{n}_mm3']:.0f} mm3" for n in segmenter.class_names)
-                progress(f"[{k}/{len(scans)}] {scan.name}: {vols}  ({row['seconds']:.2f} s) -> {target}")
+                progress(
+                    f"[{k}/{len(scans)}] {scan.name}: {vols}  ({row['seconds']:.2f} s) -> {target}"
+                    + _warning_note(unlike, messages)
+                )
         _stage_tables(stack, rows, out)
     return rows
