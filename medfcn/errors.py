@@ -7,7 +7,11 @@ bug and keeps its traceback (``--debug`` shows tracebacks for user errors too).
 
 from __future__ import annotations
 
-__all__ = ["UserError", "InputWarning", "find_user_error"]
+import contextlib
+import warnings
+from collections.abc import Iterator
+
+__all__ = ["UserError", "InputWarning", "find_user_error", "collected_input_warnings"]
 
 
 class UserError(Exception):
@@ -47,3 +51,22 @@ def root_message(err: BaseException) -> str:
     err = innermost_cause(err)
     lines = [line for line in str(err).splitlines() if line.strip()]
     return f"{type(err).__name__}: {lines[0] if lines else ''}"[:300]
+
+
+@contextlib.contextmanager
+def collected_input_warnings() -> Iterator[list[str]]:
+    """Collect the messages of the :class:`InputWarning` s raised in the block (each one, also
+    repeats) into the list it yields, filled when the block ends, e.g. for a scan's row of
+    ``volumes.csv``. Every warning caught, of any kind, is re-emitted then, also when the block
+    raises, so the CLI still prints each as it did."""
+    messages: list[str] = []
+    caught: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", InputWarning)
+            yield messages
+    finally:
+        for w in caught:
+            if issubclass(w.category, InputWarning):
+                messages.append(str(w.message))
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)

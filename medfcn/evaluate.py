@@ -19,7 +19,6 @@ import nibabel as nib
 import numpy as np
 import torch
 from monai.metrics import DiceMetric, HausdorffDistanceMetric
-from monai.networks.utils import one_hot
 
 from medfcn.data.datasets import case_id
 from medfcn.data.nifti import check_gzip_integrity, scan_affine_mm
@@ -43,7 +42,30 @@ def _load_labels(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise UserError(f"{path}: expected a 3D label map, got shape {data.shape}.")
     if not np.all(np.isfinite(data)) or np.any(data != np.round(data)):
         raise UserError(f"{path}: label values must be whole numbers.")
+    if data.size and data.min() < 0:
+        negative = np.unique(data[data < 0])[:5].astype(np.int64).tolist()
+        raise UserError(
+            f"{path}: holds negative label values {negative}; labels are 0 (background) and positive whole "
+            "numbers: map the negative values (e.g. to 0) and save the file again."
+        )
     return data.astype(np.int64), scan_affine_mm(image)
+
+
+def _dice(p: torch.Tensor, y: torch.Tensor) -> float:
+    """Dice of one label's masks ``(1, 1, X, Y, Z)``; 0 when only one holds the label."""
+    # ignore_empty=False: an empty reference gives 1 if the prediction is empty too, else 0
+    return float(DiceMetric(include_background=True, reduction="none", ignore_empty=False)(p, y)[0, 0])
+
+
+def _hd95(p: torch.Tensor, y: torch.Tensor, spacing: tuple[float, ...]) -> float:
+    """95th-percentile Hausdorff distance (mm) of one label's masks ``(1, 1, X, Y, Z)``."""
+    with warnings.catch_warnings():
+        # MONAI 1.6 warns about its own internal use of a deprecated argument
+        warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*", category=FutureWarning)
+        # an empty mask is reported as a NaN HD95 by the caller and counted by evaluate_folders
+        warnings.filterwarnings("ignore", message=".* is all 0, this may result in nan/inf", category=UserWarning)
+        metric = HausdorffDistanceMetric(include_background=True, percentile=95, reduction="none")
+        return float(metric(p, y, spacing=spacing)[0, 0])
 
 
 def case_metrics(pred: np.ndarray, label: np.ndarray, spacing: tuple[float, ...], labels: list[int]) -> dict:
@@ -58,24 +80,12 @@ def case_metrics(pred: np.ndarray, label: np.ndarray, spacing: tuple[float, ...]
     left out of means); a label in only one of them, a missed structure or a false positive,
     gets 0. HD95 is NaN when either mask lacks the label (no surface to measure from).
     """
-    n = int(max(max(labels), pred.max(), label.max())) + 1
-    p = one_hot(torch.as_tensor(pred)[None, None], n)
-    y = one_hot(torch.as_tensor(label)[None, None], n)
-    # ignore_empty=False: an empty reference gives 1 if the prediction is empty too, else 0
-    dice = DiceMetric(include_background=True, reduction="none", ignore_empty=False)(p, y)[0]
-    with warnings.catch_warnings():
-        # MONAI 1.6 warns about its own internal use of a deprecated argument
-        warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*", category=FutureWarning)
-        # an empty mask is reported as a NaN HD95 below and counted by evaluate_folders
-        warnings.filterwarnings("ignore", message=".* is all 0, this may result in nan/inf", category=UserWarning)
-        hd95 = HausdorffDistanceMetric(include_background=True, percentile=95, reduction="none")(p, y, spacing=spacing)[
-            0
-        ]
     row = {}
-    for k in labels:
-        in_pred, in_label = bool(p[0, k].any()), bool(y[0, k].any())
-        row[f"dice_{k}"] = float(dice[k]) if in_pred or in_label else float("nan")
-        row[f"hd95_{k}"] = float(hd95[k]) if in_pred and in_label else float("nan")
+    for k in labels:  # one label at a time: memory of two masks of the grid, whatever the label values
+        p, y = (torch.as_tensor(m == k, dtype=torch.float32)[None, None] for m in (pred, label))
+        in_pred, in_label = bool(p.any()), bool(y.any())
+        row[f"dice_{k}"] = _dice(p, y) if in_pred or in_label else float("nan")
+        row[f"hd95_{k}"] = _hd95(p, y, spacing) if in_pred and in_label else float("nan")
     return row
 
 

@@ -34,8 +34,9 @@ from medfcn.data.checks import check_scan, warn_if_label_map
 from medfcn.data.datasets import case_id
 from medfcn.data.dicom import find_series, gdcm_series_files, series_files
 from medfcn.data.nifti import check_gzip_integrity, check_nifti_geometry, is_nifti, mask_like_scan, use_file_affine
+from medfcn.data.profile import bundle_profile, warn_if_unlike_training
 from medfcn.devices import check_device, device_expression
-from medfcn.errors import UserError, root_message
+from medfcn.errors import UserError, collected_input_warnings, root_message
 from medfcn.formats import (
     SCAN_SUFFIXES,
     check_mask_format,
@@ -262,6 +263,14 @@ def _stage_mask(
     nib.save(image, stack.enter_context(atomic_path(target, suffix=".nii.gz")))
 
 
+def _warning_note(unlike: dict[str, str], messages: list[str]) -> str:
+    """The end of a scan's progress line: what is unlike the training data, and how many other
+    warnings the scan had (each printed on its own line)."""
+    note = f"  WARNING unlike the training data: {', '.join(unlike)}" if unlike else ""
+    others = len(messages) - bool(unlike)
+    return note + (f"  WARNING: {others} input warning(s), see above" if others else "")
+
+
 def _stage_tables(
     stack: contextlib.ExitStack, rows: list[dict], out_dir: Path, name: str = "volumes", fields: Sequence[str] = ()
 ) -> None:
@@ -285,7 +294,8 @@ class InferenceRows(list):
 
 def _volume_columns(class_names: Sequence[str]) -> list[str]:
     """The columns of ``volumes.csv`` (written as its header also when no scan succeeded)."""
-    return ["input", "mask", "shape", "spacing_mm", "model_seconds", "seconds", *(f"{n}_mm3" for n in class_names)]
+    volumes = [f"{n}_mm3" for n in class_names]
+    return ["input", "mask", "shape", "spacing_mm", "model_seconds", "seconds", *volumes, "warnings"]
 
 
 def _list_failure(
@@ -364,8 +374,9 @@ def infer(
             series is a bad scan.
 
     Returns:
-        One row per segmented scan: input, mask, shape, spacing (mm), seconds, and
-        ``<label>_mm3``; ``.failures`` lists the scans ``continue_on_error`` skipped.
+        One row per segmented scan: input, mask, shape, spacing (mm), seconds, ``<label>_mm3``
+        and ``warnings`` (the scan's InputWarnings, `` | ``-separated; empty when all is well);
+        ``.failures`` lists the scans ``continue_on_error`` skipped.
 
     Raises:
         UserError: a bad input, bundle or option; nothing is written then, not even the masks
@@ -386,8 +397,9 @@ def infer(
     with output_lock(out, "medfcn infer", "--out"):
         refuse_existing([*targets, *(out / name for name in tables)], overwrite)
         segmenter = _segmenter(bundle, device, sw_batch_size, overlap, tta)
+        profile = bundle_profile(Path(bundle) / "configs" / "metadata.json")
         rows = InferenceRows(failures=failures)
-        _segment_all(segmenter, scans, targets, out, rows, continue_on_error, progress)
+        _segment_all(segmenter, profile, scans, targets, out, rows, continue_on_error, progress)
     return rows
 
 
@@ -419,8 +431,40 @@ def _segmenter(
     return load_segmenter(bundle, device=device, overrides=overrides, tta=tta)
 
 
+def _segment_one(
+    segmenter: Segmenter, profile: dict | None, scan: Path, target: Path, stack: contextlib.ExitStack
+) -> tuple[dict, dict[str, str], list[str]]:
+    """Segment ``scan`` and stage its mask ``target`` on ``stack``.
+
+    Returns:
+        ``(row, unlike, messages)``: the scan's row of ``volumes.csv``, what of it is unlike the
+        bundle's training data (``profile``; nothing when the bundle has none), and the
+        InputWarnings raised while it was processed (each also printed).
+    """
+    start = time.perf_counter()
+    with collected_input_warnings() as messages:  # for the row's `warnings` column
+        labels, affine, compute = segmenter(scan)
+        volumes = label_volumes(labels, affine, segmenter.class_names)
+        mm3 = {n: volumes[f"{n}_mm3"] for n in segmenter.class_names}
+        unlike = warn_if_unlike_training(profile, scan, affine, labels.shape, mm3)
+    _stage_mask(stack, labels, affine, target, scan)
+    spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    row = {
+        "input": path_text(scan),  # \xNN for the bytes of a name that are not UTF-8
+        "mask": path_text(target),
+        "shape": "x".join(map(str, labels.shape)),
+        "spacing_mm": "x".join(f"{s:.4g}" for s in spacing),
+        "model_seconds": round(compute, 4),
+        "seconds": round(time.perf_counter() - start, 4),
+        **volumes,
+        "warnings": path_text(" | ".join(messages)),  # messages name the scan: \xNN as in "input"
+    }
+    return row, unlike, messages
+
+
 def _segment_all(
     segmenter: Segmenter,
+    profile: dict | None,
     scans: Sequence[Path],
     targets: Sequence[Path],
     out: Path,
@@ -436,30 +480,19 @@ def _segment_all(
     """
     with contextlib.ExitStack() as stack:
         for k, (scan, target) in enumerate(zip(scans, targets, strict=True), start=1):
-            start = time.perf_counter()
             try:
-                labels, affine, compute = segmenter(scan)
-                _stage_mask(stack, labels, affine, target, scan)
+                row, unlike, messages = _segment_one(segmenter, profile, scan, target, stack)
             except UserError as err:
                 if not continue_on_error:
                     raise
                 _list_failure(rows.failures, scan, err, f"[{k}/{len(scans)}]", progress)
                 continue
-            spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
-            row = {
-                "input": path_text(scan),  # \xNN for the bytes of a name that are not UTF-8
-                "mask": path_text(target),
-                "shape": "x".join(map(str, labels.shape)),
-                "spacing_mm": "x".join(f"{s:.4g}" for s in spacing),
-                "model_seconds": round(compute, 4),
-                "seconds": round(time.perf_counter() - start, 4),
-                **label_volumes(labels, affine, segmenter.class_names),
-            }
             rows.append(row)
             if progress:
                 vols = "  ".join(f"{n} {row[f'{n}_mm3']:.0f} mm3" for n in segmenter.class_names)
                 progress(
                     f"[{k}/{len(scans)}] {path_text(scan.name)}: {vols}  ({row['seconds']:.2f} s) -> {row['mask']}"
+                    + _warning_note(unlike, messages)
                 )
         _stage_tables(stack, rows, out, fields=_volume_columns(segmenter.class_names))
         if continue_on_error:

@@ -5,7 +5,8 @@ A run of ``medfcn train`` records the bundle it trained and every option it was 
 ``configs/train.json`` (so the new bundle retrains the same recipe on the same data) and the
 entries that describe the model into ``configs/inference.json`` (network, patch, spacing,
 modality, classes, slice axis, flips), puts the run's weights in ``models/model.pt`` and
-rewrites ``metadata.json`` and ``docs/README.md`` for the new model. The bundle is assembled in
+rewrites ``metadata.json`` (with the profile of the run's training cases,
+:mod:`medfcn.data.profile`) and ``docs/README.md`` for the new model. The bundle is assembled in
 a hidden folder beside the target, loaded once with its weights as ``medfcn infer`` would, and
 only then renamed into place, so a failed packaging leaves nothing behind.
 
@@ -28,6 +29,8 @@ import torch
 from monai.bundle import ConfigParser
 from monai.bundle.config_item import ConfigComponent
 
+from medfcn.data.datasets import fold_datalists
+from medfcn.data.profile import PROFILE_KEY, RUN_PROFILE, training_profile
 from medfcn.errors import UserError
 from medfcn.io import atomic_torch_save, checkpoint_reason, refuse_existing, writable_dir
 from medfcn.outputs import refuse_output_over
@@ -159,6 +162,24 @@ def _metadata(meta: dict, train: ConfigParser, name: str, run_dir: Path, best: d
     return meta
 
 
+def _training_profile(run_dir: Path, settings: dict, train: ConfigParser) -> dict | None:
+    """The profile of the run's training cases: the one ``medfcn train`` wrote beside the run,
+    else computed from the run's data and split; None when neither is at hand."""
+    run_profile = run_dir / RUN_PROFILE
+    if run_profile.is_file():
+        try:
+            return json.loads(run_profile.read_text())
+        except (OSError, ValueError):
+            pass  # a damaged copy: compute it again below
+    data, split, fold = (settings.get(k) for k in ("dataset_dir", "folds_file", "fold"))
+    try:
+        cases, _ = fold_datalists(data, split, int(fold))
+        classes = train.get_parsed_content("class_names")
+        return training_profile(cases, classes, source=f"training cases of fold {fold} of {split}, {data}")
+    except Exception:  # the data moved or is gone: the bundle goes without (infer then checks nothing)
+        return None
+
+
 def _readme(name: str, run_dir: Path, settings: dict, best: dict, source: str, origin: Path) -> str:
     score = best.get("best_metric")
     score = f"{score:.4f}" if isinstance(score, float) else score
@@ -232,7 +253,12 @@ def _assemble(
     ConfigParser.export_config_file(inference.get(), tmp / "configs" / "inference.json", indent=4)
     meta_file = tmp / "configs" / "metadata.json"
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-    meta_file.write_text(json.dumps(_metadata(meta, train, name, run_dir, best, source), indent=4) + "\n")
+    meta = _metadata(meta, train, name, run_dir, best, source)
+    meta.pop(PROFILE_KEY, None)  # the source bundle's describes its own training data, not the run's
+    profile = _training_profile(run_dir, settings, train)
+    if profile:
+        meta[PROFILE_KEY] = profile
+    meta_file.write_text(json.dumps(meta, indent=4) + "\n")
     (tmp / "docs" / "README.md").write_text(_readme(name, run_dir, settings, best, source, origin))
     (tmp / "LICENSE").write_text(_LICENSE)
     atomic_torch_save(weights, tmp / "models" / "model.pt")

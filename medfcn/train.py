@@ -27,6 +27,7 @@ from monai.bundle.reference_resolver import ReferenceResolver
 
 from medfcn.data.checks import check_training_pairs
 from medfcn.data.datasets import fold_datalists
+from medfcn.data.profile import write_run_profile
 from medfcn.data.transforms import intensity_normalization
 from medfcn.devices import device_expression
 from medfcn.errors import UserError, root_message
@@ -399,6 +400,8 @@ def train(
         )
         workflow.initialize()
         _write_run_settings(Path(out), parser, recorded)  # after the set-up: a resume failing there keeps its record
+        source = f"training cases of fold {fold_k} of {split}, {data}"
+        write_run_profile(out, train_list, parser.get_parsed_content("class_names"), source)  # for `medfcn package`
         workflow.run()
         workflow.finalize()
     return Path(out)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
+import resource
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -133,3 +137,68 @@ def test_upper_case_suffixes_are_listed_and_matched(tmp_path):
     (tmp_path / "pred" / "A.nii.gz").rename(tmp_path / "pred" / "A.NII.GZ")
     rows, _ = evaluate_folders(tmp_path / "pred", tmp_path / "labels")
     assert [r["case"] for r in rows] == ["A"] and rows[0]["dice_mean"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("which", ["pred", "labels"])
+def test_negative_label_values_are_one_line(tmp_path, which):
+    from typer.testing import CliRunner
+
+    from medfcn.cli import app
+
+    label = _cube().astype(np.int16)
+    _save_int16(tmp_path / "labels" / "a.nii.gz", label)
+    _save_int16(tmp_path / "pred" / "a.nii.gz", label)
+    signed = label.copy()
+    signed[0, 0, 0] = -1  # a signed mask, e.g. -1 for "unknown"
+    _save_int16(tmp_path / which / "a.nii.gz", signed)
+    result = CliRunner().invoke(app, ["evaluate", str(tmp_path / "pred"), str(tmp_path / "labels")])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and "Traceback" not in result.output, result.output
+    assert lines[0].startswith(f"medfcn: error: {tmp_path / which / 'a.nii.gz'}: holds negative label values [-1]")
+    assert "map the negative values" in lines[0]
+    assert not (tmp_path / "pred" / "metrics.csv").exists()
+
+
+def _save_int16(path, data):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(data.astype(np.int16), np.eye(4)), path)
+
+
+@contextlib.contextmanager
+def _address_space_limit(extra_bytes: int):
+    """Let this process map at most ``extra_bytes`` more than it has mapped now (RLIMIT_AS):
+    an allocation beyond that fails with MemoryError/RuntimeError instead of swapping the
+    machine. torch's allocator bypasses tracemalloc, so this is what bounds it."""
+    mapped = int(re.search(r"VmSize:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (mapped + extra_bytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux's /proc to read the mapped size")
+def test_freesurfer_label_values_are_scored_in_memory_of_the_grid(tmp_path):
+    # FreeSurfer-style values on a 96^3 grid: one-hot encoding up to 2035 took 7.2 GB
+    label = np.zeros((96, 96, 96), np.int16)
+    label[10:40, 10:40, 10:40] = 2035
+    label[50:80, 50:80, 50:80] = 17
+    pred = label.copy()
+    pred[12:42, 10:40, 10:40][pred[12:42, 10:40, 10:40] == 0] = 2035  # grown by 2 voxels along x
+    pred[60:70, 60:70, 60:70] = 1006  # a false positive
+    _save_int16(tmp_path / "labels" / "a.nii.gz", label)
+    _save_int16(tmp_path / "pred" / "a.nii.gz", pred)
+    with _address_space_limit(2**30):
+        rows, summary = evaluate_folders(tmp_path / "pred", tmp_path / "labels")
+    row = rows[0]
+    for k in (17, 1006, 2035):  # Dice computed directly
+        p, y = pred == k, label == k
+        assert row[f"dice_{k}"] == pytest.approx(2 * (p & y).sum() / (p.sum() + y.sum()))
+    # the same scores as for the same masks with small label values
+    compact = {17: 1, 1006: 2, 2035: 3}
+    small = case_metrics(*(np.vectorize(lambda v: compact.get(v, 0))(m) for m in (pred, label)), (1.0,) * 3, [1, 2, 3])
+    for k, c in compact.items():
+        for metric in ("dice", "hd95"):
+            np.testing.assert_equal(row[f"{metric}_{k}"], small[f"{metric}_{c}"])
+    assert row["hd95_2035"] == pytest.approx(2.0) and summary["dice_1006"]["false_positive"] == 1
