@@ -29,7 +29,6 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 import torch
-from monai.bundle import ConfigParser
 
 from medfcn.data.checks import check_scan, warn_if_label_map
 from medfcn.data.datasets import case_id
@@ -37,6 +36,7 @@ from medfcn.data.readers import quiet_itk
 from medfcn.devices import check_device, device_expression
 from medfcn.errors import UserError, root_message
 from medfcn.io import NIFTI_SUFFIXES, atomic_path, load_weights, nifti_files, refuse_existing, writable_dir
+from medfcn.settings import BundleParser
 from medfcn.train import bundle_files
 
 __all__ = ["Segmenter", "load_segmenter", "check_device", "expand_inputs", "mask_name", "label_volumes", "infer"]
@@ -102,8 +102,7 @@ def load_segmenter(
     weights = files["bundle_root"] / "models" / "model.pt"
     if not weights.is_file():
         raise UserError(f"{weights}: missing; train the bundle and copy best_model.pt there.")
-    parser = ConfigParser()
-    parser.read_config(str(files["config_file"]))
+    parser = BundleParser(files["config_file"])  # a broken entry fails in one line naming the file
     parser.update({"bundle_root": str(files["bundle_root"]), **(overrides or {})})
     if device:
         parser["device"] = device_expression(device)

@@ -30,7 +30,7 @@ from monai.bundle.config_item import ConfigComponent
 
 from medfcn.errors import UserError
 from medfcn.io import atomic_torch_save, checkpoint_reason, refuse_existing, writable_dir
-from medfcn.train import NOT_SETTINGS, RUN_FILE
+from medfcn.train import NOT_SETTINGS, RUN_FILE, bundle_files
 
 __all__ = ["MODEL_KEYS", "package_run", "trained_flip_axes"]
 
@@ -269,6 +269,8 @@ def package_run(
         raise UserError(
             f"{origin}: not a bundle with configs/inference.json; pass --bundle with the bundle the run trained."
         )
+    for config in ("train.json", "inference.json"):  # broken JSON: one line naming the file
+        bundle_files(origin, config)
     refuse_existing([out], overwrite, fix="pass --overwrite to replace it, or choose another --out")
     if weights is None:
         weights = "last" if run["settings"].get("fold") == -1 else "best"
