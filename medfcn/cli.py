@@ -72,18 +72,16 @@ def _main(
 def _parse_overrides(pairs: list[str], option: str = "--set") -> dict:
     """``["batch_size=4", "network_def#fusion=concat"]`` -> config overrides (JSON values).
 
-    ``option`` names the command-line option in the error message."""
-    import json
+    ``option`` names the command-line option in the error message; a value that starts like
+    JSON but is none (``[40,56``) is a user error (:func:`medfcn.settings.parse_value`)."""
+    from medfcn.settings import parse_value
 
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise typer.BadParameter(f"{option} takes KEY=VALUE, got {pair!r}.")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
+        out[key] = parse_value(key, value, option)
     return out
 
 

@@ -14,10 +14,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from monai.bundle import ConfigParser, ckpt_export
+from monai.bundle import ckpt_export
 
 from medfcn.errors import UserError
 from medfcn.io import atomic_path, load_weights, refuse_existing
+from medfcn.settings import BundleParser
 from medfcn.train import bundle_files
 
 __all__ = ["export_torchscript"]
@@ -63,8 +64,7 @@ def export_torchscript(
         raise UserError(f"{weights}: missing; nothing to export.")
     target = root / "models" / "model.ts"
     refuse_existing([target], overwrite, fix="pass --overwrite to replace it")
-    parser = ConfigParser()
-    parser.read_config(str(files["config_file"]))
+    parser = BundleParser(files["config_file"])  # a broken entry fails in one line naming the file
     parser["bundle_root"] = str(root)
     network = load_weights(parser.get_parsed_content("network_def"), weights).eval()
     if check_shape is None:

@@ -28,7 +28,6 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import torch
-from monai.bundle import ConfigParser
 
 from medfcn.data.checks import check_scan, warn_if_label_map
 from medfcn.data.datasets import case_id
@@ -47,6 +46,7 @@ from medfcn.formats import (
 )
 from medfcn.io import NIFTI_SUFFIXES, atomic_path, load_weights, nifti_files, refuse_existing
 from medfcn.outputs import is_utf8, output_lock, path_text, refuse_non_utf8, refuse_outputs_over_inputs
+from medfcn.settings import BundleParser
 from medfcn.train import bundle_files
 
 __all__ = [
@@ -130,8 +130,7 @@ def load_segmenter(
     weights = files["bundle_root"] / "models" / "model.pt"
     if not weights.is_file():
         raise UserError(f"{weights}: missing; train the bundle and copy best_model.pt there.")
-    parser = ConfigParser()
-    parser.read_config(str(files["config_file"]))
+    parser = BundleParser(files["config_file"])  # a broken entry fails in one line naming the file
     parser.update({"bundle_root": str(files["bundle_root"]), **(overrides or {})})
     if device:
         parser["device"] = device_expression(device)

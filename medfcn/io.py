@@ -8,24 +8,33 @@ with ``torch.load(..., weights_only=True)``: tensors and plain containers only, 
 from __future__ import annotations
 
 import contextlib
+import errno
+import io
 import os
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
 
-from medfcn.errors import UserError, innermost_cause
+from medfcn.errors import UserError, find_user_error, innermost_cause
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+# A write that fails for want of space: a full disk, a full quota, a file system (re)mounted
+# read-only. The user can fix these, so they are one line, not a traceback.
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+DISK_FULL_FIX = "free space or choose another --out/--output"
 
 __all__ = [
     "atomic_path",
     "atomic_torch_save",
     "atomic_write_text",
     "checkpoint_reason",
+    "disk_full_error",
     "load_weights",
     "nifti_files",
+    "refuse_full_disk",
     "refuse_existing",
     "writable_dir",
 ]
@@ -115,14 +124,87 @@ def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
             os.fsync(written.fileno())
         os.chmod(tmp_path, 0o644)
         os.replace(tmp_path, target)
+    except OSError as err:
+        full = disk_full_error(err, target)
+        if full is None:
+            raise
+        raise full from err
     finally:
         tmp_path.unlink(missing_ok=True)
 
 
+def disk_full_error(
+    err: BaseException, path: str | os.PathLike | None = None, folder: str | os.PathLike | None = None
+) -> UserError | None:
+    """A one-line UserError for a write that failed for want of space (:data:`DISK_FULL`)
+    somewhere in ``err``'s cause chain, naming ``path``, else the file the system names, else
+    ``folder`` (a file object's write names no file); None for any other error."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError) and err.errno in DISK_FULL:
+            name = path or err.filename or folder or "an output file"
+            return UserError(f"{name}: cannot be written ({os.strerror(err.errno)}); {DISK_FULL_FIX}.")
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+@contextlib.contextmanager
+def refuse_full_disk(folder: str | os.PathLike) -> Iterator[None]:
+    """Turn a full disk met inside the block into one UserError naming the file (or ``folder``).
+
+    Also for writes of other threads: TensorBoard's event writer writes from its own thread,
+    whose error Python would print as a traceback and the writer re-raises only at its next
+    event (never at ``close``); here it is silenced and raised when the block ends. A UserError
+    already in an error's chain (``atomic_path`` names its target) is left as it is.
+    """
+    failed: list[BaseException] = []
+    previous = threading.excepthook
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if disk_full_error(args.exc_value) is None:
+            previous(args)
+        else:
+            failed.append(args.exc_value)
+
+    threading.excepthook = hook
+    try:
+        yield
+    except Exception as err:
+        full = None if find_user_error(err) else disk_full_error(err, folder=folder)
+        if full is None:
+            raise
+        _join_failed_writers(err)
+        raise full from err
+    finally:
+        threading.excepthook = previous
+    if failed:
+        raise disk_full_error(failed[0], folder=folder) from failed[0]
+
+
+def _join_failed_writers(err: BaseException) -> None:
+    """Wait for the writer threads that failed with an error of ``err``'s chain (TensorBoard's
+    keeps it as ``exception``) to end, so that their error reaches our hook, not stderr."""
+    chain = []
+    while err is not None and err not in chain:
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and any(getattr(thread, "exception", None) is e for e in chain):
+            thread.join(timeout=5)
+
+
 def atomic_torch_save(obj, target: str | os.PathLike) -> None:
-    """``torch.save`` to ``target`` atomically."""
+    """``torch.save`` to ``target`` atomically.
+
+    Serialised in memory first: PyTorch's own file writer reports a full disk as a
+    RuntimeError without the system's error number; Python's reports it as an OSError, which
+    ``atomic_path`` turns into one line.
+    """
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
     with atomic_path(target) as tmp:
-        torch.save(obj, tmp)
+        tmp.write_bytes(buffer.getbuffer())
 
 
 def atomic_write_text(text: str, target: str | os.PathLike) -> None:

@@ -34,7 +34,7 @@ from medfcn.data.profile import PROFILE_KEY, RUN_PROFILE, training_profile
 from medfcn.errors import UserError
 from medfcn.io import atomic_torch_save, checkpoint_reason, refuse_existing, writable_dir
 from medfcn.outputs import refuse_output_over
-from medfcn.train import NOT_SETTINGS, RUN_FILE
+from medfcn.train import NOT_SETTINGS, RUN_FILE, bundle_files
 
 __all__ = ["MODEL_KEYS", "package_run", "trained_flip_axes"]
 
@@ -299,6 +299,8 @@ def package_run(
     # with --overwrite, the folder `out` is replaced as a whole
     refuse_output_over(out, [run_dir], "--out", "training run")
     refuse_output_over(out, [origin], "--out", "source bundle")
+    for config in ("train.json", "inference.json"):  # broken JSON: one line naming the file
+        bundle_files(origin, config)
     refuse_existing([out], overwrite, fix="pass --overwrite to replace it, or choose another --out")
     if weights is None:
         weights = "last" if run["settings"].get("fold") == -1 else "best"

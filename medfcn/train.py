@@ -15,6 +15,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import json
+import logging
 import os
 import pydoc
 from pathlib import Path
@@ -27,12 +28,13 @@ from monai.bundle.reference_resolver import ReferenceResolver
 
 from medfcn.data.checks import check_training_pairs
 from medfcn.data.datasets import fold_datalists
-from medfcn.data.profile import write_run_profile
+from medfcn.data.profile import RUN_PROFILE, write_run_profile
 from medfcn.data.transforms import intensity_normalization
 from medfcn.devices import device_expression
 from medfcn.errors import UserError, root_message
-from medfcn.io import atomic_write_text, checkpoint_reason, load_weights
+from medfcn.io import atomic_write_text, checkpoint_reason, load_weights, refuse_full_disk
 from medfcn.outputs import output_lock
+from medfcn.settings import check_bundle_json, check_settings
 
 __all__ = ["RUN_FILE", "bundle_files", "train"]
 
@@ -58,11 +60,25 @@ _RUNTIME_KEYS = ("num_workers", "val_interval")
 NOT_SETTINGS = ("bundle_root", "output_dir", "resume", "device")
 
 
+class _DropRunEndEcho(logging.Filter):
+    """Ignite logs the exception that ends a run ("Engine run is terminating due to exception:
+    ...") before raising it; the CLI prints a user error (a full disk in a handler) as its one
+    line and anything else with its traceback, so the echo only doubles it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Engine run is terminating due to exception")
+
+
+for _engine in ("SupervisedTrainer", "SupervisedEvaluator"):
+    logging.getLogger(f"ignite.engine.engine.{_engine}").addFilter(_DropRunEndEcho())
+
+
 def bundle_files(bundle: str | os.PathLike, config: str) -> dict[str, Path]:
     """Paths of a bundle's ``config`` (e.g. ``train.json``), metadata and logging config.
 
     Raises:
-        UserError: the folder or the config is missing.
+        UserError: the folder or the config is missing, or a JSON file of them is broken
+            (:func:`medfcn.settings.check_bundle_json`).
     """
     root = Path(bundle)
     if not root.is_dir():
@@ -76,6 +92,7 @@ def bundle_files(bundle: str | os.PathLike, config: str) -> dict[str, Path]:
     for key in ("config_file", "meta_file"):
         if not files[key].is_file():
             raise UserError(f"{files[key]}: missing; {root} is not a complete MONAI bundle.")
+    check_bundle_json(files["config_file"], files["meta_file"])
     return files
 
 
@@ -137,6 +154,12 @@ def _apply(parser: ConfigParser, key: str, path: str, value: Any) -> None:
         parser.resolve_macro_and_relative_ids()
     except Exception as err:
         raise UserError(f"--set {key}: cannot resolve {value!r} ({root_message(err)}); check the file and id.") from err
+
+
+def _source(key: str, overrides: dict[str, Any]) -> str:
+    """The option a given setting came from: ``--set`` for overrides (also ``--set epochs=3``;
+    the CLI passes ``--encoder``/``--freeze-encoder`` as overrides too, but never an invalid value)."""
+    return "--set" if key in overrides else _OPTION_NAMES.get(key, "--set")
 
 
 def _option(key: str) -> str:
@@ -340,13 +363,19 @@ def train(
     args.update(overrides or {})
     if device is not None:
         args["device"] = device_expression(device)
+    explicit = {k for k in args if k not in NOT_SETTINGS}
+    sources = {k: _source(k, overrides or {}) for k in explicit}
+    given_config = _parser(files["config_file"], args)
+    check_settings(given_config, files["config_file"], sources)  # before any file is read or written
     if resume:
-        explicit = {k for k in args if k not in NOT_SETTINGS}
-        run_dir = Path(_parser(files["config_file"], args).get_parsed_content("output_dir"))
+        run_dir = Path(given_config.get_parsed_content("output_dir"))
         args = _resume_settings(run_dir, args, explicit, files["config_file"])
+        sources.update({k: str(run_dir / RUN_FILE) for k in args if k not in {*explicit, *NOT_SETTINGS}})
     args["resume"] = bool(resume)
 
     parser = _parser(files["config_file"], args)  # one parser for every check before the run
+    if resume:  # the values read back from the run's record
+        check_settings(parser, files["config_file"], sources)
     data, split, fold_k, out, n_epochs, num_classes, encoder = (
         parser.get_parsed_content(i)
         for i in ("dataset_dir", "folds_file", "fold", "output_dir", "epochs", "num_classes", "pretrained_encoder")
@@ -377,8 +406,6 @@ def train(
             raise UserError(f"{last}: run has finished {done} epochs already; pass --epochs larger than {done}.")
     elif last.exists():
         raise UserError(f"{out}: already holds a run (last.pt); add --resume to continue it, or pick another --output.")
-    if int(n_epochs) < 1:
-        raise UserError(f"epochs must be at least 1, got {n_epochs}.")
     _check_dry_run(network, parser, files["config_file"])
     if resume:  # a run of another network_def must fail here, in one line, not deep in MONAI's loader
         load_weights(network, last, key="network")
@@ -398,10 +425,27 @@ def train(
             workflow_type="train",
             **args,
         )
-        workflow.initialize()
-        _write_run_settings(Path(out), parser, recorded)  # after the set-up: a resume failing there keeps its record
-        source = f"training cases of fold {fold_k} of {split}, {data}"
-        write_run_profile(out, train_list, parser.get_parsed_content("class_names"), source)  # for `medfcn package`
-        workflow.run()
-        workflow.finalize()
+        try:
+            with refuse_full_disk(out):  # checkpoints, medfcn_run.json, TensorBoard events
+                workflow.initialize()
+                # after the set-up: a resume failing there keeps its record
+                _write_run_settings(Path(out), parser, recorded)
+                source = f"training cases of fold {fold_k} of {split}, {data}"
+                write_run_profile(out, train_list, parser.get_parsed_content("class_names"), source)  # for package
+                workflow.run()
+                workflow.finalize()
+        except BaseException:
+            if not resume:
+                _forget_failed_run(Path(out))
+            raise
     return Path(out)
+
+
+def _forget_failed_run(out: Path) -> None:
+    """A new run that failed before its first checkpoint has nothing to resume or package:
+    remove its record (RUN_FILE) and training-data profile (the output folder itself goes when
+    :func:`medfcn.outputs.output_lock` created it and it is left empty)."""
+    if (out / "last.pt").exists():
+        return
+    for name in (RUN_FILE, RUN_PROFILE):
+        (out / name).unlink(missing_ok=True)

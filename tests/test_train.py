@@ -230,9 +230,9 @@ def test_resume_reuses_the_runs_settings_and_refuses_others(spheres_dataset, tmp
             "--set loss#loss#lamda_ce: no 'lamda_ce' in 'loss#loss'; did you mean 'lambda_ce'",
         ),
         ({"patch_size": [4, 4, 4]}, "cannot train on patch_size \\[4, 4, 4\\]"),
-        ({"patch_size": [24, 24]}, "cannot train on patch_size \\[24, 24\\]"),
+        ({"patch_size": [24, 24]}, "--set 'patch_size=\\[24,24\\]': must be a list of 3 whole numbers"),
         ({"num_classes": 2}, "num_classes 2 .* class_names has 2 name"),
-        ({"modality": "PET"}, "unknown modality 'PET'"),
+        ({"modality": "PET"}, "--set modality=PET: must be MRI, MR or CT"),
         ({"network_def#in_channels": 2}, r"case_\d+.nii.gz: has 1 channel.* network takes 2"),
     ],
     ids=[

@@ -51,7 +51,8 @@ def load_msd_datalist(dataset_dir: str | os.PathLike, section: str = "training")
 
     Raises:
         FileNotFoundError: no ``dataset.json``, or it names files that are missing.
-        ValueError: the file is not valid JSON, has no ``section`` list, or lists one case
+        ValueError: the file is not valid JSON, has no ``section`` list, has an entry that is
+            no case (``null``, a number, no ``"label"``, ``"image": 42``), or lists one case
             name twice (the same file, or namesakes in different folders).
     """
     dataset_dir = Path(dataset_dir)
@@ -68,7 +69,8 @@ def load_msd_datalist(dataset_dir: str | os.PathLike, section: str = "training")
             f'{index}: has no \'{section}\' list of cases; list them as [{{"image": ..., "label": ...}}, ...].'
         )
     datalist, missing = [], []
-    for entry in entries:
+    for number, entry in enumerate(entries):
+        _check_entry(index, section, number, entry)
         item = {}
         for key, rel in entry.items() if isinstance(entry, dict) else [("image", entry)]:
             path = Path(os.path.abspath(dataset_dir / rel))
@@ -81,6 +83,28 @@ def load_msd_datalist(dataset_dir: str | os.PathLike, section: str = "training")
         raise FileNotFoundError(f"{index}: names {len(missing)} missing file(s): {shown}. Fix the paths or the files.")
     _refuse_shared_case_names(index, datalist)
     return datalist
+
+
+def _check_entry(index: Path, section: str, number: int, entry) -> None:
+    """One case of ``section``: ``{"image": path, "label": path}`` in ``training`` (a path or
+    ``{"image": path}`` elsewhere, as MSD's ``test`` lists them), every path a non-empty string.
+
+    Raises:
+        ValueError: naming dataset.json, the entry's index (from 0) and what to fix.
+    """
+    where = f"{index}: entry {number} of {section!r} ({json.dumps(entry)[:80]})"
+    example = '{"image": "./imagesTr/case.nii.gz", "label": "./labelsTr/case.nii.gz"}'
+    if section != "training" and isinstance(entry, str) and entry.strip():
+        return
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where}: is not a case; write it as {example}.")
+    required = ("image", "label") if section == "training" else ("image",)
+    for key in required:
+        if key not in entry:
+            raise ValueError(f"{where}: has no {key!r}; write it as {example}.")
+    for key, path in entry.items():
+        if not isinstance(path, str) or not path.strip():
+            raise ValueError(f"{where}: {key!r} is {json.dumps(path)}, not a file path; write it as {example}.")
 
 
 def _refuse_shared_case_names(index: Path, datalist: list[dict]) -> None:
