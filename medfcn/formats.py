@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +26,10 @@ import numpy as np
 import SimpleITK as sitk
 
 from medfcn.data.checks import check_memory
+from medfcn.data.dicom import gdcm_series_files, series_files
 from medfcn.data.readers import quiet_itk, sitk_affine_ras
 from medfcn.errors import UserError
-from medfcn.io import NIFTI_SUFFIXES, atomic_path
+from medfcn.io import DISK_FULL_FIX, NIFTI_SUFFIXES, atomic_path
 
 __all__ = [
     "ITK_SUFFIXES",
@@ -139,7 +141,13 @@ def stage_itk_mask(
     image.SetOrigin(origin)
     image.SetSpacing(spacing)
     image.SetDirection(direction)
-    sitk.WriteImage(image, str(stack.enter_context(atomic_path(target, suffix=target.suffix))), True)
+    tmp = stack.enter_context(atomic_path(target, suffix=target.suffix))
+    try:
+        sitk.WriteImage(image, str(tmp), True)
+    except RuntimeError as err:  # ITK says a write failed without the system's errno
+        if "space" not in str(err).lower() and shutil.disk_usage(tmp.parent).free > 2**20:
+            raise
+        raise UserError(f"{target}: cannot be written (No space left on device); {DISK_FULL_FIX}.") from err
 
 
 @dataclass(frozen=True)
@@ -167,11 +175,12 @@ def _itk_grid(path: Path) -> ScanGrid:
 
 
 def _dicom_grid(folder: Path) -> ScanGrid | None:
-    with quiet_itk():
-        series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
-        files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0]) if len(series) == 1 else []
+    """The grid of the series in ``folder`` from the headers of its two end slices: those of
+    the checked stack, sorted along the normal (a left-out localizer does not count)."""
+    files = gdcm_series_files(folder)
     if not files:
         return None
+    files = series_files(folder, files)
     first, last = _read_information(files[0]), _read_information(files[-1])
     size, spacing = list(first.GetSize()), list(first.GetSpacing())
     if len(files) > 1:  # one file per slice: the slice step is the distance between the ends

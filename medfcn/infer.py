@@ -31,7 +31,7 @@ import torch
 
 from medfcn.data.checks import check_scan, warn_if_label_map
 from medfcn.data.datasets import case_id
-from medfcn.data.dicom import find_series, gdcm_series_files, series_files
+from medfcn.data.dicom import find_series, gdcm_series_files, looks_like_dicom, series_files
 from medfcn.data.nifti import check_gzip_integrity, check_nifti_geometry, is_nifti, mask_like_scan, use_file_affine
 from medfcn.data.profile import bundle_profile, warn_if_unlike_training
 from medfcn.devices import check_device, device_expression
@@ -161,10 +161,13 @@ def load_segmenter(
 def _is_dicom_series(folder: Path) -> bool:
     """True for a folder with exactly one DICOM series that reads as an even 3D stack (a
     localizer in it is left out with a warning); UserError for a broken one."""
-    if not is_utf8(folder) and nifti_files(folder):
-        return False  # its NIfTI files are read by nibabel, which takes any name; GDCM does not
-    # SimpleITK aborts the process on a file name that is not UTF-8 (GDCM skips NIfTI files)
-    refuse_non_utf8(folder, [n for n in os.listdir(folder) if not n.lower().endswith(NIFTI_SUFFIXES)])
+    others = [n for n in os.listdir(folder) if not n.lower().endswith(NIFTI_SUFFIXES)]  # GDCM skips NIfTI
+    if not (is_utf8(folder) and all(map(is_utf8, others))):
+        # SimpleITK aborts the process on a file name that is not UTF-8: probe without it, and
+        # refuse only a folder of DICOM files (a stray note in a NIfTI folder is no reason)
+        if not looks_like_dicom(folder):
+            return False
+        refuse_non_utf8(folder, others)
     files = gdcm_series_files(folder)
     if not files:
         return False
@@ -172,11 +175,27 @@ def _is_dicom_series(folder: Path) -> bool:
     return True
 
 
-def _scans_in(item: Path) -> list[tuple[Path, Path]]:
+def _series_or_bad(folder: Path, on_bad_series: Callable[[Path, UserError], None] | None) -> bool | None:
+    """:func:`_is_dicom_series`, except that a broken series (its UserError: only a folder of
+    DICOM files raises one) goes to ``on_bad_series`` when given: then None."""
+    try:
+        return _is_dicom_series(folder)
+    except UserError as err:
+        if on_bad_series is None:
+            raise
+        on_bad_series(folder, err)
+        return None
+
+
+def _scans_in(item: Path, on_bad_series: Callable[[Path, UserError], None] | None = None) -> list[tuple[Path, Path]]:
     """``(scan, path its mask is named after)`` of one input: a NIfTI, NRRD or MetaImage file, a
     DICOM series folder, the NIfTI/NRRD/MetaImage files of a folder, or else the DICOM series in
     its subfolders (an export, PATIENT/STUDY/SERIES), each named by its path below ``item``
-    joined with ``_`` so that namesakes stay apart."""
+    joined with ``_`` so that namesakes stay apart.
+
+    ``on_bad_series`` (a cohort run): called with a DICOM folder whose series is broken, which
+    is then left out, instead of the UserError stopping everything.
+    """
     if not item.exists():
         raise UserError(
             f"{item}: not found; pass NIfTI, NRRD or MetaImage files, folders of them, or DICOM series folders."
@@ -190,25 +209,29 @@ def _scans_in(item: Path) -> list[tuple[Path, Path]]:
         if is_itk_file(item):  # SimpleITK aborts the process on a file name that is not UTF-8
             refuse_non_utf8(item)
         return [(item, item)]
-    if _is_dicom_series(item):
-        return [(item, item)]
+    state = _series_or_bad(item, on_bad_series)
+    if state is not False:
+        return [(item, item)] if state else []
     found = nifti_files(item, SCAN_SUFFIXES)
     if found:
         return [(scan, scan) for scan in found]
-    series = [folder for folder in find_series(item) if _is_dicom_series(folder)]
-    if not series:
+    states = {folder: _series_or_bad(folder, on_bad_series) for folder in find_series(item)}
+    series = [folder for folder, state in states.items() if state]
+    if all(state is False for state in states.values()):  # also when there is no candidate
         raise UserError(
             f"{item}: no NIfTI, NRRD or MetaImage files and no DICOM series in this folder or its subfolders."
         )
     return [(folder, Path("_".join(folder.relative_to(item).parts))) for folder in series]
 
 
-def expand_named_inputs(inputs: Sequence[str | os.PathLike]) -> list[tuple[Path, Path]]:
+def expand_named_inputs(
+    inputs: Sequence[str | os.PathLike], on_bad_series: Callable[[Path, UserError], None] | None = None
+) -> list[tuple[Path, Path]]:
     """``(scan, path its mask is named after)`` of every scan named by ``inputs`` (see
-    :func:`expand_inputs`)."""
-    named = [pair for item in map(Path, inputs) for pair in _scans_in(item)]
-    if not named:
+    :func:`expand_inputs`; ``on_bad_series``: see :func:`_scans_in`)."""
+    if not inputs:
         raise UserError("no input scans given.")
+    named = [pair for item in map(Path, inputs) for pair in _scans_in(item, on_bad_series)]
     seen: set[Path] = set()
     unique = []
     for scan, name in named:  # a file given twice, or by name and through its folder, is one scan
@@ -301,40 +324,24 @@ def _list_failure(
     failures: list[dict], scan: Path, err: UserError, counter: str, progress: Callable[[str], None] | None
 ) -> None:
     """Append ``scan``'s failure to ``failures``: its input and the error's one line, without
-    the leading ``<scan>: `` that the input column already says."""
-    reason = str(err).removeprefix(f"{scan}: ")
-    failures.append({"input": str(scan), "reason": reason})
+    the leading ``<scan>: `` that the input column already says (bytes of a name that are not
+    UTF-8 as ``\\xNN``, as in ``volumes.csv``)."""
+    reason = path_text(str(err).removeprefix(f"{scan}: "))
+    failures.append({"input": path_text(scan), "reason": reason})
     if progress:
-        progress(f"{counter} {scan.name}: failed: {reason}")
+        progress(f"{counter} {path_text(scan.name)}: failed: {reason}")
 
 
-def _holds_dicom(item: Path) -> bool:
-    """True for a folder that holds DICOM files (one series or several), probed by GDCM."""
-    if not item.is_dir():
-        return False
-    try:
-        return gdcm_series_files(item) is not None
-    except UserError:  # several series: DICOM all the same
-        return True
-
-
-def _cohort_inputs(
-    inputs: Sequence[str | os.PathLike], failures: list[dict], progress: Callable[[str], None] | None
-) -> list[tuple[Path, Path]]:
+def _cohort_inputs(inputs: Sequence[str | os.PathLike], failures: list[dict]) -> list[tuple[Path, Path]]:
     """:func:`expand_named_inputs` for ``continue_on_error``: a folder of DICOM files whose series
-    is broken (a missing slice, two series) is appended to ``failures`` like a scan that fails to
-    read; any other error (a path not found, a file of another type) stops everything."""
-    kept = []
-    for item in map(Path, inputs):
-        try:
-            expand_named_inputs([item])
-        except UserError as err:
-            if not _holds_dicom(item):
-                raise
-            _list_failure(failures, item, err, "[inputs]", progress)
-            continue
-        kept.append(item)
-    return expand_named_inputs(kept) if kept else []
+    is broken (a missing slice, two series), also one series of an export, is appended to
+    ``failures`` like a scan that fails to read; any other error (a path not found, a file of
+    another type) stops everything."""
+
+    def list_bad_series(folder: Path, err: UserError) -> None:
+        _list_failure(failures, folder, err, "[inputs]", None)  # printed once the run starts
+
+    return expand_named_inputs(inputs, on_bad_series=list_bad_series)
 
 
 def infer(
@@ -385,12 +392,13 @@ def infer(
     """
     check_mask_format(mask_format)
     failures: list[dict] = []  # with continue_on_error: scans that failed, listed or segmented
-    named_scans = _cohort_inputs(inputs, failures, progress) if continue_on_error else expand_named_inputs(inputs)
+    named_scans = _cohort_inputs(inputs, failures) if continue_on_error else expand_named_inputs(inputs)
     scans = [scan for scan, _ in named_scans]
     out = Path(out_dir)
     targets = [out / mask_name(name, mask_suffix(scan, mask_format)) for scan, name in named_scans]
     _refuse_namesakes(scans, targets)
-    refuse_outputs_over_inputs(out, scans, targets)
+    # the inputs as given too: a broken series left out by continue_on_error is still an input
+    refuse_outputs_over_inputs(out, [*scans, *map(Path, inputs)], targets)
     tables = ["volumes.csv", "volumes.json", *(["failures.csv", "failures.json"] if continue_on_error else [])]
     # one run at a time into `out`, from the existence checks to the last rename
     with output_lock(out, "medfcn infer", "--out"):
@@ -477,6 +485,8 @@ def _segment_all(
     succeeded (or, with ``continue_on_error``, been tried), so a bad scan in the middle of a
     batch leaves no partial output behind.
     """
+    for failure in rows.failures if progress else ():  # inputs left out while they were listed
+        progress(f"[inputs] {Path(failure['input']).name}: failed: {failure['reason']}")
     with contextlib.ExitStack() as stack:
         for k, (scan, target) in enumerate(zip(scans, targets, strict=True), start=1):
             try:

@@ -430,8 +430,7 @@ def train(
                 workflow.initialize()
                 # after the set-up: a resume failing there keeps its record
                 _write_run_settings(Path(out), parser, recorded)
-                source = f"training cases of fold {fold_k} of {split}, {data}"
-                write_run_profile(out, train_list, parser.get_parsed_content("class_names"), source)  # for package
+                _write_profile(out, parser, train_list, f"training cases of fold {fold_k} of {split}, {data}", resume)
                 workflow.run()
                 workflow.finalize()
         except BaseException:
@@ -439,6 +438,14 @@ def train(
                 _forget_failed_run(Path(out))
             raise
     return Path(out)
+
+
+def _write_profile(out: str | os.PathLike, parser: ConfigParser, cases: list[dict], source: str, resume: bool) -> None:
+    """Record the profile of the cases the run trains on (``max_cases`` applied, as the config's
+    datalists do) for ``medfcn package``; a new run replaces one a failed run left behind."""
+    max_cases = parser.get_parsed_content("max_cases", default=None)
+    trained = cases[:max_cases] if max_cases else cases
+    write_run_profile(out, trained, parser.get_parsed_content("class_names"), source, replace=not resume)
 
 
 def _forget_failed_run(out: Path) -> None:

@@ -42,7 +42,14 @@ from pydicom.uid import UID
 from medfcn.data.readers import quiet_itk
 from medfcn.errors import InputWarning, UserError
 
-__all__ = ["DECODABLE_TRANSFER_SYNTAXES", "MIN_SLICES", "TOLERANCE_VOXELS", "series_files", "find_series"]
+__all__ = [
+    "DECODABLE_TRANSFER_SYNTAXES",
+    "MIN_SLICES",
+    "TOLERANCE_VOXELS",
+    "series_files",
+    "find_series",
+    "looks_like_dicom",
+]
 
 # What GDCM 3.0 (inside SimpleITK 2.x) decodes: uncompressed, deflated, JPEG (baseline,
 # extended, lossless), JPEG-LS, JPEG 2000 and RLE. Not High-Throughput JPEG 2000 (.4.201-203),
@@ -342,7 +349,7 @@ def gdcm_series_files(folder: str | os.PathLike) -> list[str] | None:
     return list(files) or None
 
 
-def _looks_like_dicom(folder: Path, probe: int = 8) -> bool:
+def looks_like_dicom(folder: Path, probe: int = 8) -> bool:
     """True when one of the first ``probe`` files of ``folder`` is named ``*.dcm`` or starts
     like a DICOM file (``DICM`` after the 128-byte preamble); a cheap test before GDCM parses
     the folder."""
@@ -370,11 +377,11 @@ def find_series(root: str | os.PathLike) -> list[Path]:
     for series folders, for :func:`gdcm_series_files` to probe.
 
     Hidden folders are skipped, links to folders are not followed, and only the first few
-    files of a folder are opened (:func:`_looks_like_dicom`), so a large tree costs little;
+    files of a folder are opened (:func:`looks_like_dicom`), so a large tree costs little;
     GDCM, which parses every file it is shown, probes the candidates only.
     """
     found = []
     for parent, folders, _ in os.walk(root):
         folders[:] = sorted(f for f in folders if not f.startswith("."))
-        found.extend(Path(parent) / name for name in folders if _looks_like_dicom(Path(parent) / name))
+        found.extend(Path(parent) / name for name in folders if looks_like_dicom(Path(parent) / name))
     return sorted(found)

@@ -126,12 +126,13 @@ RUN_PROFILE = "training_data.json"  # a run's profile, beside its medfcn_run.jso
 
 
 def write_run_profile(
-    run_dir: str | os.PathLike, cases: Sequence[dict], class_names: Sequence[str], source: str
+    run_dir: str | os.PathLike, cases: Sequence[dict], class_names: Sequence[str], source: str, replace: bool = True
 ) -> None:
-    """Store the profile of a run's training ``cases`` in ``run_dir/training_data.json`` (once:
-    a resume trains on the same cases), for ``medfcn package`` to put in the bundle."""
+    """Store the profile of a run's training ``cases`` in ``run_dir/training_data.json``, for
+    ``medfcn package`` to put in the bundle. ``replace=False`` (a resume, which trains on the
+    same cases) keeps a profile already there instead of reading the data again."""
     target = Path(run_dir) / RUN_PROFILE
-    if not target.is_file():
+    if replace or not target.is_file():
         text = json.dumps(training_profile(cases, class_names, source=source), indent=1)
         atomic_write_text(text + "\n", target)
 
@@ -153,12 +154,16 @@ def bundle_profile(meta_file: str | os.PathLike) -> dict | None:
     profile = meta.get(PROFILE_KEY) if isinstance(meta, dict) else None
     if profile is None:
         return None
-    try:
+    try:  # everything unlike_training and its warning read
+        int(profile["cases"])
         for key in ("field_of_view_mm", "voxel_size_mm"):
             np.asarray([profile[key]["min"], profile[key]["max"]], dtype=float).reshape(2, 3)
-        for limits in profile.get("volume_mm3", {}).values():
+        volumes = profile.get("volume_mm3", {})
+        if not isinstance(volumes, dict):
+            raise TypeError(f"volume_mm3 is a {type(volumes).__name__}, not a mapping of class names")
+        for limits in volumes.values():
             float(limits["min"]), float(limits["max"])
-    except (TypeError, KeyError, ValueError) as err:
+    except (TypeError, KeyError, ValueError, AttributeError) as err:
         raise UserError(
             f"{meta_file}: {PROFILE_KEY} is malformed ({type(err).__name__}: {err}); "
             "remove the entry or write it again with python -m medfcn.data.profile."
