@@ -86,8 +86,7 @@ class Segmenter:
         num_classes = len(self.class_names) + 1
         nifti = None
         if is_nifti(path):  # nibabel would read a damaged .nii.gz, or a singular affine, without complaint
-            check_gzip_integrity(path)
-            nifti = check_nifti_geometry(path)
+            nifti = check_nifti_geometry(path, check_gzip_integrity(path))
         check_memory_from_header(path, self.in_channels, self.pixdim, num_classes)  # before reading voxels
         try:  # loading alone first, so the scan can be checked before any resampling
             data = self.preprocessing({"image": str(path)}, end=1)
