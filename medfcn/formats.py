@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ __all__ = [
     "MASK_FORMATS",
     "ScanGrid",
     "check_mask_format",
+    "check_metaimage_data",
     "check_memory_from_header",
     "mask_suffix",
     "scan_grid",
@@ -50,6 +52,76 @@ _MASK_SUFFIX = {"nifti": ".nii.gz", "nrrd": ".nrrd", "mha": ".mha"}
 _INPUT_FORMAT = {".nrrd": "nrrd", ".nhdr": "nrrd", ".mha": "mha", ".mhd": "mha"}
 _LPS = np.diag([-1.0, -1.0, 1.0])  # RAS <-> LPS: the sign of the first two world axes
 _NIFTI_UNIT_MM = {"meter": 1000.0, "mm": 1.0, "micron": 0.001, "unknown": 1.0}
+
+
+# bytes per value of MetaImage's element types (MetaIO's own table; MET_LONG is 4 bytes there)
+_MET_BYTES = {"MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4, "MET_UINT": 4}
+_MET_BYTES |= {"MET_LONG": 4, "MET_ULONG": 4, "MET_LONG_LONG": 8, "MET_ULONG_LONG": 8, "MET_FLOAT": 4, "MET_DOUBLE": 8}
+_CHUNK_BYTES = 1 << 20
+
+
+def _metaimage_header(path: Path) -> tuple[dict[str, str], int]:
+    """The ``Key = Value`` fields of a MetaImage header and the byte where its data starts
+    (after the ``ElementDataFile`` line, the header's last)."""
+    fields: dict[str, str] = {}
+    with open(path, "rb") as stream:
+        for raw in iter(stream.readline, b""):
+            key, _, value = raw.decode("latin-1").partition("=")
+            fields[key.strip()] = value.strip()
+            if key.strip() == "ElementDataFile":
+                break
+        return fields, stream.tell()
+
+
+def _stream_bytes(path: Path, start: int, compressed: bool) -> int:
+    """Bytes of the data from ``start`` in ``path``, decompressed (zlib, its checksum checked)
+    when ``compressed``; counted in chunks, so memory stays flat."""
+    inflate = zlib.decompressobj(wbits=32 + zlib.MAX_WBITS)  # zlib or gzip wrapping, as MetaIO reads
+    size = 0
+    with open(path, "rb") as stream:
+        stream.seek(start)
+        while chunk := stream.read(_CHUNK_BYTES):
+            size += len(inflate.decompress(chunk)) if compressed else len(chunk)
+    if compressed and not inflate.eof:
+        raise EOFError("the compressed stream ends early: the file is truncated")
+    return size
+
+
+def check_metaimage_data(path: str | os.PathLike) -> None:
+    """Check a MetaImage file's voxel data against its header before SimpleITK reads it:
+    SimpleITK reads a compressed stream with a flipped bit, and a ``DimSize`` smaller than the
+    data, without complaint (a wrong mask, exit 0), and calls a truncated file "No such file".
+    Headers this cannot follow (a list of data files, ``HeaderSize``, an unknown element type)
+    are left to SimpleITK.
+
+    Raises:
+        UserError: corrupt compressed data, or data of another size than the header makes.
+    """
+    path = Path(path)
+    fields, start = _metaimage_header(path)
+    name, element = fields.get("ElementDataFile", ""), fields.get("ElementType", "")
+    if not name or element not in _MET_BYTES or "HeaderSize" in fields or " " in name or "%" in name:
+        return
+    data, start = (path, start) if name == "LOCAL" else (path.parent / name, 0)
+    if not data.is_file():
+        raise UserError(f"{path}: its data file {data} is missing; put it beside the header, as ElementDataFile says.")
+    shape = [int(v) for v in fields.get("DimSize", "0").split()]
+    channels = int(fields.get("ElementNumberOfChannels", "1"))
+    need = int(np.prod(shape, dtype=np.int64)) * channels * _MET_BYTES[element]
+    try:
+        size = _stream_bytes(data, start, fields.get("CompressedData", "False").lower() == "true")
+    except EOFError as err:
+        raise UserError(f"{path}: is corrupt ({err}); re-copy or re-export it.") from err
+    except zlib.error as err:
+        raise UserError(
+            f"{path}: is corrupt (zlib: {err}: the compressed data is damaged); re-copy or re-export it."
+        ) from err
+    if size != need:
+        raise UserError(
+            f"{path}: holds {size} bytes of voxel data, but its header (DimSize {fields['DimSize']}, {element}, "
+            f"{channels} channel(s)) makes {need}: DimSize does not match the data (or the file is truncated); "
+            "fix the header or re-export it."
+        )
 
 
 def is_itk_file(path: str | os.PathLike) -> bool:

@@ -32,7 +32,14 @@ import torch
 from medfcn.data.checks import check_scan, warn_if_label_map
 from medfcn.data.datasets import case_id
 from medfcn.data.dicom import find_series, gdcm_series_files, series_files
-from medfcn.data.nifti import check_gzip_integrity, check_nifti_geometry, is_nifti, mask_like_scan, use_file_affine
+from medfcn.data.nifti import (
+    check_gzip_integrity,
+    check_nifti_data_size,
+    check_nifti_geometry,
+    is_nifti,
+    mask_like_scan,
+    use_file_affine,
+)
 from medfcn.data.profile import bundle_profile, warn_if_unlike_training
 from medfcn.devices import check_device, device_expression
 from medfcn.errors import UserError, collected_input_warnings, root_message
@@ -40,6 +47,7 @@ from medfcn.formats import (
     SCAN_SUFFIXES,
     check_mask_format,
     check_memory_from_header,
+    check_metaimage_data,
     is_itk_file,
     mask_suffix,
     stage_itk_mask,
@@ -86,8 +94,13 @@ class Segmenter:
         num_classes = len(self.class_names) + 1
         nifti = None
         if is_nifti(path):  # nibabel would read a damaged .nii.gz, or a singular affine, without complaint
-            nifti = check_nifti_geometry(path, check_gzip_integrity(path))
+            data_bytes = check_gzip_integrity(path)
+            nifti = check_nifti_geometry(path)
         check_memory_from_header(path, self.in_channels, self.pixdim, num_classes)  # before reading voxels
+        if nifti is not None:  # dim fields that do not match the data: nibabel reads rows shifted
+            check_nifti_data_size(path, nifti, data_bytes)
+        elif str(path).lower().endswith((".mha", ".mhd")):  # SimpleITK reads damaged data silently
+            check_metaimage_data(path)
         try:  # loading alone first, so the scan can be checked before any resampling
             data = self.preprocessing({"image": str(path)}, end=1)
         except Exception as err:

@@ -237,3 +237,65 @@ def test_negative_label_to_score_is_refused(tmp_path):
     result = run("evaluate", tmp_path / "pred", tmp_path / "ref", "--labels", "-1", "--out", tmp_path / "o")
     assert_user_error(result, "--labels -1: label values are 0 (background) and positive whole numbers")
     assert not (tmp_path / "o").exists()
+
+
+# --- MetaImage data checked against its header (SimpleITK reads damage silently) ---
+
+
+def _metaimage(tmp_path, name, compressed):
+    """A 20 x 24 x 18 float32 MetaImage written by SimpleITK."""
+    import SimpleITK as sitk
+
+    data = np.random.default_rng(0).random((18, 24, 20)).astype(np.float32)  # [z, y, x]
+    path = tmp_path / name
+    sitk.WriteImage(sitk.GetImageFromArray(data), str(path), compressed)
+    return path
+
+
+def _metaimage_refused(path, *fragments):
+    from medfcn.formats import check_metaimage_data
+
+    with pytest.raises(UserError) as err:
+        check_metaimage_data(path)
+    for fragment in fragments:
+        assert fragment in str(err.value), (fragment, str(err.value))
+
+
+def test_flipped_bit_in_a_compressed_metaimage_is_refused(tmp_path):
+    """One flipped bit in a compressed .mha: SimpleITK read it without complaint and the scan
+    was segmented with volumes off by half (exit 0)."""
+    path = _metaimage(tmp_path, "scan.mha", compressed=True)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+    assert_user_error(
+        run("infer", BUNDLE, path, "--out", tmp_path / "o"), "scan.mha: is corrupt (zlib: ", "re-copy or re-export"
+    )
+    assert not (tmp_path / "o" / "scan.nii.gz").exists()
+
+
+def test_truncated_compressed_metaimage_is_refused(tmp_path):
+    path = _metaimage(tmp_path, "scan.mha", compressed=True)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size * 2 // 3])
+    _metaimage_refused(path, "is corrupt (the compressed stream ends early: the file is truncated)")
+
+
+def test_metaimage_dimsize_not_matching_its_data_is_refused(tmp_path):
+    """DimSize 16 24 18 over a 20 x 24 x 18 .raw: read silently with every row shifted, exit 0
+    (a larger DimSize, or a truncated .raw, was SimpleITK's "No such file or directory")."""
+    header = _metaimage(tmp_path, "scan.mhd", compressed=False)
+    header.write_text(header.read_text().replace("DimSize = 20 24 18", "DimSize = 16 24 18"))
+    _metaimage_refused(header, "holds 34560 bytes of voxel data", "(DimSize 16 24 18, MET_FLOAT, 1 channel(s)) makes")
+
+
+def test_metaimage_with_missing_data_file_is_refused(tmp_path):
+    header = _metaimage(tmp_path, "scan.mhd", compressed=False)
+    (tmp_path / "scan.raw").unlink()
+    _metaimage_refused(header, "its data file", "scan.raw is missing")
+
+
+@pytest.mark.parametrize(("name", "compressed"), [("a.mha", True), ("b.mha", False), ("c.mhd", True), ("d.mhd", False)])
+def test_good_metaimages_pass_the_data_check(tmp_path, name, compressed):
+    from medfcn.formats import check_metaimage_data
+
+    check_metaimage_data(_metaimage(tmp_path, name, compressed))

@@ -29,6 +29,7 @@ from medfcn.errors import InputWarning, UserError, root_message
 
 __all__ = [
     "check_gzip_integrity",
+    "check_nifti_data_size",
     "check_nifti_geometry",
     "is_nifti",
     "mask_like_scan",
@@ -185,12 +186,9 @@ def _refuse_non_finite(path: str | os.PathLike, name: str, affine: np.ndarray) -
         )
 
 
-def _refuse_odd_data(path: str | os.PathLike, image: nib.Nifti1Image, header: nib.Nifti1Header, data_bytes) -> None:
-    """UserError for a header whose ``dim[0]`` is no dimension count (1 to 7), whose datatype is
-    no real number (complex, RGB), or whose ``dim`` fields do not match the voxel data's size:
-    nibabel reads an excess silently, with every row shifted (``data_bytes``: the bytes of the
-    file, decompressed; not checked when None). The voxels start where nibabel reads them
-    (``vox_offset``, or 352 where a single file says 0)."""
+def _refuse_odd_data(path: str | os.PathLike, header: nib.Nifti1Header) -> None:
+    """UserError for a header whose ``dim[0]`` is no dimension count (1 to 7), or whose datatype
+    is no real number (complex, RGB)."""
     ndim = int(header["dim"][0])
     if not 1 <= ndim <= 7:
         raise UserError(f"{path}: its dim[0] is {ndim}, not a number of dimensions (1 to 7); fix the header.")
@@ -200,10 +198,23 @@ def _refuse_odd_data(path: str | os.PathLike, image: nib.Nifti1Image, header: ni
             f"{path}: its voxels are {dtype.name if dtype.fields is None else 'RGB/RGBA'} (NIfTI datatype "
             f"{int(header['datatype'])}), not real numbers; save the scan as grey values (e.g. float32 magnitude)."
         )
-    shape = tuple(int(n) for n in header["dim"][1 : ndim + 1])
+
+
+def check_nifti_data_size(path: str | os.PathLike, image: nib.Nifti1Image, data_bytes: int) -> None:
+    """UserError when the ``dim`` fields (and ``vox_offset``) of ``image``, loaded from ``path``,
+    do not match its voxel data's size: nibabel reads an excess silently, with every row shifted.
+
+    Args:
+        data_bytes: the bytes of the file, decompressed (:func:`check_gzip_integrity` returns it).
+            The voxels start where nibabel reads them (``vox_offset``, or 352 where a single file
+            says 0).
+    """
+    header = image.header
+    dtype = header.get_data_dtype()
+    shape = tuple(int(n) for n in header["dim"][1 : int(header["dim"][0]) + 1])
     offset = int(image.dataobj.offset)
     need = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if data_bytes is not None and data_bytes != need and min(shape) > 0:
+    if data_bytes != need and min(shape, default=0) > 0:
         dims = " x ".join(map(str, shape))
         raise UserError(
             f"{path}: holds {data_bytes} bytes, but its header (dim {dims}, {dtype.name}, data at byte {offset}) "
@@ -259,7 +270,8 @@ def check_nifti_geometry(path: str | os.PathLike, data_bytes: int | None = None)
     """Check a NIfTI scan's header before it is segmented; return the (lazily) loaded image.
 
     ``data_bytes``: the file's size, decompressed (:func:`check_gzip_integrity` returns it), to
-    check against the header's ``dim`` fields; not checked when None.
+    check against the header's ``dim`` fields (:func:`check_nifti_data_size`); not checked when
+    None (``medfcn infer`` checks it after the memory guard, which needs the header alone).
 
     Raises:
         UserError: the file is no NIfTI image; a qform, sform or pixdim affine that a reader may
@@ -271,7 +283,9 @@ def check_nifti_geometry(path: str | os.PathLike, data_bytes: int | None = None)
     naming the axes and voxel size assumed.
     """
     image, stored = _load_header(path)
-    _refuse_odd_data(path, image, stored, data_bytes)
+    _refuse_odd_data(path, stored)
+    if data_bytes is not None:
+        check_nifti_data_size(path, image, data_bytes)
     affines = _coded_affines(stored)
     for name, affine in affines.items():
         _refuse_non_finite(path, name, affine)
