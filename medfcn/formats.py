@@ -37,6 +37,7 @@ __all__ = [
     "ScanGrid",
     "check_mask_format",
     "check_metaimage_data",
+    "itk_read_reason",
     "check_memory_from_header",
     "mask_suffix",
     "scan_grid",
@@ -122,6 +123,23 @@ def check_metaimage_data(path: str | os.PathLike) -> None:
             f"{channels} channel(s)) makes {need}: DimSize does not match the data (or the file is truncated); "
             "fix the header or re-export it."
         )
+
+
+def itk_read_reason(path: str | os.PathLike) -> str | None:
+    """Why SimpleITK cannot read the NRRD or MetaImage file ``path``, in one line (the ITK or
+    NRRD library's own last words), or None when it reads it. MONAI's loader hides the reason
+    behind "cannot find a suitable reader"; this reads the file again, only once it failed."""
+    from medfcn.data.dicom import quiet_fds  # MetaIO prints its complaints straight to stderr
+
+    try:
+        with quiet_itk(), quiet_fds():
+            sitk.ReadImage(str(path))
+    except RuntimeError as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        itk = [line.split("): ", 1)[-1] for line in lines if "ITK ERROR:" in line]
+        nrrd = [line.split(": ", 1)[-1] for line in lines if line.startswith("[nrrd]")]
+        return (nrrd[-1:] or itk[:1] or lines[-1:] or ["unreadable"])[0][:300]
+    return None
 
 
 def is_itk_file(path: str | os.PathLike) -> bool:

@@ -49,6 +49,7 @@ from medfcn.formats import (
     check_memory_from_header,
     check_metaimage_data,
     is_itk_file,
+    itk_read_reason,
     mask_suffix,
     stage_itk_mask,
 )
@@ -104,7 +105,8 @@ class Segmenter:
         try:  # loading alone first, so the scan can be checked before any resampling
             data = self.preprocessing({"image": str(path)}, end=1)
         except Exception as err:
-            raise UserError(f"{path}: cannot be read as an image ({root_message(err)}).") from err
+            reason = (is_itk_file(path) and itk_read_reason(path)) or root_message(err)  # not MONAI's "no reader"
+            raise UserError(f"{path}: cannot be read as an image ({reason}).") from err
         if nifti is not None:  # the file's own affine, in mm whatever its spatial units
             use_file_affine(data["image"], nifti)
         check_scan(data["image"], path, self.in_channels, self.pixdim, self.slice_axis, num_classes)

@@ -299,3 +299,21 @@ def test_good_metaimages_pass_the_data_check(tmp_path, name, compressed):
     from medfcn.formats import check_metaimage_data
 
     check_metaimage_data(_metaimage(tmp_path, name, compressed))
+
+
+@pytest.mark.parametrize(
+    ("edit", "reason"),
+    [
+        (("ElementSpacing = 1 1 1", "ElementSpacing = 0 1 1"), "Zero-valued spacing is not supported"),
+        (("TransformMatrix = 1 0 0 0 1 0 0 0 1", "TransformMatrix = 0 0 0 0 0 0 0 0 0"), "determinant is 0"),
+    ],
+)
+def test_unreadable_metaimage_header_names_the_readers_reason(tmp_path, edit, reason):
+    """SimpleITK refuses the header; the line said only MONAI's "LoadImage cannot find a suitable
+    reader for file", never why."""
+    header = _metaimage(tmp_path, "scan.mhd", compressed=False)
+    header.write_text(header.read_text().replace(*edit))
+    line = assert_user_error(
+        run("infer", BUNDLE, header, "--out", tmp_path / "o"), "scan.mhd: cannot be read as an image ("
+    )
+    assert reason in line and "suitable reader" not in line, line
