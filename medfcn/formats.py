@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ import SimpleITK as sitk
 
 from medfcn.data.checks import check_memory
 from medfcn.data.readers import quiet_itk, sitk_affine_ras
-from medfcn.errors import UserError
+from medfcn.errors import InputWarning, UserError
 from medfcn.io import NIFTI_SUFFIXES, atomic_path
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "ScanGrid",
     "check_mask_format",
     "check_metaimage_data",
+    "check_nrrd_data",
     "itk_read_reason",
     "check_memory_from_header",
     "mask_suffix",
@@ -122,6 +124,76 @@ def check_metaimage_data(path: str | os.PathLike) -> None:
             f"{path}: holds {size} bytes of voxel data, but its header (DimSize {fields['DimSize']}, {element}, "
             f"{channels} channel(s)) makes {need}: DimSize does not match the data (or the file is truncated); "
             "fix the header or re-export it."
+        )
+
+
+def _nrrd_type_bytes(name: str) -> int | None:
+    """Bytes per value of an NRRD ``type`` (any of teem's spellings), None if unknown."""
+    words = name.lower().replace("_t", "").split()
+    base = words[-1] if words else ""
+    if base in ("float", "double"):
+        return {"float": 4, "double": 8}[base]
+    sizes = {"char": 1, "int8": 1, "uchar": 1, "uint8": 1, "short": 2, "int16": 2, "ushort": 2, "uint16": 2}
+    sizes |= {"int": 4, "int32": 4, "uint": 4, "uint32": 4, "int64": 8, "uint64": 8, "longlong": 8, "ulonglong": 8}
+    if base == "int" and "long" in words or base == "long":  # "long long (int)"
+        return 8
+    if base == "int" and "short" in words:  # "short int", "unsigned short int"
+        return 2
+    return sizes.get(base)
+
+
+def _nrrd_header(path: Path) -> tuple[dict[str, str], int]:
+    """The ``field: value`` lines of an NRRD header and the byte where its data starts (after
+    the blank line ending an attached header)."""
+    fields: dict[str, str] = {}
+    with open(path, "rb") as stream:
+        for raw in iter(stream.readline, b""):
+            line = raw.decode("latin-1").rstrip("\r\n")
+            if not line:
+                break
+            key, sep, value = line.partition(":")
+            if sep and not line.startswith("#") and not value.startswith("="):  # key:=value is metadata
+                fields[key.strip().lower()] = value.strip()
+        return fields, stream.tell()
+
+
+def check_nrrd_data(path: str | os.PathLike) -> None:
+    """Check a raw-encoded NRRD file's voxel data size against its ``sizes`` and ``type`` before
+    SimpleITK reads it, which reads a larger data file silently (rows shifted: a wrong mask, exit
+    0). Compressed encodings are checked by their decoder; a list of data files, ``line skip`` or
+    ``byte skip`` are left to SimpleITK.
+
+    Raises:
+        UserError: data of another size than the header makes, or a missing data file.
+
+    Warns (:class:`~medfcn.errors.InputWarning`): no ``space``, ``space dimension`` or ``space
+    directions`` field: the orientation is unknown, and ITK assumes one.
+    """
+    path = Path(path)
+    fields, start = _nrrd_header(path)
+    if not {"space", "space dimension", "space directions"} & fields.keys():
+        warnings.warn(
+            InputWarning(
+                f"{path}: has no space, space dimension or space directions field, so its orientation is unknown; "
+                "assumed L, P, S along its voxel axes and origin 0 (as ITK reads it); the mask has the same geometry."
+            ),
+            stacklevel=2,
+        )
+    name = fields.get("data file", fields.get("datafile"))
+    item = _nrrd_type_bytes(fields.get("type", ""))
+    skipped = any(fields.get(k, "0") != "0" for k in ("line skip", "byte skip", "lineskip", "byteskip"))
+    if fields.get("encoding") != "raw" or item is None or skipped or (name and (" " in name or "%" in name)):
+        return
+    data, start = (path, start) if not name else (path.parent / name, 0)
+    if not data.is_file():
+        raise UserError(f"{path}: its data file {data} is missing; put it beside the header, as 'data file' says.")
+    sizes = fields.get("sizes", "0")
+    need = int(np.prod([int(v) for v in sizes.split()], dtype=np.int64)) * item
+    size = data.stat().st_size - start
+    if size != need:
+        raise UserError(
+            f"{path}: holds {size} bytes of voxel data, but its header (sizes {sizes}, {fields['type']}) makes "
+            f"{need}: sizes does not match the data (or the file is truncated); fix the header or re-export it."
         )
 
 

@@ -48,6 +48,7 @@ from medfcn.formats import (
     check_mask_format,
     check_memory_from_header,
     check_metaimage_data,
+    check_nrrd_data,
     is_itk_file,
     itk_read_reason,
     mask_suffix,
@@ -102,6 +103,8 @@ class Segmenter:
             check_nifti_data_size(path, nifti, data_bytes)
         elif str(path).lower().endswith((".mha", ".mhd")):  # SimpleITK reads damaged data silently
             check_metaimage_data(path)
+        elif str(path).lower().endswith((".nrrd", ".nhdr")):  # and a larger raw data file
+            check_nrrd_data(path)
         try:  # loading alone first, so the scan can be checked before any resampling
             data = self.preprocessing({"image": str(path)}, end=1)
         except Exception as err:

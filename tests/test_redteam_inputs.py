@@ -317,3 +317,43 @@ def test_unreadable_metaimage_header_names_the_readers_reason(tmp_path, edit, re
         run("infer", BUNDLE, header, "--out", tmp_path / "o"), "scan.mhd: cannot be read as an image ("
     )
     assert reason in line and "suitable reader" not in line, line
+
+
+# --- raw NRRD data checked against its header; an NRRD without a space warns ---
+
+
+def _nrrd(tmp_path, name, compressed=False):
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(np.random.default_rng(0).random((18, 24, 20)).astype(np.float32))
+    path = tmp_path / name
+    sitk.WriteImage(image, str(path), compressed)
+    return path
+
+
+def test_nrrd_sizes_not_matching_its_raw_data_are_refused(tmp_path):
+    """sizes 16 24 18 over a 20 x 24 x 18 raw file: read silently, rows shifted, exit 0."""
+    from medfcn.formats import check_nrrd_data
+
+    header = _nrrd(tmp_path, "scan.nhdr")
+    header.write_text(header.read_text().replace("sizes: 20 24 18", "sizes: 16 24 18"))
+    with pytest.raises(UserError, match=r"holds 34560 bytes of voxel data, but its header \(sizes 16 24 18, float\)"):
+        check_nrrd_data(header)
+
+
+@pytest.mark.parametrize(("name", "compressed"), [("a.nrrd", False), ("b.nrrd", True), ("c.nhdr", False)])
+def test_good_nrrds_pass_the_data_check(tmp_path, name, compressed):
+    from medfcn.formats import check_nrrd_data
+
+    check_nrrd_data(_nrrd(tmp_path, name, compressed))
+
+
+def test_nrrd_without_space_warns_that_its_orientation_is_assumed(tmp_path):
+    """No space / space directions / space origin: segmented on ITK's identity axes, silently."""
+    header = _nrrd(tmp_path, "scan.nhdr")
+    lines = [line for line in header.read_text().splitlines() if not line.startswith("space")]
+    header.write_text("\n".join(lines) + "\n")
+    result = run("infer", BUNDLE, header, "--out", tmp_path / "o")
+    assert result.exit_code == 0, result.output
+    assert "medfcn: warning: " in result.output and "has no space, space dimension or space directions" in result.output
+    assert "so its orientation is unknown" in (tmp_path / "o" / "volumes.csv").read_text()
