@@ -357,3 +357,9 @@ def test_nrrd_without_space_warns_that_its_orientation_is_assumed(tmp_path):
     assert result.exit_code == 0, result.output
     assert "medfcn: warning: " in result.output and "has no space, space dimension or space directions" in result.output
     assert "so its orientation is unknown" in (tmp_path / "o" / "volumes.csv").read_text()
+
+
+def test_negative_dim_is_refused(tmp_path):
+    """dim[2] = -24: nibabel's "OverflowError: memory mapped length must be positive"."""
+    path = _patch(_scan(tmp_path, "scan.nii"), {DIM + 4: ("<h", -24)}, "neg.nii")
+    _refused(path, "its dim fields [20, -24, 18] hold a negative size")

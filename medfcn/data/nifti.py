@@ -187,11 +187,14 @@ def _refuse_non_finite(path: str | os.PathLike, name: str, affine: np.ndarray) -
 
 
 def _refuse_odd_data(path: str | os.PathLike, header: nib.Nifti1Header) -> None:
-    """UserError for a header whose ``dim[0]`` is no dimension count (1 to 7), or whose datatype
-    is no real number (complex, RGB)."""
+    """UserError for a header whose ``dim[0]`` is no dimension count (1 to 7), whose sizes
+    (``dim[1:]``) are negative, or whose datatype is no real number (complex, RGB)."""
     ndim = int(header["dim"][0])
     if not 1 <= ndim <= 7:
         raise UserError(f"{path}: its dim[0] is {ndim}, not a number of dimensions (1 to 7); fix the header.")
+    sizes = [int(n) for n in header["dim"][1 : ndim + 1]]
+    if min(sizes) < 0:  # nibabel: "memory mapped length must be positive", or a negative reshape
+        raise UserError(f"{path}: its dim fields {sizes} hold a negative size; fix the header or re-export the scan.")
     dtype = header.get_data_dtype()
     if dtype.kind not in "buif":
         raise UserError(
