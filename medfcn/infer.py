@@ -207,9 +207,15 @@ def _scans_in(item: Path) -> list[tuple[Path, Path]]:
         if is_itk_file(item):  # SimpleITK aborts the process on a file name that is not UTF-8
             refuse_non_utf8(item)
         return [(item, item)]
-    if _is_dicom_series(item):
-        return [(item, item)]
     found = nifti_files(item, SCAN_SUFFIXES)
+    if _is_dicom_series(item):
+        if found:  # one of the two would be skipped silently
+            names = ", ".join(f.name for f in found[:3]) + (" ..." if len(found) > 3 else "")
+            raise UserError(
+                f"{item}: holds a DICOM series and NIfTI, NRRD or MetaImage files ({names}); put the series in a "
+                "folder of its own, or pass the files by name."
+            )
+        return [(item, item)]
     if found:
         return [(scan, scan) for scan in found]
     series = [folder for folder in find_series(item) if _is_dicom_series(folder)]

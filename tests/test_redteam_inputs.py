@@ -363,3 +363,11 @@ def test_negative_dim_is_refused(tmp_path):
     """dim[2] = -24: nibabel's "OverflowError: memory mapped length must be positive"."""
     path = _patch(_scan(tmp_path, "scan.nii"), {DIM + 4: ("<h", -24)}, "neg.nii")
     _refused(path, "its dim fields [20, -24, 18] hold a negative size")
+
+
+def test_folder_with_a_dicom_series_and_a_nifti_file_is_refused(tmp_path):
+    """The series was segmented and the NIfTI file beside it skipped without a word (exit 0)."""
+    folder = tmp_path / "series"
+    shutil.copytree(need(DICOM) / "PGBM-002_HippoCrop", folder)
+    _scan(folder, "extra.nii.gz")
+    _series_refused(folder, "holds a DICOM series and NIfTI, NRRD or MetaImage files (extra.nii.gz)")
