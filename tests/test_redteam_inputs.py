@@ -371,3 +371,17 @@ def test_folder_with_a_dicom_series_and_a_nifti_file_is_refused(tmp_path):
     shutil.copytree(need(DICOM) / "PGBM-002_HippoCrop", folder)
     _scan(folder, "extra.nii.gz")
     _series_refused(folder, "holds a DICOM series and NIfTI, NRRD or MetaImage files (extra.nii.gz)")
+
+
+def test_dataset_entry_naming_a_folder_is_refused(tmp_path):
+    """An image path that is a folder passed the 'missing files' check: `medfcn folds` wrote a
+    split (exit 0) and train failed later, on reading it."""
+    from .conftest import write_msd_dataset
+
+    data = write_msd_dataset(tmp_path / "ds", n_cases=4, shape=(12, 12, 12))
+    image = data / "imagesTr" / "case_001.nii.gz"
+    image.unlink()
+    image.mkdir()
+    result = run("folds", data, "--out", tmp_path / "folds.json", "--n-folds", "2")
+    assert_user_error(result, "entry 1 of 'training' names the folder", "as its image; point it at a NIfTI file")
+    assert not (tmp_path / "folds.json").exists()
