@@ -9,6 +9,9 @@ data), and every doubt is refused in one line, naming the folder and the fix:
 - a transfer syntax the installed GDCM cannot decode (HTJ2K, JPEG XL, video): decompress first;
 - an enhanced multi-frame file (a whole series in one file): convert it with dcm2niix;
 - fewer than :data:`MIN_SLICES` slices;
+- no PixelSpacing or one that is not two positive numbers, NaN/Inf in ImagePositionPatient or
+  ImageOrientationPatient, row and column directions that are not perpendicular unit vectors,
+  and native pixel data shorter than the image size needs (a truncated file, which GDCM fills up);
 - duplicated or missing slices, uneven slice steps, a gantry tilt: nothing is resampled,
   dcm2niix writes an evenly spaced (``_Eq``) or tilt-corrected (``_Tilt``) NIfTI to segment.
 
