@@ -385,3 +385,12 @@ def test_dataset_entry_naming_a_folder_is_refused(tmp_path):
     result = run("folds", data, "--out", tmp_path / "folds.json", "--n-folds", "2")
     assert_user_error(result, "entry 1 of 'training' names the folder", "as its image; point it at a NIfTI file")
     assert not (tmp_path / "folds.json").exists()
+
+
+def test_blank_scan_is_refused(tmp_path):
+    """An all-zero crop: the hippocampus bundle drew 2076 mm^3 "anterior" on it, exit 0 (a
+    warning named only the posterior volume)."""
+    path = _scan(tmp_path, "blank.nii.gz", data=np.zeros((20, 24, 18), np.float32))
+    result = run("infer", BUNDLE, path, "--out", tmp_path / "o")
+    assert_user_error(result, "blank.nii.gz: every voxel is 0 (a blank image), so there is nothing to segment")
+    assert not (tmp_path / "o" / "blank.nii.gz").exists()
