@@ -9,6 +9,7 @@ is a bug and keeps its traceback. A doubtful input that is still processed
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -67,6 +68,10 @@ def _main(
 ) -> None:
     """Train FCNs from MONAI bundles, run them on scans, evaluate masks."""
     _state["debug"] = debug or os.environ.get("MEDFCN_DEBUG", "") not in ("", "0")
+    # nibabel logs each header fix it makes ("pixdim[1,2,3] should be positive; setting to abs"),
+    # on every load, straight to stderr; what matters for a scan is checked and said once
+    # (medfcn.data.nifti.check_nifti_geometry), so those lines are only noise
+    logging.getLogger("nibabel.global").setLevel(logging.CRITICAL + 1)
 
 
 def _parse_overrides(pairs: list[str], option: str = "--set") -> dict:

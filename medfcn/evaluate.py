@@ -48,7 +48,7 @@ def _load_labels(path: Path) -> tuple[np.ndarray, np.ndarray]:
             f"{path}: holds negative label values {negative}; labels are 0 (background) and positive whole "
             "numbers: map the negative values (e.g. to 0) and save the file again."
         )
-    return data.astype(np.int64), scan_affine_mm(image)
+    return data.astype(np.int64), scan_affine_mm(image, path)
 
 
 def _dice(p: torch.Tensor, y: torch.Tensor) -> float:
@@ -128,6 +128,12 @@ def evaluate_folders(
         ``metrics.csv`` and ``metrics.json``; existing ones are replaced only with ``overwrite``.
     """
     pred_dir, label_dir = Path(pred_dir), Path(label_dir)
+    negative = [k for k in labels or () if k < 0]
+    if negative:  # no mask holds one (they are refused), so it would be scored NaN, exit 0
+        raise UserError(
+            f"--labels {negative[0]}: label values are 0 (background) and positive whole numbers; "
+            "e.g. --labels 1 --labels 2."
+        )
     for folder in (pred_dir, label_dir):
         if not folder.is_dir():
             raise UserError(f"{folder}: folder not found.")

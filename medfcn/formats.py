@@ -17,6 +17,8 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import warnings
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +30,7 @@ import SimpleITK as sitk
 from medfcn.data.checks import check_memory
 from medfcn.data.dicom import gdcm_series_files, series_files
 from medfcn.data.readers import quiet_itk, sitk_affine_ras
-from medfcn.errors import UserError
+from medfcn.errors import InputWarning, UserError
 from medfcn.io import DISK_FULL_FIX, NIFTI_SUFFIXES, atomic_path
 
 __all__ = [
@@ -37,6 +39,9 @@ __all__ = [
     "MASK_FORMATS",
     "ScanGrid",
     "check_mask_format",
+    "check_metaimage_data",
+    "check_nrrd_data",
+    "itk_read_reason",
     "check_memory_from_header",
     "mask_suffix",
     "scan_grid",
@@ -52,6 +57,163 @@ _MASK_SUFFIX = {"nifti": ".nii.gz", "nrrd": ".nrrd", "mha": ".mha"}
 _INPUT_FORMAT = {".nrrd": "nrrd", ".nhdr": "nrrd", ".mha": "mha", ".mhd": "mha"}
 _LPS = np.diag([-1.0, -1.0, 1.0])  # RAS <-> LPS: the sign of the first two world axes
 _NIFTI_UNIT_MM = {"meter": 1000.0, "mm": 1.0, "micron": 0.001, "unknown": 1.0}
+
+
+# bytes per value of MetaImage's element types (MetaIO's own table; MET_LONG is 4 bytes there)
+_MET_BYTES = {"MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4, "MET_UINT": 4}
+_MET_BYTES |= {"MET_LONG": 4, "MET_ULONG": 4, "MET_LONG_LONG": 8, "MET_ULONG_LONG": 8, "MET_FLOAT": 4, "MET_DOUBLE": 8}
+_CHUNK_BYTES = 1 << 20
+
+
+def _metaimage_header(path: Path) -> tuple[dict[str, str], int]:
+    """The ``Key = Value`` fields of a MetaImage header and the byte where its data starts
+    (after the ``ElementDataFile`` line, the header's last)."""
+    fields: dict[str, str] = {}
+    with open(path, "rb") as stream:
+        for raw in iter(stream.readline, b""):
+            key, _, value = raw.decode("latin-1").partition("=")
+            fields[key.strip()] = value.strip()
+            if key.strip() == "ElementDataFile":
+                break
+        return fields, stream.tell()
+
+
+def _stream_bytes(path: Path, start: int, compressed: bool) -> int:
+    """Bytes of the data from ``start`` in ``path``, decompressed (zlib, its checksum checked)
+    when ``compressed``; counted in chunks, so memory stays flat."""
+    inflate = zlib.decompressobj(wbits=32 + zlib.MAX_WBITS)  # zlib or gzip wrapping, as MetaIO reads
+    size = 0
+    with open(path, "rb") as stream:
+        stream.seek(start)
+        while chunk := stream.read(_CHUNK_BYTES):
+            size += len(inflate.decompress(chunk)) if compressed else len(chunk)
+    if compressed and not inflate.eof:
+        raise EOFError("the compressed stream ends early: the file is truncated")
+    return size
+
+
+def check_metaimage_data(path: str | os.PathLike) -> None:
+    """Check a MetaImage file's voxel data against its header before SimpleITK reads it:
+    SimpleITK reads a compressed stream with a flipped bit, and a ``DimSize`` smaller than the
+    data, without complaint (a wrong mask, exit 0), and calls a truncated file "No such file".
+    Headers this cannot follow (a list of data files, ``HeaderSize``, an unknown element type)
+    are left to SimpleITK.
+
+    Raises:
+        UserError: corrupt compressed data, or data of another size than the header makes.
+    """
+    path = Path(path)
+    fields, start = _metaimage_header(path)
+    name, element = fields.get("ElementDataFile", ""), fields.get("ElementType", "")
+    if not name or element not in _MET_BYTES or "HeaderSize" in fields or " " in name or "%" in name:
+        return
+    data, start = (path, start) if name == "LOCAL" else (path.parent / name, 0)
+    if not data.is_file():
+        raise UserError(f"{path}: its data file {data} is missing; put it beside the header, as ElementDataFile says.")
+    shape = [int(v) for v in fields.get("DimSize", "0").split()]
+    channels = int(fields.get("ElementNumberOfChannels", "1"))
+    need = int(np.prod(shape, dtype=np.int64)) * channels * _MET_BYTES[element]
+    try:
+        size = _stream_bytes(data, start, fields.get("CompressedData", "False").lower() == "true")
+    except EOFError as err:
+        raise UserError(f"{path}: is corrupt ({err}); re-copy or re-export it.") from err
+    except zlib.error as err:
+        raise UserError(
+            f"{path}: is corrupt (zlib: {err}: the compressed data is damaged); re-copy or re-export it."
+        ) from err
+    if size != need:
+        raise UserError(
+            f"{path}: holds {size} bytes of voxel data, but its header (DimSize {fields['DimSize']}, {element}, "
+            f"{channels} channel(s)) makes {need}: DimSize does not match the data (or the file is truncated); "
+            "fix the header or re-export it."
+        )
+
+
+def _nrrd_type_bytes(name: str) -> int | None:
+    """Bytes per value of an NRRD ``type`` (any of teem's spellings), None if unknown."""
+    words = name.lower().replace("_t", "").split()
+    base = words[-1] if words else ""
+    if base in ("float", "double"):
+        return {"float": 4, "double": 8}[base]
+    sizes = {"char": 1, "int8": 1, "uchar": 1, "uint8": 1, "short": 2, "int16": 2, "ushort": 2, "uint16": 2}
+    sizes |= {"int": 4, "int32": 4, "uint": 4, "uint32": 4, "int64": 8, "uint64": 8, "longlong": 8, "ulonglong": 8}
+    if base == "int" and "long" in words or base == "long":  # "long long (int)"
+        return 8
+    if base == "int" and "short" in words:  # "short int", "unsigned short int"
+        return 2
+    return sizes.get(base)
+
+
+def _nrrd_header(path: Path) -> tuple[dict[str, str], int]:
+    """The ``field: value`` lines of an NRRD header and the byte where its data starts (after
+    the blank line ending an attached header)."""
+    fields: dict[str, str] = {}
+    with open(path, "rb") as stream:
+        for raw in iter(stream.readline, b""):
+            line = raw.decode("latin-1").rstrip("\r\n")
+            if not line:
+                break
+            key, sep, value = line.partition(":")
+            if sep and not line.startswith("#") and not value.startswith("="):  # key:=value is metadata
+                fields[key.strip().lower()] = value.strip()
+        return fields, stream.tell()
+
+
+def check_nrrd_data(path: str | os.PathLike) -> None:
+    """Check a raw-encoded NRRD file's voxel data size against its ``sizes`` and ``type`` before
+    SimpleITK reads it, which reads a larger data file silently (rows shifted: a wrong mask, exit
+    0). Compressed encodings are checked by their decoder; a list of data files, ``line skip`` or
+    ``byte skip`` are left to SimpleITK.
+
+    Raises:
+        UserError: data of another size than the header makes, or a missing data file.
+
+    Warns (:class:`~medfcn.errors.InputWarning`): no ``space``, ``space dimension`` or ``space
+    directions`` field: the orientation is unknown, and ITK assumes one.
+    """
+    path = Path(path)
+    fields, start = _nrrd_header(path)
+    if not {"space", "space dimension", "space directions"} & fields.keys():
+        warnings.warn(
+            InputWarning(
+                f"{path}: has no space, space dimension or space directions field, so its orientation is unknown; "
+                "assumed L, P, S along its voxel axes and origin 0 (as ITK reads it); the mask has the same geometry."
+            ),
+            stacklevel=2,
+        )
+    name = fields.get("data file", fields.get("datafile"))
+    item = _nrrd_type_bytes(fields.get("type", ""))
+    skipped = any(fields.get(k, "0") != "0" for k in ("line skip", "byte skip", "lineskip", "byteskip"))
+    if fields.get("encoding") != "raw" or item is None or skipped or (name and (" " in name or "%" in name)):
+        return
+    data, start = (path, start) if not name else (path.parent / name, 0)
+    if not data.is_file():
+        raise UserError(f"{path}: its data file {data} is missing; put it beside the header, as 'data file' says.")
+    sizes = fields.get("sizes", "0")
+    need = int(np.prod([int(v) for v in sizes.split()], dtype=np.int64)) * item
+    size = data.stat().st_size - start
+    if size != need:
+        raise UserError(
+            f"{path}: holds {size} bytes of voxel data, but its header (sizes {sizes}, {fields['type']}) makes "
+            f"{need}: sizes does not match the data (or the file is truncated); fix the header or re-export it."
+        )
+
+
+def itk_read_reason(path: str | os.PathLike) -> str | None:
+    """Why SimpleITK cannot read the NRRD or MetaImage file ``path``, in one line (the ITK or
+    NRRD library's own last words), or None when it reads it. MONAI's loader hides the reason
+    behind "cannot find a suitable reader"; this reads the file again, only once it failed."""
+    from medfcn.data.dicom import quiet_fds  # MetaIO prints its complaints straight to stderr
+
+    try:
+        with quiet_itk(), quiet_fds():
+            sitk.ReadImage(str(path))
+    except RuntimeError as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        itk = [line.split("): ", 1)[-1] for line in lines if "ITK ERROR:" in line]
+        nrrd = [line.split(": ", 1)[-1] for line in lines if line.startswith("[nrrd]")]
+        return (nrrd[-1:] or itk[:1] or lines[-1:] or ["unreadable"])[0][:300]
+    return None
 
 
 def is_itk_file(path: str | os.PathLike) -> bool:

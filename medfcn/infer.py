@@ -32,7 +32,14 @@ import torch
 from medfcn.data.checks import check_scan, warn_if_label_map
 from medfcn.data.datasets import case_id
 from medfcn.data.dicom import find_series, gdcm_series_files, looks_like_dicom, series_files
-from medfcn.data.nifti import check_gzip_integrity, check_nifti_geometry, is_nifti, mask_like_scan, use_file_affine
+from medfcn.data.nifti import (
+    check_gzip_integrity,
+    check_nifti_data_size,
+    check_nifti_geometry,
+    is_nifti,
+    mask_like_scan,
+    use_file_affine,
+)
 from medfcn.data.profile import bundle_profile, warn_if_unlike_training
 from medfcn.devices import check_device, device_expression
 from medfcn.errors import UserError, collected_input_warnings, root_message
@@ -40,7 +47,10 @@ from medfcn.formats import (
     SCAN_SUFFIXES,
     check_mask_format,
     check_memory_from_header,
+    check_metaimage_data,
+    check_nrrd_data,
     is_itk_file,
+    itk_read_reason,
     mask_suffix,
     stage_itk_mask,
 )
@@ -86,13 +96,20 @@ class Segmenter:
         num_classes = len(self.class_names) + 1
         nifti = None
         if is_nifti(path):  # nibabel would read a damaged .nii.gz, or a singular affine, without complaint
-            check_gzip_integrity(path)
+            data_bytes = check_gzip_integrity(path)
             nifti = check_nifti_geometry(path)
         check_memory_from_header(path, self.in_channels, self.pixdim, num_classes)  # before reading voxels
+        if nifti is not None:  # dim fields that do not match the data: nibabel reads rows shifted
+            check_nifti_data_size(path, nifti, data_bytes)
+        elif str(path).lower().endswith((".mha", ".mhd")):  # SimpleITK reads damaged data silently
+            check_metaimage_data(path)
+        elif str(path).lower().endswith((".nrrd", ".nhdr")):  # and a larger raw data file
+            check_nrrd_data(path)
         try:  # loading alone first, so the scan can be checked before any resampling
             data = self.preprocessing({"image": str(path)}, end=1)
         except Exception as err:
-            raise UserError(f"{path}: cannot be read as an image ({root_message(err)}).") from err
+            reason = (is_itk_file(path) and itk_read_reason(path)) or root_message(err)  # not MONAI's "no reader"
+            raise UserError(f"{path}: cannot be read as an image ({reason}).") from err
         if nifti is not None:  # the file's own affine, in mm whatever its spatial units
             use_file_affine(data["image"], nifti)
         check_scan(data["image"], path, self.in_channels, self.pixdim, self.slice_axis, num_classes)
@@ -209,10 +226,16 @@ def _scans_in(item: Path, on_bad_series: Callable[[Path, UserError], None] | Non
         if is_itk_file(item):  # SimpleITK aborts the process on a file name that is not UTF-8
             refuse_non_utf8(item)
         return [(item, item)]
+    found = nifti_files(item, SCAN_SUFFIXES)
     state = _series_or_bad(item, on_bad_series)
+    if state and found:  # one of the two would be skipped silently
+        names = ", ".join(path_text(f.name) for f in found[:3]) + (" ..." if len(found) > 3 else "")
+        raise UserError(
+            f"{item}: holds a DICOM series and NIfTI, NRRD or MetaImage files ({names}); put the series in a "
+            "folder of its own, or pass the files by name."
+        )
     if state is not False:
         return [(item, item)] if state else []
-    found = nifti_files(item, SCAN_SUFFIXES)
     if found:
         return [(scan, scan) for scan in found]
     states = {folder: _series_or_bad(folder, on_bad_series) for folder in find_series(item)}

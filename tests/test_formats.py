@@ -174,7 +174,7 @@ def test_names_and_refusals_of_itk_inputs(tmp_path):
     assert "case.raw: not a NIfTI, NRRD or MetaImage file" in line
     (tmp_path / "mhd" / "case.raw").unlink()
     line = one_error_line(run("infer", BUNDLE, tmp_path / "mhd" / "case.mhd", "--out", tmp_path / "out"))
-    assert "case.mhd: cannot be read as an image" in line
+    assert "case.mhd: its data file " in line and "case.raw is missing; put it beside the header" in line
     line = one_error_line(run("infer", BUNDLE, tmp_path / "in", "--out", tmp_path / "o", "--mask-format", "png"))
     assert "--mask-format 'png': not a mask format; use nifti, input, nrrd, mha." in line
     assert nothing_in(tmp_path / "out") and nothing_in(tmp_path / "o")

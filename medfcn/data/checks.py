@@ -82,7 +82,8 @@ def check_scan(
 
     Raises:
         UserError: wrong dimensionality or channel count, an empty axis, a single slice, NaN/Inf
-            voxels, or a volume that needs more than :func:`memory_budget` (:func:`check_memory`).
+            voxels, all voxels of one value (a blank image), or a volume that needs more than
+            :func:`memory_budget` (:func:`check_memory`).
     """
     shape = tuple(int(s) for s in image.shape)
     meta = getattr(image, "meta", {})
@@ -112,8 +113,21 @@ def check_scan(
     if not bool(finite.all()):
         bad = int((~finite).sum())
         raise UserError(f"{path}: has {bad} NaN/Inf voxels; fix or mask them before segmenting.")
+    _refuse_blank(image, path)
     spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
     check_memory(path, spatial, spacing, in_channels, target_spacing, num_classes)
+
+
+def _refuse_blank(image: torch.Tensor, path: str | os.PathLike) -> None:
+    """UserError for a scan whose voxels all hold one value (an export that lost its pixels):
+    the network still draws structures on it (the hippocampus bundle: 2076 mm^3 "anterior" on
+    an all-zero crop, exit 0)."""
+    flat = torch.as_tensor(image).as_subclass(torch.Tensor).reshape(-1)
+    if flat.numel() and bool((flat == flat[0]).all()):
+        raise UserError(
+            f"{path}: every voxel is {float(flat[0]):g} (a blank image), so there is nothing to segment; "
+            "check the export or the file."
+        )
 
 
 def memory_need(

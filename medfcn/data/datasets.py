@@ -76,6 +76,11 @@ def load_msd_datalist(dataset_dir: str | os.PathLike, section: str = "training")
             path = Path(os.path.abspath(dataset_dir / rel))
             if not path.exists():
                 missing.append(str(path))
+            elif path.is_dir():  # images and labels are NIfTI files; a folder fails later, or not at all in folds
+                raise FileNotFoundError(
+                    f"{index}: entry {number} of '{section}' names the folder {path} as its {key}; "
+                    "point it at a NIfTI file."
+                )
             item[key] = str(path)
         datalist.append(item)
     if missing:

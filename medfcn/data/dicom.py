@@ -9,6 +9,9 @@ data), and every doubt is refused in one line, naming the folder and the fix:
 - a transfer syntax the installed GDCM cannot decode (HTJ2K, JPEG XL, video): decompress first;
 - an enhanced multi-frame file (a whole series in one file): convert it with dcm2niix;
 - fewer than :data:`MIN_SLICES` slices;
+- no PixelSpacing or one that is not two positive numbers, NaN/Inf in ImagePositionPatient or
+  ImageOrientationPatient, row and column directions that are not perpendicular unit vectors,
+  and native pixel data shorter than the image size needs (a truncated file, which GDCM fills up);
 - duplicated or missing slices, uneven slice steps, a gantry tilt: nothing is resampled,
   dcm2niix writes an evenly spaced (``_Eq``) or tilt-corrected (``_Tilt``) NIfTI to segment.
 
@@ -90,7 +93,13 @@ _HEADER_TAGS = [
     "Columns",
     "NumberOfFrames",
     "SOPClassUID",
+    "BitsAllocated",
+    "SamplesPerPixel",
+    "PixelData",  # deferred (DEFER_BYTES): its length is read, not its bytes
 ]
+DEFER_BYTES = 1024
+# transfer syntaxes whose pixel data is stored as is: Rows x Columns x samples x bits / 8 per frame
+_NATIVE_SYNTAXES = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2")
 
 
 @dataclass(frozen=True)
@@ -105,6 +114,7 @@ class SliceHeader:
     orientation: tuple[float, ...] | None  # ImageOrientationPatient: row, column directions
     size: tuple[int, int] | None  # Rows, Columns
     pixel_spacing: tuple[float, ...] | None  # between rows, between columns, mm
+    pixel_bytes: tuple[int, int] | None = None  # native pixel data: (bytes in the file, bytes needed)
 
     def stack_key(self) -> tuple:
         """Equal for files that can be stacked: orientation, image size and pixel spacing
@@ -125,7 +135,7 @@ def read_header(path: str | os.PathLike) -> SliceHeader:
         UserError: the file cannot be read or is no DICOM file.
     """
     try:  # force: GDCM, which listed the file, also reads files without the 'DICM' preamble
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS, force=True)
+        ds = pydicom.dcmread(path, defer_size=DEFER_BYTES, specific_tags=_HEADER_TAGS, force=True)
         return _slice_header(Path(path), ds)
     except Exception as err:  # a damaged file or tag raises whatever the parser met first
         raise UserError(
@@ -145,7 +155,64 @@ def _slice_header(path: Path, ds: pydicom.Dataset) -> SliceHeader:
         orientation=_floats(ds.get("ImageOrientationPatient")),
         size=(int(rows), int(columns)) if rows is not None and columns is not None else None,
         pixel_spacing=_floats(ds.get("PixelSpacing")),
+        pixel_bytes=_pixel_bytes(path, ds, str(getattr(meta, "TransferSyntaxUID", "1.2.840.10008.1.2"))),
     )
+
+
+def _pixel_bytes(path: Path, ds: pydicom.Dataset, syntax: str) -> tuple[int, int] | None:
+    """``(bytes of pixel data in the file, bytes Rows x Columns x SamplesPerPixel x
+    BitsAllocated need)`` of a natively stored slice; None for compressed ones or missing tags."""
+    element = ds.get_item("PixelData", keep_deferred=True) if "PixelData" in ds else None
+    if element is None or syntax not in _NATIVE_SYNTAXES or None in (ds.get("Rows"), ds.get("Columns")):
+        return None
+    length, start = getattr(element, "length", None), getattr(element, "value_tell", None)
+    if length is None or start is None or length == 0xFFFFFFFF:
+        return None
+    stored = min(int(length), os.path.getsize(path) - int(start))  # a file cut short ends before its length
+    need = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel") or 1) * int(ds.get("BitsAllocated") or 16)
+    return stored, need // 8
+
+
+def _check_pixel_data(folder: Path, stack: Sequence[SliceHeader]) -> None:
+    """Refuse slices whose pixel data is shorter than their image size needs (a truncated file):
+    GDCM reads them without complaint, the missing part as zeros."""
+    short = [h for h in stack if h.pixel_bytes is not None and h.pixel_bytes[0] < h.pixel_bytes[1]]
+    if short:
+        stored, need = short[0].pixel_bytes
+        raise UserError(
+            f"{folder}: {_names(short)}: pixel data holds {stored} of the {need} bytes its Rows x Columns x "
+            "BitsAllocated need (a truncated or damaged file); export the series again."
+        )
+
+
+def _check_geometry_values(folder: Path, stack: Sequence[SliceHeader]) -> None:
+    """Refuse geometry tags that place no voxel: no PixelSpacing (the voxel size would be
+    guessed, and every volume with it), a spacing that is not two positive numbers, NaN/Inf in
+    a position or orientation, or row and column directions that are not two perpendicular-enough
+    unit vectors (parallel, or zero)."""
+    first = stack[0]
+    spacing = first.pixel_spacing
+    if spacing is None or len(spacing) != 2 or not all(np.isfinite(spacing)) or min(spacing) <= 0:
+        said = "has no PixelSpacing" if spacing is None else f"PixelSpacing {list(spacing)} is not two positive numbers"
+        raise UserError(
+            f"{folder}: {first.path.name}: {said} (0028,0030), so the voxel size in mm is unknown (volumes would be "
+            "guessed); export the series with its PixelSpacing."
+        )
+    bad = [h for h in stack if not np.all(np.isfinite(h.position + h.orientation))]
+    row, column = np.asarray(first.orientation).reshape(2, 3)
+    if bad or not _orthonormal(row, column):
+        h = bad[0] if bad else first
+        raise UserError(
+            f"{folder}: {h.path.name}: ImagePositionPatient {list(h.position)} / ImageOrientationPatient "
+            f"{list(h.orientation)} do not place the slice (NaN/Inf, or row and column directions that are not two "
+            "perpendicular unit vectors); export the series with its geometry tags."
+        )
+
+
+def _orthonormal(row: np.ndarray, column: np.ndarray, tolerance: float = 0.01) -> bool:
+    """True for two unit vectors (within ``tolerance``) at a right angle (cosine within it)."""
+    norms = np.linalg.norm(row), np.linalg.norm(column)
+    return bool(np.allclose(norms, 1, atol=tolerance) and abs(row @ column) <= tolerance)
 
 
 def _check_decodable(folder: Path, headers: Sequence[SliceHeader]) -> None:
@@ -210,6 +277,7 @@ def _slice_frame(folder: Path, stack: Sequence[SliceHeader]) -> tuple[np.ndarray
             f"{folder}: {_names(unplaced)}: no ImagePositionPatient or ImageOrientationPatient, so the slices "
             "cannot be placed; export the series with its geometry tags."
         )
+    _check_geometry_values(folder, stack)
     row, column = np.asarray(stack[0].orientation).reshape(2, 3)
     normal = np.cross(row, column)
     return np.asarray([h.position for h in stack]), normal / np.linalg.norm(normal)
@@ -304,6 +372,7 @@ def series_files(folder: str | os.PathLike, files: Sequence[str], warn: bool = F
     stack = _select_stack(folder, headers, warn)
     _check_slice_count(folder, len(stack))
     positions, normal = _slice_frame(folder, stack)
+    _check_pixel_data(folder, stack)
     order = np.argsort(positions @ normal, kind="stable")
     positions = positions[order]
     pixel_mm = min(stack[0].pixel_spacing or (1.0,))
