@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Annotated
@@ -325,9 +326,29 @@ def export(
     typer.echo(f"wrote {path} (max |difference| vs state dict: {diff:.1e})")
 
 
+def empty_argument(args: list[str]) -> str | None:
+    """The one-line error for the first empty argument in ``args`` (``''``, ``--out=``), else None.
+
+    Typer turns ``''`` into ``Path('.')``, so ``--out ''`` wrote masks into the current folder
+    and an empty input segmented it; no medfcn argument means anything when empty.
+    """
+    for k, arg in enumerate(args):
+        option, sep, value = arg.partition("=")
+        if sep and option.startswith("--") and not value:
+            return f"{option}=: an empty value; give one (e.g. a folder for --out), or leave the option out."
+        if not arg:
+            where = f"{args[k - 1]} ''" if k and args[k - 1].startswith("--") else f"'' (argument {k + 1})"
+            return f"{where}: an empty argument (a path would mean the current folder); give a value, or leave it out."
+    return None
+
+
 def main() -> None:
     """Console entry point; SIGTERM unwinds like Ctrl-C, so no temporary file stays behind."""
     exit_on_sigterm()
+    empty = empty_argument(sys.argv[1:])
+    if empty:
+        typer.echo(f"medfcn: error: {empty}", err=True)
+        raise SystemExit(2)
     app()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -120,3 +121,26 @@ def test_evaluate_names_labels_without_common_voxels(tmp_path):
     notes = [line for line in result.output.splitlines() if "no voxel in common" in line]
     assert [n.split(":")[0] for n in notes] == ["dice_1", "dice_2"]
     assert "not scored" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--out", ""], "--out '': an empty argument"),
+        (["--out="], "--out=: an empty value"),
+        (["", "--out", "o"], "'' (argument 4): an empty argument"),
+    ],
+    ids=["out_empty", "out_equals_empty", "empty_input"],
+)
+def test_empty_arguments_are_refused_before_typer_reads_them_as_the_current_folder(tmp_path, args, message):
+    """Typer turns '' into Path('.'): `--out ''` wrote masks into the current folder."""
+    scan = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((20, 22, 18)).astype(np.float32), np.eye(4)), scan)
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "medfcn", "infer", str(BUNDLE), str(scan), *args]
+    proc = subprocess.run(command, capture_output=True, text=True, cwd=work, env=env, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and message in proc.stderr, proc.stderr
+    assert list(work.iterdir()) == []
