@@ -342,14 +342,40 @@ def empty_argument(args: list[str]) -> str | None:
     return None
 
 
+# Typer's (vendored click's) base class of command-line errors; Typer does not export it
+_CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+def command_line_error(err: Exception) -> str:
+    """One line for a command-line error Typer found (an option value of the wrong type, an
+    unknown option, a missing argument), instead of its usage text and error box."""
+    ctx = getattr(err, "ctx", None)
+    hint = f"; see {ctx.command_path} --help" if ctx is not None else ""
+    return " ".join(err.format_message().split()).rstrip(".") + hint + "."
+
+
 def main() -> None:
-    """Console entry point; SIGTERM unwinds like Ctrl-C, so no temporary file stays behind."""
+    """Console entry point: every user error is one line and exit code 2 (command-line errors
+    too); SIGTERM unwinds like Ctrl-C, so no temporary file stays behind."""
     exit_on_sigterm()
     empty = empty_argument(sys.argv[1:])
     if empty:
         typer.echo(f"medfcn: error: {empty}", err=True)
         raise SystemExit(2)
-    app()
+    command = typer.main.get_command(app)
+    try:  # not standalone: Typer's errors come here instead of being printed as a box
+        code = command.main(args=sys.argv[1:], prog_name="medfcn", standalone_mode=False)
+    except typer.Abort:
+        typer.echo("Aborted!", err=True)
+        raise SystemExit(1) from None
+    except _CLICK_ERROR as err:
+        if type(err).__name__ == "NoArgsIsHelpError":  # `medfcn` alone: the help, as before
+            if err.format_message().strip():  # with rich, Typer has printed it already
+                typer.echo(err.format_message().rstrip())
+        else:
+            typer.echo(f"medfcn: error: {command_line_error(err)}", err=True)
+        raise SystemExit(err.exit_code) from None
+    raise SystemExit(code if isinstance(code, int) else 0)  # an Exit's code, or 0 after a command
 
 
 if __name__ == "__main__":

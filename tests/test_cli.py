@@ -144,3 +144,34 @@ def test_empty_arguments_are_refused_before_typer_reads_them_as_the_current_fold
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and message in proc.stderr, proc.stderr
     assert list(work.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["evaluate", "p", "l", "--labels", "abc"], "Invalid value for '--labels'"),
+        (["infer", str(BUNDLE), "scan.nii.gz", "--out", "o", "--overlap", "half"], "Invalid value for '--overlap'"),
+        (["infer", "--bogus"], "No such option: --bogus"),
+        (["train"], "Missing argument 'bundle'"),
+    ],
+    ids=["labels_abc", "overlap_half", "unknown_option", "missing_argument"],
+)
+def test_command_line_errors_are_one_line(tmp_path, args, message):
+    """Option values of the wrong type, unknown options and missing arguments: one line naming
+    the option and where the help is, exit 2 (Typer printed its usage and an error box)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "medfcn", *args], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == "" and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith(f"medfcn: error: {message}") and "--help." in proc.stderr, proc.stderr
+
+
+def test_help_and_no_arguments_keep_their_exit_codes(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    run = [sys.executable, "-m", "medfcn"]
+    helped = subprocess.run([*run, "--help"], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    bare = subprocess.run(run, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    assert helped.returncode == 0 and "infer" in helped.stdout
+    assert bare.returncode == 2 and "infer" in bare.stdout and bare.stderr == ""
