@@ -20,6 +20,7 @@ import io
 import json
 import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,7 +107,11 @@ class Segmenter:
         elif str(path).lower().endswith((".nrrd", ".nhdr")):  # and a larger raw data file
             check_nrrd_data(path)
         try:  # loading alone first, so the scan can be checked before any resampling
-            data = self.preprocessing({"image": str(path)}, end=1)
+            with warnings.catch_warnings():
+                # numpy's "overflow encountered in cast" (scl_slope 1e36): check_scan names the
+                # Inf voxels in one line
+                warnings.filterwarnings("ignore", "overflow encountered", RuntimeWarning)
+                data = self.preprocessing({"image": str(path)}, end=1)
         except Exception as err:
             reason = (is_itk_file(path) and itk_read_reason(path)) or root_message(err)  # not MONAI's "no reader"
             raise UserError(f"{path}: cannot be read as an image ({reason}).") from err

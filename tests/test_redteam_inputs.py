@@ -394,3 +394,25 @@ def test_blank_scan_is_refused(tmp_path):
     result = run("infer", BUNDLE, path, "--out", tmp_path / "o")
     assert_user_error(result, "blank.nii.gz: every voxel is 0 (a blank image), so there is nothing to segment")
     assert not (tmp_path / "o" / "blank.nii.gz").exists()
+
+
+def test_overflowing_scale_is_one_line_without_numpy_noise(tmp_path):
+    """int16 voxels with scl_slope 1e36 overflow float32: the NaN/Inf refusal alone, not
+    numpy's two lines of "overflow encountered in cast" before it."""
+    image = nib.Nifti1Image(np.arange(30 * 34 * 28, dtype=np.int16).reshape(30, 34, 28) % 500, np.eye(4))
+    image.header.set_slope_inter(1e36, 0)
+    path = tmp_path / "in" / "scaled.nii.gz"
+    path.parent.mkdir()
+    nib.save(image, path)
+    # a subprocess: pytest would record the numpy warnings instead of letting them print
+    command = [sys.executable, "-m", "medfcn", "infer", str(BUNDLE), str(path), "--out", str(tmp_path / "out")]
+    proc = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "scaled.nii.gz: has" in lines[0] and "NaN/Inf voxels" in lines[0], proc.stderr
+
+
+def test_folds_on_a_file_says_it_is_a_file(tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a dataset")
+    assert_user_error(run("folds", notes, "--out", tmp_path / "f.json"), "notes.txt: is a file, not a dataset folder")

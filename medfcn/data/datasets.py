@@ -155,7 +155,8 @@ def write_folds(
     """
     dataset_dir, out = Path(dataset_dir), Path(out)
     if not dataset_dir.is_dir():
-        raise UserError(f"{dataset_dir}: dataset folder not found; pass the folder that holds an MSD dataset.json.")
+        what = "is a file, not a dataset folder" if dataset_dir.exists() else "dataset folder not found"
+        raise UserError(f"{dataset_dir}: {what}; pass the folder that holds an MSD dataset.json.")
     try:
         datalist = load_msd_datalist(dataset_dir)
     except (FileNotFoundError, ValueError) as err:
