@@ -39,6 +39,7 @@ __all__ = [
     "MASK_FORMATS",
     "ScanGrid",
     "check_mask_format",
+    "check_itk_data",
     "check_metaimage_data",
     "check_nrrd_data",
     "itk_read_reason",
@@ -90,6 +91,14 @@ def _stream_bytes(path: Path, start: int, compressed: bool) -> int:
     if compressed and not inflate.eof:
         raise EOFError("the compressed stream ends early: the file is truncated")
     return size
+
+
+def check_itk_data(path: str | os.PathLike) -> None:
+    """:func:`check_metaimage_data` or :func:`check_nrrd_data`, by the suffix of ``path``."""
+    if Path(path).name.lower().endswith((".mha", ".mhd")):
+        check_metaimage_data(path)
+    else:
+        check_nrrd_data(path)
 
 
 def check_metaimage_data(path: str | os.PathLike) -> None:

@@ -46,10 +46,9 @@ from medfcn.devices import check_device, device_expression
 from medfcn.errors import UserError, collected_input_warnings, root_message
 from medfcn.formats import (
     SCAN_SUFFIXES,
+    check_itk_data,
     check_mask_format,
     check_memory_from_header,
-    check_metaimage_data,
-    check_nrrd_data,
     is_itk_file,
     itk_read_reason,
     mask_suffix,
@@ -102,10 +101,8 @@ class Segmenter:
         check_memory_from_header(path, self.in_channels, self.pixdim, num_classes)  # before reading voxels
         if nifti is not None:  # dim fields that do not match the data: nibabel reads rows shifted
             check_nifti_data_size(path, nifti, data_bytes)
-        elif str(path).lower().endswith((".mha", ".mhd")):  # SimpleITK reads damaged data silently
-            check_metaimage_data(path)
-        elif str(path).lower().endswith((".nrrd", ".nhdr")):  # and a larger raw data file
-            check_nrrd_data(path)
+        elif is_itk_file(path):  # SimpleITK reads damaged or short data silently
+            check_itk_data(path)
         try:  # loading alone first, so the scan can be checked before any resampling
             with warnings.catch_warnings():
                 # numpy's "overflow encountered in cast" (scl_slope 1e36): check_scan names the

@@ -26,6 +26,7 @@ import nibabel as nib
 import numpy as np
 
 from medfcn.errors import InputWarning, UserError, root_message
+from medfcn.io import NIFTI_SUFFIXES
 
 __all__ = [
     "check_gzip_integrity",
@@ -54,7 +55,7 @@ _GEOMETRY_FIELDS += ("qform_code", "sform_code", "srow_x", "srow_y", "srow_z")
 
 def is_nifti(path: str | os.PathLike) -> bool:
     """True for a ``.nii`` or ``.nii.gz`` file name (any letter case)."""
-    return str(path).lower().endswith((".nii", ".nii.gz"))
+    return str(path).lower().endswith(NIFTI_SUFFIXES)
 
 
 def check_gzip_integrity(path: str | os.PathLike) -> int:
