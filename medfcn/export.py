@@ -16,10 +16,9 @@ from pathlib import Path
 import torch
 from monai.bundle import ckpt_export
 
+from medfcn.bundle import BundleParser, bundle_files, weights_file
 from medfcn.errors import UserError
 from medfcn.io import atomic_path, load_weights, refuse_existing
-from medfcn.settings import BundleParser
-from medfcn.train import bundle_files
 
 __all__ = ["export_torchscript"]
 
@@ -59,7 +58,7 @@ def export_torchscript(
     """
     files = bundle_files(bundle, "inference.json")
     root = files["bundle_root"]
-    weights = root / "models" / "model.pt"
+    weights = weights_file(root)
     if not weights.is_file():
         raise UserError(f"{weights}: missing; nothing to export.")
     target = root / "models" / "model.ts"

@@ -30,6 +30,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from medfcn.bundle import BundleParser, bundle_files, weights_file
 from medfcn.data.checks import check_scan, warn_if_label_map
 from medfcn.data.datasets import case_id
 from medfcn.data.dicom import find_series, gdcm_series_files, looks_like_dicom, series_files
@@ -56,8 +57,6 @@ from medfcn.formats import (
 )
 from medfcn.io import NIFTI_SUFFIXES, atomic_path, load_weights, nifti_files, refuse_existing
 from medfcn.outputs import is_utf8, output_lock, path_text, refuse_non_utf8, refuse_outputs_over_inputs
-from medfcn.settings import BundleParser
-from medfcn.train import bundle_files
 
 __all__ = [
     "Segmenter",
@@ -146,7 +145,7 @@ def load_segmenter(
             ``tta`` for a bundle trained without flips.
     """
     files = bundle_files(bundle, "inference.json")
-    weights = files["bundle_root"] / "models" / "model.pt"
+    weights = weights_file(files["bundle_root"])
     if not weights.is_file():
         raise UserError(f"{weights}: missing; train the bundle and copy best_model.pt there.")
     parser = BundleParser(files["config_file"])  # a broken entry fails in one line naming the file

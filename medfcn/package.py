@@ -29,26 +29,15 @@ import torch
 from monai.bundle import ConfigParser
 from monai.bundle.config_item import ConfigComponent
 
+from medfcn.bundle import MODEL_KEYS, NOT_SETTINGS, bundle_files, read_run_record, weights_file
 from medfcn.data.datasets import fold_datalists
 from medfcn.data.profile import PROFILE_KEY, RUN_PROFILE, training_profile
 from medfcn.errors import UserError
 from medfcn.io import atomic_torch_save, checkpoint_reason, refuse_existing, writable_dir
 from medfcn.outputs import refuse_output_over
-from medfcn.train import NOT_SETTINGS, RUN_FILE, bundle_files
 
-__all__ = ["MODEL_KEYS", "package_run", "trained_flip_axes"]
+__all__ = ["package_run", "trained_flip_axes"]
 
-# Entries of train.json that describe the model; inference.json must repeat them.
-MODEL_KEYS = (
-    "network_def",
-    "patch_size",
-    "modality",
-    "hu_window",
-    "pixdim",
-    "num_classes",
-    "class_names",
-    "slice_axis",
-)
 _CONFIGS = ("train.json", "inference.json", "evaluate.json", "logging.conf", "metadata.json")
 _LICENSE = """Code and configs: Apache License 2.0 (see the LICENSE file at the root of the medfcn repository).
 
@@ -75,16 +64,6 @@ def trained_flip_axes(train: ConfigParser) -> list[int]:
         if isinstance(axis, int) and not isinstance(axis, bool):
             axes.add(axis)
     return sorted(axes)
-
-
-def _read_run(run_dir: Path) -> dict:
-    run_file = run_dir / RUN_FILE
-    if not run_file.is_file():
-        raise UserError(f"{run_file}: missing; package a run of `medfcn train` (it writes this file).")
-    try:
-        return json.loads(run_file.read_text())
-    except (OSError, ValueError) as err:
-        raise UserError(f"{run_file}: unreadable ({err}); package another run.") from err
 
 
 def _run_weights(run_dir: Path, which: str) -> tuple[dict, str, dict]:
@@ -261,7 +240,7 @@ def _assemble(
     meta_file.write_text(json.dumps(meta, indent=4) + "\n")
     (tmp / "docs" / "README.md").write_text(_readme(name, run_dir, settings, best, source, origin))
     (tmp / "LICENSE").write_text(_LICENSE)
-    atomic_torch_save(weights, tmp / "models" / "model.pt")
+    atomic_torch_save(weights, weights_file(tmp))
 
 
 def package_run(
@@ -290,7 +269,7 @@ def package_run(
     from medfcn.infer import load_segmenter  # infer imports train; keep the import graph one-way
 
     run_dir, out = Path(run_dir), Path(out)
-    run = _read_run(run_dir)
+    run = read_run_record(run_dir)
     origin = Path(bundle or run.get("bundle") or "")
     if not (origin / "configs" / "inference.json").is_file():
         raise UserError(

@@ -22,9 +22,9 @@ from typing import Any
 
 from monai.bundle import ConfigParser
 
-from medfcn.errors import UserError, find_user_error, root_message
+from medfcn.errors import UserError, root_message
 
-__all__ = ["REQUIRED_ENTRIES", "RULES", "BundleParser", "Rule", "check_bundle_json", "check_settings", "parse_value"]
+__all__ = ["REQUIRED_ENTRIES", "RULES", "Rule", "check_bundle_json", "check_settings", "parse_value"]
 
 # numpy's seeds (``set_determinism``) are unsigned 32-bit
 _MAX_SEED = 2**32 - 1
@@ -279,25 +279,3 @@ def check_bundle_json(config_file: Path, meta_file: Path) -> None:
     if not isinstance(network, dict) or not isinstance(network.get("_target_"), str):
         shown = json.dumps(network)[:60]
         raise UserError(f'{config_file}: network_def is {shown}, not a component {{"_target_": ...}}; {fix}.')
-
-
-class BundleParser(ConfigParser):
-    """A ``ConfigParser`` of one bundle config whose entries fail in one line naming the file:
-    an entry that cannot be built (``"network_def": 42``, a reference to a missing entry) is
-    a :class:`UserError` instead of MONAI's chain of RuntimeErrors."""
-
-    def __init__(self, config_file: str | os.PathLike):
-        super().__init__()
-        self.config_file = Path(config_file)
-        self.read_config(str(config_file))
-
-    def get_parsed_content(self, id: str = "", **kwargs: Any) -> Any:
-        try:
-            return super().get_parsed_content(id, **kwargs)
-        except Exception as err:
-            if find_user_error(err) is not None:  # e.g. --device cuda without a GPU: already one line
-                raise
-            raise UserError(
-                f"{self.config_file}: entry {id!r} cannot be built ({root_message(err)}); "
-                "fix the file or restore it from the bundle's source."
-            ) from err

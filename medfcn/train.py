@@ -12,20 +12,17 @@ Example::
 
 from __future__ import annotations
 
-import difflib
-import inspect
 import json
 import logging
 import os
-import pydoc
 from pathlib import Path
 from typing import Any
 
 import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
-from monai.bundle.config_item import ComponentLocator, ConfigComponent
 from monai.bundle.reference_resolver import ReferenceResolver
 
+from medfcn.bundle import NOT_SETTINGS, RUN_FILE, bundle_files, check_override_keys, read_config
 from medfcn.data.checks import check_training_pairs
 from medfcn.data.datasets import fold_datalists
 from medfcn.data.profile import RUN_PROFILE, write_run_profile
@@ -34,12 +31,10 @@ from medfcn.devices import device_expression
 from medfcn.errors import UserError, root_message
 from medfcn.io import atomic_write_text, checkpoint_reason, load_weights, refuse_full_disk
 from medfcn.outputs import output_lock
-from medfcn.settings import check_bundle_json, check_settings
+from medfcn.settings import check_settings
 
-__all__ = ["RUN_FILE", "bundle_files", "train"]
+__all__ = ["train"]
 
-# Written into every run folder: the options a resume must repeat (see ``_resume_settings``).
-RUN_FILE = "medfcn_run.json"
 # Options that name files: compared as resolved paths, so ``data/`` and ``/abs/data`` agree.
 _PATH_KEYS = ("dataset_dir", "folds_file", "pretrained_encoder")
 # How the CLI spells the options that are not ``--set``.
@@ -53,11 +48,6 @@ _OPTION_NAMES = {
 }
 # Settings a resume may change: they do not change what the network learns.
 _RUNTIME_KEYS = ("num_workers", "val_interval")
-# Arguments of a run that are no settings of it: where its bundle and output are, whether it
-# resumes, and where it computes (a resume or a packaged bundle picks its own device; the device
-# sets the precision, so only a resume on the same one is bit-identical). Never written to
-# RUN_FILE, and ignored where a record of an older medfcn holds them (`--set device`).
-NOT_SETTINGS = ("bundle_root", "output_dir", "resume", "device")
 
 
 class _DropRunEndEcho(logging.Filter):
@@ -71,89 +61,6 @@ class _DropRunEndEcho(logging.Filter):
 
 for _engine in ("SupervisedTrainer", "SupervisedEvaluator"):
     logging.getLogger(f"ignite.engine.engine.{_engine}").addFilter(_DropRunEndEcho())
-
-
-def bundle_files(bundle: str | os.PathLike, config: str) -> dict[str, Path]:
-    """Paths of a bundle's ``config`` (e.g. ``train.json``), metadata and logging config.
-
-    Raises:
-        UserError: the folder or the config is missing, or a JSON file of them is broken
-            (:func:`medfcn.settings.check_bundle_json`).
-    """
-    root = Path(bundle)
-    if not root.is_dir():
-        raise UserError(f"{root}: bundle folder not found; pass a folder with configs/{config}.")
-    files = {
-        "bundle_root": root,
-        "config_file": root / "configs" / config,
-        "meta_file": root / "configs" / "metadata.json",
-        "logging_file": root / "configs" / "logging.conf",
-    }
-    for key in ("config_file", "meta_file"):
-        if not files[key].is_file():
-            raise UserError(f"{files[key]}: missing; {root} is not a complete MONAI bundle.")
-    check_bundle_json(files["config_file"], files["meta_file"])
-    return files
-
-
-def _parser(config_file: Path, overrides: dict[str, Any]) -> ConfigParser:
-    parser = ConfigParser()
-    parser.read_config(str(config_file))
-    parser.update(overrides)
-    return parser
-
-
-def _arguments(component: Any) -> list[str] | None:
-    """Constructor arguments of the MONAI component ``component`` (a dict with ``_target_``);
-    None where any name is accepted (``**kwargs``, an expression, a target that cannot be
-    inspected) and ``[]`` for entries that are not components (plain dicts and lists)."""
-    if not isinstance(component, dict) or not isinstance(component.get("_target_"), str):
-        return []
-    item = ConfigComponent(config=component, locator=ComponentLocator())
-    target = pydoc.locate(str(item.resolve_module_name() or component["_target_"]))
-    try:
-        params = list(inspect.signature(target).parameters.values()) if target is not None else None
-    except (TypeError, ValueError):
-        params = None
-    if params is None or any(p.kind is p.VAR_KEYWORD for p in params):
-        return None
-    return [p.name for p in params if p.kind is not p.VAR_POSITIONAL]
-
-
-def _check_override_keys(config_file: Path, overrides: dict[str, Any]) -> None:
-    """Each override must name an entry of the config (after the overrides before it, macros
-    resolved), or an argument of one of its components (``network_def#encoder_blocks``, and
-    MONAI's reserved ``_disabled_`` etc.): a misspelt key would otherwise be added unused and
-    the run would silently train with the default, or fail late with a traceback."""
-    parser = _parser(config_file, {})
-    for key, value in overrides.items():
-        path = key.replace(ReferenceResolver.sep, "#")
-        parent, _, name = path.rpartition("#")
-        if path not in parser:
-            while parent and parent not in parser:  # name the deepest entry that exists
-                parent, _, name = parent.rpartition("#")
-            scope = parser[parent] if parent else parser.get()
-            arguments = _arguments(scope) if parent else []
-            reserved = name.startswith("_") and name.endswith("_") and arguments != []
-            if arguments is None or reserved or (path.endswith(f"#{name}") and name in (arguments or [])):
-                _apply(parser, key, path, value)
-                continue
-            known = [str(k) for k in (scope if isinstance(scope, dict) else range(len(scope)))]
-            known = sorted({k for k in known + (arguments or []) if not k.startswith("_")})
-            close = difflib.get_close_matches(name, known, n=1)
-            where = f"{parent!r}" if parent else str(config_file)
-            hint = f"did you mean {close[0]!r}?" if close else f"entries there: {', '.join(known)}"
-            raise UserError(f"--set {key}: no {name!r} in {where}; {hint}")
-        _apply(parser, key, path, value)
-
-
-def _apply(parser: ConfigParser, key: str, path: str, value: Any) -> None:
-    """Set one checked override, resolving ``%file#id`` macros so the next key sees their content."""
-    parser[path] = value
-    try:
-        parser.resolve_macro_and_relative_ids()
-    except Exception as err:
-        raise UserError(f"--set {key}: cannot resolve {value!r} ({root_message(err)}); check the file and id.") from err
 
 
 def _source(key: str, overrides: dict[str, Any]) -> str:
@@ -198,7 +105,7 @@ def _resume_settings(out: Path, args: dict[str, Any], given: set[str], config_fi
         raise UserError(
             f"{run_file}: unreadable ({err}); restore it, or start a new run with another --output."
         ) from err
-    default = _parser(config_file, {})
+    default = read_config(config_file, {})
     for key in given - {"epochs", *_RUNTIME_KEYS}:
         before = saved[key] if key in saved else default.get(key.replace(ReferenceResolver.sep, "#"))
         if not _same(key, before, args[key]):
@@ -354,7 +261,7 @@ def train(
     files = bundle_files(bundle, "train.json")
     if "device" in (overrides or {}):  # unchecked there, and no setting of the run (NOT_SETTINGS)
         raise UserError("--set device: use --device cpu, cuda or cuda:N instead.")
-    _check_override_keys(files["config_file"], overrides or {})
+    check_override_keys(files["config_file"], overrides or {})
     args: dict[str, Any] = {"bundle_root": str(files["bundle_root"])}
     given = {"dataset_dir": dataset_dir, "folds_file": folds_file, "fold": fold, "epochs": epochs}
     for key, value in (*given.items(), ("output_dir", output_dir)):
@@ -365,7 +272,7 @@ def train(
         args["device"] = device_expression(device)
     explicit = {k for k in args if k not in NOT_SETTINGS}
     sources = {k: _source(k, overrides or {}) for k in explicit}
-    given_config = _parser(files["config_file"], args)
+    given_config = read_config(files["config_file"], args)
     check_settings(given_config, files["config_file"], sources)  # before any file is read or written
     if resume:
         run_dir = Path(given_config.get_parsed_content("output_dir"))
@@ -373,7 +280,7 @@ def train(
         sources.update({k: str(run_dir / RUN_FILE) for k in args if k not in {*explicit, *NOT_SETTINGS}})
     args["resume"] = bool(resume)
 
-    parser = _parser(files["config_file"], args)  # one parser for every check before the run
+    parser = read_config(files["config_file"], args)  # one parser for every check before the run
     if resume:  # the values read back from the run's record
         check_settings(parser, files["config_file"], sources)
     data, split, fold_k, out, n_epochs, num_classes, encoder = (

@@ -14,8 +14,8 @@ import pytest
 import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 
+from medfcn.bundle import MODEL_KEYS
 from medfcn.handlers import WeightAverage
-from medfcn.package import MODEL_KEYS
 
 from .conftest import BUNDLE, BUNDLE_2D, BUNDLES, HIPPO, REPO, need
 

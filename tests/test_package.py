@@ -9,10 +9,11 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
+from medfcn.bundle import MODEL_KEYS, RUN_FILE
 from medfcn.errors import UserError
 from medfcn.infer import infer
-from medfcn.package import MODEL_KEYS, package_run, trained_flip_axes
-from medfcn.train import RUN_FILE, train
+from medfcn.package import package_run, trained_flip_axes
+from medfcn.train import train
 
 from .conftest import BUNDLE, BUNDLE_2D, REPO
 

@@ -14,9 +14,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from medfcn.bundle import RUN_FILE
 from medfcn.cli import app
 from medfcn.errors import UserError
-from medfcn.train import RUN_FILE, train
+from medfcn.train import train
 
 from .conftest import BUNDLE, BUNDLE_2D, write_msd_dataset
 

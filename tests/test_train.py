@@ -9,8 +9,9 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from medfcn import FCN
+from medfcn.bundle import RUN_FILE, check_override_keys
 from medfcn.errors import UserError
-from medfcn.train import RUN_FILE, _check_override_keys, train
+from medfcn.train import train
 
 from .conftest import BUNDLE, BUNDLE_2D, HIPPO, REPO, need, write_msd_dataset
 
@@ -290,4 +291,4 @@ def test_split_of_another_dataset_says_how_to_make_one(spheres_dataset, tmp_path
     ids=["argument", "separator", "nested-argument", "reserved", "macro"],
 )
 def test_overrides_of_existing_entries_and_arguments_are_accepted(overrides):
-    _check_override_keys(BUNDLE / "configs" / "train.json", overrides)
+    check_override_keys(BUNDLE / "configs" / "train.json", overrides)
