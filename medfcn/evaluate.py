@@ -7,8 +7,6 @@ a summary (mean, std, median) per metric, written as CSV and JSON.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import os
@@ -21,9 +19,9 @@ import torch
 from monai.metrics import DiceMetric, HausdorffDistanceMetric
 
 from medfcn.data.datasets import case_id
-from medfcn.data.nifti import check_gzip_integrity, scan_affine_mm
+from medfcn.data.nifti import check_gzip_integrity, scan_affine_mm, voxel_spacing
 from medfcn.errors import UserError
-from medfcn.io import atomic_write_text, nifti_files, refuse_existing, writable_dir
+from medfcn.io import atomic_write_text, csv_text, nifti_files, refuse_existing, writable_dir
 from medfcn.outputs import output_lock
 
 __all__ = ["evaluate_folders", "case_metrics", "summarise"]
@@ -160,7 +158,7 @@ def evaluate_folders(
             raise UserError(f"{pred_path}: affine differs from its label's; masks must be on the label's grid.")
         in_label, in_pred = set(np.unique(label).tolist()), set(np.unique(pred).tolist())
         case_labels = labels or sorted(int(v) for v in in_label | in_pred if v > 0)
-        spacing = tuple(float(s) for s in np.sqrt((label_affine[:3, :3] ** 2).sum(axis=0)))
+        spacing = tuple(float(s) for s in voxel_spacing(label_affine))
         row = {"case": name, **case_metrics(pred, label, spacing, case_labels)}
         for k in case_labels:
             missed[k] = missed.get(k, 0) + (k in in_label and k not in in_pred)
@@ -178,12 +176,8 @@ def evaluate_folders(
     for k in sorted(missed):
         summary[f"dice_{k}"].update(missed=missed[k], false_positive=false_positive[k], no_overlap=no_overlap[k])
         summary[f"hd95_{k}"]["not_scored"] = missed[k] + false_positive[k]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows(rows)
     with output_lock(out, "medfcn evaluate", "--out"):  # the two tables of one run, not one of each of two
         refuse_existing([out / "metrics.csv", out / "metrics.json"], overwrite)  # another run may have written them
-        atomic_write_text(buffer.getvalue(), out / "metrics.csv")
+        atomic_write_text(csv_text(rows, columns), out / "metrics.csv")
         atomic_write_text(json.dumps({"cases": rows, "summary": summary}, indent=1) + "\n", out / "metrics.json")
     return rows, summary

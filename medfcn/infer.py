@@ -15,8 +15,6 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import json
 import os
 import time
@@ -41,6 +39,7 @@ from medfcn.data.nifti import (
     is_nifti,
     mask_like_scan,
     use_file_affine,
+    voxel_spacing,
 )
 from medfcn.data.profile import bundle_profile, warn_if_unlike_training
 from medfcn.devices import check_device, device_expression
@@ -55,7 +54,7 @@ from medfcn.formats import (
     mask_suffix,
     stage_itk_mask,
 )
-from medfcn.io import NIFTI_SUFFIXES, atomic_path, load_weights, nifti_files, refuse_existing
+from medfcn.io import NIFTI_SUFFIXES, atomic_path, csv_text, load_weights, nifti_files, refuse_existing
 from medfcn.outputs import is_utf8, output_lock, path_text, refuse_non_utf8, refuse_outputs_over_inputs
 
 __all__ = [
@@ -321,11 +320,7 @@ def _stage_tables(
     stack: contextlib.ExitStack, rows: list[dict], out_dir: Path, name: str = "volumes", fields: Sequence[str] = ()
 ) -> None:
     """Stage ``<name>.csv`` and ``<name>.json`` of ``rows`` (``fields``: the columns when there are no rows)."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else list(fields))
-    writer.writeheader()
-    writer.writerows(rows)
-    stack.enter_context(atomic_path(out_dir / f"{name}.csv")).write_text(buffer.getvalue())
+    stack.enter_context(atomic_path(out_dir / f"{name}.csv")).write_text(csv_text(rows, fields))
     stack.enter_context(atomic_path(out_dir / f"{name}.json")).write_text(json.dumps(rows, indent=1) + "\n")
 
 
@@ -479,7 +474,7 @@ def _segment_one(
         mm3 = {n: volumes[f"{n}_mm3"] for n in segmenter.class_names}
         unlike = warn_if_unlike_training(profile, scan, affine, labels.shape, mm3)
     _stage_mask(stack, labels, affine, target, scan)
-    spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    spacing = voxel_spacing(affine)
     row = {
         "input": path_text(scan),  # \xNN for the bytes of a name that are not UTF-8
         "mask": path_text(target),

@@ -8,6 +8,7 @@ with ``torch.load(..., weights_only=True)``: tensors and plain containers only, 
 from __future__ import annotations
 
 import contextlib
+import csv
 import errno
 import io
 import os
@@ -238,6 +239,28 @@ def _first_sentence(text: str) -> str:
     return line.split(". ", 1)[0].rstrip(".")[:300]
 
 
+def read_checkpoint(path: str | os.PathLike, fix: str = "replace the file") -> object:
+    """The contents of a ``torch.save``-d file, read on the CPU with ``weights_only=True``.
+
+    Raises:
+        UserError: the file is unreadable or holds more than tensors and plain containers,
+            naming ``path``, the reason in one line and ``fix``.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise UserError(f"{path}: not a readable PyTorch checkpoint ({checkpoint_reason(err)}); {fix}.") from err
+
+
+def csv_text(rows: list[dict], columns: Iterable[str] = ()) -> str:
+    """``rows`` as CSV text with a header line (``columns`` when there are no rows)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else list(columns))
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
 def load_weights(network: torch.nn.Module, path: str | os.PathLike, key: str | None = None) -> torch.nn.Module:
     """Load the state dict in ``path`` into ``network`` (strictly: every key, every shape).
 
@@ -250,11 +273,7 @@ def load_weights(network: torch.nn.Module, path: str | os.PathLike, key: str | N
         UserError: the file is not a readable checkpoint, lacks ``key``, or holds weights of
             another architecture or shape.
     """
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        reason = checkpoint_reason(err)
-        raise UserError(f"{path}: not a readable PyTorch checkpoint ({reason}); replace the file.") from err
+    state = read_checkpoint(path)
     if key is not None:
         if not isinstance(state, dict) or key not in state:
             raise UserError(f"{path}: no {key!r} entry; not a medfcn training checkpoint.")

@@ -33,7 +33,7 @@ from medfcn.bundle import MODEL_KEYS, NOT_SETTINGS, bundle_files, read_run_recor
 from medfcn.data.datasets import fold_datalists
 from medfcn.data.profile import PROFILE_KEY, RUN_PROFILE, training_profile
 from medfcn.errors import UserError
-from medfcn.io import atomic_torch_save, checkpoint_reason, refuse_existing, writable_dir
+from medfcn.io import atomic_torch_save, read_checkpoint, refuse_existing, writable_dir
 from medfcn.outputs import refuse_output_over
 
 __all__ = ["package_run", "trained_flip_axes"]
@@ -78,10 +78,7 @@ def _run_weights(run_dir: Path, which: str) -> tuple[dict, str, dict]:
     path = run_dir / ("best_model.pt" if which == "best" else "last.pt")
     if not path.is_file():
         raise UserError(f"{path}: missing; the run has not finished a validation yet, or pass the other --weights.")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise UserError(f"{path}: not a readable checkpoint ({checkpoint_reason(err)}).") from err
+    state = read_checkpoint(path, fix="pass the other --weights, or package another run")
     if which == "best":
         return state, "best_model.pt: the moving-average weights of the best validation epoch", _best(run_dir)
     best = dict(state.get("best", {}))

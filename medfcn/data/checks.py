@@ -16,7 +16,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from medfcn.data.nifti import check_gzip_integrity, refuse_non_mm
+from medfcn.data.nifti import check_gzip_integrity, refuse_non_mm, voxel_spacing
 from medfcn.errors import InputWarning, UserError
 
 __all__ = [
@@ -114,7 +114,7 @@ def check_scan(
         bad = int((~finite).sum())
         raise UserError(f"{path}: has {bad} NaN/Inf voxels; fix or mask them before segmenting.")
     _refuse_blank(image, path)
-    spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    spacing = voxel_spacing(affine)
     check_memory(path, spatial, spacing, in_channels, target_spacing, num_classes)
 
 

@@ -164,10 +164,16 @@ def _coded_affines(header: nib.Nifti1Header) -> dict[str, np.ndarray]:
     return affines or {"pixdim": header.get_best_affine()}
 
 
+def voxel_spacing(affine: np.ndarray) -> np.ndarray:
+    """Voxel sizes ``(3,)`` of a ``(4, 4)`` affine: the lengths of its first three columns (mm
+    for a RAS affine in mm)."""
+    return np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+
+
 def _refuse_singular(path: str | os.PathLike, name: str, affine: np.ndarray) -> None:
     """UserError when the 3x3 of ``affine`` is singular (a zero voxel size, collinear axes)."""
     matrix = affine[:3, :3]
-    sizes = np.sqrt((matrix**2).sum(axis=0))
+    sizes = voxel_spacing(affine)
     # |det| relative to the product of the column lengths: 1 for orthogonal axes, 0 when singular
     if sizes.min() > 0 and abs(np.linalg.det(matrix)) > 1e-6 * sizes.prod():
         return

@@ -25,6 +25,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from medfcn.data.nifti import voxel_spacing
 from medfcn.errors import InputWarning, UserError
 from medfcn.io import atomic_write_text
 
@@ -64,7 +65,7 @@ def geometry_ras(affine: np.ndarray, shape: Sequence[int]) -> tuple[np.ndarray, 
     (``nibabel.as_closest_canonical``, MONAI's ``Orientation``) assigns it.
     """
     affine = np.asarray(affine, dtype=float)
-    spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    spacing = voxel_spacing(affine)
     order = nib.orientations.io_orientation(affine)[:, 0].astype(int)  # world axis of each voxel axis
     fov, voxel = np.zeros(3), np.zeros(3)
     fov[order] = np.asarray(shape[:3], dtype=float) * spacing
