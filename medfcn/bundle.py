@@ -24,6 +24,7 @@ import inspect
 import json
 import os
 import pydoc
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -72,10 +73,14 @@ def weights_file(bundle: str | os.PathLike) -> Path:
     return Path(bundle) / "models" / "model.pt"
 
 
-def read_config(config_file: str | os.PathLike, overrides: dict[str, Any] | None = None) -> ConfigParser:
-    """A ``ConfigParser`` of ``config_file`` with ``overrides`` (config ids) applied."""
+def read_config(
+    config: str | os.PathLike | Sequence[str | os.PathLike], overrides: dict[str, Any] | None = None
+) -> ConfigParser:
+    """A ``ConfigParser`` of ``config`` (one file, or a list merged in order as MONAI's runner
+    merges ``--config_file "['a.json','b.json']"``; ``bundle_files(...)["config_files"]``) with
+    ``overrides`` (config ids) applied."""
     parser = ConfigParser()
-    parser.read_config(str(config_file))
+    parser.read_config([str(c) for c in config] if isinstance(config, (list, tuple)) else str(config))
     parser.update(overrides or {})
     return parser
 
@@ -95,7 +100,7 @@ def read_run_record(run_dir: str | os.PathLike) -> dict:
         raise UserError(f"{run_file}: unreadable ({err}); package another run.") from err
 
 
-def bundle_files(bundle: str | os.PathLike, config: str) -> dict[str, Path]:
+def bundle_files(bundle: str | os.PathLike, config: str) -> dict[str, Any]:
     """Paths of a bundle's ``config`` (e.g. ``train.json``), metadata and logging config.
 
     Raises:
@@ -111,6 +116,8 @@ def bundle_files(bundle: str | os.PathLike, config: str) -> dict[str, Path]:
         "meta_file": root / "configs" / "metadata.json",
         "logging_file": root / "configs" / "logging.conf",
     }
+    # every config file the stage merges, in order (MONAI's ``--config_file`` list)
+    files["config_files"] = [files["config_file"]]
     for key in ("config_file", "meta_file"):
         if not files[key].is_file():
             raise UserError(f"{files[key]}: missing; {root} is not a complete MONAI bundle.")
@@ -176,10 +183,11 @@ class BundleParser(ConfigParser):
     an entry that cannot be built (``"network_def": 42``, a reference to a missing entry) is
     a :class:`UserError` instead of MONAI's chain of RuntimeErrors."""
 
-    def __init__(self, config_file: str | os.PathLike):
+    def __init__(self, config: str | os.PathLike | Sequence[str | os.PathLike]):
         super().__init__()
-        self.config_file = Path(config_file)
-        self.read_config(str(config_file))
+        files = list(config) if isinstance(config, (list, tuple)) else [config]
+        self.config_file = Path(files[-1])  # named in messages: the stage's own config
+        self.read_config([str(f) for f in files])
 
     def get_parsed_content(self, id: str = "", **kwargs: Any) -> Any:
         try:

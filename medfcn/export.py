@@ -63,7 +63,7 @@ def export_torchscript(
         raise UserError(f"{weights}: missing; nothing to export.")
     target = root / "models" / "model.ts"
     refuse_existing([target], overwrite, fix="pass --overwrite to replace it")
-    parser = BundleParser(files["config_file"])  # a broken entry fails in one line naming the file
+    parser = BundleParser(files["config_files"])  # a broken entry fails in one line naming the file
     parser["bundle_root"] = str(root)
     network = load_weights(parser.get_parsed_content("network_def"), weights).eval()
     if check_shape is None:

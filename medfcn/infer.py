@@ -147,7 +147,7 @@ def load_segmenter(
     weights = weights_file(files["bundle_root"])
     if not weights.is_file():
         raise UserError(f"{weights}: missing; train the bundle and copy best_model.pt there.")
-    parser = BundleParser(files["config_file"])  # a broken entry fails in one line naming the file
+    parser = BundleParser(files["config_files"])  # a broken entry fails in one line naming the file
     parser.update({"bundle_root": str(files["bundle_root"]), **(overrides or {})})
     if device:
         parser["device"] = device_expression(device)
