@@ -52,7 +52,7 @@ def memory_budget() -> int:
         return int(gib * 2**30)
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
-    except (ValueError, OSError):  # no sysconf: assume 8 GiB
+    except (ValueError, OSError):  # no sysconf: assume 4 GiB
         return 4 * 2**30
 
 
@@ -88,6 +88,20 @@ def check_scan(
     shape = tuple(int(s) for s in image.shape)
     meta = getattr(image, "meta", {})
     spatial = tuple(int(s) for s in meta.get("spatial_shape", shape[:3]))
+    _check_layout(path, shape, spatial, in_channels)
+    affine = np.asarray(meta.get("affine", np.eye(4)), dtype=np.float64)
+    _refuse_single_slice(path, spatial, affine, slice_axis)
+    finite = torch.isfinite(torch.as_tensor(image))
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        raise UserError(f"{path}: has {bad} NaN/Inf voxels; fix or mask them before segmenting.")
+    _refuse_blank(image, path)
+    check_memory(path, spatial, voxel_spacing(affine), in_channels, target_spacing, num_classes)
+
+
+def _check_layout(path: str | os.PathLike, shape: tuple[int, ...], spatial: tuple[int, ...], in_channels: int) -> None:
+    """UserError unless the array ``shape`` is a 3D volume ``spatial`` with ``in_channels``
+    channels (last axis) and no empty axis."""
     channels = 1 if len(shape) == len(spatial) else shape[-1]
     if len(spatial) != 3:
         raise UserError(f"{path}: is a {len(spatial)}D image {shape}; this bundle segments 3D volumes.")
@@ -100,22 +114,19 @@ def check_scan(
         )
     if min(spatial) < 1:
         raise UserError(f"{path}: has an empty axis (shape {shape}).")
-    affine = np.asarray(meta.get("affine", np.eye(4)), dtype=np.float64)
-    # A one-voxel axis gives the 3D network nothing to see: the mask comes out all background.
-    # Only a slice-by-slice bundle reads a lone slice across its own slice axis (as it reads each).
+
+
+def _refuse_single_slice(
+    path: str | os.PathLike, spatial: tuple[int, ...], affine: np.ndarray, slice_axis: int | None
+) -> None:
+    """A one-voxel axis gives the 3D network nothing to see: the mask comes out all background.
+    Only a slice-by-slice bundle reads a lone slice across its own slice axis (as it reads each)."""
     ras_axes = list(nib.io_orientation(affine)[:, 0])  # the RAS axis each stored axis becomes
     own_axis = ras_axes.index(slice_axis) if slice_axis in ras_axes else None
     if any(size < 2 and axis != own_axis for axis, size in enumerate(spatial)):
         what = "a single slice" if sum(size < 2 for size in spatial) == 1 else "not a volume"
         dims = " x ".join(map(str, spatial))
         raise UserError(f"{path}: is {what} ({dims}); this bundle segments 3D volumes.")
-    finite = torch.isfinite(torch.as_tensor(image))
-    if not bool(finite.all()):
-        bad = int((~finite).sum())
-        raise UserError(f"{path}: has {bad} NaN/Inf voxels; fix or mask them before segmenting.")
-    _refuse_blank(image, path)
-    spacing = voxel_spacing(affine)
-    check_memory(path, spatial, spacing, in_channels, target_spacing, num_classes)
 
 
 def _refuse_blank(image: torch.Tensor, path: str | os.PathLike) -> None:
