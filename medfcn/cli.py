@@ -16,7 +16,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, get_args
 
 import typer
 from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
@@ -53,7 +53,7 @@ class _ItemsArgument(TyperArgument):
     ``<path>``, not Typer's ``<list[Path]>``."""
 
     def display_type_rich(self, ctx) -> str | None:
-        (item,) = self.type_descriptor.annotation.__args__
+        (item,) = get_args(self.type_descriptor.annotation)  # list[Path] -> Path
         return f"<{item.__name__.lower()}>"
 
 
