@@ -4,25 +4,84 @@ User mistakes (:class:`medfcn.errors.UserError`) print one line ``medfcn: error:
 with code 2; ``--debug`` (or ``MEDFCN_DEBUG=1``) shows the full traceback instead. Anything else
 is a bug and keeps its traceback. A doubtful input that is still processed
 (:class:`medfcn.errors.InputWarning`) prints one line ``medfcn: warning: ...``.
+
+Each command imports what it runs (torch, MONAI, nibabel) inside its function: ``medfcn --help``
+and every ``medfcn COMMAND --help`` load none of them and answer at once.
 """
 
 from __future__ import annotations
 
 import functools
-import logging
 import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, get_args
 
 import typer
+from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
 from medfcn.errors import InputWarning, find_user_error
+from medfcn.notices import quiet_library_notices
 from medfcn.outputs import exit_on_sigterm, path_text
+
+# The commands in the order of a project's work, as `medfcn --help` lists them.
+WORKFLOW = ("folds", "train", "package", "infer", "evaluate", "export")
+
+
+def _untyped_flags(params: list) -> list:
+    """``params`` with every flag (``--resume``, ``--help``) shown without a type: it takes no
+    value, and Typer's help would print ``<bool>`` after it."""
+    for param in params:
+        if isinstance(param, TyperOption) and param.is_flag and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
+class _Group(TyperGroup):
+    """``medfcn``: its commands listed in :data:`WORKFLOW` order, its flags without ``<bool>``."""
+
+    def list_commands(self, ctx) -> list[str]:
+        return sorted(super().list_commands(ctx), key=lambda n: WORKFLOW.index(n) if n in WORKFLOW else len(WORKFLOW))
+
+    def get_params(self, ctx) -> list:
+        return _untyped_flags(super().get_params(ctx))
+
+
+class _ItemsArgument(TyperArgument):
+    """An argument taking one value or more (``INPUTS...``), typed in the help by its items:
+    ``<path>``, not Typer's ``<list[Path]>``."""
+
+    def display_type_rich(self, ctx) -> str | None:
+        (item,) = get_args(self.type_descriptor.annotation)  # list[Path] -> Path
+        return f"<{item.__name__.lower()}>"
+
+
+class _Command(TyperCommand):
+    """A command whose help reads as what to type: ``medfcn infer [OPTIONS] BUNDLE INPUTS...``
+    (Typer writes ``{bundle} {inputs}...``), flags without ``<bool>``, items' types."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        for param in self.params:  # Typer makes the parameters itself: no way to choose their class
+            if isinstance(param, TyperArgument) and param.nargs != 1:
+                param.__class__ = _ItemsArgument
+
+    def get_params(self, ctx) -> list:
+        return _untyped_flags(super().get_params(ctx))
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if isinstance(param, TyperArgument):
+                name = param.name.upper() + ("..." if param.nargs != 1 else "")
+                pieces.append(name if param.required else f"[{name}]")
+        return pieces
+
 
 app = typer.Typer(
     name="medfcn",
+    cls=_Group,
     help="Medical image segmentation with fully convolutional networks (MONAI bundles).",
     no_args_is_help=True,
     add_completion=False,
@@ -39,7 +98,7 @@ def _user_errors(command):
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
-            with warnings.catch_warnings():
+            with quiet_library_notices(), warnings.catch_warnings():
                 warnings.simplefilter("always", InputWarning)  # one per input, also for repeats
                 other = warnings.showwarning
 
@@ -63,16 +122,35 @@ def _user_errors(command):
     return wrapper
 
 
+def version() -> str:
+    """medfcn's version: the installed package's, else (a source tree on the path, not
+    installed) ``medfcn.__version__``."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed_version
+
+    try:
+        return installed_version("medfcn")
+    except PackageNotFoundError:
+        from medfcn import __version__
+
+        return __version__
+
+
+def _print_version(asked: bool) -> None:
+    if asked:
+        typer.echo(f"medfcn {version()}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _main(
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks, also for user errors.")] = False,
+    show_version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
 ) -> None:
     """Train FCNs from MONAI bundles, run them on scans, evaluate masks."""
     _state["debug"] = debug or os.environ.get("MEDFCN_DEBUG", "") not in ("", "0")
-    # nibabel logs each header fix it makes ("pixdim[1,2,3] should be positive; setting to abs"),
-    # on every load, straight to stderr; what matters for a scan is checked and said once
-    # (medfcn.data.nifti.check_nifti_geometry), so those lines are only noise
-    logging.getLogger("nibabel.global").setLevel(logging.CRITICAL + 1)
 
 
 def _parse_overrides(pairs: list[str], option: str = "--set") -> dict:
@@ -91,41 +169,59 @@ def _parse_overrides(pairs: list[str], option: str = "--set") -> dict:
     return out
 
 
-@app.command()
+# `medfcn train`'s options, declared apart so that its signature reads as the list of them
+_TrainData = Annotated[
+    Path | None,
+    typer.Option("--data", help="Dataset folder with an MSD dataset.json.", show_default="$MEDFCN_DATA/<task>"),
+]
+_TrainFold = Annotated[
+    int | None,
+    typer.Option(help="Validation fold of the bundle's split (-1: all cases).", show_default="the bundle's fold"),
+]
+_TrainFolds = Annotated[
+    Path | None,
+    typer.Option(
+        "--folds", help="Fold split JSON for --data (`medfcn folds` writes one).", show_default="the bundle's"
+    ),
+]
+_TrainEpochs = Annotated[int | None, typer.Option(help="Number of epochs.", show_default="the bundle's epochs")]
+_TrainOutput = Annotated[Path | None, typer.Option("--output", help="Run folder: checkpoints and TensorBoard events.")]
+_TrainResume = Annotated[
+    bool,
+    typer.Option(
+        "--resume", help="Continue the run in --output from last.pt, with the data and --set it started with."
+    ),
+]
+_TrainEncoder = Annotated[
+    Path | None, typer.Option("--encoder", help="Initialise the encoder from this FCN checkpoint.")
+]
+_TrainFreezeEncoder = Annotated[
+    bool, typer.Option("--freeze-encoder", help="Keep the encoder fixed; only the decoder trains.")
+]
+_TrainSet = Annotated[
+    list[str] | None,
+    typer.Option("--set", metavar="<key=value>", help="Override a config entry, KEY=VALUE (JSON), repeatable."),
+]
+_TrainDevice = Annotated[
+    str | None,
+    typer.Option(help="cpu, cuda, cuda:1...; a resume may change it.", show_default="CUDA if present"),
+]
+
+
+@app.command(cls=_Command)
 @_user_errors
 def train(
     bundle: Annotated[Path, typer.Argument(help="Bundle folder, e.g. bundles/hippocampus_fcn.")],
-    data: Annotated[
-        Path | None,
-        typer.Option("--data", help="Dataset folder with an MSD dataset.json (default: $MEDFCN_DATA/<task>)."),
-    ] = None,
-    fold: Annotated[int | None, typer.Option(help="Validation fold of the bundle's split (-1: all cases).")] = None,
-    folds: Annotated[
-        Path | None,
-        typer.Option("--folds", help="Fold split JSON for --data (`medfcn folds` writes one; default: the bundle's)."),
-    ] = None,
-    epochs: Annotated[int | None, typer.Option(help="Number of epochs (default: the bundle's).")] = None,
-    output: Annotated[
-        Path | None, typer.Option("--output", help="Run folder: checkpoints and TensorBoard events.")
-    ] = None,
-    resume: Annotated[
-        bool,
-        typer.Option(
-            "--resume", help="Continue the run in --output from last.pt, with the data and --set it started with."
-        ),
-    ] = False,
-    encoder: Annotated[
-        Path | None, typer.Option("--encoder", help="Initialise the encoder from this FCN checkpoint.")
-    ] = None,
-    freeze_encoder: Annotated[
-        bool, typer.Option("--freeze-encoder", help="Keep the encoder fixed; only the decoder trains.")
-    ] = False,
-    set_: Annotated[
-        list[str] | None, typer.Option("--set", help="Override a config entry, KEY=VALUE (JSON), repeatable.")
-    ] = None,
-    device: Annotated[
-        str | None, typer.Option(help="cpu, cuda, cuda:1... (default: CUDA if present); a resume may change it.")
-    ] = None,
+    data: _TrainData = None,
+    fold: _TrainFold = None,
+    folds: _TrainFolds = None,
+    epochs: _TrainEpochs = None,
+    output: _TrainOutput = None,
+    resume: _TrainResume = False,
+    encoder: _TrainEncoder = None,
+    freeze_encoder: _TrainFreezeEncoder = False,
+    set_: _TrainSet = None,
+    device: _TrainDevice = None,
 ) -> None:
     """Train the bundle's network (its configs/train.json) on an MSD-style dataset.
 
@@ -153,7 +249,7 @@ def train(
     typer.echo(f"done: checkpoints and TensorBoard events in {out}")
 
 
-@app.command()
+@app.command(cls=_Command)
 @_user_errors
 def package(
     run: Annotated[Path, typer.Argument(help="A `medfcn train` output folder (medfcn_run.json, best_model.pt).")],
@@ -182,7 +278,7 @@ def package(
     typer.echo(f"wrote bundle {path}: `medfcn infer {path} SCANS --out MASKS`")
 
 
-@app.command()
+@app.command(cls=_Command)
 @_user_errors
 def folds(
     dataset: Annotated[Path, typer.Argument(help="Dataset folder with an MSD dataset.json.")],
@@ -199,31 +295,40 @@ def folds(
     typer.echo(f"wrote {out}: {n_folds} folds of {sizes} cases")
 
 
-@app.command()
+# `medfcn infer`'s longer options, declared apart so that its signature reads as the list of them
+_InferTta = Annotated[
+    bool,
+    typer.Option("--tta", help="Average with input flipped as the model trained (3D bundle: left-right, 2x time)."),
+]
+_InferMaskFormat = Annotated[
+    str, typer.Option(help="nifti (<case>.nii.gz), nrrd, mha, or input: NRRD/MetaImage scans keep their format.")
+]
+_InferContinueOnError = Annotated[
+    bool,
+    typer.Option(
+        "--continue-on-error",
+        help="List a bad scan in failures.csv and segment the others (exit code 3 if any failed).",
+    ),
+]
+
+
+@app.command(cls=_Command)
 @_user_errors
 def infer(
     bundle: Annotated[Path, typer.Argument(help="Bundle folder with configs/inference.json and models/model.pt.")],
     inputs: Annotated[list[Path], typer.Argument(help="NIfTI, NRRD, MetaImage files or folders; DICOM series.")],
     out: Annotated[Path, typer.Option("--out", help="Output folder for masks and volumes.csv/json.")],
-    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1... (default: CUDA if present).")] = None,
-    sw_batch_size: Annotated[int | None, typer.Option(help="Sliding-window batch size.")] = None,
-    overlap: Annotated[float | None, typer.Option(help="Sliding-window overlap, 0..1.")] = None,
-    tta: Annotated[
-        bool,
-        typer.Option("--tta", help="Average with input flipped as the model trained (3D bundle: left-right, 2x time)."),
-    ] = False,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1...", show_default="CUDA if present")] = None,
+    sw_batch_size: Annotated[
+        int | None, typer.Option(help="Sliding-window batch size.", show_default="the bundle's sw_batch_size")
+    ] = None,
+    overlap: Annotated[
+        float | None, typer.Option(help="Sliding-window overlap, 0..1.", show_default="the bundle's overlap")
+    ] = None,
+    tta: _InferTta = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing masks and volume tables.")] = False,
-    mask_format: Annotated[
-        str,
-        typer.Option(help="nifti (<case>.nii.gz), nrrd, mha, or input: NRRD/MetaImage scans keep their format."),
-    ] = "nifti",
-    continue_on_error: Annotated[
-        bool,
-        typer.Option(
-            "--continue-on-error",
-            help="List a bad scan in failures.csv and segment the others (exit code 3 if any failed).",
-        ),
-    ] = False,
+    mask_format: _InferMaskFormat = "nifti",
+    continue_on_error: _InferContinueOnError = False,
 ) -> None:
     """Segment scans with a bundle; one uint8 mask per scan in the scan's own geometry.
 
@@ -261,7 +366,7 @@ def _report_failures(failures: list[dict], table: Path) -> None:
     raise typer.Exit(3)
 
 
-@app.command()
+@app.command(cls=_Command)
 @_user_errors
 def evaluate(
     pred_dir: Annotated[Path, typer.Argument(help="Folder of predicted masks (NIfTI).")],
@@ -269,47 +374,91 @@ def evaluate(
     labels: Annotated[
         list[int] | None,
         typer.Option(
-            "--labels", help="Label values to score, one per option: --labels 1 --labels 2 (default: all present)."
+            "--labels",
+            metavar="<int>",
+            help="Label value to score, repeatable: --labels 1 --labels 2.",
+            show_default="all present",
         ),
     ] = None,
-    out: Annotated[Path | None, typer.Option("--out", help="Where metrics.csv/json go (default: PRED_DIR).")] = None,
+    bundle: Annotated[
+        Path | None, typer.Option("--bundle", help="Name labels 1, 2, ... by this bundle's class_names.")
+    ] = None,
+    class_names: Annotated[
+        str | None,
+        typer.Option(
+            "--class-names", metavar="<names>", help="Names of labels 1, 2, ..., comma-separated: anterior,posterior."
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Folder to write metrics.csv and metrics.json to (without it: the table only)."),
+    ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing metrics.csv/json.")] = False,
 ) -> None:
     """Dice per label and mean, HD95 in mm, per case and summarised (mean, std, median, n scored).
 
     A label in only one of prediction and reference scores Dice 0 and no HD95 (counted below
     the table); a label in neither is not scored. Labels present in both masks without any
-    voxel in common are counted below the table too.
+    voxel in common are counted below the table too. Labels are named after --bundle's classes
+    or --class-names; the per-case table is written only with --out.
     """
+    from medfcn.evaluate import evaluate_folders, label_names
+
+    names = label_names(bundle, class_names)
+    rows, summary = evaluate_folders(
+        pred_dir, label_dir, labels=labels or None, out_dir=out, overwrite=overwrite, class_names=names
+    )
+    _print_metrics(f"{len(rows)} cases: {pred_dir} vs {label_dir}", summary, names)
+    _print_unscored(summary, names)
+    if out is None:
+        typer.echo("per-case metrics: not written (--out FOLDER writes metrics.csv and metrics.json)")
+    else:
+        typer.echo(f"per-case metrics: {out / 'metrics.csv'}")
+
+
+def _metric_label(metric: str, names: dict[int, str]) -> str:
+    """``dice_1`` -> ``dice_1 (anterior)`` when label 1 has a name; other metrics as they are."""
+    kind, _, label = metric.rpartition("_")
+    return (
+        f"{metric} ({names[int(label)]})"
+        if kind in ("dice", "hd95") and label.isdigit() and int(label) in names
+        else metric
+    )
+
+
+def _print_metrics(title: str, summary: dict, names: dict[int, str]) -> None:
+    """The summary as a table: one row per metric (labels named), mean, std, median, n scored."""
     from rich.console import Console
     from rich.table import Table
 
-    from medfcn.evaluate import evaluate_folders
-
-    rows, summary = evaluate_folders(pred_dir, label_dir, labels=labels or None, out_dir=out, overwrite=overwrite)
-    table = Table(title=f"{len(rows)} cases: {pred_dir} vs {label_dir}")
+    table = Table(title=title)
     for column in ("metric", "mean", "std", "median", "n"):
         table.add_column(column, justify="left" if column == "metric" else "right")
-    for name, stats in summary.items():
-        table.add_row(name, f"{stats['mean']:.4f}", f"{stats['std']:.4f}", f"{stats['median']:.4f}", str(stats["n"]))
+    for metric, stats in summary.items():
+        cells = (f"{stats[key]:.4f}" for key in ("mean", "std", "median"))
+        table.add_row(_metric_label(metric, names), *cells, str(stats["n"]))
     Console().print(table)
-    for name, stats in summary.items():
+
+
+def _print_unscored(summary: dict, names: dict[int, str]) -> None:
+    """One line per label with cases left out of its HD95 or without a voxel in common."""
+    for metric, stats in summary.items():
         if stats.get("not_scored"):
-            k = name.removeprefix("hd95_")
+            k = metric.removeprefix("hd95_")
+            dice = summary[f"dice_{k}"]
             typer.echo(
-                f"{name}: {stats['not_scored']} case(s) not scored (label missing from prediction or reference: "
-                f"{summary[f'dice_{k}']['missed']} missed, {summary[f'dice_{k}']['false_positive']} false positive); "
+                f"{_metric_label(metric, names)}: {stats['not_scored']} case(s) not scored (label missing from "
+                f"prediction or reference: {dice['missed']} missed, {dice['false_positive']} false positive); "
                 f"dice_{k} is 0 there."
             )
         if stats.get("no_overlap"):
             typer.echo(
-                f"{name}: {stats['no_overlap']} case(s) where prediction and reference both hold the label "
-                "in no voxel in common (Dice 0): a structure in the wrong place or under another label."
+                f"{_metric_label(metric, names)}: {stats['no_overlap']} case(s) where prediction and reference both "
+                "hold the label in no voxel in common (Dice 0): a structure in the wrong place or under another label."
             )
-    typer.echo(f"per-case metrics: {(out or pred_dir) / 'metrics.csv'}")
 
 
-@app.command()
+@app.command(cls=_Command)
 @_user_errors
 def export(
     bundle: Annotated[Path, typer.Argument(help="Bundle folder.")],

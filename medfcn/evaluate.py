@@ -2,7 +2,10 @@
 
 Metrics come from ``monai.metrics`` (``DiceMetric``, ``HausdorffDistanceMetric`` with the
 95th percentile, computed in mm using the label's voxel spacing). Results: one row per case and
-a summary (mean, std, median) per metric, written as CSV and JSON.
+a summary (mean, std, median) per metric, written as CSV and JSON to a folder named for it
+(never, unasked, into the mask folder). Labels keep their values in the tables (``dice_1``);
+:func:`label_names` says what they are (a bundle's ``class_names``) for ``metrics.json`` and
+the CLI's table.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import json
 import math
 import os
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import nibabel as nib
@@ -24,7 +28,7 @@ from medfcn.errors import UserError
 from medfcn.io import atomic_write_text, csv_text, nifti_files, refuse_existing, writable_dir
 from medfcn.outputs import output_lock
 
-__all__ = ["evaluate_folders", "case_metrics", "summarise"]
+__all__ = ["evaluate_folders", "case_metrics", "label_names", "summarise"]
 
 
 def _load_labels(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -103,29 +107,38 @@ def summarise(rows: list[dict]) -> dict:
     return summary
 
 
-def evaluate_folders(
-    pred_dir: str | os.PathLike,
-    label_dir: str | os.PathLike,
-    labels: list[int] | None = None,
-    out_dir: str | os.PathLike | None = None,
-    overwrite: bool = False,
-) -> tuple[list[dict], dict]:
-    """Score every mask in ``pred_dir`` against the same-named file in ``label_dir``.
+def label_names(bundle: str | os.PathLike | None = None, class_names: str | None = None) -> dict[int, str]:
+    """Names of labels 1, 2, ...: ``bundle``'s ``class_names`` (as its inference configs state
+    them), or ``class_names`` given as text, ``"anterior,posterior"``; ``{}`` when neither.
 
-    Labels in ``label_dir`` without a prediction are ignored (the folder may hold more cases);
-    a prediction without a label, or with another shape or affine, is an error.
-
-    Returns:
-        ``(rows, summary)``; rows hold ``case``, ``dice_<k>``, ``hd95_<k>`` (mm) and
-        ``dice_mean`` (over the case's labels that are in either mask). The summary holds
-        :func:`summarise`'s statistics per column; ``dice_<k>`` adds ``missed`` (cases whose
-        reference has label k and whose prediction has none) and ``false_positive`` (the
-        reverse), both scored Dice 0, and ``no_overlap`` (both masks hold label k, in no voxel
-        in common: Dice 0 too); ``hd95_<k>`` adds ``not_scored``, the sum of ``missed`` and
-        ``false_positive`` (no HD95 without both surfaces). Written to ``out_dir`` (default ``pred_dir``) as
-        ``metrics.csv`` and ``metrics.json``; existing ones are replaced only with ``overwrite``.
+    Raises:
+        UserError: both given, the bundle is incomplete or names no classes, or a name is empty.
     """
-    pred_dir, label_dir = Path(pred_dir), Path(label_dir)
+    if bundle is not None and class_names is not None:
+        raise UserError("--bundle and --class-names both name the labels; give one of them.")
+    if bundle is not None:
+        from medfcn.bundle import bundle_files, read_config
+
+        config = read_config(bundle_files(bundle, "inference.json")["config_files"])
+        if "class_names" not in config:
+            raise UserError(f"{bundle}: its configs name no class_names; use --class-names instead.")
+        names = [str(n) for n in config.get_parsed_content("class_names")]
+    elif class_names is not None:
+        names = [n.strip() for n in class_names.split(",")]
+        if not all(names):
+            raise UserError(f"--class-names {class_names!r}: an empty name; e.g. --class-names anterior,posterior.")
+    else:
+        names = []
+    return {k: name for k, name in enumerate(names, start=1)}
+
+
+def _pairs(pred_dir: Path, label_dir: Path, labels: list[int] | None) -> list[tuple[Path, Path]]:
+    """``(mask, reference label)`` for every mask in ``pred_dir``, matched by case name.
+
+    Raises:
+        UserError: a negative label value asked for, a folder missing, no masks, or a mask
+            without a reference label.
+    """
     negative = [k for k in labels or () if k < 0]
     if negative:  # no mask holds one (they are refused), so it would be scored NaN, exit 0
         raise UserError(
@@ -139,45 +152,113 @@ def evaluate_folders(
     if not preds:
         raise UserError(f"{pred_dir}: no NIfTI masks in this folder.")
     references = {case_id(p): p for p in nifti_files(label_dir)}
-    out = Path(out_dir) if out_dir else pred_dir
-    refuse_existing([out / "metrics.csv", out / "metrics.json"], overwrite)
-    writable_dir(out, fix="choose another --out")
-    rows = []
-    missed: dict[int, int] = {}  # label -> cases where the reference has it, the prediction not
-    false_positive: dict[int, int] = {}  # label -> cases where the prediction has it, the reference not
-    no_overlap: dict[int, int] = {}  # label -> cases where both have it, in no voxel in common
     for pred_path in preds:
-        name = case_id(pred_path)
-        if name not in references:
-            raise UserError(f"{pred_path}: no label named {name}.nii.gz in {label_dir}.")
-        pred, pred_affine = _load_labels(pred_path)
-        label, label_affine = _load_labels(references[name])
-        if pred.shape != label.shape:
-            raise UserError(f"{pred_path}: shape {pred.shape} differs from its label's {label.shape}.")
-        if not np.allclose(pred_affine, label_affine, atol=1e-3):
-            raise UserError(f"{pred_path}: affine differs from its label's; masks must be on the label's grid.")
-        in_label, in_pred = set(np.unique(label).tolist()), set(np.unique(pred).tolist())
-        case_labels = labels or sorted(int(v) for v in in_label | in_pred if v > 0)
-        spacing = tuple(float(s) for s in voxel_spacing(label_affine))
-        row = {"case": name, **case_metrics(pred, label, spacing, case_labels)}
+        if case_id(pred_path) not in references:
+            raise UserError(f"{pred_path}: no label named {case_id(pred_path)}.nii.gz in {label_dir}.")
+    return [(pred_path, references[case_id(pred_path)]) for pred_path in preds]
+
+
+def _load_pair(pred_path: Path, label_path: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
+    """The mask and reference label maps ``(X, Y, Z)`` and the voxel spacing (mm) of the label.
+
+    Raises:
+        UserError: either file is unreadable, or the mask is not on the label's grid.
+    """
+    pred, pred_affine = _load_labels(pred_path)
+    label, label_affine = _load_labels(label_path)
+    if pred.shape != label.shape:
+        raise UserError(f"{pred_path}: shape {pred.shape} differs from its label's {label.shape}.")
+    if not np.allclose(pred_affine, label_affine, atol=1e-3):
+        raise UserError(f"{pred_path}: affine differs from its label's; masks must be on the label's grid.")
+    return pred, label, tuple(float(s) for s in voxel_spacing(label_affine))
+
+
+class _Counts:
+    """Cases per label where Dice 0 needs telling apart from a poor mask: ``missed`` (the
+    reference has label k, the prediction not), ``false_positive`` (the reverse) and
+    ``no_overlap`` (both have it, in no voxel in common)."""
+
+    def __init__(self) -> None:
+        self.missed: Counter[int] = Counter()
+        self.false_positive: Counter[int] = Counter()
+        self.no_overlap: Counter[int] = Counter()
+
+    def add(self, row: dict, in_pred: set[int], in_label: set[int], case_labels: list[int]) -> None:
+        """Count the case of ``row`` (its ``dice_<k>``) for each of ``case_labels``."""
         for k in case_labels:
-            missed[k] = missed.get(k, 0) + (k in in_label and k not in in_pred)
-            false_positive[k] = false_positive.get(k, 0) + (k in in_pred and k not in in_label)
+            self.missed[k] += k in in_label and k not in in_pred
+            self.false_positive[k] += k in in_pred and k not in in_label
             # both masks hold the label and Dice is 0: a structure found in the wrong place or
             # under another label, which the mean alone does not tell from a merely poor mask
-            both = k in in_label and k in in_pred
-            no_overlap[k] = no_overlap.get(k, 0) + (both and row[f"dice_{k}"] == 0.0)
-        dices = [row[f"dice_{k}"] for k in case_labels if not math.isnan(row[f"dice_{k}"])]
-        row["dice_mean"] = float(np.mean(dices)) if dices else math.nan
-        rows.append(row)
-    columns = sorted({k for r in rows for k in r}, key=lambda k: (k != "case", k))
-    rows = [{k: r.get(k, math.nan) for k in columns} for r in rows]
-    summary = summarise(rows)
-    for k in sorted(missed):
-        summary[f"dice_{k}"].update(missed=missed[k], false_positive=false_positive[k], no_overlap=no_overlap[k])
-        summary[f"hd95_{k}"]["not_scored"] = missed[k] + false_positive[k]
+            self.no_overlap[k] += k in in_label and k in in_pred and row[f"dice_{k}"] == 0.0
+
+    def add_to(self, summary: dict) -> None:
+        """Put the counts into ``summary``'s ``dice_<k>`` and ``hd95_<k>`` (``not_scored``)."""
+        for k in sorted(self.missed):
+            missed, false_positive = self.missed[k], self.false_positive[k]
+            summary[f"dice_{k}"].update(missed=missed, false_positive=false_positive, no_overlap=self.no_overlap[k])
+            summary[f"hd95_{k}"]["not_scored"] = missed + false_positive
+
+
+def _score_case(pred_path: Path, label_path: Path, labels: list[int] | None, counts: _Counts) -> dict:
+    """One case's row (``case``, ``dice_<k>``, ``hd95_<k>``, ``dice_mean``), counted in ``counts``."""
+    pred, label, spacing = _load_pair(pred_path, label_path)
+    in_label, in_pred = set(np.unique(label).tolist()), set(np.unique(pred).tolist())
+    case_labels = labels or sorted(int(v) for v in in_label | in_pred if v > 0)
+    row = {"case": case_id(pred_path), **case_metrics(pred, label, spacing, case_labels)}
+    counts.add(row, in_pred, in_label, case_labels)
+    dices = [row[f"dice_{k}"] for k in case_labels if not math.isnan(row[f"dice_{k}"])]
+    row["dice_mean"] = float(np.mean(dices)) if dices else math.nan
+    return row
+
+
+def _write_metrics(out: Path, rows: list[dict], columns: list[str], metrics: dict, overwrite: bool) -> None:
+    """``metrics.csv`` (``rows``) and ``metrics.json`` (``metrics``) in ``out``, under its lock."""
     with output_lock(out, "medfcn evaluate", "--out"):  # the two tables of one run, not one of each of two
         refuse_existing([out / "metrics.csv", out / "metrics.json"], overwrite)  # another run may have written them
         atomic_write_text(csv_text(rows, columns), out / "metrics.csv")
-        atomic_write_text(json.dumps({"cases": rows, "summary": summary}, indent=1) + "\n", out / "metrics.json")
+        atomic_write_text(json.dumps(metrics, indent=1) + "\n", out / "metrics.json")
+
+
+def evaluate_folders(
+    pred_dir: str | os.PathLike,
+    label_dir: str | os.PathLike,
+    labels: list[int] | None = None,
+    out_dir: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    class_names: dict[int, str] | None = None,
+) -> tuple[list[dict], dict]:
+    """Score every mask in ``pred_dir`` against the same-named file in ``label_dir``.
+
+    Labels in ``label_dir`` without a prediction are ignored (the folder may hold more cases);
+    a prediction without a label, or with another shape or affine, is an error.
+
+    Returns:
+        ``(rows, summary)``; rows hold ``case``, ``dice_<k>``, ``hd95_<k>`` (mm) and
+        ``dice_mean`` (over the case's labels that are in either mask). The summary holds
+        :func:`summarise`'s statistics per column; ``dice_<k>`` adds ``missed`` (cases whose
+        reference has label k and whose prediction has none) and ``false_positive`` (the
+        reverse), both scored Dice 0, and ``no_overlap`` (both masks hold label k, in no voxel
+        in common: Dice 0 too); ``hd95_<k>`` adds ``not_scored``, the sum of ``missed`` and
+        ``false_positive`` (no HD95 without both surfaces). Written to ``out_dir`` as
+        ``metrics.csv`` and ``metrics.json`` (with ``class_names``, label -> name, when given)
+        only when given: nothing is written into the mask folder unless it is ``out_dir``;
+        existing tables are replaced only with ``overwrite``.
+    """
+    pairs = _pairs(Path(pred_dir), Path(label_dir), labels)
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:  # refused before the scoring, not after it
+        refuse_existing([out / "metrics.csv", out / "metrics.json"], overwrite)
+        writable_dir(out, fix="choose another --out")
+    counts = _Counts()
+    rows = [_score_case(pred_path, label_path, labels, counts) for pred_path, label_path in pairs]
+    columns = sorted({k for r in rows for k in r}, key=lambda k: (k != "case", k))
+    rows = [{k: r.get(k, math.nan) for k in columns} for r in rows]
+    summary = summarise(rows)
+    counts.add_to(summary)
+    if out is not None:
+        metrics = {"cases": rows, "summary": summary}
+        if class_names:
+            metrics["class_names"] = {str(k): name for k, name in sorted(class_names.items())}
+        _write_metrics(out, rows, columns, metrics, overwrite)
     return rows, summary

@@ -16,8 +16,7 @@ import tempfile
 import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from medfcn.errors import UserError, find_user_error, innermost_cause
 
@@ -26,6 +25,9 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 # read-only. The user can fix these, so they are one line, not a traceback.
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 DISK_FULL_FIX = "free space or choose another --out/--output"
+
+if TYPE_CHECKING:  # torch is imported where a checkpoint is read or written: the CLI's help stays light
+    import torch
 
 __all__ = [
     "atomic_path",
@@ -202,6 +204,8 @@ def atomic_torch_save(obj, target: str | os.PathLike) -> None:
     RuntimeError without the system's error number; Python's reports it as an OSError, which
     ``atomic_path`` turns into one line.
     """
+    import torch
+
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     with atomic_path(target) as tmp:
@@ -246,6 +250,8 @@ def read_checkpoint(path: str | os.PathLike, fix: str = "replace the file") -> o
         UserError: the file is unreadable or holds more than tensors and plain containers,
             naming ``path``, the reason in one line and ``fix``.
     """
+    import torch
+
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:

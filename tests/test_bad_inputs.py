@@ -285,9 +285,9 @@ def test_existing_tables_and_exports_are_kept_without_overwrite(tmp_path):
 
     labels = tmp_path / "labels"
     shutil.copytree(out, labels, ignore=shutil.ignore_patterns("volumes.*"))
-    assert run("evaluate", out, labels).exit_code == 0
-    assert_user_error(run("evaluate", out, labels), "metrics.csv", "--overwrite")
-    assert run("evaluate", out, labels, "--overwrite").exit_code == 0
+    assert run("evaluate", out, labels, "--out", out).exit_code == 0  # into the mask folder: only when told
+    assert_user_error(run("evaluate", out, labels, "--out", out), "metrics.csv", "--overwrite")
+    assert run("evaluate", out, labels, "--out", out, "--overwrite").exit_code == 0
 
     bundle = tmp_path / "bundle"
     shutil.copytree(BUNDLE, bundle, ignore=shutil.ignore_patterns("model.ts", "eval"))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 
@@ -175,3 +177,126 @@ def test_help_and_no_arguments_keep_their_exit_codes(tmp_path):
     bare = subprocess.run(run, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
     assert helped.returncode == 0 and "infer" in helped.stdout
     assert bare.returncode == 2 and "infer" in bare.stdout and bare.stderr == ""
+
+
+COMMANDS = ("folds", "train", "package", "infer", "evaluate", "export")
+
+
+def _help(*command: str) -> str:
+    """``medfcn COMMAND --help`` as a user's 100-column terminal without colours shows it."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "100", "NO_COLOR": "1", "TERM": "dumb"}
+    result = subprocess.run(
+        [sys.executable, "-m", "medfcn", *command, "--help"], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+@pytest.mark.parametrize("command", ["", *COMMANDS])
+def test_help_renders_cleanly(command):
+    """No Typer internals in the help: a flag takes no ``<bool>``, arguments are not ``{bundle}``,
+    a list is typed by its items, not ``<list[Path]>``."""
+    text = _help(*filter(None, [command]))
+    for leak in ("<bool>", "{", "}", "<list[", "list[str]", "list[int]"):
+        assert leak not in text, f"{leak!r} in the help of {command or 'medfcn'}:\n{text}"
+    if command == "infer":
+        assert "Usage: medfcn infer [OPTIONS] BUNDLE INPUTS..." in text
+
+
+def _flat(text: str) -> str:
+    """The help's text without the boxes and line breaks, so that a wrapped row reads as one."""
+    return " ".join(re.sub(r"[│╭╮╰╯─]", " ", text).split())
+
+
+@pytest.mark.parametrize(
+    ("command", "option", "default"),
+    [
+        ("train", "--fold <int>", "the bundle's fold"),
+        ("train", "--epochs <int>", "the bundle's epochs"),
+        ("train", "--device <str>", "CUDA if present"),
+        ("infer", "--overlap <float>", "the bundle's overlap"),
+        ("infer", "--sw-batch-size <int>", "the bundle's sw_batch_size"),
+        ("folds", "--n-folds <int>", "5"),
+    ],
+)
+def test_help_shows_defaults(command, option, default):
+    flat = _flat(_help(command))
+    row = re.search(re.escape(option) + r" [^\[]*\[default: \(?([^\]]*?)\)?\]", flat)
+    assert row is not None and row.group(1) == default, flat
+
+
+def test_commands_are_listed_in_workflow_order():
+    listed = [line.split()[1] for line in _help().splitlines() if re.match(r"│ [a-z]+ ", line)]
+    assert listed == list(COMMANDS)
+
+
+def test_version_is_the_package_version():
+    import medfcn
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-m", "medfcn", "--version"], capture_output=True, text=True, env=env)
+    assert result.returncode == 0 and result.stdout == f"medfcn {medfcn.__version__}\n", result.stderr
+    pyproject = (REPO / "pyproject.toml").read_text()
+    assert re.search(r'^version = "([^"]+)"', pyproject, re.M).group(1) == medfcn.__version__
+
+
+HEAVY = ("torch", "monai", "nibabel", "SimpleITK", "numpy")
+
+
+def test_cli_and_every_help_load_no_heavy_library():
+    """`import medfcn.cli`, `medfcn --help` and each `medfcn COMMAND --help` (through
+    ``python -m medfcn``'s entry point) leave torch, MONAI, nibabel, SimpleITK and numpy unloaded."""
+    script = f"""
+import contextlib, io, runpy, sys
+import medfcn.cli
+loaded = {{"import medfcn.cli": [m for m in {HEAVY!r} if m in sys.modules]}}
+for command in ([], *[[c] for c in {COMMANDS!r}], ["--version"]):
+    sys.argv = ["medfcn", *command, "--help"] if command != ["--version"] else ["medfcn", "--version"]
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):
+        runpy.run_module("medfcn", run_name="__main__")
+    loaded[" ".join(sys.argv)] = [m for m in {HEAVY!r} if m in sys.modules]
+print(loaded)
+assert not any(loaded.values()), loaded
+"""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _two_label_masks(tmp_path):
+    label = np.zeros((12, 12, 12), dtype=np.uint8)
+    label[2:6, 2:6, 2:6], label[7:10, 7:10, 7:10] = 1, 2
+    missed = np.where(label == 2, 0, label).astype(np.uint8)
+    for folder, data in (("labels", label), ("pred", missed)):
+        (tmp_path / folder).mkdir()
+        nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / folder / "a.nii.gz")
+    return tmp_path / "pred", tmp_path / "labels"
+
+
+@pytest.mark.parametrize("naming", [["--bundle", str(BUNDLE)], ["--class-names", "anterior,posterior"]])
+def test_evaluate_names_labels_by_class(tmp_path, naming):
+    pred, labels = _two_label_masks(tmp_path)
+    result = CliRunner().invoke(app, ["evaluate", str(pred), str(labels), *naming], env={"COLUMNS": "120"})
+    assert result.exit_code == 0, result.output
+    metrics = [line.split("│")[1].strip() for line in result.output.splitlines() if line.count("│") >= 5]
+    assert metrics == [
+        "dice_1 (anterior)",
+        "dice_2 (posterior)",
+        "dice_mean",
+        "hd95_1 (anterior)",
+        "hd95_2 (posterior)",
+    ]
+    assert "hd95_2 (posterior): 1 case(s) not scored" in result.output
+
+
+def test_evaluate_writes_into_no_folder_unless_told(tmp_path):
+    pred, labels = _two_label_masks(tmp_path)
+    result = CliRunner().invoke(app, ["evaluate", str(pred), str(labels)])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in pred.iterdir()) == ["a.nii.gz"]
+    assert "per-case metrics: not written (--out FOLDER writes metrics.csv and metrics.json)" in result.output
+    out = tmp_path / "metrics"
+    result = CliRunner().invoke(app, ["evaluate", str(pred), str(labels), "--out", str(out), "--class-names", "a,p"])
+    assert result.exit_code == 0, result.output
+    assert f"per-case metrics: {out / 'metrics.csv'}" in result.output
+    assert json.loads((out / "metrics.json").read_text())["class_names"] == {"1": "a", "2": "p"}

@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 
 from medfcn.errors import UserError
-from medfcn.evaluate import case_metrics, evaluate_folders
+from medfcn.evaluate import case_metrics, evaluate_folders, label_names
+
+from .conftest import BUNDLE
 
 
 def _save(path, data, affine=None):
@@ -36,7 +38,7 @@ def test_perfect_and_shifted_masks(tmp_path):
     _save(tmp_path / "pred" / "a.nii.gz", label)
     _save(tmp_path / "pred" / "b.nii.gz", np.roll(label, 2, axis=0))
     (tmp_path / "pred" / "._a.nii.gz").write_bytes(b"\x00\x05\x16\x07")  # a macOS companion: not a mask
-    rows, summary = evaluate_folders(tmp_path / "pred", tmp_path / "labels")
+    rows, summary = evaluate_folders(tmp_path / "pred", tmp_path / "labels", out_dir=tmp_path / "pred")
     a, b = rows
     assert a["dice_1"] == pytest.approx(1.0) and a["hd95_1"] == pytest.approx(0.0)
     assert b["dice_1"] == pytest.approx(2 * 4 * 36 / (2 * 216))  # 4 of 6 slices overlap
@@ -102,7 +104,7 @@ def test_missed_structure_scores_zero_and_is_counted(tmp_path):
     _save(tmp_path / "labels" / "b.nii.gz", label)
     _save(tmp_path / "pred" / "a.nii.gz", pred)
     _save(tmp_path / "pred" / "b.nii.gz", label)
-    rows, summary = evaluate_folders(tmp_path / "pred", tmp_path / "labels")
+    rows, summary = evaluate_folders(tmp_path / "pred", tmp_path / "labels", out_dir=tmp_path / "pred")
     assert rows[0]["dice_2"] == 0.0 and rows[0]["dice_mean"] == pytest.approx(0.5)
     assert summary["dice_2"]["n"] == 2 and summary["dice_2"]["mean"] == pytest.approx(0.5)
     assert summary["dice_2"]["missed"] == 1 and summary["dice_2"]["false_positive"] == 0
@@ -202,3 +204,41 @@ def test_freesurfer_label_values_are_scored_in_memory_of_the_grid(tmp_path):
         for metric in ("dice", "hd95"):
             np.testing.assert_equal(row[f"{metric}_{k}"], small[f"{metric}_{c}"])
     assert row["hd95_2035"] == pytest.approx(2.0) and summary["dice_1006"]["false_positive"] == 1
+
+
+def test_nothing_is_written_unless_an_output_folder_is_given(tmp_path):
+    """The mask folder is an input: evaluate writes its tables only where it is told to."""
+    label = _cube()
+    _save(tmp_path / "labels" / "a.nii.gz", label)
+    _save(tmp_path / "pred" / "a.nii.gz", label)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    rows, summary = evaluate_folders(tmp_path / "pred", tmp_path / "labels")
+    assert rows[0]["dice_mean"] == pytest.approx(1.0) and summary["dice_1"]["n"] == 1
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def test_class_names_go_into_metrics_json_and_columns_keep_label_values(tmp_path):
+    label = _cube()
+    _save(tmp_path / "labels" / "a.nii.gz", label)
+    _save(tmp_path / "pred" / "a.nii.gz", label)
+    names = {1: "anterior", 2: "posterior"}
+    evaluate_folders(tmp_path / "pred", tmp_path / "labels", out_dir=tmp_path / "m", class_names=names)
+    saved = json.loads((tmp_path / "m" / "metrics.json").read_text())
+    assert saved["class_names"] == {"1": "anterior", "2": "posterior"}
+    assert "dice_1" in saved["summary"] and "dice_anterior" not in saved["summary"]
+    header = (tmp_path / "m" / "metrics.csv").read_text().splitlines()[0]
+    assert header == "case,dice_1,dice_2,dice_mean,hd95_1,hd95_2"
+    evaluate_folders(tmp_path / "pred", tmp_path / "labels", out_dir=tmp_path / "plain")
+    assert "class_names" not in json.loads((tmp_path / "plain" / "metrics.json").read_text())
+
+
+def test_label_names_from_a_bundle_or_the_command_line():
+    assert label_names(BUNDLE) == {1: "anterior", 2: "posterior"}  # the bundle's inference configs
+    assert label_names(class_names="left, right") == {1: "left", 2: "right"}
+    assert label_names() == {}
+    with pytest.raises(UserError, match="give one of them"):
+        label_names(BUNDLE, "a,b")
+    with pytest.raises(UserError, match="an empty name"):
+        label_names(class_names="a,,b")
+    with pytest.raises(UserError, match="bundle folder not found"):
+        label_names("bundles/does_not_exist")

@@ -1,0 +1,72 @@
+"""Library notices a medfcn user can do nothing about, silenced only while medfcn runs.
+
+Importing medfcn installs no warning filter and touches no logger (a program that imports
+``medfcn.FCN`` keeps its own settings); the CLI runs every command inside
+:func:`quiet_library_notices`, and a library entry point may do the same.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from collections.abc import Iterator
+
+__all__ = ["quiet_library_notices"]
+
+# The logger of MONAI's GPU DICOM decoding plugin, and nibabel's (header fixes).
+_NVIMGCODEC_LOGGER = "monai.data.nvimgcodec_pydicom_plugin"
+_NIBABEL_LOGGER = "nibabel.global"
+
+
+class _DropNvImageCodecNotice(logging.Filter):
+    """With pydicom installed, MONAI logs that GPU DICOM decoding (nvImageCodec) is unavailable
+    on every LoadImage call; on a CPU machine that is expected, so only that message is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "nvImageCodec is not available" not in record.getMessage()
+
+
+def _ignore_library_warnings() -> None:
+    """Add the filters for the warnings below to the current (caller-scoped) filter list."""
+    # MONAI's LoadImage makes an NvImgCodecPydicomReader, which warns the same on a CPU machine
+    warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader: nvImageCodec decoder plugin did not register")
+    # MONAI's trainer makes its AMP gradient scaler through torch.cuda.amp, which PyTorch
+    # deprecates: a FutureWarning at the start of every CUDA run that the user can do nothing about
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`torch\.cuda\.amp\.GradScaler\(args\.\.\.\)` is deprecated",
+        category=FutureWarning,
+        module=r"monai\.engines\.trainer",
+    )
+
+
+@contextlib.contextmanager
+def quiet_library_notices() -> Iterator[None]:
+    """Inside the block, drop the notices of MONAI, PyTorch and nibabel that say nothing to a
+    medfcn user; every other warning and log line shows as before. On exit the warning filters,
+    the nvImageCodec logger's filters and nibabel's log level are what they were.
+
+    Dropped: MONAI's "nvImageCodec is not available" log line and "NvImgCodecPydicomReader ...
+    did not register" warning (GPU DICOM decoding, absent on a CPU machine), the FutureWarning
+    of ``torch.cuda.amp.GradScaler`` raised from ``monai.engines.trainer``, and nibabel's log
+    lines on the header fixes it makes on every load ("pixdim[1,2,3] should be positive; setting
+    to abs"): what matters for a scan is checked and said once
+    (:func:`medfcn.data.nifti.check_nifti_geometry`).
+
+    Like :func:`warnings.catch_warnings`, not thread-safe: threads started inside the block
+    share its filters while it runs.
+    """
+    drop = _DropNvImageCodecNotice()
+    nvimgcodec = logging.getLogger(_NVIMGCODEC_LOGGER)
+    nibabel = logging.getLogger(_NIBABEL_LOGGER)
+    nibabel_level = nibabel.level
+    with warnings.catch_warnings():
+        _ignore_library_warnings()
+        nvimgcodec.addFilter(drop)
+        nibabel.setLevel(logging.CRITICAL + 1)
+        try:
+            yield
+        finally:
+            nibabel.setLevel(nibabel_level)
+            nvimgcodec.removeFilter(drop)
