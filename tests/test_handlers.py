@@ -1,4 +1,5 @@
-"""medfcn.handlers: per-class metrics, overlays, epoch filter of validation."""
+"""Training and shared handlers (medfcn.training.handlers, medfcn.training.monitoring, medfcn.handlers):
+per-class metrics, overlays, epoch filter of validation, weight averaging, checkpoints, progress."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import torch
 from ignite.engine import Engine
 from monai.engines import Evaluator
 
-from medfcn.handlers import CheckpointWriter, PerClassMetrics, ValidateEvery, WeightAverage, overlay_slice
+from medfcn.handlers import PerClassMetrics
+from medfcn.training.handlers import CheckpointWriter, ValidateEvery, WeightAverage
+from medfcn.training.monitoring import overlay_slice
 
 
 def test_overlay_colours_only_labelled_pixels():
