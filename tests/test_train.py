@@ -265,6 +265,16 @@ def test_split_of_another_dataset_says_how_to_make_one(spheres_dataset, tmp_path
     """The bundle's own split (Task04 case names) on another dataset, and a missing split file,
     both point to `medfcn folds` and --folds; --folds then trains."""
     with pytest.raises(UserError, match="split is for another dataset: make one with `medfcn folds .* --folds FILE"):
+        train(
+            BUNDLE,
+            spheres_dataset,
+            fold=0,
+            epochs=1,
+            output_dir=tmp_path / "x",
+            overrides=SMALL,
+            option_names=TRAIN_OPTION_NAMES,
+        )
+    with pytest.raises(UserError, match="pass --set folds_file FILE"):  # Python callers: the config key
         train(BUNDLE, spheres_dataset, fold=0, epochs=1, output_dir=tmp_path / "x", overrides=SMALL)
     with pytest.raises(UserError, match="missing.json: fold split not found; make one with `medfcn folds"):
         train(BUNDLE, spheres_dataset, epochs=1, output_dir=tmp_path / "x", folds_file=tmp_path / "missing.json")

@@ -11,7 +11,6 @@ from collections.abc import Callable
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
-from monai.handlers.utils import from_engine
 from monai.utils import CommonKeys
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -92,7 +91,7 @@ class EpochProgress:
             self._bar.start(f"{engine.state.epoch}/{engine.state.max_epochs}", engine.state.epoch_length)
 
     def _iteration(self, engine: Engine) -> None:
-        loss = float(from_engine([CommonKeys.LOSS], first=True)(engine.state.output))
+        loss = float(_first_item(engine.state.output)[CommonKeys.LOSS])
         self._losses.append(loss)
         if self._bar is not None:
             self._bar.advance(loss)
@@ -170,7 +169,7 @@ class OverlayWriter:
         engine.add_event_handler(Events.ITERATION_COMPLETED(once=1), self)
 
     def __call__(self, engine: Engine) -> None:
-        item = engine.state.output[0] if isinstance(engine.state.output, list) else engine.state.output
+        item = _first_item(engine.state.output)
         image = _as_numpy(item[CommonKeys.IMAGE])[0]
         label, pred = (_labels(item[k]) for k in (CommonKeys.LABEL, CommonKeys.PRED))
         if image.ndim == 3:
@@ -179,6 +178,12 @@ class OverlayWriter:
         panels = [overlay_slice(image, np.zeros_like(label)), overlay_slice(image, label), overlay_slice(image, pred)]
         self.writer.add_image(self.tag, np.concatenate(panels, axis=2), engine.state.epoch, dataformats="CHW")
         self.writer.flush()
+
+
+def _first_item(output: dict | list[dict]) -> dict:
+    """The first case of an engine's output: a list of per-case dicts once MONAI's engines
+    decollate the batch, else the batch's dict."""
+    return output[0] if isinstance(output, list) else output
 
 
 def _as_numpy(x) -> np.ndarray:
