@@ -26,7 +26,8 @@ from monai.bundle import ConfigParser, ConfigWorkflow
 from monai.engines import SupervisedEvaluator
 
 from medfcn.cli import _parse_overrides
-from medfcn.handlers import PerClassMetrics, ValidateEvery
+from medfcn.handlers import PerClassMetrics
+from medfcn.training.handlers import ValidateEvery
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "hippocampus_fcn"

@@ -47,7 +47,7 @@ __all__ = [
     "weights_file",
 ]
 
-# Written into every run folder: the options a resume must repeat (see medfcn.train).
+# Written into every run folder: the options a resume must repeat (see medfcn.training).
 RUN_FILE = "medfcn_run.json"
 # Arguments of a run that are no settings of it: where its bundle and output are, whether it
 # resumes, and where it computes (a resume or a packaged bundle picks its own device; the device
@@ -142,12 +142,15 @@ def _arguments(component: Any) -> list[str] | None:
     return [p.name for p in params if p.kind is not p.VAR_POSITIONAL]
 
 
-def check_override_keys(config_file: Path, overrides: dict[str, Any]) -> None:
+def check_override_keys(config_file: Path, overrides: dict[str, Any], parser: ConfigParser | None = None) -> None:
     """Each override must name an entry of the config (after the overrides before it, macros
     resolved), or an argument of one of its components (``network_def#encoder_blocks``, and
     MONAI's reserved ``_disabled_`` etc.): a misspelt key would otherwise be added unused and
-    the run would silently train with the default, or fail late with a traceback."""
-    parser = read_config(config_file)
+    the run would silently train with the default, or fail late with a traceback.
+
+    ``parser``: the config already read (it is left with the overrides applied); default: read
+    ``config_file``."""
+    parser = read_config(config_file) if parser is None else parser
     for key, value in overrides.items():
         path = key.replace(ReferenceResolver.sep, "#")
         parent, _, name = path.rpartition("#")

@@ -1,4 +1,4 @@
-"""The ``medfcn`` command: a thin Typer layer over :mod:`medfcn.train` and friends.
+"""The ``medfcn`` command: a thin Typer layer over :mod:`medfcn.training` and friends.
 
 User mistakes (:class:`medfcn.errors.UserError`) print one line ``medfcn: error: ...`` and exit
 with code 2; ``--debug`` (or ``MEDFCN_DEBUG=1``) shows the full traceback instead. Anything else
@@ -169,6 +169,18 @@ def _parse_overrides(pairs: list[str], option: str = "--set") -> dict:
     return out
 
 
+# How `medfcn train` spells the settings it takes as options (config key -> flag), for the
+# library's messages ("--epochs 0: must be ...", "this run started with --data ...").
+TRAIN_OPTION_NAMES = {
+    "dataset_dir": "--data",
+    "fold": "--fold",
+    "folds_file": "--folds",
+    "epochs": "--epochs",
+    "pretrained_encoder": "--encoder",
+    "freeze_encoder": "--freeze-encoder",
+}
+
+
 # `medfcn train`'s options, declared apart so that its signature reads as the list of them
 _TrainData = Annotated[
     Path | None,
@@ -229,7 +241,8 @@ def train(
     best_model.pt (the moving-average weights of the best validation) and TensorBoard events to the output folder:
     `tensorboard --logdir OUTPUT`.
     """
-    from medfcn.train import train as run_training
+    from medfcn.training import best_validation
+    from medfcn.training import train as run_training
 
     out = run_training(
         bundle,
@@ -245,8 +258,14 @@ def train(
             **({"pretrained_encoder": str(encoder)} if encoder else {}),
             **({"freeze_encoder": True} if freeze_encoder else {}),
         },
+        option_names=TRAIN_OPTION_NAMES,
     )
     typer.echo(f"done: checkpoints and TensorBoard events in {out}")
+    best = best_validation(out)
+    if best is not None:
+        classes = "".join(f", {name} {dice:.4f}" for name, dice in best.per_class.items())
+        typer.echo(f"best validation Dice: mean {best.mean:.4f}{classes} (epoch {best.epoch})")
+    typer.echo(f"next: medfcn package {out} --out <bundle>")
 
 
 @app.command(cls=_Command)

@@ -205,7 +205,9 @@ def _refusal(key: str, value: Any, rule: Rule, source: str, example: Any, dims: 
     return UserError(f'{source}: {key} {shown} must be {rule.text}; fix the file, e.g. "{key}": {fix}.')
 
 
-def check_settings(parser: ConfigParser, config_file: Path, sources: Mapping[str, str]) -> None:
+def check_settings(
+    parser: ConfigParser, config_file: Path, sources: Mapping[str, str], defaults: Mapping[str, Any] | None = None
+) -> None:
     """Check every setting of ``parser`` that :data:`RULES` knows (in its order).
 
     Args:
@@ -213,13 +215,17 @@ def check_settings(parser: ConfigParser, config_file: Path, sources: Mapping[str
         config_file: the config's path, named for settings of no other source.
         sources: where a setting's value came from: ``"--set"``, a command-line option
             (``"--epochs"``) or a file (``medfcn_run.json``); the config for others.
+        defaults: the config's own entries (as read, before overrides), whose values serve as
+            examples; default: read ``config_file``.
 
     Raises:
         UserError: naming the option or file, the value, and what the setting accepts.
     """
     dims = _spatial_dims(parser)
-    defaults = ConfigParser()
-    defaults.read_config(str(config_file))
+    if defaults is None:
+        reader = ConfigParser()
+        reader.read_config(str(config_file))
+        defaults = reader.get()
     for key, rule in RULES.items():
         if key not in parser:
             continue

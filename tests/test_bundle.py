@@ -15,7 +15,7 @@ import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 
 from medfcn.bundle import MODEL_KEYS
-from medfcn.handlers import WeightAverage
+from medfcn.training.handlers import WeightAverage
 
 from .conftest import BUNDLE, BUNDLE_2D, BUNDLES, HIPPO, REPO, need
 

@@ -1,7 +1,9 @@
-"""medfcn.handlers: per-class metrics, overlays, epoch filter of validation."""
+"""Training and shared handlers (medfcn.training.handlers, medfcn.training.monitoring, medfcn.handlers):
+per-class metrics, overlays, epoch filter of validation, weight averaging, checkpoints, progress."""
 
 from __future__ import annotations
 
+import io
 from types import SimpleNamespace
 from unittest.mock import create_autospec
 
@@ -10,8 +12,12 @@ import pytest
 import torch
 from ignite.engine import Engine
 from monai.engines import Evaluator
+from monai.utils import CommonKeys
+from rich.console import Console
 
-from medfcn.handlers import CheckpointWriter, PerClassMetrics, ValidateEvery, WeightAverage, overlay_slice
+from medfcn.handlers import PerClassMetrics
+from medfcn.training.handlers import CheckpointWriter, ValidateEvery, WeightAverage
+from medfcn.training.monitoring import EpochProgress, overlay_slice
 
 
 def test_overlay_colours_only_labelled_pixels():
@@ -121,3 +127,28 @@ def test_best_model_holds_cpu_tensors_whatever_the_training_device(tmp_path, dev
     (tmp_path / "best_model.pt").unlink()
     writer.save_best(SimpleNamespace(state=SimpleNamespace(best_metric_epoch=3, epoch=4)))  # not the best epoch
     assert not (tmp_path / "best_model.pt").exists()
+
+
+def _progress_run(console) -> list[str]:
+    """Two epochs of three iterations with losses 0.1..0.6 through EpochProgress; its lines."""
+    lines: list[str] = []
+    losses = iter([0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+    trainer = Engine(lambda e, b: {CommonKeys.LOSS: torch.tensor(next(losses))})
+    EpochProgress(print_fn=lambda text, **kw: lines.append(text), console=console).attach(trainer)
+    trainer.run([0, 1, 2], max_epochs=2)
+    return lines
+
+
+def test_epoch_progress_bar_on_a_terminal_only():
+    """On a terminal a bar inside each epoch counts the iterations with the latest loss and the
+    time left; in a log (no terminal) nothing but the per-epoch lines is written."""
+    screen = io.StringIO()
+    lines = _progress_run(Console(file=screen, force_terminal=True, width=120))
+    assert [line.split("  ")[:2] for line in lines] == [["epoch 1/2", "loss 0.2000"], ["epoch 2/2", "loss 0.5000"]]
+    drawn = screen.getvalue()
+    for fragment in ("epoch 1/2", "1/3", "3/3", "loss 0.3000", "epoch 2/2", "loss 0.6000", "ETA"):
+        assert fragment in drawn, (fragment, drawn)
+    log = io.StringIO()
+    plain = _progress_run(Console(file=log, force_terminal=False))
+    assert [line.split("  ")[:2] for line in plain] == [line.split("  ")[:2] for line in lines]
+    assert log.getvalue() == ""

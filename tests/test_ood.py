@@ -19,7 +19,7 @@ from medfcn.data.datasets import fold_datalists
 from medfcn.data.profile import PROFILE_KEY, RUN_PROFILE, geometry_ras, training_profile, unlike_training
 from medfcn.data.readers import read_dicom_series, sitk_affine_ras
 from medfcn.package import package_run
-from medfcn.train import train
+from medfcn.training import train
 
 from .conftest import BUNDLE, DICOM, HIPPO, need, write_msd_dataset
 

@@ -19,7 +19,7 @@ import pytest
 
 from medfcn.errors import UserError
 from medfcn.outputs import LOCK_NAME, output_lock
-from medfcn.train import train
+from medfcn.training import train
 
 from .conftest import BUNDLE, DICOM, REPO, need
 from .test_bad_inputs import _good, _nifti, assert_user_error, run

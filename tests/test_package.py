@@ -13,7 +13,7 @@ from medfcn.bundle import MODEL_KEYS, RUN_FILE
 from medfcn.errors import UserError
 from medfcn.infer import infer
 from medfcn.package import package_run, trained_flip_axes
-from medfcn.train import train
+from medfcn.training import train
 
 from .conftest import BUNDLE, BUNDLE_2D, REPO
 

@@ -17,7 +17,7 @@ import time
 import pytest
 import torch
 
-from medfcn.train import train
+from medfcn.training import train
 
 from .conftest import BUNDLE, REPO
 

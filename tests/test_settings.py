@@ -15,9 +15,9 @@ import torch
 from typer.testing import CliRunner
 
 from medfcn.bundle import RUN_FILE
-from medfcn.cli import app
+from medfcn.cli import TRAIN_OPTION_NAMES, app
 from medfcn.errors import UserError
-from medfcn.train import train
+from medfcn.training import train
 
 from .conftest import BUNDLE, BUNDLE_2D, write_msd_dataset
 
@@ -139,6 +139,16 @@ def test_python_api_checks_overrides(dataset, tmp_path):
             BUNDLE, dataset, folds_file=dataset / "folds.json", output_dir=tmp_path / "r", overrides={"batch_size": 0}
         )
     with pytest.raises(UserError, match=r"--epochs 2.5: must be a whole number >= 1"):
+        train(
+            BUNDLE,
+            dataset,
+            folds_file=dataset / "folds.json",
+            output_dir=tmp_path / "r",
+            epochs=2.5,
+            option_names=TRAIN_OPTION_NAMES,
+        )
+    # without the CLI's spellings, the library names the config key
+    with pytest.raises(UserError, match=r"--set epochs=2.5: must be a whole number >= 1, e.g. --set epochs=100."):
         train(BUNDLE, dataset, folds_file=dataset / "folds.json", output_dir=tmp_path / "r", epochs=2.5)
     assert not (tmp_path / "r").exists()
 

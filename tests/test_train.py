@@ -1,4 +1,4 @@
-"""medfcn.train: bundle training on synthetic and real data, checkpoints, TensorBoard, resume."""
+"""medfcn.training: bundle training on synthetic and real data, checkpoints, TensorBoard, resume."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from medfcn import FCN
 from medfcn.bundle import RUN_FILE, check_override_keys
+from medfcn.cli import TRAIN_OPTION_NAMES
 from medfcn.errors import UserError
-from medfcn.train import train
+from medfcn.training import train
 
 from .conftest import BUNDLE, BUNDLE_2D, HIPPO, REPO, need, write_msd_dataset
 
@@ -201,8 +202,10 @@ def test_resume_reuses_the_runs_settings_and_refuses_others(spheres_dataset, tmp
         ({"overrides": {"network_def#fusion": "sum"}}, 'started with --set network_def#fusion "concat", not "sum"'),
         ({"overrides": {"batch_size": 3}}, "started with --set batch_size 4, not 3"),
     ):
-        with pytest.raises(UserError, match=message):
-            train(BUNDLE, output_dir=out, resume=True, epochs=2, **given)
+        with pytest.raises(UserError, match=message):  # spelt as the CLI spells its options
+            train(BUNDLE, output_dir=out, resume=True, epochs=2, option_names=TRAIN_OPTION_NAMES, **given)
+    with pytest.raises(UserError, match="started with --set fold 1, not 0"):  # Python callers: config keys
+        train(BUNDLE, output_dir=out, resume=True, epochs=2, fold=0)
     # nothing but the folder and the new length: the run's dataset (not $MEDFCN_DATA) and fold, and its
     # concat fusion (with the bundle's sum fusion, last.pt would not fit the network and fail to load);
     # a value equal to the bundle's default and a setting that does not change what is learnt are fine
@@ -262,6 +265,16 @@ def test_split_of_another_dataset_says_how_to_make_one(spheres_dataset, tmp_path
     """The bundle's own split (Task04 case names) on another dataset, and a missing split file,
     both point to `medfcn folds` and --folds; --folds then trains."""
     with pytest.raises(UserError, match="split is for another dataset: make one with `medfcn folds .* --folds FILE"):
+        train(
+            BUNDLE,
+            spheres_dataset,
+            fold=0,
+            epochs=1,
+            output_dir=tmp_path / "x",
+            overrides=SMALL,
+            option_names=TRAIN_OPTION_NAMES,
+        )
+    with pytest.raises(UserError, match="pass --set folds_file FILE"):  # Python callers: the config key
         train(BUNDLE, spheres_dataset, fold=0, epochs=1, output_dir=tmp_path / "x", overrides=SMALL)
     with pytest.raises(UserError, match="missing.json: fold split not found; make one with `medfcn folds"):
         train(BUNDLE, spheres_dataset, epochs=1, output_dir=tmp_path / "x", folds_file=tmp_path / "missing.json")

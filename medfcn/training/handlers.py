@@ -1,0 +1,253 @@
+"""Training handlers that keep a run resumable and its result reproducible, used by the
+bundles' ``train.json``:
+
+- :class:`Resume`: MONAI's CheckpointLoader that also restores the trainer (and may take the
+  checkpoint already read by the pre-flight checks, so ``last.pt`` is read once).
+- :class:`ReseedEachEpoch`: each epoch's randomness a function of ``(seed, epoch)`` alone.
+- :class:`ValidateEvery`: MONAI's ValidationHandler, but also after the last epoch.
+- :class:`BestMetric`: makes the evaluator's best score (and its per-class scores) part of a checkpoint.
+- :class:`WeightAverage`: an exponential moving average of the weights, the model validated.
+- :class:`CheckpointWriter`: atomic ``last.pt`` (resume) and ``best_model.pt`` (weights).
+
+Logging, progress and TensorBoard extras are in :mod:`medfcn.training.monitoring`.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from ignite.engine import Engine, Events
+from ignite.handlers import Checkpoint
+from monai.handlers import CheckpointLoader, ValidationHandler
+
+from medfcn.io import atomic_torch_save
+
+__all__ = ["BestMetric", "CheckpointWriter", "ReseedEachEpoch", "Resume", "ValidateEvery", "WeightAverage"]
+
+
+class Resume(CheckpointLoader):
+    """MONAI's CheckpointLoader (``weights_only=True``) that also restores the trainer it is
+    attached to (epoch and iteration), which a config cannot reference from its own handlers.
+
+    :attr:`checkpoint`: the contents of ``load_path`` when already read (``medfcn train``'s
+    pre-flight checks read ``last.pt`` on the CPU and hand it over, so the file is read once);
+    None (``python -m monai.bundle run``) reads ``load_path`` as MONAI does.
+    """
+
+    checkpoint: dict | None = None
+
+    def attach(self, engine: Engine) -> None:
+        self.load_dict = {**self.load_dict, "trainer": engine}
+        super().attach(engine)
+
+    def __call__(self, engine: Engine) -> None:
+        # A scheduler's state dict carries its horizon (PolynomialLR.total_iters, T_max...):
+        # keep the one this run was configured with, so `--epochs` can extend a finished run.
+        horizons = {
+            (key, attr): getattr(obj, attr)
+            for key, obj in self.load_dict.items()
+            if isinstance(obj, torch.optim.lr_scheduler.LRScheduler)
+            for attr in ("total_iters", "T_max")
+            if hasattr(obj, attr)
+        }
+        if self.checkpoint is None:
+            super().__call__(engine)
+        else:
+            self._restore(engine, self.checkpoint)
+            self.checkpoint = None  # its tensors now live in the objects; free the copy
+        for (key, attr), value in horizons.items():
+            setattr(self.load_dict[key], attr, value)
+
+    def _restore(self, engine: Engine, checkpoint: dict) -> None:
+        """What MONAI's ``CheckpointLoader.__call__`` does after its ``torch.load`` (with the
+        default ``strict_shape``): load every object, keep the engine's ``max_epochs``."""
+        max_epochs = engine.state.max_epochs
+        Checkpoint.load_objects(to_load=self.load_dict, checkpoint=checkpoint, strict=self.strict)
+        if max_epochs is not None and engine.state.epoch > max_epochs:
+            raise ValueError(
+                f"Epoch count ({engine.state.epoch}) in checkpoint is larger than the "
+                f"`engine.state.max_epochs` ({max_epochs}) of engine."
+            )
+        engine.state.max_epochs = max_epochs
+        self.logger.info(f"Restored all variables from {self.load_path}")
+
+
+class ValidateEvery(ValidationHandler):
+    """Run the validator every ``interval`` epochs and after the final epoch, so a run
+    shorter than ``interval`` still reports a validation score."""
+
+    def attach(self, engine: Engine) -> None:
+        def due(engine: Engine, epoch: int) -> bool:
+            return epoch % self.interval == 0 or epoch == engine.state.max_epochs
+
+        engine.add_event_handler(Events.EPOCH_COMPLETED(event_filter=due), self)
+
+
+class ReseedEachEpoch:
+    """Make each epoch's randomness a function of ``(seed, epoch)`` alone.
+
+    At every epoch start the sampler's shuffle (``set_epoch``, as for a DistributedSampler) and
+    all random transforms are reseeded from the epoch number. A run resumed at epoch k then
+    draws the same batches and augmentations as an uninterrupted one, with no random state to
+    save, and ends with the same weights on CPU.
+    """
+
+    def __init__(self, transforms, sampler, seed: int = 0):
+        self.transforms = transforms
+        self.sampler = sampler
+        self.seed = int(seed)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        epoch = engine.state.epoch
+        self.sampler.set_epoch(epoch)
+        self.transforms.set_random_state(seed=(self.seed * 100_003 + epoch) % (2**32))
+
+
+class BestMetric:
+    """The evaluator's best key metric, its epoch and every metric of that validation (the
+    per-class Dice of :class:`medfcn.handlers.PerClassMetrics`), as a state dict, so that a
+    resumed run keeps comparing against the best score reached before the interruption and
+    the end of a run can say how good its best model is per class.
+
+    Construct it after the evaluator's metric handlers: it reads their results at the end of
+    each validation.
+    """
+
+    def __init__(self, evaluator: Engine):
+        self.evaluator = evaluator
+        self.metrics: dict[str, float] = {}
+        evaluator.add_event_handler(Events.EPOCH_COMPLETED, self._record)
+
+    def _record(self, evaluator: Engine) -> None:
+        if evaluator.state.best_metric_epoch == evaluator.state.epoch:
+            self.metrics = {k: float(v) for k, v in evaluator.state.metrics.items() if isinstance(v, (int, float))}
+
+    def state_dict(self) -> dict:
+        return {
+            "best_metric": float(self.evaluator.state.best_metric),
+            "best_metric_epoch": int(self.evaluator.state.best_metric_epoch),
+            "metrics": dict(self.metrics),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.evaluator.state.best_metric = float(state["best_metric"])
+        self.evaluator.state.best_metric_epoch = int(state["best_metric_epoch"])
+        self.metrics = dict(state.get("metrics", {}))  # absent from checkpoints of older medfcn
+
+
+class WeightAverage:
+    """Exponential moving average (EMA) of a network's weights, updated after every iteration.
+
+    The averaged copy (:attr:`network`) is what the evaluator validates and what
+    ``best_model.pt`` holds: late in training the weights oscillate around a minimum and their
+    average generalises better than any single iterate, at no inference cost.
+
+    The decay after ``n`` updates is ``min(decay, (1 + n) / (10 + n))``, so the average follows
+    the fast early changes (decay 0.1 at the first update, 0.96 after 200) and reaches ``decay``
+    only after ``~10 / (1 - decay)`` updates; ``decay`` 0 or ``None`` disables averaging and
+    :attr:`network` is the trained network itself.
+
+    Also a checkpoint object (``state_dict``): put it in ``last.pt`` so a resumed run continues
+    the same average.
+    """
+
+    def __init__(self, network: torch.nn.Module, decay: float | None = 0.999):
+        self.decay = float(decay or 0.0)
+        if not 0.0 <= self.decay < 1.0:
+            raise ValueError(f"ema decay must be in [0, 1), got {decay}.")
+        self.source = network
+        self.updates = 0
+        self.network = network
+        if self.decay > 0:
+            self.network = copy.deepcopy(network).requires_grad_(False)
+
+    @property
+    def enabled(self) -> bool:
+        return self.decay > 0
+
+    def attach(self, engine: Engine) -> None:
+        if self.enabled:
+            engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def current_decay(self) -> float:
+        """The decay the next update uses."""
+        return min(self.decay, (1 + self.updates) / (10 + self.updates))
+
+    @torch.no_grad()
+    def __call__(self, engine: Engine | None = None) -> None:
+        weight = 1.0 - self.current_decay()
+        averaged = list(self.network.parameters()) + list(self.network.buffers())
+        current = list(self.source.parameters()) + list(self.source.buffers())
+        for avg, cur in zip(averaged, current, strict=True):
+            if avg.is_floating_point():
+                avg.lerp_(cur.detach(), weight)
+            else:  # integer buffers (e.g. BatchNorm's num_batches_tracked) are copied
+                avg.copy_(cur)
+        self.updates += 1
+
+    def state_dict(self) -> dict:
+        if not self.enabled:
+            return {}
+        return {"updates": self.updates, "network": self.network.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the average; a checkpoint written with averaging on/off against this
+        handler's decay raises (never a silent drop of the average)."""
+        if not self.enabled:
+            if state:
+                raise ValueError("the checkpoint holds a weight average; resume it with ema_decay set, not null.")
+            return
+        if not state:
+            raise ValueError("the checkpoint has no weight average; resume it with ema_decay null.")
+        self.updates = int(state["updates"])
+        self.network.load_state_dict(state["network"])
+
+
+class CheckpointWriter:
+    """Write checkpoints atomically (temporary file, then rename).
+
+    - ``{save_dir}/last.pt`` after every epoch: every object of ``save_dict`` (network,
+      optimizer, scheduler, trainer, ...), enough to resume.
+    - ``{save_dir}/best_model.pt`` whenever the evaluator's key metric improves: the state dict
+      of the network validated (``best_network``, default ``save_dict[network_key]``) alone,
+      the file a bundle ships as ``models/model.pt``; its tensors are on the CPU whatever the
+      training device, so a plain ``torch.load`` reads it on a machine without a GPU.
+
+    Attach to the trainer after the validation handler, so ``last.pt`` records the best score
+    including the epoch just validated.
+    """
+
+    def __init__(
+        self,
+        save_dir: str,
+        save_dict: dict,
+        evaluator: Engine | None = None,
+        network_key: str = "network",
+        best_network: torch.nn.Module | None = None,
+    ):
+        self.save_dir = Path(save_dir)
+        self.save_dict = save_dict
+        self.evaluator = evaluator
+        self.best_network = best_network if best_network is not None else save_dict[network_key]
+
+    def attach(self, trainer: Engine) -> None:
+        self.save_dict = {**self.save_dict, "trainer": trainer}
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, self.save_last)
+        if self.evaluator is not None:
+            self.evaluator.add_event_handler(Events.EPOCH_COMPLETED, self.save_best)
+
+    def save_last(self, engine: Engine) -> None:
+        atomic_torch_save({k: v.state_dict() for k, v in self.save_dict.items()}, self.save_dir / "last.pt")
+
+    def save_best(self, evaluator: Engine) -> None:
+        if evaluator.state.best_metric_epoch == evaluator.state.epoch:
+            state = self.best_network.state_dict()
+            weights = OrderedDict((k, v.cpu()) for k, v in state.items())
+            weights._metadata = getattr(state, "_metadata", None)  # as load_state_dict expects it
+            atomic_torch_save(weights, self.save_dir / "best_model.pt")

@@ -1,0 +1,206 @@
+"""The second stage of a run: checks that make mistakes fail in one line before any data is
+loaded into the run or any file written.
+
+The data and its split, the class list and intensity normalisation, the network (built once:
+the instance checked is the one the run trains), a dry run of one patch, the checkpoint a
+resume continues (read once: the run's ``Resume`` handler is handed its contents) and a
+pretrained encoder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from medfcn.data.checks import check_training_pairs
+from medfcn.data.datasets import fold_datalists
+from medfcn.data.transforms import intensity_normalization
+from medfcn.errors import UserError, root_message
+from medfcn.io import checkpoint_reason
+from medfcn.training.settings import RunSettings
+
+__all__ = ["Preflight", "preflight"]
+
+
+@dataclass
+class Preflight:
+    """What the checks found, for the run.
+
+    Attributes:
+        train_cases: the training cases of the fold (``{"image", "label"}`` paths).
+        checkpoint: the contents of ``last.pt`` for a resume (read on the CPU), else None.
+    """
+
+    train_cases: list[dict]
+    checkpoint: dict | None
+
+
+def preflight(run: RunSettings) -> Preflight:
+    """Check the run's inputs in the order a user fixes them (data, split, config, network,
+    checkpoint); the network built is the config's ``network_def`` the run then trains.
+
+    Raises:
+        UserError: naming the file or option and what to do.
+    """
+    train_cases, val_cases = _fold_cases(run)
+    _check_classes(run)
+    network = _build_network(run)
+    check_training_pairs(train_cases + val_cases, int(run.get("num_classes")), int(run.get("network_def#in_channels")))
+    checkpoint = _read_resume_checkpoint(run) if run.resume else _refuse_existing_run(run)
+    check_dry_run(network, run)
+    if checkpoint is not None:  # a run of another network_def must fail here, in one line, not deep in MONAI's loader
+        _check_resumable(run, checkpoint, network)
+    elif run.get("pretrained_encoder"):
+        _check_encoder(network, run.get("pretrained_encoder"))
+    return Preflight(train_cases, checkpoint)
+
+
+def _fold_cases(run: RunSettings) -> tuple[list[dict], list[dict]]:
+    """The training and validation cases of the run's fold, from its dataset and split."""
+    data, split, fold = run.get("dataset_dir"), run.get("folds_file"), run.get("fold")
+    if not (Path(data) / "dataset.json").is_file():
+        raise UserError(
+            f"{data}: no dataset.json here; pass {run.option('dataset_dir')} with the MSD dataset folder "
+            "or set MEDFCN_DATA."
+        )
+    new_split = f"make one with `medfcn folds {data} --out FILE` and pass {run.option('folds_file')} FILE"
+    if not Path(split).is_file():
+        raise UserError(f"{split}: fold split not found; {new_split}.")
+    try:
+        return fold_datalists(data, split, int(fold))
+    except FileNotFoundError as err:
+        raise UserError(str(err)) from err
+    except ValueError as err:
+        hint = f" The split is for another dataset: {new_split}." if "names cases not in" in str(err) else ""
+        raise UserError(f"{err}{hint}") from err
+
+
+def _check_classes(run: RunSettings) -> None:
+    """``class_names`` names every foreground label, and the intensity normalisation exists."""
+    num_classes, names = run.get("num_classes"), run.get("class_names")
+    if len(names) != int(num_classes) - 1:
+        raise UserError(
+            f"{run.config_file}: num_classes {num_classes} (background + {int(num_classes) - 1}) but class_names has "
+            f"{len(names)} name(s) {list(names)}; set both, e.g. --set num_classes=2 --set 'class_names=[\"tumour\"]'."
+        )
+    window = {"hu_window": run.get("hu_window")} if "hu_window" in run.parser else {}
+    try:
+        intensity_normalization("image", run.get("modality"), **window)
+    except (ValueError, TypeError) as err:
+        raise UserError(f"{run.config_file}: {err}") from err
+
+
+def _build_network(run: RunSettings) -> torch.nn.Module:
+    """Build ``network_def`` once, so that an impossible network (e.g. ``deep_supervision``
+    larger than ``features`` allows after an override) fails in one line before any data is
+    loaded. The parser keeps the instance: the run trains this very network.
+
+    The config's ``initialize`` expressions (the seeding) run first, as they run before the
+    network is built in ``python -m monai.bundle run``, so the run starts from the weights a
+    run of MONAI's runner draws."""
+    run.get("initialize")
+    try:
+        return run.get("network_def")
+    except Exception as err:
+        raise UserError(
+            f"{run.config_file}: network_def cannot be built ({root_message(err)}); "
+            "fix the --set overrides or the config."
+        ) from err
+
+
+def check_dry_run(network: torch.nn.Module, run: RunSettings) -> None:
+    """One forward pass of a zero patch ``(1, in_channels, *patch_size)`` in training mode, so
+    that a patch the network cannot take (too small for its poolings, or of another
+    dimensionality) fails in one line before any data is loaded.
+
+    The network is the run's own: its parameters, buffers (a BatchNorm's running statistics),
+    mode and the random state (dropout) are as they were before the pass."""
+    patch = [int(s) for s in run.get("patch_size")]
+    channels = int(run.get("network_def#in_channels"))
+    buffers = {name: b.clone() for name, b in network.named_buffers()}
+    was_training = network.training
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            network.train()(torch.zeros(1, channels, *patch))
+    except Exception as err:
+        raise UserError(
+            f"{run.config_file}: the network cannot train on patch_size {patch} ({root_message(err)}); "
+            "give one size per spatial axis of the network, each large enough for its poolings (halved per scale)."
+        ) from err
+    finally:
+        with torch.no_grad():
+            for name, buffer in network.named_buffers():
+                buffer.copy_(buffers[name])
+        network.train(was_training)
+
+
+def _refuse_existing_run(run: RunSettings) -> None:
+    """A new run must not overwrite another one's checkpoints."""
+    out = run.get("output_dir")
+    if (Path(out) / "last.pt").exists():
+        raise UserError(f"{out}: already holds a run (last.pt); add --resume to continue it, or pick another --output.")
+
+
+def _read_resume_checkpoint(run: RunSettings) -> dict:
+    """The ``last.pt`` a resume continues, read once (on the CPU), with epochs left to train."""
+    last = Path(run.get("output_dir")) / "last.pt"
+    if not last.is_file():
+        raise UserError(f"{last}: no checkpoint to resume from; train without --resume first.")
+    try:
+        saved = torch.load(last, map_location="cpu", weights_only=True)
+        state = saved["trainer"]
+    except (KeyError, TypeError) as err:
+        raise UserError(f"{last}: no 'trainer' entry; not a medfcn training checkpoint.") from err
+    except Exception as err:
+        raise UserError(f"{last}: not a readable medfcn training checkpoint ({checkpoint_reason(err)}).") from err
+    done = int(state["iteration"]) // max(int(state["epoch_length"]), 1)
+    if done >= int(run.get("epochs")):
+        raise UserError(
+            f"{last}: run has finished {done} epochs already; pass {run.option('epochs')} larger than {done}."
+        )
+    return saved
+
+
+def _check_resumable(run: RunSettings, saved: dict, network: torch.nn.Module) -> None:
+    """``saved`` (``last.pt``) must fit the network, hold every checkpoint object of the config
+    (a run of an older recipe, e.g. one without ``weight_average``, does not), and its weight
+    average must match the config's ``ema_decay`` (on or off), or the resumed run would fail or
+    drop the average. The network takes last.pt's weights, as the run's ``Resume`` would."""
+    last = Path(run.get("output_dir")) / "last.pt"
+    if not isinstance(saved, dict) or "network" not in saved:
+        raise UserError(f"{last}: no 'network' entry; not a medfcn training checkpoint.")
+    try:
+        network.load_state_dict(saved["network"])
+    except Exception as err:
+        raise UserError(
+            f"{last}: does not fit the bundle's network_def ({checkpoint_reason(err)}); "
+            "use weights trained with this bundle's network."
+        ) from err
+    missing = [key for key in run.parser.get("checkpoint_objects", {}) if key not in saved]
+    if missing:
+        raise UserError(
+            f"{last}: has no {', '.join(missing)} (written by another recipe or medfcn version); "
+            "start a new run with another --output."
+        )
+    if "weight_average" in saved and "ema_decay" in run.parser:
+        averaging = bool(run.get("ema_decay"))
+        if bool(saved["weight_average"]) != averaging:
+            fix = "add --set ema_decay=null" if not saved["weight_average"] else "drop --set ema_decay=null"
+            state = "off" if not saved["weight_average"] else "on"
+            raise UserError(f"{last}: written with weight averaging {state}; {fix} to resume it.")
+
+
+def _check_encoder(network: torch.nn.Module, path: str) -> None:
+    """A ``pretrained_encoder`` must exist and fit ``network``'s encoder (one clear line if not);
+    the run's ``network`` entry loads the same weights again."""
+    if not Path(path).is_file():
+        raise UserError(f"{path}: encoder checkpoint not found; pass a best_model.pt or last.pt of an FCN run.")
+    try:
+        network.load_encoder(str(path))
+    except Exception as err:
+        raise UserError(
+            f"{path}: does not fit this bundle's encoder ({checkpoint_reason(err)}); "
+            "use a checkpoint of an FCN with the same features and in_channels."
+        ) from err

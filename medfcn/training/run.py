@@ -1,0 +1,170 @@
+"""The last stage, and the entry point: :func:`train` resolves the settings, runs the pre-flight
+checks, then runs the config's ``initialize``/``run``/``finalize`` expressions with the one
+parser the checks used, as ``python -m monai.bundle run`` would (MONAI's ``ConfigWorkflow``
+would parse the config again and drop the network already built).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import logging.config
+import os
+import sys
+import warnings
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from medfcn.bundle import RUN_FILE, bundle_files
+from medfcn.data.profile import RUN_PROFILE, write_run_profile
+from medfcn.io import refuse_full_disk
+from medfcn.outputs import output_lock
+from medfcn.training.handlers import Resume
+from medfcn.training.preflight import Preflight, preflight
+from medfcn.training.settings import RunSettings, resolve_settings, write_run_record
+
+__all__ = ["train"]
+
+
+def train(
+    bundle: str | os.PathLike,
+    dataset_dir: str | os.PathLike | None = None,
+    fold: int | None = None,
+    epochs: int | None = None,
+    output_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    overrides: dict[str, Any] | None = None,
+    folds_file: str | os.PathLike | None = None,
+    device: str | None = None,
+    option_names: Mapping[str, str] | None = None,
+) -> Path:
+    """Train with ``bundle/configs/train.json``; return the run's output folder.
+
+    Args:
+        bundle: the bundle folder.
+        dataset_dir: folder with the MSD ``dataset.json``; default: the config's
+            (``$MEDFCN_DATA/Task04_Hippocampus`` for the hippocampus bundle).
+        fold: validation fold of the bundle's split (``-1``: train on all cases).
+        epochs: number of epochs (total, counting epochs done before a resume).
+        output_dir: where checkpoints (``last.pt``, ``best_model.pt``) and TensorBoard
+            events go; default: the config's.
+        resume: continue from ``output_dir/last.pt``: weights, optimizer, scheduler, epoch,
+            and the data, split and overrides the run started with (``output_dir/medfcn_run.json``).
+        overrides: more config entries to override, e.g. ``{"batch_size": 4}``; transfer
+            learning: ``{"pretrained_encoder": "runs/a/best_model.pt", "freeze_encoder": True}``.
+        folds_file: the fold split (``medfcn folds`` writes one); default: the config's.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; default: the config's (CUDA when
+            present). Not part of the run's settings: a resume computes where its own
+            ``device`` (or the default) says, on this machine or another. Not accepted in
+            ``overrides``, where it would escape the check.
+        option_names: how the caller spells the settings in messages, config key -> option
+            (the CLI: ``{"epochs": "--epochs", "dataset_dir": "--data", ...}``); default:
+            ``--set KEY``, the config's own names.
+
+    Raises:
+        UserError: missing data or split, unknown fold or config entry, a device this machine
+            lacks (or one given as an override), a patch or class list the network cannot
+            train on, nothing to resume, a resume with other settings, or an output folder
+            that already holds a run (resume it or choose another folder).
+    """
+    files = bundle_files(bundle, "train.json")
+    options = {"dataset_dir": dataset_dir, "folds_file": folds_file, "fold": fold, "epochs": epochs}
+    options["output_dir"] = output_dir
+    run = resolve_settings(files, options, overrides or {}, device, resume, option_names)
+    checked = preflight(run)
+    logging_file = files["logging_file"] if files["logging_file"].is_file() else None
+    out = Path(run.get("output_dir"))
+    with output_lock(out, "medfcn train", "--output"):  # two trainers would interleave last.pt
+        _run(run, checked, logging_file)
+    return out
+
+
+def _run(run: RunSettings, checked: Preflight, logging_file: Path | None) -> None:
+    """Run the config's expressions; a new run that fails leaves nothing to resume behind."""
+    out = Path(run.get("output_dir"))
+    if logging_file is not None:  # as MONAI's runner sets up logging
+        logging.config.fileConfig(str(logging_file), disable_existing_loggers=False)
+    try:
+        with refuse_full_disk(out), _run_scope(run.get("bundle_root")):  # checkpoints, records, TensorBoard
+            if checked.checkpoint is not None:
+                _hand_over_checkpoint(run, checked.checkpoint)
+            write_run_record(run)  # after the set-up: a resume failing there keeps its record
+            _write_profile(run, checked.train_cases)
+            _evaluate(run, "run")
+            _evaluate(run, "finalize")
+    except BaseException:
+        if not run.resume:
+            _forget_failed_run(out)
+        raise
+
+
+def _evaluate(run: RunSettings, key: str) -> None:
+    """Evaluate the config's expression list ``key`` (``run``, ``finalize``), if present.
+    (``initialize``, the seeding, ran before the network was built: see preflight.)"""
+    if key in run.parser:
+        run.get(key)
+
+
+def _hand_over_checkpoint(run: RunSettings, checkpoint: dict) -> None:
+    """Give the config's :class:`~medfcn.training.handlers.Resume` handler the ``last.pt`` the
+    checks read, so the file is read once."""
+    for handler in run.get("train#handlers"):
+        if isinstance(handler, Resume):
+            handler.checkpoint = checkpoint
+
+
+class _DropRunEndEcho(logging.Filter):
+    """Ignite logs the exception that ends a run ("Engine run is terminating due to exception:
+    ...") before raising it; the CLI prints a user error (a full disk in a handler) as its one
+    line and anything else with its traceback, so the echo only doubles it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Engine run is terminating due to exception")
+
+
+_ENGINE_LOGGERS = [f"ignite.engine.engine.{name}" for name in ("SupervisedTrainer", "SupervisedEvaluator")]
+
+
+@contextlib.contextmanager
+def _run_scope(bundle_root: str) -> Iterator[None]:
+    """For the length of the run: ignite's echo of the exception that ends it dropped, PyTorch's
+    deprecation of the AMP scaler MONAI's trainer uses silenced (the user can do nothing about
+    it), and the bundle folder importable (its ``scripts``), as in ``python -m monai.bundle run``."""
+    echo = _DropRunEndEcho()
+    for name in _ENGINE_LOGGERS:
+        logging.getLogger(name).addFilter(echo)
+    sys.path.insert(1, str(bundle_root))
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore",
+                message=r"`torch\.cuda\.amp\.GradScaler\(args\.\.\.\)` is deprecated",
+                category=FutureWarning,
+                module=r"monai\.engines\.trainer",
+            )
+            yield
+    finally:
+        with contextlib.suppress(ValueError):  # the entry inserted above, not an earlier one
+            del sys.path[sys.path.index(str(bundle_root), 1)]
+        for name in _ENGINE_LOGGERS:
+            logging.getLogger(name).removeFilter(echo)
+
+
+def _write_profile(run: RunSettings, cases: list[dict]) -> None:
+    """Record the profile of the cases the run trains on (``max_cases`` applied, as the config's
+    datalists do) for ``medfcn package``; a new run replaces one a failed run left behind."""
+    max_cases = run.parser.get_parsed_content("max_cases", default=None)
+    trained = cases[:max_cases] if max_cases else cases
+    source = f"training cases of fold {run.get('fold')} of {run.get('folds_file')}, {run.get('dataset_dir')}"
+    write_run_profile(run.get("output_dir"), trained, run.get("class_names"), source, replace=not run.resume)
+
+
+def _forget_failed_run(out: Path) -> None:
+    """A new run that failed before its first checkpoint has nothing to resume or package:
+    remove its record (RUN_FILE) and training-data profile (the output folder itself goes when
+    :func:`medfcn.outputs.output_lock` created it and it is left empty)."""
+    if (out / "last.pt").exists():
+        return
+    for name in (RUN_FILE, RUN_PROFILE):
+        (out / name).unlink(missing_ok=True)

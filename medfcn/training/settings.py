@@ -1,0 +1,202 @@
+"""The first stage of a run: its settings, resolved into the run's one config parser.
+
+The options given (``train(...)``'s arguments and ``overrides``), the resume policy (a resumed
+run repeats the settings it started with, recorded in :data:`medfcn.bundle.RUN_FILE`) and the
+checks of every value against :data:`medfcn.settings.RULES`, before any data is read or any
+file written. The config is parsed once here; every later stage uses the same parser.
+
+The library speaks config keys: a setting is named ``--set KEY`` in messages unless the caller
+says how it spells it (``option_names``, the CLI's flags: ``{"epochs": "--epochs", ...}``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from monai.bundle import ConfigParser
+from monai.bundle.reference_resolver import ReferenceResolver
+
+from medfcn.bundle import NOT_SETTINGS, RUN_FILE, check_override_keys, read_config
+from medfcn.devices import device_expression
+from medfcn.errors import UserError
+from medfcn.io import atomic_write_text
+from medfcn.settings import check_settings
+
+__all__ = ["RunSettings", "resolve_settings", "write_run_record"]
+
+# Options that name files: compared as resolved paths, so ``data/`` and ``/abs/data`` agree.
+_PATH_KEYS = ("dataset_dir", "folds_file", "pretrained_encoder")
+# Settings a resume may change: they do not change what the network learns.
+_RUNTIME_KEYS = ("num_workers", "val_interval")
+
+
+@dataclass
+class RunSettings:
+    """A run's resolved settings.
+
+    Attributes:
+        parser: the run's one config parser, every setting applied (for a resume: those read
+            back from its record too, and ``pretrained_encoder`` null: last.pt's weights
+            replace the encoder's initialisation, whose file may be gone by now).
+        config_file: the training config, named in messages.
+        recorded: what :func:`write_run_record` writes (the options as given and resumed).
+        resume: whether the run continues the one in its output folder.
+        option_names: how the caller spells options (config key -> flag).
+    """
+
+    parser: ConfigParser
+    config_file: Path
+    recorded: dict[str, Any]
+    resume: bool
+    option_names: Mapping[str, str] = field(default_factory=dict)
+
+    def option(self, key: str) -> str:
+        """How the caller spells setting ``key`` (``--epochs`` for the CLI, else ``--set epochs``)."""
+        return self.option_names.get(key, f"--set {key}")
+
+    def get(self, key: str) -> Any:
+        """The value of config entry ``key``."""
+        return self.parser.get_parsed_content(key)
+
+
+def _given_options(
+    bundle_root: Path, options: Mapping[str, Any], overrides: Mapping[str, Any], device: str | None
+) -> dict[str, Any]:
+    """The config entries the caller sets, in the order they are applied: the bundle, the named
+    options (``dataset_dir``, ..., ``output_dir``; None: the config's), the overrides, the device."""
+    args: dict[str, Any] = {"bundle_root": str(bundle_root)}
+    for key, value in options.items():
+        if value is not None:
+            args[key] = str(value) if isinstance(value, os.PathLike) else value
+    args.update(overrides)
+    if device is not None:
+        args["device"] = device_expression(device)
+    return args
+
+
+def resolve_settings(
+    files: Mapping[str, Any],
+    options: Mapping[str, Any],
+    overrides: Mapping[str, Any],
+    device: str | None,
+    resume: bool,
+    option_names: Mapping[str, str] | None = None,
+) -> RunSettings:
+    """Parse the training config once and apply the run's settings, checked.
+
+    Args:
+        files: :func:`medfcn.bundle.bundle_files` of the bundle's ``train.json``.
+        options: the named options (``dataset_dir``, ``folds_file``, ``fold``, ``epochs``,
+            ``output_dir``); None: the config's.
+        overrides: more config entries (``--set``).
+        device: where to compute (not a setting of the run, never recorded).
+        resume: continue the run in the output folder with the settings it recorded.
+        option_names: config key -> the caller's flag, for messages; default: ``--set KEY``.
+
+    Raises:
+        UserError: a device given as an override, an unknown override key, a value a setting
+            does not accept, or a resume with other settings than the run's.
+    """
+    if "device" in overrides:  # unchecked there, and no setting of the run (NOT_SETTINGS)
+        raise UserError("--set device: use --device cpu, cuda or cuda:N instead.")
+    parser = read_config(files["config_file"])  # the run's one parse of the config
+    parser.read_meta(str(files["meta_file"]))  # `@_meta_#...`, as in MONAI's runner
+    defaults = copy.deepcopy(parser.get())  # the bundle's own values, before any override
+    check_override_keys(files["config_file"], dict(overrides), parser=parser)
+    args = _given_options(files["bundle_root"], options, overrides, device)
+    run = RunSettings(parser, files["config_file"], args, resume, option_names or {})
+    explicit = {k for k in args if k not in NOT_SETTINGS}
+    sources = {k: "--set" if k in overrides else run.option_names.get(k, "--set") for k in explicit}
+    parser.update(args)
+    check_settings(parser, run.config_file, sources, defaults)  # before any file is read or written
+    if resume:
+        _apply_run_record(run, explicit, sources, defaults)
+    parser.update({"resume": bool(resume)})
+    run.recorded = {**run.recorded, "resume": bool(resume)}
+    if resume:  # last.pt's weights replace the encoder's initialisation, whose file may be gone by now
+        parser.update({"pretrained_encoder": None})
+    return run
+
+
+def _apply_run_record(run: RunSettings, given: set[str], sources: dict[str, str], defaults: dict) -> None:
+    """Complete ``run`` with the settings its output folder's run started with, and check the
+    values read back (they may come from an edited or older record)."""
+    run_dir = Path(run.get("output_dir"))
+    saved = _recorded_settings(run_dir)
+    if saved is None:  # no record (`python -m monai.bundle run`, older medfcn): resumed as given
+        return
+    _refuse_other_settings(run, run_dir, saved, given, defaults)
+    reused = {k: v for k, v in saved.items() if k not in given}
+    run.recorded = {**run.recorded, **reused}
+    run.parser.update(reused)
+    sources.update({k: str(run_dir / RUN_FILE) for k in reused})
+    check_settings(run.parser, run.config_file, sources, defaults)
+
+
+def _recorded_settings(run_dir: Path) -> dict[str, Any] | None:
+    """The settings in ``run_dir``'s RUN_FILE (none of ``NOT_SETTINGS``); None without one."""
+    run_file = run_dir / RUN_FILE
+    if not run_file.is_file():
+        return None
+    try:
+        return {k: v for k, v in json.loads(run_file.read_text())["settings"].items() if k not in NOT_SETTINGS}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UserError(
+            f"{run_file}: unreadable ({err}); restore it, or start a new run with another --output."
+        ) from err
+
+
+def _refuse_other_settings(run: RunSettings, run_dir: Path, saved: dict, given: set[str], defaults: dict) -> None:
+    """A resumed run must train on the same data, split and config as before, or it would
+    silently mix two experiments: an option given with another value (than the run's, or the
+    bundle's default where the run set none) is refused, except ``epochs`` (the LR schedule
+    follows the new length) and settings that do not change what is learnt (``_RUNTIME_KEYS``)."""
+    for key in given - {"epochs", *_RUNTIME_KEYS}:
+        before = saved[key] if key in saved else _raw_entry(defaults, key)
+        if not _same(key, before, run.recorded[key]):
+            # JSON, as --set takes values (null, true, "concat"), not Python's None / True / 'concat'
+            shown = _json(before) if key in saved else f"the bundle's default {_json(before)}"
+            raise UserError(
+                f"{run_dir}: this run started with {run.option(key)} {shown}, not {_json(run.recorded[key])}; "
+                "resume without that option (the run's settings are reused) or start a new run with another --output."
+            )
+
+
+def _raw_entry(config: dict, key: str) -> Any:
+    """Entry ``key`` (``a#b#0``) of a raw config, as ``ConfigParser.get`` finds it; None if absent."""
+    parser = ConfigParser(config=config)  # a view of the dict: nothing is read or parsed
+    return parser.get(key.replace(ReferenceResolver.sep, "#"))
+
+
+def _same(key: str, a: Any, b: Any) -> bool:
+    """Whether two values of option ``key`` agree as recorded in a RUN_FILE (JSON: tuples are
+    lists; paths are compared resolved)."""
+    if key in _PATH_KEYS and a is not None and b is not None:
+        return os.path.realpath(str(a)) == os.path.realpath(str(b))
+    return json.loads(_json(a)) == json.loads(_json(b))
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, default=str)
+
+
+def write_run_record(run: RunSettings) -> None:
+    """Record in the output folder's RUN_FILE the bundle and what a resume must repeat: the
+    options given (paths made absolute) and the data, split, fold and length they resolved to
+    (``medfcn package`` reads it too). Rewritten on every resume, so an extended run records
+    its new length."""
+    settings = {k: v for k, v in run.recorded.items() if k not in NOT_SETTINGS}
+    for key in ("dataset_dir", "folds_file", "fold", "epochs"):
+        settings[key] = run.get(key)
+    for key in _PATH_KEYS:
+        if settings.get(key):
+            settings[key] = os.path.abspath(str(settings[key]))
+    bundle = os.path.abspath(run.get("bundle_root"))
+    text = json.dumps({"bundle": bundle, "settings": settings}, indent=1, default=str) + "\n"
+    atomic_write_text(text, Path(run.get("output_dir")) / RUN_FILE)
