@@ -85,7 +85,7 @@ def _json(value: Any) -> str:
     return json.dumps(value, default=str)
 
 
-def _resume_settings(out: Path, args: dict[str, Any], given: set[str], config_file: Path) -> dict[str, Any]:
+def _resume_settings(out: Path, args: dict[str, Any], given: set[str], config_file: list[Path]) -> dict[str, Any]:
     """``args`` completed with the settings the run in ``out`` started with (its RUN_FILE).
 
     A resumed run must train on the same data, split and config as before, or it would
@@ -261,7 +261,7 @@ def train(
     files = bundle_files(bundle, "train.json")
     if "device" in (overrides or {}):  # unchecked there, and no setting of the run (NOT_SETTINGS)
         raise UserError("--set device: use --device cpu, cuda or cuda:N instead.")
-    check_override_keys(files["config_file"], overrides or {})
+    check_override_keys(files["config_files"], overrides or {})
     args: dict[str, Any] = {"bundle_root": str(files["bundle_root"])}
     given = {"dataset_dir": dataset_dir, "folds_file": folds_file, "fold": fold, "epochs": epochs}
     for key, value in (*given.items(), ("output_dir", output_dir)):
@@ -272,17 +272,17 @@ def train(
         args["device"] = device_expression(device)
     explicit = {k for k in args if k not in NOT_SETTINGS}
     sources = {k: _source(k, overrides or {}) for k in explicit}
-    given_config = read_config(files["config_file"], args)
-    check_settings(given_config, files["config_file"], sources)  # before any file is read or written
+    given_config = read_config(files["config_files"], args)
+    check_settings(given_config, files["config_files"], sources)  # before any file is read or written
     if resume:
         run_dir = Path(given_config.get_parsed_content("output_dir"))
-        args = _resume_settings(run_dir, args, explicit, files["config_file"])
+        args = _resume_settings(run_dir, args, explicit, files["config_files"])
         sources.update({k: str(run_dir / RUN_FILE) for k in args if k not in {*explicit, *NOT_SETTINGS}})
     args["resume"] = bool(resume)
 
-    parser = read_config(files["config_file"], args)  # one parser for every check before the run
+    parser = read_config(files["config_files"], args)  # one parser for every check before the run
     if resume:  # the values read back from the run's record
-        check_settings(parser, files["config_file"], sources)
+        check_settings(parser, files["config_files"], sources)
     data, split, fold_k, out, n_epochs, num_classes, encoder = (
         parser.get_parsed_content(i)
         for i in ("dataset_dir", "folds_file", "fold", "output_dir", "epochs", "num_classes", "pretrained_encoder")
@@ -326,7 +326,7 @@ def train(
     logging_file = files["logging_file"] if files["logging_file"].is_file() else None
     with output_lock(out, "medfcn train", "--output"):  # two trainers would interleave last.pt
         workflow = ConfigWorkflow(
-            config_file=str(files["config_file"]),
+            config_file=[str(f) for f in files["config_files"]],
             meta_file=str(files["meta_file"]),
             logging_file=str(logging_file) if logging_file else None,
             workflow_type="train",

@@ -37,18 +37,22 @@ def run_dir(spheres_dataset, tmp_path_factory):
 
 
 def _configs(bundle):
+    """Parsers of the bundle's training and inference configs, each merged onto common.json."""
     parsers = {}
     for name in ("train", "inference"):
         parsers[name] = ConfigParser()
-        parsers[name].read_config(str(bundle / "configs" / f"{name}.json"))
+        parsers[name].read_config([str(bundle / "configs" / f) for f in ("common.json", f"{name}.json")])
+        parsers[name]["bundle_root"] = str(bundle)
     return parsers["train"], parsers["inference"]
 
 
 def test_packaged_bundle_carries_the_runs_model(run_dir, spheres_dataset, tmp_path):
     out = package_run(run_dir, tmp_path / "bundles" / "spheres_fcn")
     train_cfg, inference = _configs(out)
-    for key in MODEL_KEYS:  # inference.json repeats what the run trained with, as in a shipped bundle
+    for key in MODEL_KEYS:  # inference uses what the run trained with: common.json states it once
         assert train_cfg.get(key) == inference.get(key), key
+        for name in ("train.json", "inference.json", "evaluate.json"):
+            assert key not in json.loads((out / "configs" / name).read_text()), (name, key)
     assert inference["network_def"]["features"] == [8, 16, 32]
     assert inference["class_names"] == ["dim", "bright"] and inference["pixdim"] == [2.0, 2.0, 2.0]
     assert inference["patch_size"] == [16, 16, 12]
@@ -60,7 +64,11 @@ def test_packaged_bundle_carries_the_runs_model(run_dir, spheres_dataset, tmp_pa
     shipped = torch.load(out / "models" / "model.pt", weights_only=True)
     best = torch.load(run_dir / "best_model.pt", weights_only=True)
     assert shipped.keys() == best.keys() and all(torch.equal(shipped[k], best[k]) for k in best)
-    assert "spheres_fcn" in train_cfg["output_dir"]  # retraining does not collide with the source's runs
+    # retraining does not collide with the source's runs
+    assert "spheres_fcn" in train_cfg.get_parsed_content("output_dir")
+    # inference's default data is the run's, not the source bundle's Task04 folder
+    assert inference.get_parsed_content("dataset_dir") == str(spheres_dataset.resolve())
+    assert "Task04" not in json.dumps([train_cfg.get(), inference.get()])
     assert "trained by the user" in (out / "LICENSE").read_text()
     meta = json.loads((out / "configs" / "metadata.json").read_text())
     assert meta["name"] == "spheres_fcn"
@@ -121,16 +129,15 @@ def test_weights_that_do_not_load_leave_nothing(run_dir, tmp_path):
 @pytest.mark.parametrize(
     ("augmentation", "axes"),
     [
-        ({"train#augmentation#3#_disabled_": True}, []),
-        ({"train#augmentation#3#spatial_axis": [0, 1]}, []),  # a joint flip: no single axis to flip at test time
-        ({"train#augmentation#3#spatial_axis": [2]}, [2]),
+        ({"spatial_augmentation#1#_disabled_": True}, []),
+        ({"spatial_augmentation#1#spatial_axis": [0, 1]}, []),  # a joint flip: no single axis to flip at test time
+        ({"spatial_augmentation#1#spatial_axis": [2]}, [2]),
         ({"train#augmentation": f"%{REPO / 'bench' / 'recipes' / 'nnunet_augmentation.json'}#augmentation"}, [0, 1, 2]),
     ],
     ids=["disabled", "joint", "one-element-list", "macro"],
 )
 def test_trained_flip_axes_follow_the_augmentation(augmentation, axes):
-    train_cfg = ConfigParser()
-    train_cfg.read_config(str(BUNDLE / "configs" / "train.json"))
+    train_cfg = _configs(BUNDLE)[0]
     train_cfg.update(augmentation)
     assert trained_flip_axes(train_cfg) == axes
 
