@@ -20,7 +20,8 @@ from .conftest import BUNDLES, HIPPO, REPO, spheres_volume
 
 def _synthetic_scan(path):
     """An MR-like volume larger than the 3D patch (several sliding windows), stored with permuted,
-    flipped axes and 0.9 mm voxels, so that the inversion of Orientationd and Spacingd is part of what both paths must agree on."""
+    flipped axes and 0.9 mm voxels, so that the inversion of Orientationd and Spacingd is part of
+    what both paths must agree on."""
     image, _ = spheres_volume((62, 72, 52), 6, np.random.default_rng(3))
     affine = np.array([[0, -0.9, 0, 20.0], [0.9, 0, 0, -14.0], [0, 0, -0.9, 9.0], [0, 0, 0, 1]])
     nib.save(nib.Nifti1Image(image * 300, affine), path)
