@@ -233,10 +233,9 @@ def infer(
             scan's own format for NRRD and MetaImage scans (a ``.nhdr`` gives ``.nrrd``, a ``.mhd``
             ``.mha``), NIfTI for the others.
         continue_on_error: a scan that fails with a UserError is listed in ``failures.csv`` /
-            ``failures.json`` (input, reason) and the others are segmented and written;
-            ``volumes.csv`` lists the successes. Errors not about one scan (inputs not found,
-            bundle, options, ``out_dir``) still stop everything; a folder holding a broken DICOM
-            series is a bad scan.
+            ``failures.json`` (input, reason) and the others are segmented and written. Errors not
+            about one scan (inputs not found, bundle, options, ``out_dir``) still stop everything;
+            a folder holding a broken DICOM series is a bad scan.
 
     Returns:
         One row per segmented scan: input, mask, shape, spacing (mm), seconds, ``<label>_mm3``
@@ -244,29 +243,38 @@ def infer(
         ``.failures`` lists the scans ``continue_on_error`` skipped.
 
     Raises:
-        UserError: a bad input, bundle or option; nothing is written then, not even the masks
-            of the scans before the bad one (unless ``continue_on_error``, for a bad scan).
-        UserError: ``out_dir`` is or holds an input (``--overwrite`` would replace scans by masks),
-            or another run is writing into it (it is locked while a run writes).
+        UserError: a bad input, bundle or option, ``out_dir`` being or holding an input, or another
+            run writing into it (locked while a run writes). Nothing is written then, not even
+            the masks of the scans before a bad one (unless ``continue_on_error``, for a bad scan).
     """
-    check_mask_format(mask_format)
-    failures: list[dict] = []  # with continue_on_error: scans that failed, listed or segmented
-    named_scans = _cohort_inputs(inputs, failures) if continue_on_error else expand_named_inputs(inputs)
-    scans = [scan for scan, _ in named_scans]
+    rows = InferenceRows()  # with continue_on_error: its failures, listed or segmented
     out = Path(out_dir)
-    targets = [out / mask_name(name, mask_suffix(scan, mask_format)) for scan, name in named_scans]
-    _refuse_namesakes(scans, targets)
-    # the inputs as given too: a broken series left out by continue_on_error is still an input
-    refuse_outputs_over_inputs(out, [*scans, *map(Path, inputs)], targets)
-    tables = ["volumes.csv", "volumes.json", *(["failures.csv", "failures.json"] if continue_on_error else [])]
+    scans, targets, tables = _planned_outputs(inputs, out, mask_format, continue_on_error, rows.failures)
     # one run at a time into `out`, from the existence checks to the last rename
     with output_lock(out, "medfcn infer", "--out"):
         refuse_existing([*targets, *(out / name for name in tables)], overwrite)
         segmenter = _segmenter(bundle, device, sw_batch_size, overlap, tta)
         profile = bundle_profile(Path(bundle) / "configs" / "metadata.json")
-        rows = InferenceRows(failures=failures)
         _segment_all(segmenter, profile, scans, targets, out, rows, continue_on_error, progress)
     return rows
+
+
+def _planned_outputs(
+    inputs: Sequence[str | os.PathLike], out: Path, mask_format: str, continue_on_error: bool, failures: list[dict]
+) -> tuple[list[Path], list[Path], list[str]]:
+    """``(scans, their masks, the tables)`` :func:`infer` writes into ``out``, checked: a known
+    mask format, no two scans with one mask, no output over an input.
+
+    ``failures``: with ``continue_on_error``, gets the inputs that are broken DICOM series."""
+    check_mask_format(mask_format)
+    named_scans = _cohort_inputs(inputs, failures) if continue_on_error else expand_named_inputs(inputs)
+    scans = [scan for scan, _ in named_scans]
+    targets = [out / mask_name(name, mask_suffix(scan, mask_format)) for scan, name in named_scans]
+    _refuse_namesakes(scans, targets)
+    # the inputs as given too: a broken series left out by continue_on_error is still an input
+    refuse_outputs_over_inputs(out, [*scans, *map(Path, inputs)], targets)
+    tables = ["volumes.csv", "volumes.json", *(["failures.csv", "failures.json"] if continue_on_error else [])]
+    return scans, targets, tables
 
 
 def _refuse_namesakes(scans: Sequence[Path], targets: Sequence[Path]) -> None:

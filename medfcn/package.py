@@ -312,16 +312,7 @@ def package_run(
     """
     run_dir, out = Path(run_dir), Path(out)
     run = read_run_record(run_dir)
-    origin = Path(bundle or run.get("bundle") or "")
-    if not (origin / "configs" / "inference.json").is_file():
-        raise UserError(
-            f"{origin}: not a bundle with configs/inference.json; pass --bundle with the bundle the run trained."
-        )
-    # with --overwrite, the folder `out` is replaced as a whole
-    refuse_output_over(out, [run_dir], "--out", "training run")
-    refuse_output_over(out, [origin], "--out", "source bundle")
-    for config in ("train.json", "inference.json"):  # broken JSON: one line naming the file
-        bundle_files(origin, config)
+    origin = _source_bundle(Path(bundle or run.get("bundle") or ""), run_dir, out)
     refuse_existing([out], overwrite, fix="pass --overwrite to replace it, or choose another --out")
     if weights is None:
         weights = "last" if run["settings"].get("fold") == -1 else "best"
@@ -335,13 +326,33 @@ def package_run(
         except UserError as err:
             raise UserError(f"{run_dir}: the packaged bundle does not load its weights ({err}).") from err
         os.chmod(tmp, 0o755)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
+        _replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _source_bundle(origin: Path, run_dir: Path, out: Path) -> Path:
+    """``origin``, checked as the bundle to package ``run_dir`` from into ``out``: a complete
+    bundle whose configs are JSON, neither ``run_dir`` nor ``origin`` inside ``out``."""
+    if not (origin / "configs" / "inference.json").is_file():
+        raise UserError(
+            f"{origin}: not a bundle with configs/inference.json; pass --bundle with the bundle the run trained."
+        )
+    # with --overwrite, the folder `out` is replaced as a whole
+    refuse_output_over(out, [run_dir], "--out", "training run")
+    refuse_output_over(out, [origin], "--out", "source bundle")
+    for config in ("train.json", "inference.json"):  # broken JSON: one line naming the file
+        bundle_files(origin, config)
+    return origin
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Rename the folder ``tmp`` onto ``out``, replacing an existing ``out`` as a whole."""
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+        os.replace(out, old / out.name)
+        os.replace(tmp, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out)

@@ -4,6 +4,7 @@ inferer, postprocessing, weights, writer) and write the same mask files, bit for
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -12,8 +13,11 @@ import sys
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
+from monai.bundle import ConfigParser
 
 from medfcn.infer import infer
+from medfcn.inferers import WindowProgress, sliding_windows
 
 from .conftest import BUNDLES, HIPPO, REPO, spheres_volume
 
@@ -63,3 +67,38 @@ def test_medfcn_infer_and_monai_runner_write_identical_masks(tmp_path, bundle):
         assert np.array_equal(ours.affine, theirs.affine), name
         assert ours.header.binaryblock == theirs.header.binaryblock, name
         assert np.asarray(ours.dataobj).any(), name  # something was segmented: not two empty masks
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("bundle", BUNDLES)
+def test_long_scans_show_window_progress_on_a_terminal_only(bundle):
+    """inference.json's inferer counts its sliding windows on stderr once a scan has taken
+    ``after_s`` seconds, when stderr is a terminal; the logits are those of the bare inferer."""
+    parser = ConfigParser()
+    parser.read_config([str(bundle / "configs" / name) for name in ("common.json", "inference.json")])
+    parser.update({"bundle_root": str(bundle), "device": "$torch.device('cpu')"})
+    network = parser.get_parsed_content("network").eval()
+    progress = parser.get_parsed_content("inferer").inferer.inferer
+    assert isinstance(progress, WindowProgress)
+    window = progress.inferer
+    x = torch.randn(1, 1, 70, 64, 44, generator=torch.Generator().manual_seed(0))
+    calls = []
+
+    def counted(batch):
+        calls.append(batch.shape[0])
+        return network(batch)
+
+    with torch.no_grad():
+        bare = window(x, counted)
+        terminal, log = _Terminal(), io.StringIO()
+        shown = WindowProgress(window, after_s=0, stream=terminal)(x, network)
+        quiet = WindowProgress(window, after_s=0, stream=log)(x, network)
+    total = sliding_windows(window, (70, 64, 44))
+    assert total == sum(calls) > 1
+    assert torch.equal(shown, bare) and torch.equal(quiet, bare)
+    assert f"windows {total}/{total} (100%)" in terminal.getvalue()
+    assert terminal.getvalue().endswith("\r\033[K") and log.getvalue() == ""
