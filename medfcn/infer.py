@@ -1,9 +1,11 @@
 """Run a bundle's inference config on scans: NIfTI files, folders of them, DICOM series.
 
-The bundle's ``configs/inference.json`` supplies the network, preprocessing, inferer and the
-postprocessing that inverts the preprocessing (``Invertd``); this module feeds it one scan at a
-time, writes each mask atomically as a uint8 NIfTI with exactly the scan's geometry, and
-tabulates the volume of every label in mm^3.
+The bundle's ``configs/inference.json`` (merged onto ``configs/common.json``) supplies the
+network, its weights (``weights_file``), preprocessing, inferer, the postprocessing that inverts
+the preprocessing (``Invertd``) and the mask writer, the same components MONAI's runner uses
+(:mod:`medfcn.segmenter`); this module finds the scans, feeds them one at a time, stages each
+mask with the bundle's writer (uint8, exactly the scan's geometry) so that a batch is written
+all or nothing, and tabulates the volume of every label in mm^3.
 
 Example::
 
