@@ -213,16 +213,19 @@ def _held_out_note(fold: int | None) -> str:
     )
 
 
+def _move_model_keys(common: ConfigParser, train: ConfigParser) -> None:
+    """For a bundle without ``common.json``: its :data:`MODEL_KEYS`, taken out of ``train.json``
+    into ``common`` (``inference.json`` then states none of them: see :func:`_drop_model_keys`)."""
+    for key in MODEL_KEYS:
+        if key in train:
+            common[key] = train.get(key)
+            del train.get()[key]
+
+
 def _split_settings(common: ConfigParser, train: ConfigParser, settings: dict) -> None:
     """Write each of the run's ``settings`` into the config that states it: ``common.json``
     (the model: network, patch, spacing, modality, classes; the data) or ``train.json`` (the
-    recipe). A bundle without ``common.json`` gets one with its :data:`MODEL_KEYS`, taken out of
-    ``train.json`` (``inference.json`` then states none of them: see :func:`_drop_model_keys`)."""
-    if not common.get():
-        for key in MODEL_KEYS:
-            if key in train:
-                common[key] = train.get(key)
-                del train.get()[key]
+    recipe)."""
     for key, value in settings.items():
         (common if key.replace(ReferenceResolver.sep, "#").split("#")[0] in common else train)[key] = value
     for parser in (common, train):
@@ -244,9 +247,11 @@ def _write_configs(configs: Path, name: str, settings: dict) -> ConfigParser:
     """Write the run's ``settings`` and ``name`` into the copied ``configs`` folder; return a
     parser of the packaged training config (``common.json`` + ``train.json``)."""
     common, train = ConfigParser(), ConfigParser()
+    train.read_config(str(configs / "train.json"))
     if (configs / COMMON_FILE).is_file():
         common.read_config(str(configs / COMMON_FILE))
-    train.read_config(str(configs / "train.json"))
+    else:
+        _move_model_keys(common, train)
     _split_settings(common, train, settings)
     if "bundle_name" in common:  # its own default run folder, not the source bundle's
         common["bundle_name"] = name

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import nibabel as nib
 import pytest
@@ -153,3 +154,30 @@ def test_a_run_on_all_cases_ships_its_last_weights(spheres_dataset, tmp_path):
     assert all(torch.equal(shipped[k], average[k]) for k in average)
     assert "last epoch" in json.loads((out / "configs" / "metadata.json").read_text())["changelog"]["0.1.0"]
     assert "not a held-out score" in (out / "docs" / "README.md").read_text()
+
+
+def _bundle_without_common_json(tmp_path):
+    """The 3D bundle as bundles were before configs/common.json: every stage's config states the
+    model itself."""
+    legacy = shutil.copytree(BUNDLE, tmp_path / "legacy", ignore=shutil.ignore_patterns("*.ts"))
+    common = json.loads((legacy / "configs" / "common.json").read_text())
+    for name in ("train.json", "inference.json"):
+        path = legacy / "configs" / name
+        path.write_text(json.dumps({**common, **json.loads(path.read_text())}, indent=4))
+    (legacy / "configs" / "common.json").unlink()
+    return legacy
+
+
+def test_a_bundle_without_common_json_is_packaged_with_one(run_dir, spheres_dataset, tmp_path):
+    """Bundles without common.json still run; packaging a run of one states the model once, in
+    a new common.json, and takes it out of the other configs."""
+    legacy = _bundle_without_common_json(tmp_path)
+    scan = spheres_dataset / "imagesTr" / "case_000.nii.gz"
+    assert len(infer(legacy, [scan], tmp_path / "legacy_masks")) == 1
+    out = package_run(run_dir, tmp_path / "b", bundle=legacy)
+    common = json.loads((out / "configs" / "common.json").read_text())
+    assert common["network_def"]["features"] == [8, 16, 32] and common["class_names"] == ["dim", "bright"]
+    for name in ("train.json", "inference.json"):
+        assert not set(MODEL_KEYS) & set(json.loads((out / "configs" / name).read_text())), name
+    rows = infer(out, [scan], tmp_path / "masks")
+    assert {"dim_mm3", "bright_mm3"} <= set(rows[0])
