@@ -200,7 +200,7 @@ def test_malformed_dataset_entry(dataset, tmp_path, entry, message, command):
 
 def _break(bundle: pathlib.Path, name: str, how: str) -> None:
     path = bundle / "configs" / name
-    if how.startswith("network_def") and "network_def" not in json.loads(path.read_text()):
+    if "network_def" in how and "network_def" not in json.loads(path.read_text()):
         path = bundle / "configs" / "common.json"  # the model is stated there, for every stage
     config = json.loads(path.read_text())
     if how == "not_json":
