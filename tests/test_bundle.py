@@ -234,3 +234,32 @@ def test_the_weight_average_is_found_by_name(bundle, spheres_dataset):
     assert isinstance(average, WeightAverage)
     assert [h for h in parser.get_parsed_content("train#handlers") if isinstance(h, WeightAverage)] == [average]
     assert parser.get_parsed_content("checkpoint_objects")["weight_average"] is average
+
+
+RECIPE = {  # the training pipelines as they were before the configs were split (issue 23)
+    "3d": ["SpatialPadd", "RandCropByPosNegLabeld", "RandAffined", "RandFlipd"],
+    "2d": ["SpatialPadd", "RandCropByPosNegLabeld", "SqueezeDimd", "RandAffined"],
+}
+
+
+@pytest.mark.parametrize(("bundle", "dims"), [(BUNDLE, "3d"), (BUNDLE_2D, "2d")], ids=["3d", "2d"])
+def test_the_split_configs_build_the_recipe_they_always_built(bundle, dims):
+    """common.json + train.json build, in the same order, the transforms, handlers and inferers
+    the single train.json did: reordered transforms would draw other random numbers."""
+    parser = ConfigParser()
+    parser.read_config(configs(bundle, "train.json"))
+    parser.update({"bundle_root": str(bundle), "device": "$torch.device('cpu')", "datalists": "$[[], []]"})
+    loading = ["LoadImaged", "EnsureChannelFirstd", "Orientationd", "Spacingd", "NormalizeIntensityd", "EnsureTyped"]
+    intensity = ["RandScaleIntensityd", "RandShiftIntensityd", "RandAdjustContrastd", "RandGaussianNoised"]
+    transforms = [type(t).__name__ for t in parser.get_parsed_content("train#transforms").transforms]
+    assert transforms == loading + RECIPE[dims] + intensity
+    handlers = [type(h).__name__ for h in parser.get_parsed_content("train#handlers")]
+    assert handlers == [
+        *("ReseedEachEpoch", "WeightAverage", "LrScheduleHandler", "ValidateEvery", "CheckpointWriter"),
+        *("EpochProgress", "TensorBoardStatsHandler", "LearningRateWriter"),
+    ]  # Resume is disabled unless resuming
+    window = parser.get_parsed_content("validate#inferer").inferer
+    assert type(window).__name__ == {"3d": "SlidingWindowInferer", "2d": "SliceInferer"}[dims]
+    assert (window.sw_batch_size, window.overlap) == ({"3d": 4, "2d": 64}[dims], 0.5)
+    expected = {"3d": (100, 2, [40, 56, 40]), "2d": (40, 8, [56, 40])}[dims]
+    assert tuple(parser.get_parsed_content(k) for k in ("epochs", "batch_size", "patch_size")) == expected
