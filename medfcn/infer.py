@@ -225,12 +225,11 @@ def infer(
         inputs: NIfTI, NRRD (``.nrrd``/``.nhdr``) and MetaImage (``.mha``/``.mhd``) files,
             folders of them, DICOM series folders, folders of series folders.
         out_dir: gets ``<case>.nii.gz`` per scan, ``volumes.csv`` and ``volumes.json``.
-        device: ``"cpu"``, ``"cuda"``...; default CUDA when available.
-        sw_batch_size, overlap: sliding-window settings (default: the bundle's).
+        device, sw_batch_size, overlap: ``"cpu"``, ``"cuda"``... (default CUDA when available)
+            and the sliding-window settings (default: the bundle's).
         tta: average with predictions on flipped input, along the axes the bundle's model was
             trained flipped (left-right for the 3D hippocampus bundle: twice the compute).
-        overwrite: replace existing masks and volume tables; otherwise an existing one is an error.
-        progress: called with one line per scan.
+        overwrite: replace existing masks and tables (else an error); progress: gets a line per scan.
         mask_format: ``"nifti"`` (``<case>.nii.gz``), ``"nrrd"``, ``"mha"``, or ``"input"``: the
             scan's own format for NRRD and MetaImage scans (a ``.nhdr`` gives ``.nrrd``, a ``.mhd``
             ``.mha``), NIfTI for the others.
@@ -240,9 +239,8 @@ def infer(
             a folder holding a broken DICOM series is a bad scan.
 
     Returns:
-        One row per segmented scan: input, mask, shape, spacing (mm), seconds, ``<label>_mm3``
-        and ``warnings`` (the scan's InputWarnings, `` | ``-separated; empty when all is well);
-        ``.failures`` lists the scans ``continue_on_error`` skipped.
+        A row per segmented scan: input, mask, shape, spacing (mm), seconds, ``<label>_mm3``,
+        ``warnings`` (its InputWarnings, `` | ``-separated); ``.failures``: the scans skipped.
 
     Raises:
         UserError: a bad input, bundle or option, ``out_dir`` being or holding an input, or another
