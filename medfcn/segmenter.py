@@ -81,7 +81,9 @@ class Segmenter:
         except Exception as err:
             reason = (is_itk_file(path) and itk_read_reason(path)) or root_message(err)  # not MONAI's "no reader"
             raise UserError(f"{path}: cannot be read as an image ({reason}).") from err
-        if nifti is not None:  # the file's own affine, in mm whatever its spatial units
+        # the file's own affine, in mm whatever its spatial units, for the checks before resampling
+        # (inference.json's FileAffined, next in the pipeline, applies the same function again)
+        if nifti is not None:
             use_file_affine(data["image"], nifti)
         return data
 

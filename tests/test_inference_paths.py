@@ -32,8 +32,18 @@ def _synthetic_scan(path):
     return path
 
 
+def _scan_in_metres(path):
+    """A scan whose header states metres (1 mm voxels written as 0.001 m): both paths must read
+    its grid in mm (MONAI's own loader would not)."""
+    image, _ = spheres_volume((36, 50, 36), 4, np.random.default_rng(4))
+    scan = nib.Nifti1Image(image * 300, np.diag([0.001, 0.001, 0.001, 1.0]))
+    scan.header.set_xyzt_units("meter")
+    nib.save(scan, path)
+    return path
+
+
 def _scans(tmp_path):
-    scans = [_synthetic_scan(tmp_path / "synthetic_case.nii.gz")]
+    scans = [_synthetic_scan(tmp_path / "synthetic_case.nii.gz"), _scan_in_metres(tmp_path / "in_metres.nii.gz")]
     if HIPPO.is_dir():  # two real cases where the data is at hand
         scans += sorted((HIPPO / "imagesTr").glob("hippocampus_*.nii.gz"))[:2]
     return scans
