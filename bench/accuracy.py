@@ -70,7 +70,7 @@ def run(
     With ``dense_seconds``, during ``dense_minutes`` also validate within an epoch after every
     ``dense_seconds`` of training, so the time to a level is known to that resolution."""
     workflow = ConfigWorkflow(
-        config_file=str(BUNDLE / "configs" / "train.json"),
+        config_file=[str(BUNDLE / "configs" / name) for name in ("common.json", "train.json")],
         meta_file=str(BUNDLE / "configs" / "metadata.json"),
         workflow_type="train",
         bundle_root=str(BUNDLE),

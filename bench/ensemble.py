@@ -52,8 +52,8 @@ def member_weights(path: Path) -> dict:
 
 def trained_flip_axes() -> list[int]:
     """The axes the bundle's model trained flipped along, which ``medfcn infer --tta`` flips:
-    ``trained_flip_axes`` of its inference.json."""
-    return list(ConfigParser.load_config_file(str(BUNDLE / "configs" / "inference.json"))["trained_flip_axes"])
+    ``trained_flip_axes`` of its common.json."""
+    return list(ConfigParser.load_config_file(str(BUNDLE / "configs" / "common.json"))["trained_flip_axes"])
 
 
 def validation_parser(fold: int, output_dir: str, tta_axes: list[int] | None = None) -> ConfigParser:
@@ -62,7 +62,7 @@ def validation_parser(fold: int, output_dir: str, tta_axes: list[int] | None = N
     With ``tta_axes`` its sliding window also runs on the volume flipped along each of them
     (``medfcn.inferers.FlipTTA``)."""
     parser = ConfigParser()
-    parser.read_config(str(BUNDLE / "configs" / "train.json"))
+    parser.read_config([str(BUNDLE / "configs" / name) for name in ("common.json", "train.json")])
     parser.read_meta(str(BUNDLE / "configs" / "metadata.json"))
     parser.update({"bundle_root": str(BUNDLE), "fold": fold, "output_dir": output_dir})
     parser["validate#handlers"] = [parser["validate#handlers"][0]]

@@ -185,7 +185,7 @@ def main() -> None:
         figures["baseline_unet"]["forward_gflop"] / figures["baseline_unet"]["infer_compute_s"] / peak["fp32"]
     )
     # each recipe's batch, input size and precision; then the other precision, like for like
-    batch = json.loads((BUNDLE / "configs" / "train.json").read_text())["batch_size"]
+    batch = json.loads((BUNDLE / "configs" / "common.json").read_text())["batch_size"]
     for name, net, shape, precision in (
         ("medfcn", fcn, (batch, 1, 40, 56, 40), bf16),
         ("baseline_unet", baseline, (8, 1, 48, 64, 48), False),

@@ -3,9 +3,11 @@ MONAI bundle, in one place below them.
 
 A bundle is a folder::
 
-    configs/train.json       training recipe          (``python -m monai.bundle run``)
-    configs/inference.json   inference pipeline
-    configs/evaluate.json    evaluation of inference.json's masks
+    configs/common.json      the model: network, patch, spacing, modality, classes, inferer,
+                             weights path (merged first into every stage's config)
+    configs/train.json       training recipe          (``python -m monai.bundle run``
+    configs/inference.json   inference pipeline        ``--config_file "['configs/common.json',``
+    configs/evaluate.json    evaluation of the masks   ``'configs/train.json']"``)
     configs/metadata.json    MONAI metadata, with the training-data profile (medfcn.data.profile)
     configs/logging.conf     logging of MONAI's runner
     models/model.pt          the weights (a state dict of ``network_def``)
@@ -36,17 +38,22 @@ from medfcn.errors import UserError, find_user_error, root_message
 from medfcn.settings import check_bundle_json
 
 __all__ = [
+    "COMMON_FILE",
     "MODEL_KEYS",
     "NOT_SETTINGS",
     "RUN_FILE",
     "BundleParser",
     "bundle_files",
     "check_override_keys",
+    "named",
     "read_config",
     "read_run_record",
     "weights_file",
 ]
 
+# The config every stage's config is merged onto: what the bundle's model is (MODEL_KEYS and the
+# rest that train.json, inference.json and evaluate.json share), stated once.
+COMMON_FILE = "common.json"
 # Written into every run folder: the options a resume must repeat (see medfcn.training).
 RUN_FILE = "medfcn_run.json"
 # Arguments of a run that are no settings of it: where its bundle and output are, whether it
@@ -66,6 +73,14 @@ MODEL_KEYS = (
     "class_names",
     "slice_axis",
 )
+
+
+def named(component: Any) -> Any:
+    """``component`` itself: a list entry that is a named top-level component of the config,
+    ``{"_target_": "medfcn.bundle.named", "component": "@weight_average"}``, so that others find
+    it by name (``@weight_average``) instead of by its position in the list, while every entry
+    stays a ``{"_target_": ...}`` dict (MONAI's property checks read ``_target_`` of each handler)."""
+    return component
 
 
 def weights_file(bundle: str | os.PathLike) -> Path:
@@ -101,7 +116,9 @@ def read_run_record(run_dir: str | os.PathLike) -> dict:
 
 
 def bundle_files(bundle: str | os.PathLike, config: str) -> dict[str, Any]:
-    """Paths of a bundle's ``config`` (e.g. ``train.json``), metadata and logging config.
+    """Paths of a bundle's ``config`` (e.g. ``train.json``), metadata and logging config, and
+    as ``config_files`` the list a stage merges: ``[configs/common.json, config]`` (only
+    ``[config]`` for a bundle without ``common.json``).
 
     Raises:
         UserError: the folder or the config is missing, or a JSON file of them is broken
@@ -116,12 +133,14 @@ def bundle_files(bundle: str | os.PathLike, config: str) -> dict[str, Any]:
         "meta_file": root / "configs" / "metadata.json",
         "logging_file": root / "configs" / "logging.conf",
     }
-    # every config file the stage merges, in order (MONAI's ``--config_file`` list)
-    files["config_files"] = [files["config_file"]]
+    # every config file the stage merges, in order (MONAI's ``--config_file`` list): the model's
+    # facts in common.json first, where the bundle has one, then the stage's own config
+    common = root / "configs" / COMMON_FILE
+    files["config_files"] = [common, files["config_file"]] if common.is_file() else [files["config_file"]]
     for key in ("config_file", "meta_file"):
         if not files[key].is_file():
             raise UserError(f"{files[key]}: missing; {root} is not a complete MONAI bundle.")
-    check_bundle_json(files["config_file"], files["meta_file"])
+    check_bundle_json(files["config_files"], files["meta_file"])
     return files
 
 
@@ -142,15 +161,19 @@ def _arguments(component: Any) -> list[str] | None:
     return [p.name for p in params if p.kind is not p.VAR_POSITIONAL]
 
 
-def check_override_keys(config_file: Path, overrides: dict[str, Any], parser: ConfigParser | None = None) -> None:
-    """Each override must name an entry of the config (after the overrides before it, macros
-    resolved), or an argument of one of its components (``network_def#encoder_blocks``, and
-    MONAI's reserved ``_disabled_`` etc.): a misspelt key would otherwise be added unused and
-    the run would silently train with the default, or fail late with a traceback.
+def check_override_keys(
+    config_file: Path | Sequence[Path], overrides: dict[str, Any], parser: ConfigParser | None = None
+) -> None:
+    """Each override must name an entry of the config (one file, or the list a stage merges;
+    after the overrides before it, macros resolved), or an argument of one of its components
+    (``network_def#encoder_blocks``, and MONAI's reserved ``_disabled_`` etc.): a misspelt key
+    would otherwise be added unused and the run would silently train with the default, or fail
+    late with a traceback.
 
     ``parser``: the config already read (it is left with the overrides applied); default: read
     ``config_file``."""
     parser = read_config(config_file) if parser is None else parser
+    stage = config_file[-1] if isinstance(config_file, (list, tuple)) else config_file  # named in messages
     for key, value in overrides.items():
         path = key.replace(ReferenceResolver.sep, "#")
         parent, _, name = path.rpartition("#")
@@ -166,7 +189,7 @@ def check_override_keys(config_file: Path, overrides: dict[str, Any], parser: Co
             known = [str(k) for k in (scope if isinstance(scope, dict) else range(len(scope)))]
             known = sorted({k for k in known + (arguments or []) if not k.startswith("_")})
             close = difflib.get_close_matches(name, known, n=1)
-            where = f"{parent!r}" if parent else str(config_file)
+            where = f"{parent!r}" if parent else str(stage)
             hint = f"did you mean {close[0]!r}?" if close else f"entries there: {', '.join(known)}"
             raise UserError(f"--set {key}: no {name!r} in {where}; {hint}")
         _apply(parser, key, path, value)

@@ -75,7 +75,7 @@ def export_torchscript(
             filepath=str(tmp),
             ckpt_file=str(weights),
             meta_file=str(files["meta_file"]),
-            config_file=str(files["config_file"]),
+            config_file=[str(f) for f in files["config_files"]],  # embedded merged, as MONAI's runner reads them
             bundle_root=str(root),
         )
         exported = torch.jit.load(str(tmp), map_location="cpu")

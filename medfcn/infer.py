@@ -1,9 +1,11 @@
 """Run a bundle's inference config on scans: NIfTI files, folders of them, DICOM series.
 
-The bundle's ``configs/inference.json`` supplies the network, preprocessing, inferer and the
-postprocessing that inverts the preprocessing (``Invertd``); this module feeds it one scan at a
-time, writes each mask atomically as a uint8 NIfTI with exactly the scan's geometry, and
-tabulates the volume of every label in mm^3.
+The bundle's ``configs/inference.json`` (merged onto ``configs/common.json``) supplies the
+network, its weights (``weights_file``), preprocessing, inferer, the postprocessing that inverts
+the preprocessing (``Invertd``) and the mask writer, the same components MONAI's runner uses
+(:mod:`medfcn.segmenter`); this module finds the scans, feeds them one at a time, stages each
+mask with the bundle's writer (uint8, exactly the scan's geometry) so that a batch is written
+all or nothing, and tabulates the volume of every label in mm^3.
 
 Example::
 
@@ -18,161 +20,29 @@ import contextlib
 import json
 import os
 import time
-import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
-import torch
 
-from medfcn.bundle import BundleParser, bundle_files, weights_file
-from medfcn.data.checks import check_scan, warn_if_label_map
-from medfcn.data.datasets import case_id
 from medfcn.data.dicom import find_series, gdcm_series_files, looks_like_dicom, series_files
-from medfcn.data.nifti import (
-    check_gzip_integrity,
-    check_nifti_data_size,
-    check_nifti_geometry,
-    is_nifti,
-    mask_like_scan,
-    use_file_affine,
-    voxel_spacing,
-)
+from medfcn.data.nifti import voxel_spacing
 from medfcn.data.profile import bundle_profile, warn_if_unlike_training
-from medfcn.devices import check_device, device_expression
-from medfcn.errors import UserError, collected_input_warnings, root_message
-from medfcn.formats import (
-    SCAN_SUFFIXES,
-    check_itk_data,
-    check_mask_format,
-    check_memory_from_header,
-    is_itk_file,
-    itk_read_reason,
-    mask_suffix,
-    stage_itk_mask,
-)
-from medfcn.io import NIFTI_SUFFIXES, atomic_path, csv_text, load_weights, nifti_files, refuse_existing
+from medfcn.errors import UserError, collected_input_warnings
+from medfcn.formats import SCAN_SUFFIXES, check_mask_format, is_itk_file, mask_suffix
+from medfcn.io import NIFTI_SUFFIXES, atomic_path, csv_text, nifti_files, refuse_existing
+from medfcn.masks import mask_name, stage_mask
 from medfcn.outputs import is_utf8, output_lock, path_text, refuse_non_utf8, refuse_outputs_over_inputs
+from medfcn.segmenter import Segmenter, load_segmenter
 
 __all__ = [
-    "Segmenter",
-    "load_segmenter",
-    "check_device",
     "expand_inputs",
-    "mask_name",
+    "expand_named_inputs",
     "label_volumes",
     "infer",
     "InferenceRows",
 ]
-
-
-@dataclass
-class Segmenter:
-    """A bundle's network and pipeline, ready to segment one scan at a time."""
-
-    network: torch.nn.Module
-    preprocessing: Callable
-    inferer: Callable
-    postprocessing: Callable
-    class_names: list[str]
-    device: torch.device
-    in_channels: int = 1
-    pixdim: Sequence[float] | None = None
-    slice_axis: int | None = None  # slice-by-slice bundles: the axis (after RAS) they slice along
-
-    def __call__(self, path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, float]:
-        """Segment one scan.
-
-        Returns:
-            ``(labels, affine, seconds)``: uint8 labels ``(X, Y, Z)`` on the scan's own voxel
-            grid, its RAS affine (mm; a NIfTI scan's as nibabel reads it, scaled from metres or
-            microns to mm), and the model-compute time in seconds.
-        """
-        num_classes = len(self.class_names) + 1
-        nifti = None
-        if is_nifti(path):  # nibabel would read a damaged .nii.gz, or a singular affine, without complaint
-            data_bytes = check_gzip_integrity(path)
-            nifti = check_nifti_geometry(path)
-        check_memory_from_header(path, self.in_channels, self.pixdim, num_classes)  # before reading voxels
-        if nifti is not None:  # dim fields that do not match the data: nibabel reads rows shifted
-            check_nifti_data_size(path, nifti, data_bytes)
-        elif is_itk_file(path):  # SimpleITK reads damaged or short data silently
-            check_itk_data(path)
-        try:  # loading alone first, so the scan can be checked before any resampling
-            with warnings.catch_warnings():
-                # numpy's "overflow encountered in cast" (scl_slope 1e36): check_scan names the
-                # Inf voxels in one line
-                warnings.filterwarnings("ignore", "overflow encountered", RuntimeWarning)
-                data = self.preprocessing({"image": str(path)}, end=1)
-        except Exception as err:
-            reason = (is_itk_file(path) and itk_read_reason(path)) or root_message(err)  # not MONAI's "no reader"
-            raise UserError(f"{path}: cannot be read as an image ({reason}).") from err
-        if nifti is not None:  # the file's own affine, in mm whatever its spatial units
-            use_file_affine(data["image"], nifti)
-        check_scan(data["image"], path, self.in_channels, self.pixdim, self.slice_axis, num_classes)
-        warn_if_label_map(data["image"], path)
-        data = self.preprocessing(data, start=1)
-        image = data["image"]
-        with torch.no_grad():
-            start = time.perf_counter()
-            logits = self.inferer(image[None].to(self.device), self.network)
-            seconds = time.perf_counter() - start
-        data["pred"] = logits[0].cpu()
-        data = self.postprocessing(data)
-        labels = np.asarray(data["pred"][0].cpu().numpy()).round().astype(np.uint8)
-        affine = np.asarray(data["pred"].affine, dtype=np.float64)
-        return labels, affine, seconds
-
-
-def load_segmenter(
-    bundle: str | os.PathLike,
-    device: str | None = None,
-    overrides: dict[str, Any] | None = None,
-    tta: bool = False,
-) -> Segmenter:
-    """Build the segmenter of ``bundle`` with the weights in ``models/model.pt``.
-
-    With ``tta`` the inferer also averages over the flips along the bundle's
-    ``trained_flip_axes`` (spatial axes its model was trained flipped along; ``[0]``,
-    left-right, where a bundle does not say).
-
-    Raises:
-        UserError: incomplete bundle, missing weights, weights of another architecture, or
-            ``tta`` for a bundle trained without flips.
-    """
-    files = bundle_files(bundle, "inference.json")
-    weights = weights_file(files["bundle_root"])
-    if not weights.is_file():
-        raise UserError(f"{weights}: missing; train the bundle and copy best_model.pt there.")
-    parser = BundleParser(files["config_files"])  # a broken entry fails in one line naming the file
-    parser.update({"bundle_root": str(files["bundle_root"]), **(overrides or {})})
-    if device:
-        parser["device"] = device_expression(device)
-    if tta:
-        axes = parser.get_parsed_content("trained_flip_axes", default=[0])
-        if not axes:
-            raise UserError(
-                f"{files['config_file']}: this model was trained without flips, so --tta has nothing to average; "
-                "run without --tta."
-            )
-        parser["tta_flip_axes"] = list(axes)
-    network = load_weights(parser.get_parsed_content("network"), weights)
-    dev = parser.get_parsed_content("device")
-    network.eval()
-    return Segmenter(
-        network=network,
-        preprocessing=parser.get_parsed_content("preprocessing"),
-        inferer=parser.get_parsed_content("inferer"),
-        postprocessing=parser.get_parsed_content("postprocessing"),
-        class_names=list(parser.get_parsed_content("class_names")),
-        device=dev,
-        in_channels=int(parser.get_parsed_content("network_def#in_channels")),
-        pixdim=parser.get_parsed_content("pixdim"),
-        slice_axis=parser.get_parsed_content("slice_axis", default=None),
-    )
 
 
 def _is_dicom_series(folder: Path) -> bool:
@@ -273,39 +143,11 @@ def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     return [scan for scan, _ in expand_named_inputs(inputs)]
 
 
-def mask_name(scan: Path, suffix: str = ".nii.gz") -> str:
-    """Output file name for ``scan``: its case name + ``suffix`` (``.nii.gz``, ``.nrrd``, ``.mha``),
-    reduced to a plain file name so that no input name (``..``, separators, leading dots) can
-    place it outside the folder."""
-    stem = case_id(scan).replace(os.sep, "_").replace("/", "_").lstrip(".") or "scan"
-    return f"{stem}{suffix}"
-
-
 def label_volumes(labels: np.ndarray, affine: np.ndarray, class_names: Sequence[str]) -> dict[str, float]:
     """Volume of each foreground label in mm^3: voxel count times |det| of the affine's 3x3."""
     voxel_mm3 = float(abs(np.linalg.det(affine[:3, :3])))
     counts = np.bincount(labels.ravel(), minlength=len(class_names) + 1)
     return {f"{name}_mm3": round(float(counts[k + 1]) * voxel_mm3, 3) for k, name in enumerate(class_names)}
-
-
-def _stage_mask(
-    stack: contextlib.ExitStack, labels: np.ndarray, affine: np.ndarray, target: Path, scan: Path | None = None
-) -> None:
-    """Write the mask to a temporary file that ``stack`` renames onto ``target`` on success
-    (NRRD or MetaImage by ``target``'s suffix, else NIfTI).
-
-    A NIfTI scan's NIfTI mask carries the scan's own header geometry (qform, sform, codes,
-    units); other masks get ``affine`` (mm)."""
-    if is_itk_file(target):
-        return stage_itk_mask(stack, labels, affine, scan, target)
-    if scan is not None and is_nifti(scan):
-        image = mask_like_scan(labels, nib.load(str(scan)))
-    else:
-        image = nib.Nifti1Image(labels.astype(np.uint8), affine)
-        image.set_qform(affine, code=1)
-        image.set_sform(affine, code=1)
-        image.header.set_xyzt_units("mm")  # the affine is in mm; 0 ("unknown") makes some viewers guess
-    nib.save(image, stack.enter_context(atomic_path(target, suffix=".nii.gz")))
 
 
 def _warning_note(unlike: dict[str, str], messages: list[str]) -> str:
@@ -383,50 +225,56 @@ def infer(
         inputs: NIfTI, NRRD (``.nrrd``/``.nhdr``) and MetaImage (``.mha``/``.mhd``) files,
             folders of them, DICOM series folders, folders of series folders.
         out_dir: gets ``<case>.nii.gz`` per scan, ``volumes.csv`` and ``volumes.json``.
-        device: ``"cpu"``, ``"cuda"``...; default CUDA when available.
-        sw_batch_size, overlap: sliding-window settings (default: the bundle's).
+        device, sw_batch_size, overlap: ``"cpu"``, ``"cuda"``... (default CUDA when available)
+            and the sliding-window settings (default: the bundle's).
         tta: average with predictions on flipped input, along the axes the bundle's model was
             trained flipped (left-right for the 3D hippocampus bundle: twice the compute).
-        overwrite: replace existing masks and volume tables; otherwise an existing one is an error.
-        progress: called with one line per scan.
+        overwrite: replace existing masks and tables (else an error); progress: gets a line per scan.
         mask_format: ``"nifti"`` (``<case>.nii.gz``), ``"nrrd"``, ``"mha"``, or ``"input"``: the
             scan's own format for NRRD and MetaImage scans (a ``.nhdr`` gives ``.nrrd``, a ``.mhd``
             ``.mha``), NIfTI for the others.
         continue_on_error: a scan that fails with a UserError is listed in ``failures.csv`` /
-            ``failures.json`` (input, reason) and the others are segmented and written;
-            ``volumes.csv`` lists the successes. Errors not about one scan (inputs not found,
-            bundle, options, ``out_dir``) still stop everything; a folder holding a broken DICOM
-            series is a bad scan.
+            ``failures.json`` (input, reason) and the others are segmented and written. Errors not
+            about one scan (inputs not found, bundle, options, ``out_dir``) still stop everything;
+            a folder holding a broken DICOM series is a bad scan.
 
     Returns:
-        One row per segmented scan: input, mask, shape, spacing (mm), seconds, ``<label>_mm3``
-        and ``warnings`` (the scan's InputWarnings, `` | ``-separated; empty when all is well);
-        ``.failures`` lists the scans ``continue_on_error`` skipped.
+        A row per segmented scan: input, mask, shape, spacing (mm), seconds, ``<label>_mm3``,
+        ``warnings`` (its InputWarnings, `` | ``-separated); ``.failures``: the scans skipped.
 
     Raises:
-        UserError: a bad input, bundle or option; nothing is written then, not even the masks
-            of the scans before the bad one (unless ``continue_on_error``, for a bad scan).
-        UserError: ``out_dir`` is or holds an input (``--overwrite`` would replace scans by masks),
-            or another run is writing into it (it is locked while a run writes).
+        UserError: a bad input, bundle or option, ``out_dir`` being or holding an input, or another
+            run writing into it (locked while a run writes). Nothing is written then, not even
+            the masks of the scans before a bad one (unless ``continue_on_error``, for a bad scan).
     """
-    check_mask_format(mask_format)
-    failures: list[dict] = []  # with continue_on_error: scans that failed, listed or segmented
-    named_scans = _cohort_inputs(inputs, failures) if continue_on_error else expand_named_inputs(inputs)
-    scans = [scan for scan, _ in named_scans]
+    rows = InferenceRows()  # with continue_on_error: its failures, listed or segmented
     out = Path(out_dir)
-    targets = [out / mask_name(name, mask_suffix(scan, mask_format)) for scan, name in named_scans]
-    _refuse_namesakes(scans, targets)
-    # the inputs as given too: a broken series left out by continue_on_error is still an input
-    refuse_outputs_over_inputs(out, [*scans, *map(Path, inputs)], targets)
-    tables = ["volumes.csv", "volumes.json", *(["failures.csv", "failures.json"] if continue_on_error else [])]
+    scans, targets, tables = _planned_outputs(inputs, out, mask_format, continue_on_error, rows.failures)
     # one run at a time into `out`, from the existence checks to the last rename
     with output_lock(out, "medfcn infer", "--out"):
         refuse_existing([*targets, *(out / name for name in tables)], overwrite)
         segmenter = _segmenter(bundle, device, sw_batch_size, overlap, tta)
         profile = bundle_profile(Path(bundle) / "configs" / "metadata.json")
-        rows = InferenceRows(failures=failures)
         _segment_all(segmenter, profile, scans, targets, out, rows, continue_on_error, progress)
     return rows
+
+
+def _planned_outputs(
+    inputs: Sequence[str | os.PathLike], out: Path, mask_format: str, continue_on_error: bool, failures: list[dict]
+) -> tuple[list[Path], list[Path], list[str]]:
+    """``(scans, their masks, the tables)`` :func:`infer` writes into ``out``, checked: a known
+    mask format, no two scans with one mask, no output over an input.
+
+    ``failures``: with ``continue_on_error``, gets the inputs that are broken DICOM series."""
+    check_mask_format(mask_format)
+    named_scans = _cohort_inputs(inputs, failures) if continue_on_error else expand_named_inputs(inputs)
+    scans = [scan for scan, _ in named_scans]
+    targets = [out / mask_name(name, mask_suffix(scan, mask_format)) for scan, name in named_scans]
+    _refuse_namesakes(scans, targets)
+    # the inputs as given too: a broken series left out by continue_on_error is still an input
+    refuse_outputs_over_inputs(out, [*scans, *map(Path, inputs)], targets)
+    tables = ["volumes.csv", "volumes.json", *(["failures.csv", "failures.json"] if continue_on_error else [])]
+    return scans, targets, tables
 
 
 def _refuse_namesakes(scans: Sequence[Path], targets: Sequence[Path]) -> None:
@@ -473,7 +321,7 @@ def _segment_one(
         volumes = label_volumes(labels, affine, segmenter.class_names)
         mm3 = {n: volumes[f"{n}_mm3"] for n in segmenter.class_names}
         unlike = warn_if_unlike_training(profile, scan, affine, labels.shape, mm3)
-    _stage_mask(stack, labels, affine, target, scan)
+    (segmenter.writer.stage if segmenter.writer else stage_mask)(stack, labels, affine, target, scan)
     spacing = voxel_spacing(affine)
     row = {
         "input": path_text(scan),  # \xNN for the bytes of a name that are not UTF-8

@@ -9,10 +9,17 @@ metrics) stay float32.
 
 from __future__ import annotations
 
-import torch
-from monai.inferers import Inferer
+import math
+import sys
+import time
+from typing import TextIO
 
-__all__ = ["Autocast", "FlipTTA", "cpu_bf16_supported", "use_cpu_bf16"]
+import torch
+from monai.data.utils import dense_patch_slices
+from monai.inferers import Inferer, SliceInferer, SlidingWindowInferer
+from monai.utils import ensure_tuple_rep
+
+__all__ = ["Autocast", "FlipTTA", "WindowProgress", "cpu_bf16_supported", "sliding_windows", "use_cpu_bf16"]
 
 
 def cpu_bf16_supported() -> bool:
@@ -76,3 +83,77 @@ class FlipTTA(Inferer):
             dim = [axis + 2]
             out = out + torch.flip(self.inferer(torch.flip(inputs, dim), network, *args, **kwargs), dim)
         return out / (1 + len(self.spatial_axes))
+
+
+def sliding_windows(inferer: Inferer, spatial_shape: tuple[int, ...]) -> int | None:
+    """How many windows ``inferer`` (a ``SlidingWindowInferer`` or ``SliceInferer``) runs the
+    network on for an input of ``spatial_shape`` (voxels); None for other inferers."""
+    if not isinstance(inferer, SlidingWindowInferer):
+        return None
+    dims = len(spatial_shape)
+    roi = list(getattr(inferer, "orig_roi_size", inferer.roi_size))
+    if isinstance(inferer, SliceInferer) and len(roi) == dims - 1:
+        roi.insert(inferer.spatial_dim, 1)  # one slice at a time
+    if len(roi) != dims:
+        return None
+    # inputs smaller than the window are padded to it; a window size <= 0 means the whole axis
+    padded = [max(s, r if r > 0 else s) for s, r in zip(spatial_shape, roi, strict=True)]
+    roi = [r if r > 0 else s for r, s in zip(roi, padded, strict=True)]
+    overlap = ensure_tuple_rep(inferer.overlap, dims)
+    # the steps MONAI's sliding_window_inference takes (one window where it covers the axis)
+    interval = [max(int(r * (1 - o)), 1) if r < s else 1 for r, o, s in zip(roi, overlap, padded, strict=True)]
+    return len(dense_patch_slices(padded, roi, interval))
+
+
+class WindowProgress(Inferer):
+    """Run ``inferer`` and show, on one line of ``stream`` (stderr), how many of its sliding
+    windows are done and the time left, once a scan has taken ``after_s`` seconds; nothing when
+    the stream is no terminal (logs, pipes, tests) or the scan is quick.
+
+    The network's inputs and outputs pass through untouched, so the masks do not depend on it.
+
+    Args:
+        inferer: the MONAI inferer to wrap (``SlidingWindowInferer``, ``SliceInferer``...).
+        after_s: seconds of silence before the line appears (three silent minutes look like a hang).
+        stream: where to write; default ``sys.stderr`` at call time.
+    """
+
+    def __init__(self, inferer: Inferer, after_s: float = 3.0, stream: TextIO | None = None):
+        super().__init__()
+        self.inferer = inferer
+        self.after_s = float(after_s)
+        self.stream = stream
+
+    def __call__(self, inputs: torch.Tensor, network, *args, **kwargs):
+        stream = self.stream or sys.stderr
+        if not (hasattr(stream, "isatty") and stream.isatty()):
+            return self.inferer(inputs, network, *args, **kwargs)
+        windows = sliding_windows(self.inferer, tuple(inputs.shape[2:]))
+        total = windows * inputs.shape[0] if windows else None
+        start, done, shown = time.perf_counter(), 0, False
+
+        def counted(x, *a, **k):
+            nonlocal done, shown
+            out = network(x, *a, **k)
+            done += x.shape[0]  # a batch of windows
+            elapsed = time.perf_counter() - start
+            if elapsed >= self.after_s:
+                stream.write("\r" + _progress_text(done, total, elapsed))
+                stream.flush()
+                shown = True
+            return out
+
+        try:
+            return self.inferer(inputs, counted, *args, **kwargs)
+        finally:
+            if shown:
+                stream.write("\r\033[K")  # the line goes, the scan's own line follows
+                stream.flush()
+
+
+def _progress_text(done: int, total: int | None, elapsed: float) -> str:
+    """``  windows 12/40 (30%), 9 s, about 21 s left`` (without total and time left when unknown)."""
+    if not total:
+        return f"  windows {done}, {elapsed:.0f} s"
+    left = elapsed * max(total - done, 0) / max(done, 1)
+    return f"  windows {done}/{total} ({math.floor(100 * done / total)}%), {elapsed:.0f} s, about {left:.0f} s left"

@@ -1,14 +1,16 @@
 """Package a training run as a MONAI bundle that ``medfcn infer`` and MONAI's runner can use.
 
 A run of ``medfcn train`` records the bundle it trained and every option it was given
-(``medfcn_run.json``). Packaging copies that bundle, writes the options into its
-``configs/train.json`` (so the new bundle retrains the same recipe on the same data) and the
-entries that describe the model into ``configs/inference.json`` (network, patch, spacing,
-modality, classes, slice axis, flips), puts the run's weights in ``models/model.pt`` and
-rewrites ``metadata.json`` (with the profile of the run's training cases,
-:mod:`medfcn.data.profile`) and ``docs/README.md`` for the new model. The bundle is assembled in
-a hidden folder beside the target, loaded once with its weights as ``medfcn infer`` would, and
-only then renamed into place, so a failed packaging leaves nothing behind.
+(``medfcn_run.json``). Packaging copies that bundle and writes each option into the config that
+states it: the model's (network, patch, spacing, modality, classes, slice axis, the data) into
+``configs/common.json``, which every stage's config is merged onto, the recipe's into
+``configs/train.json`` (so the new bundle retrains the same recipe on the same data; there is
+nothing to copy into ``inference.json``). It records the axes training flipped
+(``trained_flip_axes``), puts the run's weights in ``models/model.pt`` and rewrites
+``metadata.json`` (with the profile of the run's training cases, :mod:`medfcn.data.profile`) and
+``docs/README.md`` for the new model. The bundle is assembled in a hidden folder beside the
+target, loaded once with its weights as ``medfcn infer`` would, and only then renamed into
+place, so a failed packaging leaves nothing behind.
 
 Example::
 
@@ -18,27 +20,31 @@ Example::
 
 from __future__ import annotations
 
+import copy
 import datetime
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from monai.bundle import ConfigParser
-from monai.bundle.config_item import ConfigComponent
+from monai.bundle.reference_resolver import ReferenceResolver
+from monai.transforms import Compose, RandFlipd
 
-from medfcn.bundle import MODEL_KEYS, NOT_SETTINGS, bundle_files, read_run_record, weights_file
+from medfcn.bundle import COMMON_FILE, MODEL_KEYS, NOT_SETTINGS, bundle_files, read_run_record, weights_file
 from medfcn.data.datasets import fold_datalists
 from medfcn.data.profile import PROFILE_KEY, RUN_PROFILE, training_profile
 from medfcn.errors import UserError
 from medfcn.io import atomic_torch_save, read_checkpoint, refuse_existing, writable_dir
 from medfcn.outputs import refuse_output_over
+from medfcn.segmenter import load_segmenter
 
 __all__ = ["package_run", "trained_flip_axes"]
 
-_CONFIGS = ("train.json", "inference.json", "evaluate.json", "logging.conf", "metadata.json")
+_CONFIGS = (COMMON_FILE, "train.json", "inference.json", "evaluate.json", "logging.conf", "metadata.json")
 _LICENSE = """Code and configs: Apache License 2.0 (see the LICENSE file at the root of the medfcn repository).
 
 Model weights (models/model.pt) were trained by the user of medfcn on their own data and are a
@@ -48,22 +54,29 @@ not know. State them here before sharing the bundle.
 
 
 def trained_flip_axes(train: ConfigParser) -> list[int]:
-    """Spatial axes the training augmentation flips one at a time: enabled ``RandFlipd`` with a
-    single axis (``%file#id`` macros resolved). Joint flips (``spatial_axis=[0, 1]``, or None for
-    all axes) are left out: the model never saw one of those axes flipped alone, which is what
-    ``--tta`` would show it."""
+    """Spatial axes the training augmentation (``train#augmentation``, as built: ``%file#id``
+    macros, expressions and disabled entries resolved) flips one at a time: ``RandFlipd`` with
+    a single axis. Joint flips (``spatial_axis=[0, 1]``, or None for all axes) are left out: the
+    model never saw one of those axes flipped alone, which is what ``--tta`` would show it."""
     train.resolve_macro_and_relative_ids()
     axes = set()
-    for t in train.get("train#augmentation", []):
-        if not isinstance(t, dict) or not str(t.get("_target_", "")).endswith("RandFlipd"):
+    for transform in _flat(train.get_parsed_content("train#augmentation", lazy=False)):
+        if not isinstance(transform, RandFlipd):
             continue
-        if ConfigComponent(config=t).is_disabled():
-            continue
-        axis = t.get("spatial_axis")
-        axis = axis[0] if isinstance(axis, list) and len(axis) == 1 else axis
+        axis = transform.flipper.spatial_axis
+        axis = axis[0] if isinstance(axis, (list, tuple)) and len(axis) == 1 else axis
         if isinstance(axis, int) and not isinstance(axis, bool):
             axes.add(axis)
     return sorted(axes)
+
+
+def _flat(transforms: Any) -> list:
+    """The transforms of a list or ``Compose``, nested ones included, in order."""
+    if isinstance(transforms, Compose):
+        transforms = transforms.transforms
+    if isinstance(transforms, (list, tuple)):
+        return [t for item in transforms for t in _flat(item)]
+    return [transforms]
 
 
 def _run_weights(run_dir: Path, which: str) -> tuple[dict, str, dict]:
@@ -200,33 +213,72 @@ def _held_out_note(fold: int | None) -> str:
     )
 
 
+def _move_model_keys(common: ConfigParser, train: ConfigParser) -> None:
+    """For a bundle without ``common.json``: its :data:`MODEL_KEYS`, taken out of ``train.json``
+    into ``common`` (``inference.json`` then states none of them: see :func:`_drop_model_keys`)."""
+    for key in MODEL_KEYS:
+        if key in train:
+            common[key] = train.get(key)
+            del train.get()[key]
+
+
+def _split_settings(common: ConfigParser, train: ConfigParser, settings: dict) -> None:
+    """Write each of the run's ``settings`` into the config that states it: ``common.json``
+    (the model: network, patch, spacing, modality, classes; the data) or ``train.json`` (the
+    recipe)."""
+    for key, value in settings.items():
+        (common if key.replace(ReferenceResolver.sep, "#").split("#")[0] in common else train)[key] = value
+    for parser in (common, train):
+        parser.resolve_macro_and_relative_ids()  # a %file#id macro would not resolve from another folder
+
+
+def _drop_model_keys(config: Path, common: dict) -> None:
+    """Remove from ``config`` (another stage's file) the entries ``common.json`` states, which it
+    would override when merged after it: the model is stated once."""
+    if not config.is_file():
+        return
+    content = json.loads(config.read_text())
+    kept = {k: v for k, v in content.items() if k not in common or k == "imports"}
+    if kept != content:
+        ConfigParser.export_config_file(kept, config, indent=4)
+
+
+def _write_configs(configs: Path, name: str, settings: dict) -> ConfigParser:
+    """Write the run's ``settings`` and ``name`` into the copied ``configs`` folder; return a
+    parser of the packaged training config (``common.json`` + ``train.json``)."""
+    common, train = ConfigParser(), ConfigParser()
+    train.read_config(str(configs / "train.json"))
+    if (configs / COMMON_FILE).is_file():
+        common.read_config(str(configs / COMMON_FILE))
+    else:
+        _move_model_keys(common, train)
+    _split_settings(common, train, settings)
+    if "bundle_name" in common:  # its own default run folder, not the source bundle's
+        common["bundle_name"] = name
+    else:
+        train["output_dir"] = f"$os.path.join('runs', {name!r}, 'fold' + str(@fold))"
+    # what --tta may flip: what training flipped
+    common["trained_flip_axes"] = trained_flip_axes(ConfigParser(copy.deepcopy({**common.get(), **train.get()})))
+    merged = ConfigParser(copy.deepcopy({**common.get(), **train.get()}))  # as MONAI merges the two files
+    ConfigParser.export_config_file(common.get(), configs / COMMON_FILE, indent=4)
+    ConfigParser.export_config_file(train.get(), configs / "train.json", indent=4)
+    for other in ("inference.json", "evaluate.json"):
+        _drop_model_keys(configs / other, common.get())
+    return merged
+
+
 def _assemble(
     tmp: Path, name: str, origin: Path, run_dir: Path, run: dict, weights: dict, source: str, best: dict
 ) -> None:
     """Write the packaged bundle ``name`` into the empty folder ``tmp``."""
     # a device recorded by runs before `train --device` is no part of the bundle
     settings = {k: v for k, v in run["settings"].items() if k not in NOT_SETTINGS}
-    (tmp / "configs").mkdir()
-    (tmp / "models").mkdir()
-    (tmp / "docs").mkdir()
+    for folder in ("configs", "models", "docs"):
+        (tmp / folder).mkdir()
     for config in _CONFIGS:
         if (origin / "configs" / config).is_file():
             shutil.copy2(origin / "configs" / config, tmp / "configs" / config)
-    train = ConfigParser()
-    train.read_config(str(tmp / "configs" / "train.json"))
-    train.update(settings)
-    train.resolve_macro_and_relative_ids()  # a %file#id macro would not resolve from another folder
-    # its own default run folder, not the source bundle's
-    train["output_dir"] = f"$os.path.join('runs', {name!r}, 'fold' + str(@fold))"
-    ConfigParser.export_config_file(train.get(), tmp / "configs" / "train.json", indent=4)
-    inference = ConfigParser()
-    inference.read_config(str(tmp / "configs" / "inference.json"))
-    for key in MODEL_KEYS:
-        if key in train and key in inference:
-            inference[key] = train.get(key)
-    if "trained_flip_axes" in inference:
-        inference["trained_flip_axes"] = trained_flip_axes(train)
-    ConfigParser.export_config_file(inference.get(), tmp / "configs" / "inference.json", indent=4)
+    train = _write_configs(tmp / "configs", name, settings)
     meta_file = tmp / "configs" / "metadata.json"
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
     meta = _metadata(meta, train, name, run_dir, best, source)
@@ -263,20 +315,9 @@ def package_run(
         UserError: not a medfcn run, missing weights, an existing ``out``, or weights that do
             not load into the packaged inference config.
     """
-    from medfcn.infer import load_segmenter  # infer imports train; keep the import graph one-way
-
     run_dir, out = Path(run_dir), Path(out)
     run = read_run_record(run_dir)
-    origin = Path(bundle or run.get("bundle") or "")
-    if not (origin / "configs" / "inference.json").is_file():
-        raise UserError(
-            f"{origin}: not a bundle with configs/inference.json; pass --bundle with the bundle the run trained."
-        )
-    # with --overwrite, the folder `out` is replaced as a whole
-    refuse_output_over(out, [run_dir], "--out", "training run")
-    refuse_output_over(out, [origin], "--out", "source bundle")
-    for config in ("train.json", "inference.json"):  # broken JSON: one line naming the file
-        bundle_files(origin, config)
+    origin = _source_bundle(Path(bundle or run.get("bundle") or ""), run_dir, out)
     refuse_existing([out], overwrite, fix="pass --overwrite to replace it, or choose another --out")
     if weights is None:
         weights = "last" if run["settings"].get("fold") == -1 else "best"
@@ -290,13 +331,33 @@ def package_run(
         except UserError as err:
             raise UserError(f"{run_dir}: the packaged bundle does not load its weights ({err}).") from err
         os.chmod(tmp, 0o755)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
+        _replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _source_bundle(origin: Path, run_dir: Path, out: Path) -> Path:
+    """``origin``, checked as the bundle to package ``run_dir`` from into ``out``: a complete
+    bundle whose configs are JSON, neither ``run_dir`` nor ``origin`` inside ``out``."""
+    if not (origin / "configs" / "inference.json").is_file():
+        raise UserError(
+            f"{origin}: not a bundle with configs/inference.json; pass --bundle with the bundle the run trained."
+        )
+    # with --overwrite, the folder `out` is replaced as a whole
+    refuse_output_over(out, [run_dir], "--out", "training run")
+    refuse_output_over(out, [origin], "--out", "source bundle")
+    for config in ("train.json", "inference.json"):  # broken JSON: one line naming the file
+        bundle_files(origin, config)
+    return origin
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Rename the folder ``tmp`` onto ``out``, replacing an existing ``out`` as a whole."""
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+        os.replace(out, old / out.name)
+        os.replace(tmp, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out)

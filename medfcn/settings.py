@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -205,14 +205,30 @@ def _refusal(key: str, value: Any, rule: Rule, source: str, example: Any, dims: 
     return UserError(f'{source}: {key} {shown} must be {rule.text}; fix the file, e.g. "{key}": {fix}.')
 
 
+def _stating_file(config_files: Sequence[Path], key: str) -> Path:
+    """The last of ``config_files`` (merged in order) whose top level states ``key``; the last
+    file where none does."""
+    for path in reversed(config_files):
+        try:
+            if key in json.loads(Path(path).read_text(encoding="utf-8")):
+                return Path(path)
+        except (OSError, ValueError, TypeError):
+            continue
+    return Path(config_files[-1])
+
+
 def check_settings(
-    parser: ConfigParser, config_file: Path, sources: Mapping[str, str], defaults: Mapping[str, Any] | None = None
+    parser: ConfigParser,
+    config_file: Path | Sequence[Path],
+    sources: Mapping[str, str],
+    defaults: Mapping[str, Any] | None = None,
 ) -> None:
     """Check every setting of ``parser`` that :data:`RULES` knows (in its order).
 
     Args:
         parser: the training config with every override applied.
-        config_file: the config's path, named for settings of no other source.
+        config_file: the config's path, or the files it merges (``common.json``, ``train.json``):
+            the one stating a setting is named for settings of no other source.
         sources: where a setting's value came from: ``"--set"``, a command-line option
             (``"--epochs"``) or a file (``medfcn_run.json``); the config for others.
         defaults: the config's own entries (as read, before overrides), whose values serve as
@@ -221,15 +237,16 @@ def check_settings(
     Raises:
         UserError: naming the option or file, the value, and what the setting accepts.
     """
+    files = [config_file] if isinstance(config_file, (str, os.PathLike)) else list(config_file)
     dims = _spatial_dims(parser)
     if defaults is None:
         reader = ConfigParser()
-        reader.read_config(str(config_file))
+        reader.read_config([str(f) for f in files])
         defaults = reader.get()
     for key, rule in RULES.items():
         if key not in parser:
             continue
-        source = sources.get(key, str(config_file))
+        source = sources.get(key) or str(_stating_file(files, key))
         try:
             value = parser.get_parsed_content(key)
         except Exception as err:
@@ -241,7 +258,8 @@ def check_settings(
 
 
 # Entries medfcn reads from a bundle's configs without a default: missing, they would fail
-# with a KeyError deep in a command.
+# with a KeyError deep in a command. Checked over the files a stage merges (common.json and the
+# stage's config), keyed by the stage's config.
 REQUIRED_ENTRIES = {
     "inference.json": ("network_def", "network", "device", "preprocessing", "inferer", "postprocessing", "class_names"),
     "train.json": (
@@ -268,20 +286,25 @@ def _json_object(path: Path, fix: str) -> dict:
     return content
 
 
-def check_bundle_json(config_file: Path, meta_file: Path) -> None:
-    """A bundle's config and ``metadata.json`` must be JSON objects, and the config must hold
-    the entries medfcn reads from it (:data:`REQUIRED_ENTRIES`, by file name).
+def check_bundle_json(config_files: Path | Sequence[Path], meta_file: Path) -> None:
+    """A bundle's configs (one stage's list, merged in order) and ``metadata.json`` must be JSON
+    objects, and the merged configs must hold the entries medfcn reads from them
+    (:data:`REQUIRED_ENTRIES`, by the stage config's file name: the last of the list).
 
     Raises:
         UserError: naming the file and what is wrong.
     """
     fix = "restore the file from the bundle's source (or `medfcn package` the run again)"
-    config = _json_object(config_file, fix)
+    files = [config_files] if isinstance(config_files, (str, os.PathLike)) else list(map(Path, config_files))
+    configs = {path: _json_object(path, fix) for path in files}
     _json_object(meta_file, fix)
-    missing = [key for key in REQUIRED_ENTRIES.get(config_file.name, ()) if key not in config]
+    merged = {key: path for path, config in configs.items() for key in config}  # key: the last file stating it
+    stage = files[-1]
+    missing = [key for key in REQUIRED_ENTRIES.get(stage.name, ()) if key not in merged]
     if missing:
-        raise UserError(f"{config_file}: has no {', '.join(map(repr, missing))} entry; {fix}.")
-    network = config.get("network_def", {})
+        raise UserError(f"{stage}: has no {', '.join(map(repr, missing))} entry; {fix}.")
+    source = merged.get("network_def", stage)
+    network = configs[source].get("network_def", {}) if source in configs else {}
     if not isinstance(network, dict) or not isinstance(network.get("_target_"), str):
         shown = json.dumps(network)[:60]
-        raise UserError(f'{config_file}: network_def is {shown}, not a component {{"_target_": ...}}; {fix}.')
+        raise UserError(f'{source}: network_def is {shown}, not a component {{"_target_": ...}}; {fix}.')

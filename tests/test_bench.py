@@ -63,7 +63,7 @@ def test_baseline_is_the_pasted_monai_unet(accuracy):
     """The issue's baseline: UNet(3, 1, 3, channels 16-128, strides 2, 2 residual units), DiceCE,
     Adam 1e-3, batch 8, whole volumes padded, no augmentation, float32, plain weights."""
     parser = ConfigParser()
-    parser.read_config(str(BUNDLE / "configs" / "train.json"))
+    parser.read_config([str(BUNDLE / "configs" / name) for name in ("common.json", "train.json")])
     parser.update(accuracy.BASELINE)
     net = parser.get_parsed_content("network_def")
     reference = UNet(3, 1, 3, channels=(16, 32, 64, 128), strides=(2, 2, 2), num_res_units=2)

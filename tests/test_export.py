@@ -22,7 +22,7 @@ def _bundle_with_random_weights(tmp_path, source):
     shutil.copytree(source / "configs", bundle / "configs")
     (bundle / "models").mkdir()
     parser = ConfigParser()
-    parser.read_config(str(bundle / "configs" / "inference.json"))
+    parser.read_config([str(bundle / "configs" / name) for name in ("common.json", "inference.json")])
     net = parser.get_parsed_content("network_def")
     torch.save(net.state_dict(), bundle / "models" / "model.pt")
     return bundle, net

@@ -18,7 +18,8 @@ from medfcn.data.datasets import case_id
 from medfcn.data.readers import sitk_affine_ras
 from medfcn.errors import UserError
 from medfcn.formats import mask_suffix, scan_grid, stage_itk_mask
-from medfcn.infer import infer, mask_name
+from medfcn.infer import infer
+from medfcn.masks import mask_name
 
 from .conftest import BUNDLE, DICOM, need
 

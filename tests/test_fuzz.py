@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from medfcn.errors import UserError
-from medfcn.infer import load_segmenter
+from medfcn.segmenter import load_segmenter
 
 from .conftest import BUNDLE
 

@@ -12,7 +12,9 @@ import pytest
 import SimpleITK as sitk
 
 from medfcn.errors import InputWarning, UserError
-from medfcn.infer import expand_inputs, infer, label_volumes, load_segmenter, mask_name
+from medfcn.infer import expand_inputs, infer, label_volumes
+from medfcn.masks import mask_name
+from medfcn.segmenter import load_segmenter
 
 from .conftest import BUNDLE, BUNDLE_2D, BUNDLES, DICOM, HIPPO, SPLEEN, need
 

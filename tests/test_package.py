@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import nibabel as nib
 import pytest
@@ -37,18 +38,22 @@ def run_dir(spheres_dataset, tmp_path_factory):
 
 
 def _configs(bundle):
+    """Parsers of the bundle's training and inference configs, each merged onto common.json."""
     parsers = {}
     for name in ("train", "inference"):
         parsers[name] = ConfigParser()
-        parsers[name].read_config(str(bundle / "configs" / f"{name}.json"))
+        parsers[name].read_config([str(bundle / "configs" / f) for f in ("common.json", f"{name}.json")])
+        parsers[name]["bundle_root"] = str(bundle)
     return parsers["train"], parsers["inference"]
 
 
 def test_packaged_bundle_carries_the_runs_model(run_dir, spheres_dataset, tmp_path):
     out = package_run(run_dir, tmp_path / "bundles" / "spheres_fcn")
     train_cfg, inference = _configs(out)
-    for key in MODEL_KEYS:  # inference.json repeats what the run trained with, as in a shipped bundle
+    for key in MODEL_KEYS:  # inference uses what the run trained with: common.json states it once
         assert train_cfg.get(key) == inference.get(key), key
+        for name in ("train.json", "inference.json", "evaluate.json"):
+            assert key not in json.loads((out / "configs" / name).read_text()), (name, key)
     assert inference["network_def"]["features"] == [8, 16, 32]
     assert inference["class_names"] == ["dim", "bright"] and inference["pixdim"] == [2.0, 2.0, 2.0]
     assert inference["patch_size"] == [16, 16, 12]
@@ -60,7 +65,11 @@ def test_packaged_bundle_carries_the_runs_model(run_dir, spheres_dataset, tmp_pa
     shipped = torch.load(out / "models" / "model.pt", weights_only=True)
     best = torch.load(run_dir / "best_model.pt", weights_only=True)
     assert shipped.keys() == best.keys() and all(torch.equal(shipped[k], best[k]) for k in best)
-    assert "spheres_fcn" in train_cfg["output_dir"]  # retraining does not collide with the source's runs
+    # retraining does not collide with the source's runs
+    assert "spheres_fcn" in train_cfg.get_parsed_content("output_dir")
+    # inference's default data is the run's, not the source bundle's Task04 folder
+    assert inference.get_parsed_content("dataset_dir") == str(spheres_dataset.resolve())
+    assert "Task04" not in json.dumps([train_cfg.get(), inference.get()])
     assert "trained by the user" in (out / "LICENSE").read_text()
     meta = json.loads((out / "configs" / "metadata.json").read_text())
     assert meta["name"] == "spheres_fcn"
@@ -121,16 +130,15 @@ def test_weights_that_do_not_load_leave_nothing(run_dir, tmp_path):
 @pytest.mark.parametrize(
     ("augmentation", "axes"),
     [
-        ({"train#augmentation#3#_disabled_": True}, []),
-        ({"train#augmentation#3#spatial_axis": [0, 1]}, []),  # a joint flip: no single axis to flip at test time
-        ({"train#augmentation#3#spatial_axis": [2]}, [2]),
+        ({"spatial_augmentation#1#_disabled_": True}, []),
+        ({"spatial_augmentation#1#spatial_axis": [0, 1]}, []),  # a joint flip: no single axis to flip at test time
+        ({"spatial_augmentation#1#spatial_axis": [2]}, [2]),
         ({"train#augmentation": f"%{REPO / 'bench' / 'recipes' / 'nnunet_augmentation.json'}#augmentation"}, [0, 1, 2]),
     ],
     ids=["disabled", "joint", "one-element-list", "macro"],
 )
 def test_trained_flip_axes_follow_the_augmentation(augmentation, axes):
-    train_cfg = ConfigParser()
-    train_cfg.read_config(str(BUNDLE / "configs" / "train.json"))
+    train_cfg = _configs(BUNDLE)[0]
     train_cfg.update(augmentation)
     assert trained_flip_axes(train_cfg) == axes
 
@@ -146,3 +154,30 @@ def test_a_run_on_all_cases_ships_its_last_weights(spheres_dataset, tmp_path):
     assert all(torch.equal(shipped[k], average[k]) for k in average)
     assert "last epoch" in json.loads((out / "configs" / "metadata.json").read_text())["changelog"]["0.1.0"]
     assert "not a held-out score" in (out / "docs" / "README.md").read_text()
+
+
+def _bundle_without_common_json(tmp_path):
+    """The 3D bundle as bundles were before configs/common.json: every stage's config states the
+    model itself."""
+    legacy = shutil.copytree(BUNDLE, tmp_path / "legacy", ignore=shutil.ignore_patterns("*.ts"))
+    common = json.loads((legacy / "configs" / "common.json").read_text())
+    for name in ("train.json", "inference.json"):
+        path = legacy / "configs" / name
+        path.write_text(json.dumps({**common, **json.loads(path.read_text())}, indent=4))
+    (legacy / "configs" / "common.json").unlink()
+    return legacy
+
+
+def test_a_bundle_without_common_json_is_packaged_with_one(run_dir, spheres_dataset, tmp_path):
+    """Bundles without common.json still run; packaging a run of one states the model once, in
+    a new common.json, and takes it out of the other configs."""
+    legacy = _bundle_without_common_json(tmp_path)
+    scan = spheres_dataset / "imagesTr" / "case_000.nii.gz"
+    assert len(infer(legacy, [scan], tmp_path / "legacy_masks")) == 1
+    out = package_run(run_dir, tmp_path / "b", bundle=legacy)
+    common = json.loads((out / "configs" / "common.json").read_text())
+    assert common["network_def"]["features"] == [8, 16, 32] and common["class_names"] == ["dim", "bright"]
+    for name in ("train.json", "inference.json"):
+        assert not set(MODEL_KEYS) & set(json.loads((out / "configs" / name).read_text())), name
+    rows = infer(out, [scan], tmp_path / "masks")
+    assert {"dim_mm3", "bright_mm3"} <= set(rows[0])

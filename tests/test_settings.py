@@ -210,6 +210,8 @@ def test_malformed_dataset_entry(dataset, tmp_path, entry, message, command):
 
 def _break(bundle: pathlib.Path, name: str, how: str) -> None:
     path = bundle / "configs" / name
+    if "network_def" in how and "network_def" not in json.loads(path.read_text()):
+        path = bundle / "configs" / "common.json"  # the model is stated there, for every stage
     config = json.loads(path.read_text())
     if how == "not_json":
         path.write_text(path.read_text()[:-40])
@@ -230,7 +232,7 @@ BROKEN = [
     ("inference.json", "not_json", "inference.json: not valid JSON (Expecting"),
     ("inference.json", "list", "inference.json: holds a JSON list, not an object {...}"),
     ("inference.json", "no_network_def", "inference.json: has no 'network_def' entry"),
-    ("inference.json", "network_def_42", "inference.json: network_def is 42, not a component"),
+    ("inference.json", "network_def_42", "common.json: network_def is 42, not a component"),
     ("metadata.json", "not_json", "metadata.json: not valid JSON"),
     ("metadata.json", "list", "metadata.json: holds a JSON list"),
 ]
@@ -278,7 +280,8 @@ def test_broken_train_json(dataset, tmp_path, how, command):
         run_dir.mkdir()
         (run_dir / RUN_FILE).write_text(json.dumps({"bundle": str(bundle), "settings": {}}))
         result = run("package", run_dir, "--out", out)
-    one_line(result, f"{bundle / 'configs' / 'train.json'}: ")
+    stating = "common.json" if how == "network_def_42" else "train.json"  # the file that states network_def
+    one_line(result, f"{bundle / 'configs' / stating}: ")
     assert not out.exists()
 
 
@@ -338,7 +341,7 @@ def test_full_disk_writing_tensorboard_events(dataset, tmp_path, monkeypatch):
 @pytest.mark.parametrize("what", ["mask", "volumes.csv"])
 def test_full_disk_during_infer(tmp_path, scan, monkeypatch, what):
     if what == "mask":
-        monkeypatch.setattr("medfcn.infer.nib.save", _full(errno.ENOSPC))
+        monkeypatch.setattr("medfcn.masks.nib.save", _full(errno.ENOSPC))
     else:
         real = pathlib.Path.write_text
 

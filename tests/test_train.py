@@ -9,7 +9,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from medfcn import FCN
-from medfcn.bundle import RUN_FILE, check_override_keys
+from medfcn.bundle import RUN_FILE, bundle_files, check_override_keys
 from medfcn.cli import TRAIN_OPTION_NAMES
 from medfcn.errors import UserError
 from medfcn.training import train
@@ -295,7 +295,7 @@ def test_split_of_another_dataset_says_how_to_make_one(spheres_dataset, tmp_path
         {"network_def#encoder_blocks": [1, 3, 3, 1, 1]},  # an argument of medfcn.FCN the config does not set
         {"network_def::encoder_blocks": [1, 3, 3, 1, 1]},  # MONAI's own separator
         {"loss#loss#include_background": False},
-        {"train#augmentation#3#_disabled_": True},
+        {"spatial_augmentation#1#_disabled_": True},
         {  # a macro, then an entry that exists only in what it brings in
             "train#augmentation": f"%{REPO / 'bench' / 'recipes' / 'nnunet_augmentation.json'}#augmentation",
             "train#augmentation#10#prob": 0.3,
@@ -304,4 +304,4 @@ def test_split_of_another_dataset_says_how_to_make_one(spheres_dataset, tmp_path
     ids=["argument", "separator", "nested-argument", "reserved", "macro"],
 )
 def test_overrides_of_existing_entries_and_arguments_are_accepted(overrides):
-    check_override_keys(BUNDLE / "configs" / "train.json", overrides)
+    check_override_keys(bundle_files(BUNDLE, "train.json")["config_files"], overrides)

@@ -2,9 +2,10 @@
 
 from medfcn.data.datasets import data_root, fold_datalists, load_msd_datalist, make_folds
 from medfcn.data.readers import SimpleITKReader
-from medfcn.data.transforms import intensity_normalization
+from medfcn.data.transforms import FileAffined, intensity_normalization
 
 __all__ = [
+    "FileAffined",
     "SimpleITKReader",
     "data_root",
     "fold_datalists",

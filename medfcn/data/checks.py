@@ -240,7 +240,7 @@ def check_training_pairs(datalist: Sequence[dict], num_classes: int, in_channels
         if in_channels is not None and channels != in_channels:
             raise UserError(
                 f"{image_path}: has {channels} channel(s) (shape {image.shape}) but the network takes {in_channels}; "
-                f"pass --set network_def#in_channels={channels} (and the same in configs/inference.json)."
+                f"pass --set network_def#in_channels={channels} (and the same in configs/common.json)."
             )
         if label_path is None:
             continue

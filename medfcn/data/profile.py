@@ -254,7 +254,10 @@ def _main(argv: Sequence[str] | None = None) -> None:
     train_cases, _ = fold_datalists(args.dataset, args.folds, args.fold)
     meta_file = args.bundle / "configs" / "metadata.json"
     meta = json.loads(meta_file.read_text())
-    classes = json.loads((args.bundle / "configs" / "inference.json").read_text())["class_names"]
+    # inference.json merged onto common.json, where the bundle states its classes
+    configs = [args.bundle / "configs" / name for name in ("common.json", "inference.json")]
+    merged = {k: v for path in configs if path.is_file() for k, v in json.loads(path.read_text()).items()}
+    classes = merged["class_names"]
     source = f"training cases of fold {args.fold} of {args.folds} (all folds but {args.fold}), {args.dataset.name}"
     profile = training_profile(train_cases, classes, source=source)
     if not args.write:

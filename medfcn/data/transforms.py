@@ -6,11 +6,31 @@ pieces a config cannot express as a single MONAI transform.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Mapping, Sequence
 
+import nibabel as nib
 from monai.transforms import MapTransform, NormalizeIntensityd, ScaleIntensityRanged
 
-__all__ = ["intensity_normalization"]
+from medfcn.data.nifti import is_nifti, use_file_affine
+
+__all__ = ["FileAffined", "intensity_normalization"]
+
+
+class FileAffined(MapTransform):
+    """Give each image just loaded from a NIfTI file (a MetaTensor from ``LoadImaged``) nibabel's
+    affine of its file in mm (:func:`medfcn.data.nifti.use_file_affine`): MONAI's loader keeps
+    metres or microns as they are and replaces a sheared sform by the qform, which would resample
+    the scan onto another grid than the one its mask carries. Images from other files pass
+    unchanged. ``medfcn infer`` applies the same function, so both inference paths resample
+    alike."""
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            path = d[key].meta.get("filename_or_obj")
+            if path and is_nifti(str(path)):
+                use_file_affine(d[key], nib.load(str(path)))
+        return d
 
 
 def intensity_normalization(

@@ -11,7 +11,6 @@ import logging
 import logging.config
 import os
 import sys
-import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 from medfcn.bundle import RUN_FILE, bundle_files
 from medfcn.data.profile import RUN_PROFILE, write_run_profile
 from medfcn.io import refuse_full_disk
+from medfcn.notices import quiet_library_notices
 from medfcn.outputs import output_lock
 from medfcn.training.handlers import Resume
 from medfcn.training.preflight import Preflight, preflight
@@ -128,21 +128,16 @@ _ENGINE_LOGGERS = [f"ignite.engine.engine.{name}" for name in ("SupervisedTraine
 
 @contextlib.contextmanager
 def _run_scope(bundle_root: str) -> Iterator[None]:
-    """For the length of the run: ignite's echo of the exception that ends it dropped, PyTorch's
-    deprecation of the AMP scaler MONAI's trainer uses silenced (the user can do nothing about
-    it), and the bundle folder importable (its ``scripts``), as in ``python -m monai.bundle run``."""
+    """For the length of the run: ignite's echo of the exception that ends it dropped, the library
+    notices a user can do nothing about silenced (:func:`medfcn.notices.quiet_library_notices`:
+    the deprecation of the AMP scaler MONAI's trainer uses, ...), and the bundle folder
+    importable (its ``scripts``), as in ``python -m monai.bundle run``."""
     echo = _DropRunEndEcho()
     for name in _ENGINE_LOGGERS:
         logging.getLogger(name).addFilter(echo)
     sys.path.insert(1, str(bundle_root))
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings(
-                "ignore",
-                message=r"`torch\.cuda\.amp\.GradScaler\(args\.\.\.\)` is deprecated",
-                category=FutureWarning,
-                module=r"monai\.engines\.trainer",
-            )
+        with quiet_library_notices():
             yield
     finally:
         with contextlib.suppress(ValueError):  # the entry inserted above, not an earlier one

@@ -45,6 +45,7 @@ class RunSettings:
             back from its record too, and ``pretrained_encoder`` null: last.pt's weights
             replace the encoder's initialisation, whose file may be gone by now).
         config_file: the training config, named in messages.
+        config_files: the files it merges, in order (``common.json``, ``train.json``).
         recorded: what :func:`write_run_record` writes (the options as given and resumed).
         resume: whether the run continues the one in its output folder.
         option_names: how the caller spells options (config key -> flag).
@@ -55,6 +56,7 @@ class RunSettings:
     recorded: dict[str, Any]
     resume: bool
     option_names: Mapping[str, str] = field(default_factory=dict)
+    config_files: list[Path] = field(default_factory=list)
 
     def option(self, key: str) -> str:
         """How the caller spells setting ``key`` (``--epochs`` for the CLI, else ``--set epochs``)."""
@@ -105,16 +107,16 @@ def resolve_settings(
     """
     if "device" in overrides:  # unchecked there, and no setting of the run (NOT_SETTINGS)
         raise UserError("--set device: use --device cpu, cuda or cuda:N instead.")
-    parser = read_config(files["config_file"])  # the run's one parse of the config
+    parser = read_config(files["config_files"])  # the run's one parse of the config
     parser.read_meta(str(files["meta_file"]))  # `@_meta_#...`, as in MONAI's runner
     defaults = copy.deepcopy(parser.get())  # the bundle's own values, before any override
-    check_override_keys(files["config_file"], dict(overrides), parser=parser)
+    check_override_keys(files["config_files"], dict(overrides), parser=parser)
     args = _given_options(files["bundle_root"], options, overrides, device)
-    run = RunSettings(parser, files["config_file"], args, resume, option_names or {})
+    run = RunSettings(parser, files["config_file"], args, resume, option_names or {}, files["config_files"])
     explicit = {k for k in args if k not in NOT_SETTINGS}
     sources = {k: "--set" if k in overrides else run.option_names.get(k, "--set") for k in explicit}
     parser.update(args)
-    check_settings(parser, run.config_file, sources, defaults)  # before any file is read or written
+    check_settings(parser, run.config_files, sources, defaults)  # before any file is read or written
     if resume:
         _apply_run_record(run, explicit, sources, defaults)
     parser.update({"resume": bool(resume)})
@@ -136,7 +138,7 @@ def _apply_run_record(run: RunSettings, given: set[str], sources: dict[str, str]
     run.recorded = {**run.recorded, **reused}
     run.parser.update(reused)
     sources.update({k: str(run_dir / RUN_FILE) for k in reused})
-    check_settings(run.parser, run.config_file, sources, defaults)
+    check_settings(run.parser, run.config_files, sources, defaults)
 
 
 def _recorded_settings(run_dir: Path) -> dict[str, Any] | None:

@@ -1,0 +1,101 @@
+"""Writing a segmentation as a mask file: its name, its labels and its geometry, in one place.
+
+``medfcn infer`` and ``python -m monai.bundle run --config_file "['configs/common.json',
+'configs/inference.json']"`` write masks through the same code: inference.json's ``writer``
+(:class:`SaveMaskd`) writes each mask as MONAI's evaluator produces it, and ``medfcn infer``
+stages it with :meth:`SaveMaskd.stage` (all masks of a batch renamed into place together).
+A NIfTI scan's NIfTI mask carries the scan's own header geometry (:func:`mask_like_scan`), other
+masks the affine of the prediction (mm); NRRD and MetaImage by the target's suffix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+from monai.transforms import MapTransform
+
+from medfcn.data.datasets import case_id
+from medfcn.data.nifti import is_nifti, mask_like_scan
+from medfcn.formats import check_mask_format, is_itk_file, mask_suffix, stage_itk_mask
+from medfcn.io import atomic_path
+
+__all__ = ["SaveMaskd", "mask_labels", "mask_name", "stage_mask"]
+
+
+def mask_name(scan: Path, suffix: str = ".nii.gz") -> str:
+    """Output file name for ``scan``: its case name + ``suffix`` (``.nii.gz``, ``.nrrd``, ``.mha``),
+    reduced to a plain file name so that no input name (``..``, separators, leading dots) can
+    place it outside the folder."""
+    stem = case_id(scan).replace(os.sep, "_").replace("/", "_").lstrip(".") or "scan"
+    return f"{stem}{suffix}"
+
+
+def mask_labels(pred: Any) -> tuple[np.ndarray, np.ndarray]:
+    """``(labels, affine)`` of a postprocessed prediction ``(1, X, Y, Z)`` (a MetaTensor of class
+    indices on the scan's grid): uint8 labels ``(X, Y, Z)`` and its RAS affine in mm (float64)."""
+    labels = np.asarray(pred[0].cpu().numpy()).round().astype(np.uint8)
+    return labels, np.asarray(pred.affine, dtype=np.float64)
+
+
+def stage_mask(
+    stack: contextlib.ExitStack, labels: np.ndarray, affine: np.ndarray, target: Path, scan: Path | None = None
+) -> None:
+    """Write the mask to a temporary file that ``stack`` renames onto ``target`` on success
+    (NRRD or MetaImage by ``target``'s suffix, else NIfTI).
+
+    A NIfTI scan's NIfTI mask carries the scan's own header geometry (qform, sform, codes,
+    units); other masks get ``affine`` (mm)."""
+    if is_itk_file(target):
+        return stage_itk_mask(stack, labels, affine, scan, target)
+    if scan is not None and is_nifti(scan):
+        image = mask_like_scan(labels, nib.load(str(scan)))
+    else:
+        image = nib.Nifti1Image(labels.astype(np.uint8), affine)
+        image.set_qform(affine, code=1)
+        image.set_sform(affine, code=1)
+        image.header.set_xyzt_units("mm")  # the affine is in mm; 0 ("unknown") makes some viewers guess
+    nib.save(image, stack.enter_context(atomic_path(target, suffix=".nii.gz")))
+
+
+class SaveMaskd(MapTransform):
+    """Write ``data[key]`` (a postprocessed prediction, see :func:`mask_labels`) as the mask of
+    the scan it was read from, ``output_dir/<case>.nii.gz`` (:func:`mask_name`), atomically.
+
+    Args:
+        keys: the prediction's key (one).
+        output_dir: the folder the masks go to (created when missing).
+        mask_format: ``"nifti"``, ``"nrrd"``, ``"mha"`` or ``"input"`` (see
+            :func:`medfcn.formats.mask_suffix`).
+        image_key: the key whose ``meta["filename_or_obj"]`` is the scan's path.
+    """
+
+    def __init__(
+        self,
+        keys: Hashable | Sequence[Hashable],
+        output_dir: str | os.PathLike,
+        mask_format: str = "nifti",
+        image_key: str = "image",
+    ) -> None:
+        super().__init__(keys)
+        check_mask_format(mask_format)
+        self.output_dir = Path(output_dir)
+        self.mask_format = mask_format
+        self.image_key = image_key
+
+    stage = staticmethod(stage_mask)
+
+    def __call__(self, data: Mapping) -> dict:
+        scan = Path(str(data[self.image_key].meta["filename_or_obj"]))
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        for key in self.key_iterator(dict(data)):
+            labels, affine = mask_labels(data[key])
+            target = self.output_dir / mask_name(scan, mask_suffix(scan, self.mask_format))
+            with contextlib.ExitStack() as stack:
+                self.stage(stack, labels, affine, target, scan)
+        return dict(data)

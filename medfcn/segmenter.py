@@ -1,0 +1,172 @@
+"""A bundle's inference pipeline, built from its ``inference.json`` (merged onto ``common.json``),
+ready to segment one scan at a time: what ``medfcn infer`` runs and ``medfcn package`` loads to
+check a packaged bundle.
+
+The components are those MONAI's runner uses for ``python -m monai.bundle run --config_file
+"['configs/common.json','configs/inference.json']"``: ``preprocessing``, ``inferer``,
+``postprocessing``, ``weights_file`` and ``writer``; this module adds the checks of each scan
+before it is resampled.
+
+Example::
+
+    from medfcn.segmenter import load_segmenter
+    segment = load_segmenter("bundles/hippocampus_fcn", device="cpu")
+    labels, affine, seconds = segment("scan.nii.gz")
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from medfcn.bundle import BundleParser, bundle_files, weights_file
+from medfcn.data.checks import check_scan, warn_if_label_map
+from medfcn.data.nifti import (
+    check_gzip_integrity,
+    check_nifti_data_size,
+    check_nifti_geometry,
+    is_nifti,
+    use_file_affine,
+)
+from medfcn.devices import device_expression
+from medfcn.errors import UserError, root_message
+from medfcn.formats import check_itk_data, check_memory_from_header, is_itk_file, itk_read_reason
+from medfcn.io import load_weights
+from medfcn.masks import SaveMaskd, mask_labels
+
+__all__ = ["Segmenter", "load_segmenter"]
+
+
+@dataclass
+class Segmenter:
+    """A bundle's network and pipeline, ready to segment one scan at a time."""
+
+    network: torch.nn.Module
+    preprocessing: Callable
+    inferer: Callable
+    postprocessing: Callable
+    class_names: list[str]
+    device: torch.device
+    in_channels: int = 1
+    pixdim: Sequence[float] | None = None
+    slice_axis: int | None = None  # slice-by-slice bundles: the axis (after RAS) they slice along
+    writer: SaveMaskd | None = None  # inference.json's writer: stages the masks medfcn infer writes
+
+    def _checked_load(self, path: str | os.PathLike) -> dict:
+        """``{"image": MetaTensor (C, X, Y, Z)}`` of the scan as loaded (before any resampling),
+        after the checks of its file; a NIfTI scan gets its file's own affine in mm."""
+        nifti = None
+        if is_nifti(path):  # nibabel would read a damaged .nii.gz, or a singular affine, without complaint
+            data_bytes = check_gzip_integrity(path)
+            nifti = check_nifti_geometry(path)
+        check_memory_from_header(path, self.in_channels, self.pixdim, len(self.class_names) + 1)  # before the voxels
+        if nifti is not None:  # dim fields that do not match the data: nibabel reads rows shifted
+            check_nifti_data_size(path, nifti, data_bytes)
+        elif is_itk_file(path):  # SimpleITK reads damaged or short data silently
+            check_itk_data(path)
+        try:  # loading alone first, so the scan can be checked before any resampling
+            with warnings.catch_warnings():
+                # numpy's "overflow encountered in cast" (scl_slope 1e36): check_scan names the
+                # Inf voxels in one line
+                warnings.filterwarnings("ignore", "overflow encountered", RuntimeWarning)
+                data = self.preprocessing({"image": str(path)}, end=1)
+        except Exception as err:
+            reason = (is_itk_file(path) and itk_read_reason(path)) or root_message(err)  # not MONAI's "no reader"
+            raise UserError(f"{path}: cannot be read as an image ({reason}).") from err
+        # the file's own affine, in mm whatever its spatial units, for the checks before resampling
+        # (inference.json's FileAffined, next in the pipeline, applies the same function again)
+        if nifti is not None:
+            use_file_affine(data["image"], nifti)
+        return data
+
+    def __call__(self, path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, float]:
+        """Segment one scan.
+
+        Returns:
+            ``(labels, affine, seconds)``: uint8 labels ``(X, Y, Z)`` on the scan's own voxel
+            grid, its RAS affine (mm; a NIfTI scan's as nibabel reads it, scaled from metres or
+            microns to mm), and the model-compute time in seconds.
+        """
+        data = self._checked_load(path)
+        check_scan(data["image"], path, self.in_channels, self.pixdim, self.slice_axis, len(self.class_names) + 1)
+        warn_if_label_map(data["image"], path)
+        data = self.preprocessing(data, start=1)
+        with torch.no_grad():
+            start = time.perf_counter()
+            logits = self.inferer(data["image"][None].to(self.device), self.network)
+            seconds = time.perf_counter() - start
+        data["pred"] = logits[0].cpu()
+        labels, affine = mask_labels(self.postprocessing(data)["pred"])
+        return labels, affine, seconds
+
+
+def _weights(parser: BundleParser, root: Path) -> Path:
+    """The bundle's ``weights_file`` entry (the path its CheckpointLoader loads), else
+    ``models/model.pt``; UserError when the file is missing."""
+    weights = Path(parser.get_parsed_content("weights_file", default=str(weights_file(root))))
+    if not weights.is_file():
+        raise UserError(f"{weights}: missing; train the bundle and copy best_model.pt there.")
+    return weights
+
+
+def _flip_axes(parser: BundleParser, config_file: Path) -> list[int]:
+    """The axes ``--tta`` flips: the bundle's ``trained_flip_axes`` (``[0]`` where it does not say).
+
+    Raises:
+        UserError: a bundle trained without flips.
+    """
+    axes = parser.get_parsed_content("trained_flip_axes", default=[0])
+    if not axes:
+        raise UserError(
+            f"{config_file}: this model was trained without flips, so --tta has nothing to average; run without --tta."
+        )
+    return list(axes)
+
+
+def load_segmenter(
+    bundle: str | os.PathLike,
+    device: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    tta: bool = False,
+) -> Segmenter:
+    """Build the segmenter of ``bundle`` with the weights its ``weights_file`` names
+    (``models/model.pt``).
+
+    With ``tta`` the inferer also averages over the flips along the bundle's
+    ``trained_flip_axes`` (spatial axes its model was trained flipped along; ``[0]``,
+    left-right, where a bundle does not say).
+
+    Raises:
+        UserError: incomplete bundle, missing weights, weights of another architecture, or
+            ``tta`` for a bundle trained without flips.
+    """
+    files = bundle_files(bundle, "inference.json")
+    parser = BundleParser(files["config_files"])  # a broken entry fails in one line naming the file
+    parser.update({"bundle_root": str(files["bundle_root"]), **(overrides or {})})
+    weights = _weights(parser, files["bundle_root"])
+    if device:
+        parser["device"] = device_expression(device)
+    if tta:
+        parser["tta_flip_axes"] = _flip_axes(parser, files["config_file"])
+    network = load_weights(parser.get_parsed_content("network"), weights).eval()
+    writer = parser.get_parsed_content("writer", default=None)
+    return Segmenter(
+        network=network,
+        preprocessing=parser.get_parsed_content("preprocessing"),
+        inferer=parser.get_parsed_content("inferer"),
+        postprocessing=parser.get_parsed_content("postprocessing"),
+        class_names=list(parser.get_parsed_content("class_names")),
+        device=parser.get_parsed_content("device"),
+        in_channels=int(parser.get_parsed_content("network_def#in_channels")),
+        pixdim=parser.get_parsed_content("pixdim"),
+        slice_axis=parser.get_parsed_content("slice_axis", default=None),
+        writer=writer if isinstance(writer, SaveMaskd) else None,
+    )
