@@ -19,14 +19,8 @@ from medfcn.training import best_validation, train
 from medfcn.training.preflight import check_dry_run
 
 from .conftest import BUNDLE, write_msd_dataset
+from .test_train import SMALL
 
-SMALL = {
-    "network_def#features": [8, 16, 32],
-    "network_def#deep_supervision": 1,
-    "batch_size": 4,
-    "val_interval": 100,
-    "bf16": False,
-}
 ENGINE_LOGGERS = [f"ignite.engine.engine.{name}" for name in ("SupervisedTrainer", "SupervisedEvaluator")]
 
 
