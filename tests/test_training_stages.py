@@ -156,3 +156,22 @@ def test_resume_with_a_config_without_a_checkpoint_loader_is_refused(dataset, tm
     with pytest.raises(UserError, match="Resume"):
         train(bundle, output_dir=out, resume=True, epochs=2, device="cpu")
     assert (out / "last.pt").read_bytes() == before
+
+
+def test_a_bundle_of_an_older_medfcn_naming_medfcn_handlers_still_trains(dataset, tmp_path):
+    """Bundles packaged before the training handlers moved to medfcn.training name them
+    ``medfcn.handlers.Resume``, ``$medfcn.handlers.BestMetric(...)``...: they still train and resume."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(BUNDLE, bundle, ignore=shutil.ignore_patterns("models", "eval", "runs"))
+    for name in ("common.json", "train.json"):
+        path = bundle / "configs" / name
+        text = path.read_text().replace("medfcn.training.handlers.", "medfcn.handlers.")
+        path.write_text(text.replace("medfcn.training.monitoring.", "medfcn.handlers."))
+    assert "medfcn.handlers.Resume" in (bundle / "configs" / "train.json").read_text()
+    out = tmp_path / "run"
+    overrides = {**SMALL, "folds_file": str(dataset / "folds.json")}
+    train(bundle, dataset, fold=0, epochs=1, output_dir=out, overrides=overrides, device="cpu")
+    train(bundle, output_dir=out, resume=True, epochs=2, device="cpu")
+    assert best_validation(out) is not None
+    state = torch.load(out / "last.pt", weights_only=True)["trainer"]
+    assert state["iteration"] // state["epoch_length"] == 2
