@@ -73,6 +73,9 @@ class SaveMaskd(MapTransform):
         mask_format: ``"nifti"``, ``"nrrd"``, ``"mha"`` or ``"input"`` (see
             :func:`medfcn.formats.mask_suffix`).
         image_key: the key whose ``meta["filename_or_obj"]`` is the scan's path.
+        name_key: the datalist key that, where an item has it, names the mask instead of the
+            scan (``{"image": "export/PAT/STUDY/SERIES", "name": "PAT_STUDY_SERIES"}``: the name
+            ``medfcn infer export`` gives the mask of a DICOM series below the folder it was given).
     """
 
     def __init__(
@@ -81,21 +84,24 @@ class SaveMaskd(MapTransform):
         output_dir: str | os.PathLike,
         mask_format: str = "nifti",
         image_key: str = "image",
+        name_key: str = "name",
     ) -> None:
         super().__init__(keys)
         check_mask_format(mask_format)
         self.output_dir = Path(output_dir)
         self.mask_format = mask_format
         self.image_key = image_key
+        self.name_key = name_key
 
     stage = staticmethod(stage_mask)
 
     def __call__(self, data: Mapping) -> dict:
         scan = Path(str(data[self.image_key].meta["filename_or_obj"]))
+        named = Path(str(data[self.name_key])) if data.get(self.name_key) else scan
         self.output_dir.mkdir(parents=True, exist_ok=True)
         for key in self.key_iterator(dict(data)):
             labels, affine = mask_labels(data[key])
-            target = self.output_dir / mask_name(scan, mask_suffix(scan, self.mask_format))
+            target = self.output_dir / mask_name(named, mask_suffix(scan, self.mask_format))
             with contextlib.ExitStack() as stack:
                 self.stage(stack, labels, affine, target, scan)
         return dict(data)

@@ -19,7 +19,7 @@ from monai.bundle import ConfigParser
 from medfcn.infer import infer
 from medfcn.inferers import WindowProgress, sliding_windows
 
-from .conftest import BUNDLES, HIPPO, REPO, spheres_volume
+from .conftest import BUNDLE, BUNDLES, DICOM, HIPPO, REPO, need, spheres_volume
 
 
 def _synthetic_scan(path):
@@ -49,9 +49,9 @@ def _scans(tmp_path):
     return scans
 
 
-def _monai_run(bundle, scans, out):
+def _monai_run(bundle, scans, out, datalist=None):
     configs = [str(bundle / "configs" / name) for name in ("common.json", "inference.json")]
-    datalist = json.dumps([{"image": str(s)} for s in scans])
+    datalist = json.dumps(datalist or [{"image": str(s)} for s in scans])
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", json.dumps(configs)]
     cmd += ["--meta_file", str(bundle / "configs" / "metadata.json"), "--bundle_root", str(bundle)]
     cmd += ["--datalist", datalist, "--output_dir", str(out)]
@@ -77,6 +77,23 @@ def test_medfcn_infer_and_monai_runner_write_identical_masks(tmp_path, bundle):
         assert np.array_equal(ours.affine, theirs.affine), name
         assert ours.header.binaryblock == theirs.header.binaryblock, name
         assert np.asarray(ours.dataobj).any(), name  # something was segmented: not two empty masks
+
+
+def test_a_datalist_name_names_the_mask_as_medfcn_infer_names_a_series_of_an_export(tmp_path):
+    """``medfcn infer EXPORT`` names the mask of the DICOM series ``EXPORT/PAT/STUDY/SERIES`` after
+    its path below EXPORT, ``PAT_STUDY_SERIES.nii.gz``; MONAI's runner sees only the series
+    folder, so a datalist item's ``name`` gives it that name (else ``SERIES.nii.gz``)."""
+    series = tmp_path / "export" / "PAT1" / "STUDY" / "SER1"
+    series.parent.mkdir(parents=True)
+    series.symlink_to(need(DICOM) / "PGBM-002_HippoCrop", target_is_directory=True)
+    infer(BUNDLE, [tmp_path / "export"], tmp_path / "medfcn")
+    datalist = [{"image": str(series), "name": "PAT1_STUDY_SER1"}]
+    result = _monai_run(BUNDLE, [series], tmp_path / "monai", datalist)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [p.name for p in (tmp_path / "monai").iterdir()] == ["PAT1_STUDY_SER1.nii.gz"]
+    ours, theirs = (nib.load(tmp_path / folder / "PAT1_STUDY_SER1.nii.gz") for folder in ("medfcn", "monai"))
+    assert np.array_equal(np.asarray(ours.dataobj), np.asarray(theirs.dataobj))
+    assert ours.header.binaryblock == theirs.header.binaryblock
 
 
 class _Terminal(io.StringIO):

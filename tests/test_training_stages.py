@@ -4,7 +4,9 @@ scoped to it; the end of a run reports its best validation (and the CLI the next
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -15,6 +17,7 @@ from typer.testing import CliRunner
 import medfcn.networks.fcn
 from medfcn import FCN
 from medfcn.cli import app
+from medfcn.errors import UserError
 from medfcn.training import best_validation, train
 from medfcn.training.preflight import check_dry_run
 
@@ -129,3 +132,40 @@ def test_impossible_patch_is_a_user_error_and_restores_the_network():
     with pytest.raises(UserError, match=r"train.json: the network cannot train on patch_size \[1, 1, 1\]"):
         check_dry_run(net, run)
     assert all(torch.equal(net.state_dict()[k], v) for k, v in before.items())
+
+
+def test_resume_with_a_config_without_a_checkpoint_loader_is_refused(dataset, tmp_path):
+    """A user's train.json without a Resume (or any CheckpointLoader) in ``train#handlers``
+    cannot continue last.pt: refused in one line, not a run restarted at epoch 0 over it."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(BUNDLE, bundle, ignore=shutil.ignore_patterns("models", "eval", "runs"))
+    out = tmp_path / "run"
+    overrides = {**SMALL, "folds_file": str(dataset / "folds.json")}
+    train(bundle, dataset, fold=0, epochs=1, output_dir=out, overrides=overrides, device="cpu")
+    config = json.loads((bundle / "configs" / "train.json").read_text())
+    handlers = config["train"]["handlers"]
+    config["train"]["handlers"] = [h for h in handlers if "Resume" not in h.get("_target_", "")]
+    (bundle / "configs" / "train.json").write_text(json.dumps(config, indent=4))
+    before = (out / "last.pt").read_bytes()
+    with pytest.raises(UserError, match="Resume"):
+        train(bundle, output_dir=out, resume=True, epochs=2, device="cpu")
+    assert (out / "last.pt").read_bytes() == before
+
+
+def test_a_bundle_of_an_older_medfcn_naming_medfcn_handlers_still_trains(dataset, tmp_path):
+    """Bundles packaged before the training handlers moved to medfcn.training name them
+    ``medfcn.handlers.Resume``, ``$medfcn.handlers.BestMetric(...)``...: they still train and resume."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(BUNDLE, bundle, ignore=shutil.ignore_patterns("models", "eval", "runs"))
+    for name in ("common.json", "train.json"):
+        path = bundle / "configs" / name
+        text = path.read_text().replace("medfcn.training.handlers.", "medfcn.handlers.")
+        path.write_text(text.replace("medfcn.training.monitoring.", "medfcn.handlers."))
+    assert "medfcn.handlers.Resume" in (bundle / "configs" / "train.json").read_text()
+    out = tmp_path / "run"
+    overrides = {**SMALL, "folds_file": str(dataset / "folds.json")}
+    train(bundle, dataset, fold=0, epochs=1, output_dir=out, overrides=overrides, device="cpu")
+    train(bundle, output_dir=out, resume=True, epochs=2, device="cpu")
+    assert best_validation(out) is not None
+    state = torch.load(out / "last.pt", weights_only=True)["trainer"]
+    assert state["iteration"] // state["epoch_length"] == 2

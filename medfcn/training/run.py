@@ -15,8 +15,11 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from monai.handlers import CheckpointLoader
+
 from medfcn.bundle import RUN_FILE, bundle_files
 from medfcn.data.profile import RUN_PROFILE, write_run_profile
+from medfcn.errors import UserError
 from medfcn.io import refuse_full_disk
 from medfcn.notices import quiet_library_notices
 from medfcn.outputs import output_lock
@@ -108,8 +111,19 @@ def _evaluate(run: RunSettings, key: str) -> None:
 
 def _hand_over_checkpoint(run: RunSettings, checkpoint: dict) -> None:
     """Give the config's :class:`~medfcn.training.handlers.Resume` handler the ``last.pt`` the
-    checks read, so the file is read once."""
-    for handler in run.get("train#handlers"):
+    checks read, so the file is read once (another ``CheckpointLoader`` reads it itself).
+
+    Raises:
+        UserError: the config's ``train#handlers`` load no checkpoint: the run would start again
+            at epoch 1 over ``last.pt`` instead of continuing it."""
+    handlers = run.get("train#handlers") if "train#handlers" in run.parser else []
+    loaders = [h for h in handlers if isinstance(h, CheckpointLoader)]
+    if not loaders:
+        raise UserError(
+            f"{run.config_file}: train#handlers has no medfcn.training.handlers.Resume (or CheckpointLoader) "
+            "to continue last.pt; add one as the bundle's train.json does, or start a new run with another --output."
+        )
+    for handler in loaders:
         if isinstance(handler, Resume):
             handler.checkpoint = checkpoint
 

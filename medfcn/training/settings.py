@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,18 @@ from medfcn.settings import check_settings
 
 __all__ = ["RunSettings", "resolve_settings", "write_run_record"]
 
+# Where the training handlers of ``medfcn.handlers`` went: bundles packaged by older medfcn
+# versions name them there (``"_target_": "medfcn.handlers.Resume"``, ``$medfcn.handlers.BestMetric``).
+_MOVED = {
+    **dict.fromkeys(
+        ("Resume", "ValidateEvery", "ReseedEachEpoch", "BestMetric", "WeightAverage", "CheckpointWriter"),
+        "medfcn.training.handlers",
+    ),
+    **dict.fromkeys(
+        ("EpochProgress", "LearningRateWriter", "OverlayWriter", "overlay_slice"), "medfcn.training.monitoring"
+    ),
+}
+_OLD_NAME = re.compile(rf"\bmedfcn\.handlers\.({'|'.join(_MOVED)})\b")
 # Options that name files: compared as resolved paths, so ``data/`` and ``/abs/data`` agree.
 _PATH_KEYS = ("dataset_dir", "folds_file", "pretrained_encoder")
 # Settings a resume may change: they do not change what the network learns.
@@ -108,6 +121,7 @@ def resolve_settings(
     if "device" in overrides:  # unchecked there, and no setting of the run (NOT_SETTINGS)
         raise UserError("--set device: use --device cpu, cuda or cuda:N instead.")
     parser = read_config(files["config_files"])  # the run's one parse of the config
+    parser.set(_moved_handlers(parser.get()))
     parser.read_meta(str(files["meta_file"]))  # `@_meta_#...`, as in MONAI's runner
     defaults = copy.deepcopy(parser.get())  # the bundle's own values, before any override
     check_override_keys(files["config_files"], dict(overrides), parser=parser)
@@ -124,6 +138,18 @@ def resolve_settings(
     if resume:  # last.pt's weights replace the encoder's initialisation, whose file may be gone by now
         parser.update({"pretrained_encoder": None})
     return run
+
+
+def _moved_handlers(config: Any) -> Any:
+    """``config`` with the training handlers an older bundle names in ``medfcn.handlers`` named
+    where they are now (:data:`_MOVED`)."""
+    if isinstance(config, str):
+        return _OLD_NAME.sub(lambda m: f"{_MOVED[m.group(1)]}.{m.group(1)}", config)
+    if isinstance(config, dict):
+        return {key: _moved_handlers(value) for key, value in config.items()}
+    if isinstance(config, list):
+        return [_moved_handlers(value) for value in config]
+    return config
 
 
 def _apply_run_record(run: RunSettings, given: set[str], sources: dict[str, str], defaults: dict) -> None:
