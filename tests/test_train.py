@@ -131,7 +131,7 @@ def test_resume_needs_the_same_weight_averaging(spheres_dataset, tmp_path):
     with pytest.raises(UserError, match="has no weight_average"):
         resume("old", overrides)
     # a run folder that records its settings refuses another ema_decay before the checkpoint is read
-    with pytest.raises(UserError, match="started with --set ema_decay the bundle's default 0.999, not null"):
+    with pytest.raises(UserError, match="started with --set ema_decay 0.999 \\(the bundle's default\\), not null"):
         resume("averaged", plain)
     (runs["plain"] / RUN_FILE).rename(tmp_path / RUN_FILE)  # as a run of MONAI's own runner: nothing recorded
     with pytest.raises(UserError, match="averaging off; add --set ema_decay=null"):

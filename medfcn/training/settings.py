@@ -163,7 +163,7 @@ def _refuse_other_settings(run: RunSettings, run_dir: Path, saved: dict, given: 
         before = saved[key] if key in saved else _raw_entry(defaults, key)
         if not _same(key, before, run.recorded[key]):
             # JSON, as --set takes values (null, true, "concat"), not Python's None / True / 'concat'
-            shown = _json(before) if key in saved else f"the bundle's default {_json(before)}"
+            shown = _json(before) if key in saved else f"{_json(before)} (the bundle's default)"
             raise UserError(
                 f"{run_dir}: this run started with {run.option(key)} {shown}, not {_json(run.recorded[key])}; "
                 "resume without that option (the run's settings are reused) or start a new run with another --output."
