@@ -242,3 +242,17 @@ def test_label_names_from_a_bundle_or_the_command_line():
         label_names(class_names="a,,b")
     with pytest.raises(UserError, match="bundle folder not found"):
         label_names("bundles/does_not_exist")
+
+
+def test_a_label_in_no_mask_is_refused(tmp_path):
+    """`--labels 3` on masks holding 1 and 2 (a typo, another tool's numbering) is one line, not a
+    table of nan with n 0 and exit code 0; nothing is written."""
+    _save(tmp_path / "pred" / "a.nii.gz", _cube())
+    _save(tmp_path / "ref" / "a.nii.gz", _cube())
+    with pytest.raises(
+        UserError, match=r"--labels 3: in none of the 1 predictions and references \(their labels: 1, 2\)"
+    ):
+        evaluate_folders(tmp_path / "pred", tmp_path / "ref", labels=[1, 3], out_dir=tmp_path / "m")
+    assert not (tmp_path / "m" / "metrics.csv").exists()
+    rows, _ = evaluate_folders(tmp_path / "pred", tmp_path / "ref", labels=[2])
+    assert rows[0]["dice_2"] == 1.0
