@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -206,6 +207,10 @@ def test_resume_reuses_the_runs_settings_and_refuses_others(spheres_dataset, tmp
             train(BUNDLE, output_dir=out, resume=True, epochs=2, option_names=TRAIN_OPTION_NAMES, **given)
     with pytest.raises(UserError, match="started with --set fold 1, not 0"):  # Python callers: config keys
         train(BUNDLE, output_dir=out, resume=True, epochs=2, fold=0)
+    copy = tmp_path / "bundles" / "copy_fcn"  # another bundle, even one of the same network: its recipe
+    shutil.copytree(BUNDLE, copy)
+    with pytest.raises(UserError, match=f"this run trained the bundle {BUNDLE.resolve()}, not {copy.resolve()}"):
+        train(copy, output_dir=out, resume=True, epochs=2)
     # nothing but the folder and the new length: the run's dataset (not $MEDFCN_DATA) and fold, and its
     # concat fusion (with the bundle's sum fusion, last.pt would not fit the network and fail to load);
     # a value equal to the bundle's default and a setting that does not change what is learnt are fine
