@@ -81,7 +81,7 @@ for kind in ("", "dicom_"):
     report[f"{kind or 'fold0_'}masks"] = {"cases": cases, "voxels_differing": diff, "fraction": diff / max(total, 1)}
 for s in (f"eval_{dev}", "eval_cpu"):
     report[s] = json.load(open(f"{out}/{s}/metrics.json"))["summary"]
-parser = ConfigParser(); parser.read_config(f"{bundle}/configs/inference.json")
+parser = ConfigParser(); parser.read_config([f"{bundle}/configs/common.json", f"{bundle}/configs/inference.json"])
 net = parser.get_parsed_content("network_def").to(dev).eval()
 net.load_state_dict(torch.load(f"{bundle}/models/model.pt", map_location=dev, weights_only=True))
 x = torch.randn(1, 1, 48, 64, 48, device=dev)

@@ -38,6 +38,12 @@ def _untyped_flags(params: list) -> list:
     return params
 
 
+def reflow(text: str) -> str:
+    """``text`` with each paragraph (blocks between blank lines) on one line, for the terminal to
+    wrap at its own width."""
+    return "\n\n".join(" ".join(paragraph.split()) for paragraph in text.strip().split("\n\n"))
+
+
 class _Group(TyperGroup):
     """``medfcn``: its commands listed in :data:`WORKFLOW` order, its flags without ``<bool>``."""
 
@@ -63,6 +69,8 @@ class _Command(TyperCommand):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        if self.help:  # Typer keeps a docstring's line breaks and rich wraps again: ragged at 80 columns
+            self.help = reflow(self.help)
         for param in self.params:  # Typer makes the parameters itself: no way to choose their class
             if isinstance(param, TyperArgument) and param.nargs != 1:
                 param.__class__ = _ItemsArgument
@@ -334,7 +342,9 @@ _InferContinueOnError = Annotated[
 @app.command(cls=_Command)
 @_user_errors
 def infer(
-    bundle: Annotated[Path, typer.Argument(help="Bundle folder with configs/inference.json and models/model.pt.")],
+    bundle: Annotated[
+        Path, typer.Argument(help="Bundle folder: configs/common.json, inference.json, models/model.pt.")
+    ],
     inputs: Annotated[list[Path], typer.Argument(help="NIfTI, NRRD, MetaImage files or folders; DICOM series.")],
     out: Annotated[Path, typer.Option("--out", help="Output folder for masks and volumes.csv/json.")],
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1...", show_default="CUDA if present")] = None,

@@ -182,9 +182,11 @@ class _Counts:
         self.missed: Counter[int] = Counter()
         self.false_positive: Counter[int] = Counter()
         self.no_overlap: Counter[int] = Counter()
+        self.held: set[int] = set()  # the foreground labels of all masks, either side
 
     def add(self, row: dict, in_pred: set[int], in_label: set[int], case_labels: list[int]) -> None:
         """Count the case of ``row`` (its ``dice_<k>``) for each of ``case_labels``."""
+        self.held |= {int(v) for v in in_pred | in_label if v > 0}
         for k in case_labels:
             self.missed[k] += k in in_label and k not in in_pred
             self.false_positive[k] += k in in_pred and k not in in_label
@@ -220,6 +222,18 @@ def _write_metrics(out: Path, rows: list[dict], columns: list[str], metrics: dic
         atomic_write_text(json.dumps(metrics, indent=1) + "\n", out / "metrics.json")
 
 
+def _refuse_unnamed(scored: set[int], class_names: dict[int, str]) -> None:
+    """With names given, every scored label needs one: a table naming some labels and not
+    others reads as if the masks came from the bundle they were named after."""
+    unnamed = sorted(k for k in scored if k not in class_names) if class_names else []
+    if unnamed:
+        names = ", ".join(f"{k} {n}" for k, n in sorted(class_names.items()))
+        raise UserError(
+            f"label {unnamed[0]}: in the masks but not named (names: {names}); give one name per label "
+            "with --class-names, or --bundle with the bundle that made the masks."
+        )
+
+
 def evaluate_folders(
     pred_dir: str | os.PathLike,
     label_dir: str | os.PathLike,
@@ -252,6 +266,14 @@ def evaluate_folders(
         writable_dir(out, fix="choose another --out")
     counts = _Counts()
     rows = [_score_case(pred_path, label_path, labels, counts) for pred_path, label_path in pairs]
+    absent = [k for k in labels or () if k not in counts.held]
+    if absent:  # a table of nan with n 0, exit 0, would pass for a result
+        held = ", ".join(map(str, sorted(counts.held))) or "none"
+        raise UserError(
+            f"--labels {absent[0]}: in none of the {len(pairs)} predictions and references "
+            f"(their labels: {held}); e.g. --labels {min(counts.held, default=1)}."
+        )
+    _refuse_unnamed(counts.held & set(labels or counts.held), class_names or {})
     columns = sorted({k for r in rows for k in r}, key=lambda k: (k != "case", k))
     rows = [{k: r.get(k, math.nan) for k in columns} for r in rows]
     summary = summarise(rows)

@@ -243,9 +243,35 @@ def _drop_model_keys(config: Path, common: dict) -> None:
         ConfigParser.export_config_file(kept, config, indent=4)
 
 
+def _as_read(config: Path) -> tuple[dict, dict]:
+    """``config``'s JSON as written and as MONAI's parser holds it (``#`` read as ``::``);
+    empty dicts for a missing file."""
+    if not config.is_file():
+        return {}, {}
+    parser = ConfigParser()
+    parser.read_config(str(config))
+    parser.resolve_macro_and_relative_ids()  # as _split_settings leaves the packaged parsers
+    return json.loads(config.read_text()), parser.get()
+
+
+def _write_config(content: dict, config: Path, original: tuple[dict, dict]) -> None:
+    """Write ``content`` (a parser's) to ``config``, each entry the packaging left unchanged as the
+    source bundle wrote it (``@train#dataset``, not the parser's ``@train::dataset``), without the
+    parser's empty ``_meta_``: a packaged config differs from its source in the run's options only."""
+    raw, parsed = original
+    kept = {
+        # an entry with a %file#id macro stays resolved: the file would not be found from the new folder
+        key: raw[key] if key in raw and parsed.get(key) == value and "%" not in json.dumps(raw[key]) else value
+        for key, value in content.items()
+        if not (key == "_meta_" and key not in raw and not value)
+    }
+    config.write_text(json.dumps(kept, indent=4) + "\n")
+
+
 def _write_configs(configs: Path, name: str, settings: dict) -> ConfigParser:
     """Write the run's ``settings`` and ``name`` into the copied ``configs`` folder; return a
     parser of the packaged training config (``common.json`` + ``train.json``)."""
+    originals = {f: _as_read(configs / f) for f in (COMMON_FILE, "train.json")}
     common, train = ConfigParser(), ConfigParser()
     train.read_config(str(configs / "train.json"))
     if (configs / COMMON_FILE).is_file():
@@ -260,8 +286,8 @@ def _write_configs(configs: Path, name: str, settings: dict) -> ConfigParser:
     # what --tta may flip: what training flipped
     common["trained_flip_axes"] = trained_flip_axes(ConfigParser(copy.deepcopy({**common.get(), **train.get()})))
     merged = ConfigParser(copy.deepcopy({**common.get(), **train.get()}))  # as MONAI merges the two files
-    ConfigParser.export_config_file(common.get(), configs / COMMON_FILE, indent=4)
-    ConfigParser.export_config_file(train.get(), configs / "train.json", indent=4)
+    _write_config(common.get(), configs / COMMON_FILE, originals[COMMON_FILE])
+    _write_config(train.get(), configs / "train.json", originals["train.json"])
     for other in ("inference.json", "evaluate.json"):
         _drop_model_keys(configs / other, common.get())
     return merged

@@ -16,6 +16,7 @@ Example::
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import warnings
@@ -117,6 +118,18 @@ def _weights(parser: BundleParser, root: Path) -> Path:
     return weights
 
 
+def _stating(key: str, config_files: list[Path]) -> Path:
+    """The file of ``config_files`` (merged in order) whose ``key`` the merge keeps: the last
+    that states it (``common.json`` for ``trained_flip_axes``), else the last file."""
+    for config in reversed(config_files):
+        try:
+            if key in json.loads(Path(config).read_text()):
+                return Path(config)
+        except (OSError, ValueError):  # checked and reported where the bundle is read
+            continue
+    return Path(config_files[-1])
+
+
 def _flip_axes(parser: BundleParser, config_file: Path) -> list[int]:
     """The axes ``--tta`` flips: the bundle's ``trained_flip_axes`` (``[0]`` where it does not say).
 
@@ -155,7 +168,7 @@ def load_segmenter(
     if device:
         parser["device"] = device_expression(device)
     if tta:
-        parser["tta_flip_axes"] = _flip_axes(parser, files["config_file"])
+        parser["tta_flip_axes"] = _flip_axes(parser, _stating("trained_flip_axes", files["config_files"]))
     network = load_weights(parser.get_parsed_content("network"), weights).eval()
     writer = parser.get_parsed_content("writer", default=None)
     return Segmenter(

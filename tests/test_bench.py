@@ -145,3 +145,13 @@ def test_markdown_table_compares_the_runs(accuracy):
     assert cells[3:] == ["+0.0390", "+0.0290", "0.25", "0.25", "0.50"]
     alone = accuracy.markdown_table([_run(accuracy, "medfcn", [(1.0, 0.83)], 6.0)])
     assert len(alone) == 3 and "| - | - |" in alone[2]  # never reached 0.84: no time, no ratio row
+
+
+def test_bench_scripts_read_a_stage_config_with_common_json():
+    """A bundle's network and classes are in configs/common.json since issue 23: a bench script
+    that parses train/inference/evaluate.json alone fails (``@device`` or ``network_def`` undefined)."""
+    for script in sorted([*BENCH.glob("*.py"), *BENCH.glob("*.sh")]):
+        for number, line in enumerate(script.read_text().splitlines(), 1):
+            reads = "read_config(" in line or "config_file=" in line
+            if reads and any(stage in line for stage in ("inference.json", "train.json", "evaluate.json")):
+                assert "common.json" in line, f"{script.name}:{number}: {line.strip()}"

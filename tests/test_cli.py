@@ -203,6 +203,20 @@ def test_help_renders_cleanly(command):
         assert "Usage: medfcn infer [OPTIONS] BUNDLE INPUTS..." in text
 
 
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_paragraphs_wrap_at_the_terminal_width(command):
+    """A command's description is wrapped by the terminal, not by its docstring's line breaks
+    (which rich kept and wrapped again: ragged lines at 80 columns)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "80", "NO_COLOR": "1", "TERM": "dumb"}
+    text = subprocess.run(
+        [sys.executable, "-m", "medfcn", command, "--help"], capture_output=True, text=True, env=env, timeout=120
+    ).stdout
+    description = [line.strip() for line in text.split("Usage:", 1)[1].split("╭", 1)[0].splitlines()[1:]]
+    assert any(description), text
+    # at 80 columns a line followed by more of its paragraph is filled, not cut at a docstring's break
+    assert all(len(a) >= 60 for a, b in zip(description, description[1:], strict=False) if a and b), text
+
+
 def _flat(text: str) -> str:
     """The help's text without the boxes and line breaks, so that a wrapped row reads as one."""
     return " ".join(re.sub(r"[│╭╮╰╯─]", " ", text).split())

@@ -242,3 +242,30 @@ def test_label_names_from_a_bundle_or_the_command_line():
         label_names(class_names="a,,b")
     with pytest.raises(UserError, match="bundle folder not found"):
         label_names("bundles/does_not_exist")
+
+
+def test_a_label_in_no_mask_is_refused(tmp_path):
+    """`--labels 3` on masks holding 1 and 2 (a typo, another tool's numbering) is one line, not a
+    table of nan with n 0 and exit code 0; nothing is written."""
+    _save(tmp_path / "pred" / "a.nii.gz", _cube())
+    _save(tmp_path / "ref" / "a.nii.gz", _cube())
+    with pytest.raises(
+        UserError, match=r"--labels 3: in none of the 1 predictions and references \(their labels: 1, 2\)"
+    ):
+        evaluate_folders(tmp_path / "pred", tmp_path / "ref", labels=[1, 3], out_dir=tmp_path / "m")
+    assert not (tmp_path / "m" / "metrics.csv").exists()
+    rows, _ = evaluate_folders(tmp_path / "pred", tmp_path / "ref", labels=[2])
+    assert rows[0]["dice_2"] == 1.0
+
+
+def test_a_label_without_a_name_is_refused_when_names_are_given(tmp_path):
+    """Two labels in the masks, one name given: a table naming label 1 only would pass for the
+    result of a one-class model."""
+    label = _cube()
+    _save(tmp_path / "labels" / "a.nii.gz", label)
+    _save(tmp_path / "pred" / "a.nii.gz", label)
+    with pytest.raises(UserError, match=r"label 2: in the masks but not named \(names: 1 anterior\)"):
+        evaluate_folders(tmp_path / "pred", tmp_path / "labels", out_dir=tmp_path / "m", class_names={1: "anterior"})
+    assert not (tmp_path / "m").exists() or not list((tmp_path / "m").iterdir())
+    rows, _ = evaluate_folders(tmp_path / "pred", tmp_path / "labels", labels=[1], class_names={1: "anterior"})
+    assert "dice_1" in rows[0]  # scoring only the named label is fine

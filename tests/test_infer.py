@@ -95,7 +95,9 @@ def test_tta_needs_a_bundle_trained_with_flips(tmp_path, spheres_dataset):
     """The 2D bundle trains on sagittal slices without flips: --tta would only repeat the same
     passes, so it is refused in one line and nothing is written."""
     scan = spheres_dataset / "imagesTr" / "case_000.nii.gz"
-    with pytest.raises(UserError, match="trained without flips, so --tta has nothing to average"):
+    with pytest.raises(
+        UserError, match=r"common\.json: this model was trained without flips, so --tta has nothing to average"
+    ):
         infer(BUNDLE_2D, [scan], tmp_path / "out", tta=True)
     assert not (tmp_path / "out").exists()
     infer(BUNDLE_2D, [scan], tmp_path / "out")

@@ -71,6 +71,17 @@ def test_packaged_bundle_carries_the_runs_model(run_dir, spheres_dataset, tmp_pa
     assert inference.get_parsed_content("dataset_dir") == str(spheres_dataset.resolve())
     assert "Task04" not in json.dumps([train_cfg.get(), inference.get()])
     assert "trained by the user" in (out / "LICENSE").read_text()
+    # entries the run did not change are written as the source bundle writes them (`@train#dataset`,
+    # not MONAI's parser's `@train::dataset`; no empty `_meta_`): the configs differ in the run's options
+    for name, unchanged in (
+        ("train.json", ("train", "validate", "run")),
+        ("common.json", ("imports", "patch_sampler")),
+    ):
+        source = json.loads((BUNDLE / "configs" / name).read_text())
+        text = (out / "configs" / name).read_text()
+        packaged = json.loads(text)
+        assert text.endswith("}\n") and "_meta_" not in packaged and "::" not in text, name
+        assert all(packaged[key] == source[key] for key in unchanged), name
     meta = json.loads((out / "configs" / "metadata.json").read_text())
     assert meta["name"] == "spheres_fcn"
     assert meta["network_data_format"]["outputs"]["pred"]["channel_def"] == {

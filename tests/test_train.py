@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -131,7 +132,7 @@ def test_resume_needs_the_same_weight_averaging(spheres_dataset, tmp_path):
     with pytest.raises(UserError, match="has no weight_average"):
         resume("old", overrides)
     # a run folder that records its settings refuses another ema_decay before the checkpoint is read
-    with pytest.raises(UserError, match="started with --set ema_decay the bundle's default 0.999, not null"):
+    with pytest.raises(UserError, match="started with --set ema_decay 0.999 \\(the bundle's default\\), not null"):
         resume("averaged", plain)
     (runs["plain"] / RUN_FILE).rename(tmp_path / RUN_FILE)  # as a run of MONAI's own runner: nothing recorded
     with pytest.raises(UserError, match="averaging off; add --set ema_decay=null"):
@@ -206,6 +207,10 @@ def test_resume_reuses_the_runs_settings_and_refuses_others(spheres_dataset, tmp
             train(BUNDLE, output_dir=out, resume=True, epochs=2, option_names=TRAIN_OPTION_NAMES, **given)
     with pytest.raises(UserError, match="started with --set fold 1, not 0"):  # Python callers: config keys
         train(BUNDLE, output_dir=out, resume=True, epochs=2, fold=0)
+    copy = tmp_path / "bundles" / "copy_fcn"  # another bundle, even one of the same network: its recipe
+    shutil.copytree(BUNDLE, copy)
+    with pytest.raises(UserError, match=f"this run trained the bundle {BUNDLE.resolve()}, not {copy.resolve()}"):
+        train(copy, output_dir=out, resume=True, epochs=2)
     # nothing but the folder and the new length: the run's dataset (not $MEDFCN_DATA) and fold, and its
     # concat fusion (with the bundle's sum fusion, last.pt would not fit the network and fail to load);
     # a value equal to the bundle's default and a setting that does not change what is learnt are fine

@@ -169,3 +169,12 @@ def test_a_bundle_of_an_older_medfcn_naming_medfcn_handlers_still_trains(dataset
     assert best_validation(out) is not None
     state = torch.load(out / "last.pt", weights_only=True)["trainer"]
     assert state["iteration"] // state["epoch_length"] == 2
+
+
+def test_best_validation_of_a_run_without_last_pt_is_none(tmp_path):
+    """A config whose own checkpoint writer names its files otherwise leaves no last.pt: the CLI's
+    summary then has nothing to print, and must not fail a run that succeeded."""
+    assert best_validation(tmp_path) is None
+    (tmp_path / "last.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="last.pt: not a readable PyTorch checkpoint"):
+        best_validation(tmp_path)

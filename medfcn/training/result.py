@@ -32,8 +32,12 @@ class BestValidation:
 
 def best_validation(run_dir: str | os.PathLike) -> BestValidation | None:
     """The best validation recorded in ``run_dir/last.pt`` (its ``best`` entry); None when the
-    run has not validated yet (or its checkpoint holds no such entry)."""
-    saved = read_checkpoint(Path(run_dir) / "last.pt", fix="resume or retrain the run")
+    run has not validated yet, or keeps no ``last.pt`` (a config whose own checkpoint writer
+    names it otherwise), or its checkpoint holds no such entry."""
+    last = Path(run_dir) / "last.pt"
+    if not last.is_file():
+        return None
+    saved = read_checkpoint(last, fix="resume or retrain the run")
     best = saved.get("best") if isinstance(saved, dict) else None
     if not best or int(best.get("best_metric_epoch", -1)) < 1:
         return None

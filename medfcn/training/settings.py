@@ -159,6 +159,7 @@ def _apply_run_record(run: RunSettings, given: set[str], sources: dict[str, str]
     saved = _recorded_settings(run_dir)
     if saved is None:  # no record (`python -m monai.bundle run`, older medfcn): resumed as given
         return
+    _refuse_another_bundle(run, run_dir)
     _refuse_other_settings(run, run_dir, saved, given, defaults)
     reused = {k: v for k, v in saved.items() if k not in given}
     run.recorded = {**run.recorded, **reused}
@@ -180,6 +181,18 @@ def _recorded_settings(run_dir: Path) -> dict[str, Any] | None:
         ) from err
 
 
+def _refuse_another_bundle(run: RunSettings, run_dir: Path) -> None:
+    """A run resumed with another bundle would continue with that bundle's recipe (or fail to
+    load last.pt into its network): refused, unless the recorded bundle is gone (a moved clone)."""
+    recorded = json.loads((run_dir / RUN_FILE).read_text()).get("bundle")
+    bundle = os.path.realpath(str(run.get("bundle_root")))
+    if recorded and os.path.isdir(recorded) and os.path.realpath(recorded) != bundle:
+        raise UserError(
+            f"{run_dir}: this run trained the bundle {recorded}, not {bundle}; resume it with "
+            f"`medfcn train {recorded} --output {run_dir} --resume`, or start a new run with another --output."
+        )
+
+
 def _refuse_other_settings(run: RunSettings, run_dir: Path, saved: dict, given: set[str], defaults: dict) -> None:
     """A resumed run must train on the same data, split and config as before, or it would
     silently mix two experiments: an option given with another value (than the run's, or the
@@ -189,7 +202,7 @@ def _refuse_other_settings(run: RunSettings, run_dir: Path, saved: dict, given: 
         before = saved[key] if key in saved else _raw_entry(defaults, key)
         if not _same(key, before, run.recorded[key]):
             # JSON, as --set takes values (null, true, "concat"), not Python's None / True / 'concat'
-            shown = _json(before) if key in saved else f"the bundle's default {_json(before)}"
+            shown = _json(before) if key in saved else f"{_json(before)} (the bundle's default)"
             raise UserError(
                 f"{run_dir}: this run started with {run.option(key)} {shown}, not {_json(run.recorded[key])}; "
                 "resume without that option (the run's settings are reused) or start a new run with another --output."
