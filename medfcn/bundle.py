@@ -45,6 +45,7 @@ __all__ = [
     "BundleParser",
     "bundle_files",
     "check_override_keys",
+    "configured_weights",
     "named",
     "read_config",
     "read_run_record",
@@ -86,6 +87,19 @@ def named(component: Any) -> Any:
 def weights_file(bundle: str | os.PathLike) -> Path:
     """Where a bundle's weights live: ``models/model.pt`` (a state dict of ``network_def``)."""
     return Path(bundle) / "models" / "model.pt"
+
+
+def configured_weights(parser: ConfigParser, root: str | os.PathLike, fix: str) -> Path:
+    """The weights a bundle's config names (``weights_file``, the path its CheckpointLoader loads;
+    :func:`weights_file` where it names none), ``parser`` having ``bundle_root`` set.
+
+    Raises:
+        UserError: the file is missing, with ``fix``.
+    """
+    weights = Path(parser.get_parsed_content("weights_file", default=str(weights_file(root))))
+    if not weights.is_file():
+        raise UserError(f"{weights}: missing; {fix}.")
+    return weights
 
 
 def read_config(

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from monai.bundle import ckpt_export
 
-from medfcn.bundle import BundleParser, bundle_files, weights_file
+from medfcn.bundle import BundleParser, bundle_files, configured_weights
 from medfcn.errors import UserError
 from medfcn.io import atomic_path, load_weights, refuse_existing
 
@@ -42,7 +42,8 @@ def export_torchscript(
     atol: float = 1e-5,
     overwrite: bool = False,
 ) -> tuple[Path, float]:
-    """Write ``bundle/models/model.ts``; return its path and the largest output difference.
+    """Write the TorchScript beside the weights the bundle names (``models/model.ts``); return
+    its path and the largest output difference.
 
     Args:
         bundle: bundle folder with ``configs/inference.json`` and ``models/model.pt``.
@@ -58,13 +59,11 @@ def export_torchscript(
     """
     files = bundle_files(bundle, "inference.json")
     root = files["bundle_root"]
-    weights = weights_file(root)
-    if not weights.is_file():
-        raise UserError(f"{weights}: missing; nothing to export.")
-    target = root / "models" / "model.ts"
-    refuse_existing([target], overwrite, fix="pass --overwrite to replace it")
     parser = BundleParser(files["config_files"])  # a broken entry fails in one line naming the file
     parser["bundle_root"] = str(root)
+    weights = configured_weights(parser, root, "nothing to export")
+    target = weights.with_suffix(".ts")
+    refuse_existing([target], overwrite, fix="pass --overwrite to replace it")
     network = load_weights(parser.get_parsed_content("network_def"), weights).eval()
     if check_shape is None:
         dims, channels = (parser.get_parsed_content(f"network_def#{k}") for k in ("spatial_dims", "in_channels"))

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from medfcn.bundle import BundleParser, bundle_files, weights_file
+from medfcn.bundle import BundleParser, bundle_files, configured_weights
 from medfcn.data.checks import check_scan, warn_if_label_map
 from medfcn.data.nifti import (
     check_gzip_integrity,
@@ -109,15 +109,6 @@ class Segmenter:
         return labels, affine, seconds
 
 
-def _weights(parser: BundleParser, root: Path) -> Path:
-    """The bundle's ``weights_file`` entry (the path its CheckpointLoader loads), else
-    ``models/model.pt``; UserError when the file is missing."""
-    weights = Path(parser.get_parsed_content("weights_file", default=str(weights_file(root))))
-    if not weights.is_file():
-        raise UserError(f"{weights}: missing; train the bundle and copy best_model.pt there.")
-    return weights
-
-
 def _stating(key: str, config_files: list[Path]) -> Path:
     """The file of ``config_files`` (merged in order) whose ``key`` the merge keeps: the last
     that states it (``common.json`` for ``trained_flip_axes``), else the last file."""
@@ -164,7 +155,7 @@ def load_segmenter(
     files = bundle_files(bundle, "inference.json")
     parser = BundleParser(files["config_files"])  # a broken entry fails in one line naming the file
     parser.update({"bundle_root": str(files["bundle_root"]), **(overrides or {})})
-    weights = _weights(parser, files["bundle_root"])
+    weights = configured_weights(parser, files["bundle_root"], "train the bundle and copy best_model.pt there")
     if device:
         parser["device"] = device_expression(device)
     if tta:
