@@ -243,12 +243,14 @@ RECIPE = {  # the training pipelines as they were before the configs were split 
 
 
 @pytest.mark.parametrize(("bundle", "dims"), [(BUNDLE, "3d"), (BUNDLE_2D, "2d")], ids=["3d", "2d"])
-def test_the_split_configs_build_the_recipe_they_always_built(bundle, dims):
+def test_the_split_configs_build_the_recipe_they_always_built(bundle, dims, tmp_path):
     """common.json + train.json build, in the same order, the transforms, handlers and inferers
     the single train.json did: reordered transforms would draw other random numbers."""
     parser = ConfigParser()
     parser.read_config(configs(bundle, "train.json"))
-    parser.update({"bundle_root": str(bundle), "device": "$torch.device('cpu')", "datalists": "$[[], []]"})
+    # output_dir: the TensorBoard handlers open their event files there
+    overrides = {"bundle_root": str(bundle), "device": "$torch.device('cpu')", "datalists": "$[[], []]"}
+    parser.update({**overrides, "output_dir": str(tmp_path)})
     loading = ["LoadImaged", "EnsureChannelFirstd", "Orientationd", "Spacingd", "NormalizeIntensityd", "EnsureTyped"]
     intensity = ["RandScaleIntensityd", "RandShiftIntensityd", "RandAdjustContrastd", "RandGaussianNoised"]
     transforms = [type(t).__name__ for t in parser.get_parsed_content("train#transforms").transforms]
