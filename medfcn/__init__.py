@@ -8,18 +8,28 @@ imported on first use (PEP 562); library notices are silenced only where medfcn 
 
 from __future__ import annotations
 
+import importlib
+
 __version__ = "0.1.0"
 
 __all__ = ["FCN", "__version__"]
 
+# what ``import medfcn`` made reachable as attributes before it became light (it imported
+# medfcn.networks): config expressions may name them after ``$import medfcn`` alone
+_SUBPACKAGES = ("networks",)
+
 
 def __getattr__(name: str):
-    """``medfcn.FCN`` on first use: importing it loads torch and MONAI (seconds)."""
+    """``medfcn.FCN`` on first use: importing it loads torch and MONAI (seconds). A subpackage
+    not yet imported (``medfcn.networks.transfer_encoder`` in a config expression after only
+    ``$import medfcn``) is imported on first use too, as it was when this file imported it."""
     if name == "FCN":
         from medfcn.networks.fcn import FCN
 
         globals()["FCN"] = FCN  # later look-ups find it without this function
         return FCN
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"{__name__}.{name}")  # also sets the attribute
     raise AttributeError(f"module 'medfcn' has no attribute {name!r}")
 
 

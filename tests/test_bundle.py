@@ -136,7 +136,7 @@ def test_monai_runs_evaluate_config(tmp_path, bundle):
 
 
 @pytest.mark.parametrize("bundle", BUNDLES)
-def test_train_config_passes_monai_property_check(bundle, spheres_dataset):
+def test_train_config_passes_monai_property_check(bundle, spheres_dataset, tmp_path):
     """MONAI's ``check_properties`` (run by bundle tooling) reads ``_target_`` of every entry
     of ``train#handlers``: each must be a component, not a bare reference."""
     workflow = ConfigWorkflow(
@@ -146,6 +146,7 @@ def test_train_config_passes_monai_property_check(bundle, spheres_dataset):
         bundle_root=str(bundle),
         dataset_dir=str(spheres_dataset),  # a synthetic dataset: no real data needed
         folds_file=str(spheres_dataset / "folds.json"),
+        output_dir=str(tmp_path),  # the TensorBoard handlers' event files, not runs/ of the checkout
     )
     workflow.initialize()
     workflow.check_properties()  # raised TypeError on a string handler
@@ -222,14 +223,15 @@ def test_the_2d_bundle_states_only_what_differs():
 
 
 @pytest.mark.parametrize("bundle", BUNDLES)
-def test_the_weight_average_is_found_by_name(bundle, spheres_dataset):
+def test_the_weight_average_is_found_by_name(bundle, spheres_dataset, tmp_path):
     """train.json reaches the moving average by its name, ``@weight_average``, from the handler
     list, the checkpoint and the evaluator: the handler list can be reordered."""
     stated = json.loads((bundle / "configs" / "train.json").read_text())
     assert "#handlers#" not in json.dumps(stated)
     parser = ConfigParser()
     parser.read_config(configs(bundle, "train.json"))
-    parser.update({"bundle_root": str(bundle), "device": "$torch.device('cpu')", "datalists": "$[[], []]"})
+    overrides = {"bundle_root": str(bundle), "device": "$torch.device('cpu')", "datalists": "$[[], []]"}
+    parser.update({**overrides, "output_dir": str(tmp_path)})  # the TensorBoard handlers' event files
     average = parser.get_parsed_content("weight_average")
     assert isinstance(average, WeightAverage)
     assert [h for h in parser.get_parsed_content("train#handlers") if isinstance(h, WeightAverage)] == [average]

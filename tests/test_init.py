@@ -103,3 +103,12 @@ notices("after")
         "monai.data.nvimgcodec_pydicom_plugin: inside: another plugin message"
     ], result.stderr
     assert len([line for line in lines if "after" in line]) == 4, result.stderr
+
+
+def test_a_config_expression_reaches_medfcn_networks_after_import_medfcn_alone():
+    """train.json's ``$medfcn.networks.transfer_encoder(...)`` runs with ``$import medfcn`` only:
+    the light ``import medfcn`` must still make ``medfcn.networks`` reachable (a fresh process,
+    since another test may have imported it already)."""
+    code = "import medfcn, sys; assert 'torch' not in sys.modules; print(medfcn.networks.transfer_encoder.__name__)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "transfer_encoder", done.stderr
