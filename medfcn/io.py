@@ -34,9 +34,12 @@ __all__ = [
     "atomic_torch_save",
     "atomic_write_text",
     "checkpoint_reason",
+    "csv_text",
     "disk_full_error",
+    "load_state",
     "load_weights",
     "nifti_files",
+    "read_checkpoint",
     "refuse_full_disk",
     "refuse_existing",
     "writable_dir",
@@ -279,7 +282,19 @@ def load_weights(network: torch.nn.Module, path: str | os.PathLike, key: str | N
         UserError: the file is not a readable checkpoint, lacks ``key``, or holds weights of
             another architecture or shape.
     """
-    state = read_checkpoint(path)
+    return load_state(network, read_checkpoint(path), path, key)
+
+
+def load_state(
+    network: torch.nn.Module, state: object, path: str | os.PathLike, key: str | None = None
+) -> torch.nn.Module:
+    """Load ``state``, the contents of ``path`` already read (:func:`read_checkpoint`), into
+    ``network`` as :func:`load_weights` does: for a caller that reads the file once and uses it
+    for more than the weights (a resume's ``last.pt``).
+
+    Raises:
+        UserError: ``state`` lacks ``key``, or holds weights of another architecture or shape.
+    """
     if key is not None:
         if not isinstance(state, dict) or key not in state:
             raise UserError(f"{path}: no {key!r} entry; not a medfcn training checkpoint.")

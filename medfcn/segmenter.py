@@ -16,7 +16,6 @@ Example::
 
 from __future__ import annotations
 
-import json
 import os
 import time
 import warnings
@@ -42,6 +41,7 @@ from medfcn.errors import UserError, root_message
 from medfcn.formats import check_itk_data, check_memory_from_header, is_itk_file, itk_read_reason
 from medfcn.io import load_weights
 from medfcn.masks import SaveMaskd, mask_labels
+from medfcn.settings import stating_file
 
 __all__ = ["Segmenter", "load_segmenter"]
 
@@ -109,18 +109,6 @@ class Segmenter:
         return labels, affine, seconds
 
 
-def _stating(key: str, config_files: list[Path]) -> Path:
-    """The file of ``config_files`` (merged in order) whose ``key`` the merge keeps: the last
-    that states it (``common.json`` for ``trained_flip_axes``), else the last file."""
-    for config in reversed(config_files):
-        try:
-            if key in json.loads(Path(config).read_text()):
-                return Path(config)
-        except (OSError, ValueError):  # checked and reported where the bundle is read
-            continue
-    return Path(config_files[-1])
-
-
 def _flip_axes(parser: BundleParser, config_file: Path) -> list[int]:
     """The axes ``--tta`` flips: the bundle's ``trained_flip_axes`` (``[0]`` where it does not say).
 
@@ -159,7 +147,7 @@ def load_segmenter(
     if device:
         parser["device"] = device_expression(device)
     if tta:
-        parser["tta_flip_axes"] = _flip_axes(parser, _stating("trained_flip_axes", files["config_files"]))
+        parser["tta_flip_axes"] = _flip_axes(parser, stating_file(files["config_files"], "trained_flip_axes"))
     network = load_weights(parser.get_parsed_content("network"), weights).eval()
     writer = parser.get_parsed_content("writer", default=None)
     return Segmenter(

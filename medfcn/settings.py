@@ -24,7 +24,7 @@ from monai.bundle import ConfigParser
 
 from medfcn.errors import UserError, root_message
 
-__all__ = ["REQUIRED_ENTRIES", "RULES", "Rule", "check_bundle_json", "check_settings", "parse_value"]
+__all__ = ["REQUIRED_ENTRIES", "RULES", "Rule", "check_bundle_json", "check_settings", "parse_value", "stating_file"]
 
 # numpy's seeds (``set_determinism``) are unsigned 32-bit
 _MAX_SEED = 2**32 - 1
@@ -205,9 +205,10 @@ def _refusal(key: str, value: Any, rule: Rule, source: str, example: Any, dims: 
     return UserError(f'{source}: {key} {shown} must be {rule.text}; fix the file, e.g. "{key}": {fix}.')
 
 
-def _stating_file(config_files: Sequence[Path], key: str) -> Path:
-    """The last of ``config_files`` (merged in order) whose top level states ``key``; the last
-    file where none does."""
+def stating_file(config_files: Sequence[Path], key: str) -> Path:
+    """The last of ``config_files`` (merged in order) whose top level states ``key``: the file whose
+    value the merge keeps, named in messages about it; the last file where none does (unreadable
+    files are skipped: they are checked and reported where the bundle is read)."""
     for path in reversed(config_files):
         try:
             if key in json.loads(Path(path).read_text(encoding="utf-8")):
@@ -246,7 +247,7 @@ def check_settings(
     for key, rule in RULES.items():
         if key not in parser:
             continue
-        source = sources.get(key) or str(_stating_file(files, key))
+        source = sources.get(key) or str(stating_file(files, key))
         try:
             value = parser.get_parsed_content(key)
         except Exception as err:

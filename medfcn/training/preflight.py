@@ -18,7 +18,7 @@ from medfcn.data.checks import check_training_pairs
 from medfcn.data.datasets import fold_datalists
 from medfcn.data.transforms import intensity_normalization
 from medfcn.errors import UserError, root_message
-from medfcn.io import checkpoint_reason
+from medfcn.io import checkpoint_reason, load_state
 from medfcn.training.settings import RunSettings
 
 __all__ = ["Preflight", "preflight"]
@@ -169,15 +169,7 @@ def _check_resumable(run: RunSettings, saved: dict, network: torch.nn.Module) ->
     average must match the config's ``ema_decay`` (on or off), or the resumed run would fail or
     drop the average. The network takes last.pt's weights, as the run's ``Resume`` would."""
     last = Path(run.get("output_dir")) / "last.pt"
-    if not isinstance(saved, dict) or "network" not in saved:
-        raise UserError(f"{last}: no 'network' entry; not a medfcn training checkpoint.")
-    try:
-        network.load_state_dict(saved["network"])
-    except Exception as err:
-        raise UserError(
-            f"{last}: does not fit the bundle's network_def ({checkpoint_reason(err)}); "
-            "use weights trained with this bundle's network."
-        ) from err
+    load_state(network, saved, last, key="network")
     missing = [key for key in run.parser.get("checkpoint_objects", {}) if key not in saved]
     if missing:
         raise UserError(

@@ -156,10 +156,11 @@ def _apply_run_record(run: RunSettings, given: set[str], sources: dict[str, str]
     """Complete ``run`` with the settings its output folder's run started with, and check the
     values read back (they may come from an edited or older record)."""
     run_dir = Path(run.get("output_dir"))
-    saved = _recorded_settings(run_dir)
-    if saved is None:  # no record (`python -m monai.bundle run`, older medfcn): resumed as given
+    record = _run_record(run_dir)
+    if record is None:  # no record (`python -m monai.bundle run`, older medfcn): resumed as given
         return
-    _refuse_another_bundle(run, run_dir)
+    bundle, saved = record
+    _refuse_another_bundle(run, run_dir, bundle)
     _refuse_other_settings(run, run_dir, saved, given, defaults)
     reused = {k: v for k, v in saved.items() if k not in given}
     run.recorded = {**run.recorded, **reused}
@@ -168,23 +169,26 @@ def _apply_run_record(run: RunSettings, given: set[str], sources: dict[str, str]
     check_settings(run.parser, run.config_files, sources, defaults)
 
 
-def _recorded_settings(run_dir: Path) -> dict[str, Any] | None:
-    """The settings in ``run_dir``'s RUN_FILE (none of ``NOT_SETTINGS``); None without one."""
+def _run_record(run_dir: Path) -> tuple[str | None, dict[str, Any]] | None:
+    """``run_dir``'s RUN_FILE, read once: the bundle it names and its settings (none of
+    ``NOT_SETTINGS``); None without one."""
     run_file = run_dir / RUN_FILE
     if not run_file.is_file():
         return None
     try:
-        return {k: v for k, v in json.loads(run_file.read_text())["settings"].items() if k not in NOT_SETTINGS}
+        record = json.loads(run_file.read_text())
+        settings = {k: v for k, v in record["settings"].items() if k not in NOT_SETTINGS}  # a dict record, or raises
+        return record.get("bundle"), settings
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise UserError(
             f"{run_file}: unreadable ({err}); restore it, or start a new run with another --output."
         ) from err
 
 
-def _refuse_another_bundle(run: RunSettings, run_dir: Path) -> None:
-    """A run resumed with another bundle would continue with that bundle's recipe (or fail to
-    load last.pt into its network): refused, unless the recorded bundle is gone (a moved clone)."""
-    recorded = json.loads((run_dir / RUN_FILE).read_text()).get("bundle")
+def _refuse_another_bundle(run: RunSettings, run_dir: Path, recorded: str | None) -> None:
+    """A run resumed with another bundle (not ``recorded``, the one its record names) would
+    continue with that bundle's recipe (or fail to load last.pt into its network): refused,
+    unless the recorded bundle is gone (a moved clone)."""
     bundle = os.path.realpath(str(run.get("bundle_root")))
     if recorded and os.path.isdir(recorded) and os.path.realpath(recorded) != bundle:
         raise UserError(
