@@ -69,6 +69,7 @@ MODEL_KEYS = (
     "patch_size",
     "modality",
     "hu_window",
+    "intensity_stats",
     "pixdim",
     "num_classes",
     "class_names",

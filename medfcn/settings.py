@@ -98,6 +98,12 @@ def _names(value: Any, _dims: int | None) -> bool:
     return all(isinstance(n, str) and n.strip() for n in value) and len(set(value)) == len(value)
 
 
+def _stats(value: Any, _dims: int | None) -> bool:
+    if value is None:
+        return True
+    return isinstance(value, (list, tuple)) and len(value) == 2 and all(map(_is_number, value)) and value[1] > 0
+
+
 def _modality(value: Any, _dims: int | None) -> bool:
     return isinstance(value, str) and value.upper() in _MODALITIES
 
@@ -117,7 +123,7 @@ def _path(none_ok: bool) -> Callable[[Any, int | None], bool]:
 
 RULES: dict[str, Rule] = {
     "dataset_dir": Rule(_path(False), "a folder path", '"datasets/Task04_Hippocampus"'),
-    "folds_file": Rule(_path(False), "a file path", '"folds.json"'),
+    "folds_file": Rule(_path(True), "null (a 5-fold split made in the run folder) or a file path", '"folds.json"'),
     "output_dir": Rule(_path(False), "a folder path", '"runs/try"'),
     "fold": Rule(_whole(-1), "a fold number 0, 1, ... or -1 (train on all cases)", "0"),
     "max_cases": Rule(_whole(1, none_ok=True), "null (all cases) or a whole number >= 1", "null"),
@@ -133,6 +139,7 @@ RULES: dict[str, Rule] = {
     "slices_per_volume": Rule(_whole(1), "a whole number >= 1", "4"),
     "modality": Rule(_modality, "MRI, MR or CT", '"MRI"'),
     "hu_window": Rule(_window, "[low, high] in HU with low < high", "[-160, 240]"),
+    "intensity_stats": Rule(_stats, "null or [mean, std] in HU with std > 0 (CT only)", "[40.0, 60.0]"),
     "pixdim": Rule(_spacing, "a list of 3 numbers > 0 (voxel size in mm along x, y, z)", "[1.0, 1.0, 1.0]"),
     "class_names": Rule(_names, "a list of distinct, non-empty names, one per foreground label", '["tumour"]'),
     "num_classes": Rule(_whole(2), "a whole number >= 2 (background and the labels)", "3"),

@@ -2,7 +2,7 @@
 also those inside functions):
 
     cli                                   (only medfcn.__main__ imports it)
-    train | infer | evaluate | export | package        stages, side by side
+    plan | train | infer | evaluate | export | package        stages, side by side
     bundle contract (bundle, segmenter, settings)
     networks, data, io, formats, outputs, ...          below: know no bundle and no stage
 """
@@ -15,7 +15,15 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "medfcn"
-STAGES = ("medfcn.training", "medfcn.train", "medfcn.infer", "medfcn.evaluate", "medfcn.export", "medfcn.package")
+STAGES = (
+    "medfcn.training",
+    "medfcn.train",
+    "medfcn.infer",
+    "medfcn.evaluate",
+    "medfcn.export",
+    "medfcn.package",
+    "medfcn.planning",
+)
 CONTRACT = ("medfcn.bundle", "medfcn.segmenter", "medfcn.settings")
 CLI = ("medfcn.cli",)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Hashable, Mapping, Sequence
 
 import nibabel as nib
-from monai.transforms import MapTransform, NormalizeIntensityd, ScaleIntensityRanged
+from monai.transforms import Compose, MapTransform, NormalizeIntensityd, ScaleIntensityRanged
 
 from medfcn.data.nifti import is_nifti, use_file_affine
 
@@ -34,24 +34,37 @@ class FileAffined(MapTransform):
 
 
 def intensity_normalization(
-    keys: str | Sequence[str], modality: str = "MRI", hu_window: Sequence[float] = (-160.0, 240.0)
-) -> MapTransform:
+    keys: str | Sequence[str],
+    modality: str = "MRI",
+    hu_window: Sequence[float] = (-160.0, 240.0),
+    intensity_stats: Sequence[float] | None = None,
+) -> MapTransform | Compose:
     """The intensity normalisation suited to ``modality``.
 
     - ``MRI`` (arbitrary units): z-score per channel over the whole volume, since MR
       intensities have no absolute scale.
-    - ``CT`` (Hounsfield units): clip to ``hu_window`` (HU, default a soft-tissue window)
-      and scale to [0, 1], since HU are absolute and air/bone extremes only add noise.
+    - ``CT`` (Hounsfield units): clip to ``hu_window`` (HU), since HU are absolute and air/bone
+      extremes only add noise; then, with ``intensity_stats = (mean, std)`` (HU, of the
+      training foreground, as ``medfcn plan`` measures them), ``(x - mean) / std``, as nnU-Net
+      normalises CT; without, scale the window to [0, 1] (the shipped bundles' choice).
 
     Args:
         keys: the image key(s).
         modality: ``"MRI"`` or ``"CT"`` (case-insensitive; ``"MR"`` is accepted).
-        hu_window: ``(low, high)`` in HU, CT only.
+        hu_window: ``(low, high)`` in HU, CT only (default a soft-tissue window).
+        intensity_stats: ``(mean, std)`` in HU, ``std > 0``, CT only; None: scale to [0, 1].
     """
     kind = modality.upper()
     if kind in ("MRI", "MR"):
         return NormalizeIntensityd(keys=keys, nonzero=False, channel_wise=True)
-    if kind == "CT":
-        low, high = hu_window
+    if kind != "CT":
+        raise ValueError(f"unknown modality {modality!r}; use 'MRI' or 'CT'.")
+    low, high = (float(v) for v in hu_window)
+    if intensity_stats is None:
         return ScaleIntensityRanged(keys=keys, a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True)
-    raise ValueError(f"unknown modality {modality!r}; use 'MRI' or 'CT'.")
+    mean, std = (float(v) for v in intensity_stats)
+    if not std > 0:
+        raise ValueError(f"intensity_stats {list(intensity_stats)}: the standard deviation must be > 0.")
+    # clip to the window (a range mapped onto itself), then z-score with the foreground statistics
+    clip = ScaleIntensityRanged(keys=keys, a_min=low, a_max=high, b_min=low, b_max=high, clip=True)
+    return Compose([clip, NormalizeIntensityd(keys=keys, subtrahend=mean, divisor=std)])

@@ -85,7 +85,7 @@ def _check_classes(run: RunSettings) -> None:
             f"{run.config_file}: num_classes {num_classes} (background + {int(num_classes) - 1}) but class_names has "
             f"{len(names)} name(s) {list(names)}; set both, e.g. --set num_classes=2 --set 'class_names=[\"tumour\"]'."
         )
-    window = {"hu_window": run.get("hu_window")} if "hu_window" in run.parser else {}
+    window = {key: run.get(key) for key in ("hu_window", "intensity_stats") if key in run.parser}
     try:
         intensity_normalization("image", run.get("modality"), **window)
     except (ValueError, TypeError) as err:
