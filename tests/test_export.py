@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 
@@ -63,3 +64,18 @@ def test_export_logs_no_temporary_file_and_refuses_an_existing_one(tmp_path):
     with pytest.raises(UserError) as err:
         export_torchscript(bundle)
     assert str(err.value) == f"{bundle / 'models' / 'model.ts'}: already exists; pass --overwrite to replace it."
+
+
+def test_export_of_a_network_with_per_axis_pooling(tmp_path):
+    source = tmp_path / "source"
+    shutil.copytree(BUNDLE / "configs", source / "configs")
+    common = source / "configs" / "common.json"
+    config = json.loads(common.read_text())
+    config["network_def"]["strides"] = [[2, 2, 1], [2, 2, 1], [2, 2, 2], [2, 2, 2]]  # a thin last axis
+    common.write_text(json.dumps(config))
+    bundle, net = _bundle_with_random_weights(tmp_path, source)
+    assert net.strides[0] == (2, 2, 1)
+    path, diff = export_torchscript(bundle)
+    assert diff <= 1e-5
+    x = torch.randn(1, 1, 37, 45, 5)
+    torch.testing.assert_close(torch.jit.load(str(path))(x), net.eval()(x), atol=1e-5, rtol=0)

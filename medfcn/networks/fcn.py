@@ -7,7 +7,8 @@ FCN-8s fuses three scales; here every encoder scale is fused, as in a U-Net, but
 rather than concatenation unless ``fusion="concat"`` is asked for.
 
 There is no fully connected layer, so any input size works; the output always has the
-input's spatial shape.
+input's spatial shape. Pooling is per scale and per axis (``strides``), as in nnU-Net, so that an
+axis that is already coarse (5 mm slices) or short is not pooled at the first scales.
 """
 
 from __future__ import annotations
@@ -20,7 +21,59 @@ from monai.networks.blocks import Convolution
 from monai.networks.layers.factories import Conv, Pool
 from torch import nn
 
-__all__ = ["FCN", "ConvBlock", "ResidualBlock", "Encoder", "Decoder", "FuseUp", "transfer_encoder"]
+__all__ = [
+    "FCN",
+    "ConvBlock",
+    "ResidualBlock",
+    "Encoder",
+    "Decoder",
+    "FuseUp",
+    "pooling_factors",
+    "cumulative_factors",
+    "transfer_encoder",
+]
+
+Strides = Sequence[int | Sequence[int]]
+
+
+def _axis_factors(entry, spatial_dims: int) -> tuple[int, ...] | None:
+    """One ``strides`` entry as a ``spatial_dims``-tuple of 1s and 2s, or None if it is not one."""
+    if isinstance(entry, int) and not isinstance(entry, bool):
+        entry = (entry,) * spatial_dims
+    if not isinstance(entry, Sequence) or isinstance(entry, str) or len(entry) != spatial_dims:
+        return None
+    if any(isinstance(v, bool) or v not in (1, 2) for v in entry):
+        return None
+    return tuple(int(v) for v in entry)
+
+
+def pooling_factors(strides: Strides | None, spatial_dims: int, scales: int) -> tuple[tuple[int, ...], ...]:
+    """``strides`` checked and spelled out: one ``spatial_dims``-tuple of 1s and 2s per scale past
+    the first (``scales - 1`` of them); ``None`` is 2 on every axis at every scale.
+
+    Raises:
+        ValueError: a wrong number of entries, an entry of another length, or a factor not 1 or 2.
+    """
+    if strides is None:
+        return ((2,) * spatial_dims,) * (scales - 1)
+    ok = isinstance(strides, Sequence) and not isinstance(strides, str) and len(strides) == scales - 1
+    factors = [_axis_factors(entry, spatial_dims) for entry in strides] if ok else [None]
+    if None in factors:
+        raise ValueError(
+            f"strides needs {scales - 1} entries (one per scale past the first), each 1, 2 or a list of "
+            f"{spatial_dims} of them (1: that axis is not pooled, 2: halved), got {strides!r}."
+        )
+    return tuple(factors)
+
+
+def cumulative_factors(factors: Sequence[Sequence[int]]) -> list[tuple[int, ...]]:
+    """Per scale, finest first, how many input voxels one voxel spans per axis: the product of
+    the pooling ``factors`` (from :func:`pooling_factors`) up to that scale; scale 0 is all 1s.
+    Scale ``k`` of an input ``S`` has shape ``ceil(S / cumulative_factors(factors)[k])``."""
+    spans = [tuple(1 for _ in factors[0])] if factors else []
+    for f in factors:
+        spans.append(tuple(a * b for a, b in zip(spans[-1], f, strict=True)))
+    return spans
 
 
 class ConvBlock(nn.Sequential):
@@ -60,9 +113,11 @@ class Encoder(nn.Module):
     """Convolution blocks separated by max pooling.
 
     Input ``(B, in_channels, *S)``; returns one feature map per scale, finest first:
-    scale ``k`` has ``features[k]`` channels and spatial shape ``ceil(S / 2**k)``.
-    Pooling uses ``ceil_mode`` so that a 1-voxel-thick or odd-sized input never
-    shrinks to zero. Scale ``k`` runs ``blocks[k]`` two-convolution blocks (default one each):
+    scale ``k`` has ``features[k]`` channels and spatial shape ``ceil(S / prod(strides[:k]))``
+    per axis (``ceil(S / 2**k)`` with the default ``strides``; see :func:`pooling_factors`).
+    The pooling before scale ``k`` has kernel = stride = ``strides[k - 1]``, so an axis with
+    factor 1 keeps its size. Pooling uses ``ceil_mode`` so that a 1-voxel-thick or odd-sized
+    input never shrinks to zero. Scale ``k`` runs ``blocks[k]`` two-convolution blocks (default one each):
     a :class:`ConvBlock`, then ``blocks[k] - 1`` :class:`ResidualBlock` s.
     """
 
@@ -76,16 +131,18 @@ class Encoder(nn.Module):
         dropout,
         bias,
         blocks: Sequence[int] | None = None,
+        strides: Strides | None = None,
     ):
         super().__init__()
         blocks = [1] * len(features) if blocks is None else [int(b) for b in blocks]
         if len(blocks) != len(features) or min(blocks) < 1:
             raise ValueError(f"encoder_blocks needs one count >= 1 per scale ({len(features)}), got {blocks}.")
+        factors = pooling_factors(strides, spatial_dims, len(features))
         pool = Pool["MAX", spatial_dims]
         stages = []
         for k, width in enumerate(features):
             cin = in_channels if k == 0 else features[k - 1]
-            layers = [pool(kernel_size=2, ceil_mode=True)] if k > 0 else []
+            layers = [pool(kernel_size=factors[k - 1], ceil_mode=True)] if k > 0 else []
             layers.append(ConvBlock(spatial_dims, cin, width, act, norm, dropout, bias))
             layers += [ResidualBlock(spatial_dims, width, act, norm, dropout, bias) for _ in range(blocks[k] - 1)]
             # one block at the finest scale stays a bare ConvBlock, so the keys of weights saved
@@ -104,8 +161,8 @@ class Encoder(nn.Module):
 def crop_to(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Crop ``x`` ``(B, C, *s)`` to the spatial shape of ``like`` ``(B', C', *S)``, ``S <= s``.
 
-    Ceil-mode pooling rounds coarse maps up, so a map upsampled by a power of two can be a few
-    voxels larger than the finer map on odd axes; the extra voxels lie past the input's end.
+    Ceil-mode pooling rounds coarse maps up, so a map upsampled by its pooling factors can be a
+    few voxels larger than the finer map on odd axes; the extra voxels lie past the input's end.
     """
     for dim in range(2, x.dim()):
         x = x.narrow(dim, 0, like.shape[dim])
@@ -117,10 +174,12 @@ class FuseUp(nn.Module):
 
     ``sum`` fusion: ``y = up(x) + proj(skip)`` where ``proj`` is a 1x1 convolution to the
     decoder width (the FCN-8s score fusion). ``concat`` fusion: ``y = conv([up(x), skip])``.
+    ``up`` has kernel = stride = ``stride`` (the pooling factors between the two scales, an int
+    or one per axis), so each coarse voxel paints exactly the fine voxels it pooled.
 
     Args:
         x: ``(B, in_channels, *s)``, the coarser decoder feature.
-        skip: ``(B, skip_channels, *S)`` with ``S <= 2 * s`` per axis.
+        skip: ``(B, skip_channels, *S)`` with ``S <= stride * s`` per axis.
 
     Returns:
         ``(B, out_channels, *S)``.
@@ -137,13 +196,14 @@ class FuseUp(nn.Module):
         norm,
         dropout,
         bias,
+        stride: int | Sequence[int] = 2,
     ):
         super().__init__()
         if fusion not in ("sum", "concat"):
             raise ValueError(f"fusion must be 'sum' or 'concat', got {fusion!r}.")
         self.fusion = fusion
         conv_t = Conv["CONVTRANS", spatial_dims]
-        self.up = conv_t(in_channels, out_channels, kernel_size=2, stride=2, bias=bias)
+        self.up = conv_t(in_channels, out_channels, kernel_size=stride, stride=stride, bias=bias)
         if fusion == "sum":
             self.proj = Conv["CONV", spatial_dims](skip_channels, out_channels, kernel_size=1, bias=bias)
             refine_in = out_channels
@@ -164,21 +224,32 @@ class FuseUp(nn.Module):
 class Decoder(nn.Module):
     """Fuses encoder features from coarsest to finest; returns the finest-scale feature.
 
-    Input: the encoder's list (finest first). Output ``(B, features[0], *S)``.
+    Input: the encoder's list (finest first). Output ``(B, features[0], *S)``. ``strides`` as
+    the encoder's (:func:`pooling_factors`): each step upsamples by the factors its scale pooled.
     """
 
-    def __init__(self, spatial_dims: int, features: Sequence[int], fusion: str, act, norm, dropout, bias):
+    def __init__(
+        self,
+        spatial_dims: int,
+        features: Sequence[int],
+        fusion: str,
+        act,
+        norm,
+        dropout,
+        bias,
+        strides: Strides | None = None,
+    ):
         super().__init__()
+        factors = pooling_factors(strides, spatial_dims, len(features))
         steps = []
         for k in range(len(features) - 1, 0, -1):
-            steps.append(
-                FuseUp(spatial_dims, features[k], features[k - 1], features[k - 1], fusion, act, norm, dropout, bias)
-            )
+            cin, cout = features[k], features[k - 1]
+            steps.append(FuseUp(spatial_dims, cin, cout, cout, fusion, act, norm, dropout, bias, factors[k - 1]))
         self.steps = nn.ModuleList(steps)
 
     def scales(self, skips: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Every decoder output, finest first: ``(B, features[k], *ceil(S / 2**k))`` for
-        ``k = 0 .. len(features) - 2``."""
+        """Every decoder output, finest first: ``(B, features[k], *ceil(S / prod(strides[:k])))``
+        for ``k = 0 .. len(features) - 2``."""
         x = skips[-1]
         n = len(skips)
         outputs: list[torch.Tensor] = []
@@ -200,6 +271,13 @@ class FCN(nn.Module):
         out_channels: number of classes, background included.
         features: channels per encoder scale, finest first. ``len(features) - 1`` poolings,
             so the receptive field grows with the length. Defaults to ``(32, 64, 128, 256)``.
+        strides: for each scale past the first (``len(features) - 1`` entries), its pooling
+            factor relative to the previous scale per spatial axis: 2 halves that axis, 1 leaves
+            it (an axis that is already coarse, e.g. 5 mm slices, or short); an int is the same
+            on every axis. Scale ``k`` has spatial shape ``ceil(S / prod(strides[:k]))`` per
+            axis. Default ``None``: 2 everywhere. Pooling has no weights, so the strides do not
+            change the state dict's keys or shapes of the encoder; the decoder's transposed
+            convolutions have kernel = stride, so theirs follow the strides.
         fusion: ``"sum"`` (default, ``Y = F1(X) + F2(X)``) or ``"concat"``.
         act: activation, a MONAI layer spec. Defaults to leaky ReLU (slope 0.01).
         norm: normalisation, a MONAI layer spec. Defaults to instance norm with affine.
@@ -208,9 +286,10 @@ class FCN(nn.Module):
         deep_supervision: number of coarser decoder scales that get their own 1x1 head and are
             supervised in training (0: off). In training mode the output is then
             ``(B, 1 + deep_supervision, out_channels, *S)``: the full-resolution logits first,
-            then each coarser head's logits upsampled (linear, by its power of two, cropped) to
-            ``S``; train it with :class:`medfcn.losses.DeepSupervisionLoss`. In eval mode the
-            heads are skipped and the output is ``(B, out_channels, *S)`` as without them.
+            then each coarser head's logits upsampled (linear, by its scale's cumulative pooling
+            factor per axis, cropped) to ``S``; train it with
+            :class:`medfcn.losses.DeepSupervisionLoss`. In eval mode the heads are skipped and
+            the output is ``(B, out_channels, *S)`` as without them.
         encoder_blocks: two-convolution blocks per encoder scale, finest first (default one
             each); the blocks past the first are residual (:class:`ResidualBlock`). A block
             costs time in proportion to its scale's voxels and parameters in proportion to its
@@ -229,6 +308,10 @@ class FCN(nn.Module):
         # 2D, concatenation fusion
         net = FCN(2, 3, 2, features=(16, 32, 64), fusion="concat")
         net(torch.zeros(2, 3, 37, 45)).shape  # (2, 2, 37, 45)
+
+        # 3D, 5 mm slices on the last axis: pooled in-plane only for the first two scales
+        net = FCN(3, 1, 2, features=(8, 16, 32, 64, 128), strides=[[2, 2, 1], [2, 2, 1], 2, 2])
+        net(torch.zeros(1, 1, 37, 45, 5)).shape  # (1, 2, 37, 45, 5); scales' last axis 5, 5, 5, 3, 2
     """
 
     def __init__(
@@ -244,6 +327,7 @@ class FCN(nn.Module):
         bias: bool = True,
         deep_supervision: int = 0,
         encoder_blocks: Sequence[int] | None = None,
+        strides: Strides | None = None,
     ):
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -256,13 +340,18 @@ class FCN(nn.Module):
         self.in_channels = in_channels
         self.out_channels = out_channels
         features = tuple(int(f) for f in features)
-        self.encoder = Encoder(spatial_dims, in_channels, features, act, norm, dropout, bias, encoder_blocks)
-        self.decoder = Decoder(spatial_dims, features, fusion, act, norm, dropout, bias)
+        self.strides = pooling_factors(strides, spatial_dims, len(features))
+        self.encoder = Encoder(
+            spatial_dims, in_channels, features, act, norm, dropout, bias, encoder_blocks, self.strides
+        )
+        self.decoder = Decoder(spatial_dims, features, fusion, act, norm, dropout, bias, self.strides)
         self.head = Conv["CONV", spatial_dims](features[0], out_channels, kernel_size=1, bias=True)
         self.deep_heads = nn.ModuleList(
             Conv["CONV", spatial_dims](features[k], out_channels, kernel_size=1, bias=True)
             for k in range(1, deep_supervision + 1)
         )
+        # per deep head, the factor per axis that brings its scale back to the input's
+        self._head_factors = [[float(f) for f in span] for span in cumulative_factors(self.strides)[1:]]
         self._upsample_mode = "bilinear" if spatial_dims == 2 else "trilinear"
         self._encoder_frozen = False
 
@@ -276,10 +365,10 @@ class FCN(nn.Module):
         # scale, and it lets MONAI's trainer pass one tensor to the loss, as with DynUNet.
         outputs = [out]
         for k, head in enumerate(self.deep_heads):
-            # upsample by the exact power of two and crop, as the decoder does, so a coarse voxel
-            # stays over the fine voxels it pooled on odd-sized axes too
+            # upsample by the exact cumulative pooling factor per axis and crop, as the decoder
+            # does, so a coarse voxel stays over the fine voxels it pooled on odd-sized axes too
             up = F.interpolate(
-                head(scales[k + 1]), scale_factor=float(2 ** (k + 1)), mode=self._upsample_mode, align_corners=False
+                head(scales[k + 1]), scale_factor=self._head_factors[k], mode=self._upsample_mode, align_corners=False
             )
             outputs.append(crop_to(up, out))
         return torch.stack(outputs, dim=1)
@@ -289,7 +378,9 @@ class FCN(nn.Module):
 
         ``path`` holds a state dict of a whole FCN (keys ``encoder.*``), of an encoder alone,
         or a training checkpoint with a ``network`` entry. Its encoder must have this one's
-        ``features`` and ``encoder_blocks`` (same keys and shapes).
+        ``features`` and ``encoder_blocks`` (same keys and shapes). Pooling is not part of the
+        weights (max pooling has none), so an encoder trained with other ``strides`` loads too:
+        its convolutions then see features pooled differently from those they were trained on.
         """
         state = torch.load(path, map_location=map_location, weights_only=True)
         if isinstance(state, dict) and "network" in state:

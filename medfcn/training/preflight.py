@@ -127,7 +127,8 @@ def check_dry_run(network: torch.nn.Module, run: RunSettings) -> None:
     except Exception as err:
         raise UserError(
             f"{run.config_file}: the network cannot train on patch_size {patch} ({root_message(err)}); "
-            "give one size per spatial axis of the network, each large enough for its poolings (halved per scale)."
+            "give one size per spatial axis of the network, each large enough for its poolings "
+            "(halved per scale on each axis its strides pool)."
         ) from err
     finally:
         with torch.no_grad():
