@@ -159,6 +159,34 @@ def test_label_volumes_are_exact_mm3(tmp_path):
     assert fingerprint["dataset"]["labels"] == labels
 
 
+def test_ct_like_volumes_give_hu_statistics_of_the_foreground(tmp_path):
+    """Synthetic CT: air (-1000 HU) around an organ of N(60, 20) HU, 5 mm slices, stored as
+    uint16 with scl_inter -1024 as scanners write it (the statistics are in HU, not raw)."""
+    dataset = write_dataset(tmp_path, [], modality={"0": "CT"})
+    training = []
+    for number in range(2):
+        rng = np.random.default_rng(number)
+        hu = np.full((40, 40, 8), -1000.0)
+        label = np.zeros(hu.shape, np.uint8)
+        label[8:32, 8:32, 2:6] = 1
+        hu[label > 0] = rng.normal(60.0, 20.0, int(label.sum()))
+        image = nib.Nifti1Image(np.round(hu + 1024).astype(np.uint16), grid_affine((0.8, 0.8, 5.0)))
+        image.header.set_slope_inter(1.0, -1024.0)
+        nib.save(image, dataset / "imagesTr" / f"ct_{number}.nii.gz")
+        nib.save(nib.Nifti1Image(label, grid_affine((0.8, 0.8, 5.0))), dataset / "labelsTr" / f"ct_{number}.nii.gz")
+        training.append({"image": f"./imagesTr/ct_{number}.nii.gz", "label": f"./labelsTr/ct_{number}.nii.gz"})
+    meta = json.loads((dataset / "dataset.json").read_text())
+    (dataset / "dataset.json").write_text(json.dumps({**meta, "training": training}))
+    fingerprint = fingerprint_dataset(dataset)
+    stats = fingerprint["intensity"]["0"]
+    assert stats["name"] == "CT" and stats["foreground_voxels_sampled"] == 2 * 24 * 24 * 4  # all of it
+    assert stats["mean"] == pytest.approx(60.0, abs=1.5) and stats["std"] == pytest.approx(20.0, abs=1.5)
+    assert stats["percentile_00_5"] == pytest.approx(60 - 2.576 * 20, abs=6)  # air is not foreground
+    assert stats["percentile_99_5"] == pytest.approx(60 + 2.576 * 20, abs=6)
+    assert fingerprint["summary"]["median_spacing_mm"] == pytest.approx([0.8, 0.8, 5.0])
+    assert fingerprint["labels"]["1"]["volume_mm3"]["median"] == pytest.approx(24 * 24 * 4 * 0.8 * 0.8 * 5.0)
+
+
 def test_two_channel_images_give_two_intensity_entries(tmp_path):
     cases = [{"channels": 2, "shape": (16, 16, 8), "box": ((2, 14), (2, 14), (1, 7))} for _ in range(2)]
     fingerprint = fingerprint_dataset(write_dataset(tmp_path, cases, modality={"0": "FLAIR", "1": "T1w"}))
@@ -276,6 +304,17 @@ def test_refuses_label_values_not_in_dataset_json(tmp_path):
         r"labelsTr/case_000.nii.gz: label values 4 are not in dataset.json's labels \(0, 1\); add them",
     )
     assert "case_001" not in message
+
+
+def test_refuses_a_value_missing_between_the_listed_labels(tmp_path):
+    label = np.zeros((12, 10, 8), np.uint8)
+    label[1:3, 1:3, 1:3], label[5:7, 5:7, 5:7] = 1, 2
+    labels = {"0": "background", "1": "one", "3": "three"}
+    dataset = write_dataset(tmp_path / "gap", two_cases(label=label), labels=labels)
+    refused(dataset, r"case_000.nii.gz: label values 2 are not in dataset.json's labels \(0, 1, 3\)")
+    label[label == 2] = 3  # 0, 1 and 3: listed, with a gap
+    fingerprint = fingerprint_dataset(write_dataset(tmp_path / "ok", two_cases(label=label), labels=labels))
+    assert fingerprint["cases"][0]["label_voxels"] == {"1": 8, "3": 8}
 
 
 def test_refuses_negative_label_values(tmp_path):

@@ -215,8 +215,11 @@ def _label_map(voxels: np.ndarray, path: str, labels: dict[int, str]) -> np.ndar
         raise UserError(f"{path}: has shape {voxels.shape}, a label map has one channel; save it as (x, y, z).")
     voxels = _whole_numbers(voxels.reshape(voxels.shape[:3]), path)
     low, high = int(voxels.min()), int(voxels.max())
+    in_range = 0 <= low and high <= max(labels)
+    if in_range and len(labels) == max(labels) + 1:  # dataset.json lists every value 0..max: all known
+        return np.ascontiguousarray(voxels)
     # the values present: a bincount is 10x faster than np.unique where they are few and >= 0
-    found = np.unique(voxels) if low < 0 or high > max(labels) else np.flatnonzero(np.bincount(voxels.ravel()))
+    found = np.flatnonzero(np.bincount(voxels.ravel())) if in_range else np.unique(voxels)
     unknown = sorted(set(found.tolist()) - set(labels))
     if unknown:
         shown = ", ".join(map(str, unknown[:5])) + (" ..." if len(unknown) > 5 else "")
