@@ -27,6 +27,7 @@ __all__ = [
     "check_scan",
     "warn_if_label_map",
     "check_training_pairs",
+    "check_label_grid",
 ]
 
 # float32 bytes per voxel at the model's spacing during inference: the input, the logits and
@@ -251,13 +252,46 @@ def check_training_pairs(datalist: Sequence[dict], num_classes: int, in_channels
         except Exception as err:
             raise UserError(f"{label_path}: cannot be read as NIfTI ({err}); re-export or remove the case.") from err
         refuse_non_mm(label, label_path)
-        if label.shape[:3] != image.shape[:3]:
-            raise UserError(f"{label_path}: shape {label.shape} differs from its image's {image.shape}.")
-        if not np.allclose(label.affine, image.affine, atol=1e-3):
-            raise UserError(f"{label_path}: affine differs from its image's; resample the label onto the image.")
+        check_label_grid(image, label, image_path, label_path)
         unknown = [v for v in values if v != np.round(v) or not 0 <= v < num_classes]
         if unknown:
             raise UserError(
                 f"{label_path}: label values {unknown[:5]} outside 0..{num_classes - 1}; "
                 "map them to the bundle's labels."
             )
+
+
+# label and image affines further apart than this (any entry; mm for the offsets) are a different
+# grid: float32 headers written by different tools differ by about 1e-5
+AFFINE_ATOL = 1e-3
+
+
+def check_label_grid(
+    image: nib.Nifti1Image, label: nib.Nifti1Image, image_path: str | os.PathLike, label_path: str | os.PathLike
+) -> None:
+    """UserError when ``label`` does not lie on ``image``'s voxel grid: a different shape (the
+    first three axes) or an affine different by more than :data:`AFFINE_ATOL`; the message says
+    which, and how (voxel size, orientation or origin)."""
+    if label.shape[:3] != image.shape[:3]:
+        raise UserError(
+            f"{label_path}: shape {label.shape} differs from its image's {image.shape} ({image_path}); "
+            "resample the label onto the image."
+        )
+    if not np.allclose(label.affine, image.affine, atol=AFFINE_ATOL):
+        raise UserError(
+            f"{label_path}: affine differs from its image's ({image_path}: {_affine_difference(image, label)}); "
+            "resample the label onto the image."
+        )
+
+
+def _affine_difference(image: nib.Nifti1Image, label: nib.Nifti1Image) -> str:
+    """How two affines differ, in words: voxel size, axis directions, or origin (mm)."""
+    image_sizes, label_sizes = voxel_spacing(image.affine), voxel_spacing(label.affine)
+    if not np.allclose(image_sizes, label_sizes, atol=AFFINE_ATOL):
+        sizes = [" x ".join(f"{s:.4g}" for s in v) for v in (label_sizes, image_sizes)]
+        return f"voxel size {sizes[0]} mm vs {sizes[1]} mm"
+    image_axes, label_axes = "".join(nib.aff2axcodes(image.affine)), "".join(nib.aff2axcodes(label.affine))
+    offset = float(np.linalg.norm(label.affine[:3, 3] - image.affine[:3, 3]))
+    if image_axes != label_axes or offset <= AFFINE_ATOL:
+        return f"orientation {label_axes} vs {image_axes}, axis directions differ"
+    return f"origin {offset:.3g} mm apart"

@@ -29,19 +29,26 @@ The fingerprint (``configs/fingerprint.json``) is plain JSON::
          "spacing_mm": [sx, sy, sz],
          "orientation": "LPS",                 # the file's axis codes
          "channels": int,
+         "voxel_volume_mm3": f,
          "label_voxels": {"1": int, ...},      # every label of dataset.json, 0 if absent
+         "label_volume_mm3": {"1": f, ...},    # label_voxels x voxel_volume_mm3
          "label_centroids_vox": {"1": [x, y, z] or null, ...}},   # RAS voxel index
         ...],
       "intensity": {"0": {"name": "MRI", "mean": f, "std": f, "min": f, "max": f,
                           "percentile_00_5": f, "percentile_50_0": f, "percentile_99_5": f,
                           "foreground_voxels_sampled": int}, ...},   # per channel, in the
                                                                       # foreground (label > 0)
-      "labels": {"1": {"name": str, "cases_present": int,
-                       "voxels": {"min": f, "median": f, "max": f},
+      "labels": {"1": {"name": str, "cases_present": int,         # over the cases holding it;
+                       "voxels": {"min": f, "median": f, "max": f},   # null each when none does
                        "volume_mm3": {"min": f, "median": f, "max": f}}, ...},
-      "summary": {"median_shape": [x, y, z], "median_spacing_mm": [sx, sy, sz],
+      "summary": {"median_shape": [x, y, z] (floats: a median of an even count may end in .5),
+                  "min_shape": [x, y, z], "max_shape": [x, y, z],
+                  "median_spacing_mm": [sx, sy, sz],
                   "min_spacing_mm": [..], "max_spacing_mm": [..], "channels": int}
     }
+
+Intensities are sampled (at most 10,000 foreground voxels per case, seeded: deterministic), so
+``min``/``max`` are those of the sample.
 """
 
 from __future__ import annotations
