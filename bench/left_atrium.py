@@ -253,7 +253,7 @@ def medfcn_bundle(args, work: Path) -> tuple[Path, float | None]:
 
     start = time.perf_counter()
     out = work / "medfcn_bundle"
-    made = plan_bundle(args.data, out, budget_minutes=args.minutes, device=args.device)
+    made = plan_bundle(args.data, out, budget_minutes=args.minutes, device=args.device, progress=print)
     return Path(made) if made else out, time.perf_counter() - start
 
 
@@ -297,6 +297,9 @@ def run_medfcn(val_cases, labels, args, work: Path) -> dict:
         "best_validation_dice": None if best is None else best.mean,
         "weights": "last (moving average of the last epoch)",
     }
+    plan_file = Path(bundle) / "configs" / "plan.json"  # what the planner chose, where it says
+    if plan_file.is_file():
+        figures["plan"] = json.loads(plan_file.read_text())
     seconds = [float(row["seconds"]) for row in rows]
     return summary("medfcn", args.minutes, figures, score(work / "masks_medfcn", val_cases, labels), seconds)
 
