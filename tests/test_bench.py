@@ -1,8 +1,9 @@
 """The bench harness's own arithmetic: the figures of bench/README.md come from these functions.
 
-Benchmarks are not tests, so nothing here times or trains anything; it checks that the
-harness measures what it says: the baseline is the network and recipe the issue pastes, the
-time-to-Dice readings, the FLOP count, and the head/body error decomposition of bench/errors.py.
+Benchmarks are not tests, so nothing here times anything; it checks that the harness measures
+what it says: the baseline is the network and recipe the issue pastes, the time-to-Dice
+readings, the FLOP count, the head/body error decomposition of bench/errors.py, and
+bench/left_atrium.py end to end on a tiny dataset (seconds of training per arm).
 """
 
 from __future__ import annotations
@@ -155,3 +156,121 @@ def test_bench_scripts_read_a_stage_config_with_common_json():
             reads = "read_config(" in line or "config_file=" in line
             if reads and any(stage in line for stage in ("inference.json", "train.json", "evaluate.json")):
                 assert "common.json" in line, f"{script.name}:{number}: {line.strip()}"
+
+
+# bench/left_atrium.py: the MONAI recipe vs medfcn on one fold, run on a tiny dataset
+
+
+def _ball_dataset(root):
+    """4 cases of 24^3 voxels at 1 mm, one ball of label 1 each, image = label + faint noise (a
+    threshold segments it), and a 2-fold split (``root/folds.json``)."""
+    import json
+
+    import nibabel as nib
+
+    rng = np.random.default_rng(0)
+    grid = np.stack(np.meshgrid(*[np.arange(24)] * 3, indexing="ij"), axis=-1)
+    training = []
+    for i in range(4):
+        label = (np.linalg.norm(grid - rng.uniform(9, 15, 3), axis=-1) < rng.uniform(5, 7)).astype(np.uint8)
+        name = f"ball_{i}.nii.gz"
+        image = (label + rng.normal(0, 0.05, label.shape)).astype(np.float32)
+        for folder, volume in (("imagesTr", image), ("labelsTr", label)):
+            (root / folder).mkdir(parents=True, exist_ok=True)
+            nib.save(nib.Nifti1Image(volume, np.eye(4)), root / folder / name)
+        training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
+    labels = {"0": "background", "1": "ball"}
+    (root / "dataset.json").write_text(json.dumps({"name": "Ball", "labels": labels, "training": training}))
+    folds = {"n_folds": 2, "seed": 0, "folds": [["ball_0", "ball_2"], ["ball_1", "ball_3"]]}
+    (root / "folds.json").write_text(json.dumps(folds))
+    return root
+
+
+def _tiny_bundle(root):
+    """The hippocampus bundle's configs with a narrow network, one class, 16^3 patches and 2 epochs."""
+    import json
+    import shutil
+
+    for part in ("configs", "docs"):
+        shutil.copytree(BUNDLE / part, root / part)
+    shutil.copy(BUNDLE / "LICENSE", root)
+    common = json.loads((root / "configs" / "common.json").read_text())
+    common |= {"bundle_name": "tiny", "num_classes": 2, "class_names": ["ball"], "patch_size": [16, 16, 16]}
+    common |= {"epochs": 2, "val_interval": 1, "bf16": False}
+    common["network_def"] |= {"features": [8, 16, 32], "deep_supervision": 1}
+    (root / "configs" / "common.json").write_text(json.dumps(common, indent=1))
+    return root
+
+
+@pytest.fixture(scope="module")
+def left_atrium():
+    return _bench_module("left_atrium")
+
+
+def test_left_atrium_recipe_is_the_issues(left_atrium):
+    """UNet(3, 1, 2, channels 32-256, strides 2, 2 residual units, instance norm); the
+    augmentation pads, crops 2:1 around the label, flips 3 axes, rotates/scales, shifts intensity."""
+    reference = UNet(3, 1, 2, channels=(32, 64, 128, 256), strides=(2, 2, 2), num_res_units=2, norm="INSTANCE")
+    net = left_atrium.monai_unet(2)
+    assert [p.shape for p in net.parameters()] == [p.shape for p in reference.parameters()]
+    assert any(isinstance(m, torch.nn.InstanceNorm3d) for m in net.modules())
+    names = [type(t).__name__ for t in left_atrium.monai_augmentation((96, 96, 64))]
+    assert names[:2] == ["SpatialPadd", "RandCropByPosNegLabeld"] and names.count("RandFlipd") == 3
+    crop = left_atrium.monai_augmentation((96, 96, 64))[1]
+    assert list(crop.cropper.spatial_size) == [96, 96, 64] and crop.cropper.pos_ratio == pytest.approx(2 / 3)
+    spacing = left_atrium.monai_preprocessing(["image", "label"], 1.25)[3]
+    assert list(spacing.spacing_transform.pixdim) == [1.25] * 3
+    args = left_atrium.parse_args(["--work", "unused"])
+    assert (args.spacing, args.patch, args.minutes, args.fold) == (1.25, (96, 96, 64), 20.0, 0)
+
+
+def test_left_atrium_cosine_follows_the_budget(left_atrium):
+    assert left_atrium.cosine_lr(2e-3, 0, 60) == pytest.approx(2e-3)
+    assert left_atrium.cosine_lr(2e-3, 30, 60) == pytest.approx(1e-3)
+    assert left_atrium.cosine_lr(2e-3, 60, 60) == pytest.approx(0)
+    assert left_atrium.cosine_lr(2e-3, 90, 60) == pytest.approx(0)  # past the budget: stays 0
+
+
+def test_left_atrium_monai_masks_land_on_the_original_grid(left_atrium, tmp_path):
+    """A 'network' thresholding the z-scored image at 1.5 mm: its masks, resampled back to the
+    1 mm grid by Invertd, score high Dice against the labels (medfcn evaluate refuses masks of
+    another shape or affine), so the inversion puts them where the labels are."""
+    data = _ball_dataset(tmp_path / "Ball")
+    args = left_atrium.parse_args(["--data", str(data), "--spacing", "1.5", "--patch", "16", "16", "16"])
+    _, val = left_atrium.fold_datalists(data, data / "folds.json", 0)
+
+    def threshold(x):  # one 16^3 window holds the whole resampled volume: no padding
+        t = (x.amax() + x.amin()) / 2
+        return torch.cat([t - x, x - t], dim=1) * 10
+
+    seconds = left_atrium.predict_monai(threshold, val, tmp_path / "masks", args, torch.device("cpu"))
+    assert len(seconds) == 2
+    dice = [c["dice"] for c in left_atrium.score(tmp_path / "masks", val, [1])]
+    assert min(dice) > 0.9, dice
+
+
+@pytest.mark.slow
+def test_left_atrium_both_arms_same_fold(left_atrium, tmp_path):
+    """Both arms on a tiny dataset: the MONAI recipe for 3 s of budget (16^3 patches at 1.5 mm)
+    and medfcn with a given tiny bundle (2 epochs); the JSON holds both, with finite Dice in
+    [0, 1], and the MONAI training ran to its budget and stopped within a step after it."""
+    import json
+
+    data = _ball_dataset(tmp_path / "Ball")
+    bundle = _tiny_bundle(tmp_path / "tiny")
+    out = tmp_path / "result.json"
+    options = ["--data", str(data), "--folds", str(data / "folds.json"), "--minutes", "0.05", "--device", "cpu"]
+    options += ["--spacing", "1.5", "--patch", "16", "16", "16", "--work", str(tmp_path / "work"), "--out", str(out)]
+    left_atrium.main([*options, "--medfcn-bundle", str(bundle)])
+    result = json.loads(out.read_text())
+    arms = {arm["arm"]: arm for arm in result["arms"]}
+    assert set(arms) == {"monai", "medfcn"}
+    assert result["held_out_cases"] == 2 and result["machine"]["cpu_count"] >= 1
+    for arm in arms.values():
+        assert [c["case"] for c in arm["cases"]] == ["ball_0", "ball_2"]
+        assert all(0 <= c["dice"] <= 1 for c in arm["cases"]), arm["cases"]
+        assert 0 <= arm["min_dice"] <= arm["mean_dice"] <= 1 and arm["seconds_per_case"] > 0
+    monai_arm = arms["monai"]
+    assert monai_arm["steps"] >= 1
+    assert 0.05 <= monai_arm["training_minutes"] <= 0.05 + 10 / 60, monai_arm["training_minutes"]
+    assert arms["medfcn"]["epochs"] == 2 and arms["medfcn"]["planning_seconds"] is None
