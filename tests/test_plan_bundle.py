@@ -313,6 +313,18 @@ def test_medfcn_plan_writes_the_bundle_and_says_what_it_decided(tmp_path, sphere
     assert len(again.output.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [(["--budget-minutes", "0"], "--budget-minutes 0: must be"), (["--dims", "4"], "--dims 4: must be 2 or 3")],
+)
+def test_medfcn_plan_refuses_bad_values_in_one_line(tmp_path, spheres_dataset, monkeypatch, option, message):
+    monkeypatch.setitem(vars(medfcn.planning), "fingerprint_dataset", _never)
+    result = CliRunner().invoke(app, ["plan", str(spheres_dataset), "--out", str(tmp_path / "b"), *option])
+    assert result.exit_code == 2 and result.output.startswith(f"medfcn: error: {message}"), result.output
+    assert result.output.count("\n") == 1
+    assert not (tmp_path / "b").exists()
+
+
 def test_medfcn_plan_help_names_its_options():
     env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "100", "NO_COLOR": "1", "TERM": "dumb"}
     result = subprocess.run(

@@ -29,8 +29,10 @@ def check_options(
             other than 2 or 3, a device that is not cpu/cuda/cuda:N, an ``out`` over or inside
             the dataset, or an existing ``out`` without ``overwrite``.
     """
-    if not (isinstance(budget_minutes, (int, float)) and math.isfinite(budget_minutes) and budget_minutes > 0):
-        raise UserError(f"--budget-minutes {budget_minutes}: must be a positive number of minutes, e.g. 60.")
+    number = isinstance(budget_minutes, (int, float)) and not isinstance(budget_minutes, bool)
+    if not (number and math.isfinite(budget_minutes) and budget_minutes > 0):
+        shown = f"{budget_minutes:g}" if number else repr(budget_minutes)
+        raise UserError(f"--budget-minutes {shown}: must be a positive number of minutes, e.g. 60.")
     if dims not in (None, 2, 3):
         raise UserError(f"--dims {dims}: must be 2 or 3 (or left out: the planner chooses).")
     if device is not None and not _is_device(device):
