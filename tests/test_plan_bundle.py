@@ -232,19 +232,31 @@ def _monai_run(bundle: Path, scan: Path, out: Path) -> subprocess.CompletedProce
     return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
 
 
-def test_a_2d_plan_writes_a_bundle_that_trains(tmp_path, small_dataset):
+@pytest.mark.slow
+def test_a_2d_plan_writes_a_bundle_that_trains_and_flips_the_volume_as_it_trained(tmp_path, small_dataset):
+    """A 2D plan's flip axes are the volume's: training flips the slice's (the volume's but
+    slice_axis), and --tta of the packaged bundle flips the volume along the same ones."""
+    from medfcn.package import trained_flip_axes
     from medfcn.training import train
 
-    bundle = write_bundle(tiny_plan(dims=2, epochs=1), tiny_fingerprint(small_dataset), tmp_path / "spheres_2d")
+    plan = tiny_plan(dims=2, epochs=1, slice_axis=0, flip_axes=[0, 2])  # a flip across slices is none
+    bundle = write_bundle(plan, tiny_fingerprint(small_dataset), tmp_path / "spheres_2d")
     common = json.loads((bundle / "configs" / "common.json").read_text())
     shipped = json.loads((REPO / "bundles" / "hippocampus_fcn_2d" / "configs" / "common.json").read_text())
-    assert set(common) == set(shipped) and common["slice_axis"] == 2
-    # the volume's axis 1 is the slice's axis 1 when slicing along axis 2; TTA flips the volume
-    assert common["trained_flip_axes"] == [1] and common["spatial_augmentation"][1]["spatial_axis"] == 1
+    assert list(common) == list(shipped) and common["slice_axis"] == 0
+    assert [t["spatial_axis"] for t in common["spatial_augmentation"][1:]] == [1]  # the slice's axis 1
+    assert common["trained_flip_axes"] == [2]
+    assert trained_flip_axes(read_config([bundle / "configs" / n for n in ("common.json", "train.json")])) == [2]
     run = train(
         bundle, dataset_dir=small_dataset, folds_file=_split(small_dataset, tmp_path), output_dir=tmp_path / "run"
     )
-    assert (run / "last.pt").is_file()
+    cli, scan = CliRunner(), small_dataset / "imagesTr" / "case_000.nii.gz"
+    result = cli.invoke(app, ["package", str(run), "--out", str(tmp_path / "trained")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "trained" / "configs" / "common.json").read_text())["trained_flip_axes"] == [2]
+    result = cli.invoke(app, ["infer", str(tmp_path / "trained"), str(scan), "--out", str(tmp_path / "m"), "--tta"])
+    assert result.exit_code == 0, result.output
+    assert nib.load(tmp_path / "m" / "case_000.nii.gz").shape == nib.load(scan).shape
 
 
 @pytest.mark.parametrize(
