@@ -69,6 +69,7 @@ def tiny_plan(dims: int = 3, **changes) -> Plan:
             "pixdim": "the median spacing (isotropic data)",
             "patch_size": "covers the median shape",
             "epochs": "what fits the budget at the probe's speed",
+            "normalisation": "MRI: z-score per volume",
         },
     )
     for key, value in changes.items():
@@ -175,6 +176,17 @@ def test_network_def_states_blocks_and_pooling_only_where_not_the_default(tmp_pa
     out = write_bundle(plan, tiny_fingerprint(spheres_dataset), tmp_path / "b")
     network = json.loads((out / "configs" / "common.json").read_text())["network_def"]
     assert network["encoder_blocks"] == [1, 2, 2] and network["strides"] == [[2, 2, 1], [2, 2, 2]]
+
+
+def test_a_ct_plan_states_its_window_and_foreground_statistics(tmp_path, spheres_dataset):
+    plan = tiny_plan(modality="CT", hu_window=[-57.0, 164.0], intensity_stats=[99.5, 39.4], pixdim=[0.8, 0.8, 5.0])
+    out = write_bundle(plan, tiny_fingerprint(spheres_dataset), tmp_path / "ct")
+    common = json.loads((out / "configs" / "common.json").read_text())
+    assert (common["modality"], common["hu_window"], common["intensity_stats"]) == ("CT", [-57.0, 164.0], [99.5, 39.4])
+    assert common["pixdim"] == [0.8, 0.8, 5.0]
+    image = json.loads((out / "configs" / "metadata.json").read_text())["network_data_format"]["inputs"]["image"]
+    assert (image["modality"], image["format"]) == ("CT", "hounsfield")
+    assert "clipped to [-57.0, 164.0] HU, then z-score with [99.5, 39.4]" in (out / "docs" / "README.md").read_text()
 
 
 def test_a_plan_the_shared_train_json_cannot_state_is_refused(tmp_path, spheres_dataset):

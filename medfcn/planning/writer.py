@@ -300,7 +300,7 @@ def bundle_metadata(plan: Plan, fingerprint: dict) -> dict:
         "required_packages_version": {
             p: _version(p) for p in ("nibabel", "pytorch-ignite", "tensorboard", "SimpleITK", "medfcn")
         },
-        "task": f"Segmentation of {', '.join(plan.class_names)} in {plan.modality} ({dataset})",
+        "task": f"Segmentation of {', '.join(plan.class_names)} in {plan.modality} ({fingerprint['dataset']['name']})",
         "description": (
             f"A {plan.dims}D fully convolutional network with skip fusion by sum (medfcn.FCN) segmenting "
             f"{', '.join(plan.class_names)}, configured by medfcn plan from the data and a "
@@ -406,13 +406,24 @@ def _data_section(plan: Plan, fingerprint: dict) -> list[str]:
 
 
 def _decisions_section(plan: Plan) -> list[str]:
-    values = plan.to_json()
-    rows = [f"| `{key}` | `{json.dumps(values.get(key))}` | {reason} |" for key, reason in plan.reasons.items()]
+    values = plan.to_json()  # a reason may name a decision that is no single field (e.g. "normalisation")
+    rows = [
+        f"| `{key}` | {f'`{json.dumps(values[key])}`' if key in values else ''} | {reason} |"
+        for key, reason in plan.reasons.items()
+    ]
+    if plan.modality == "CT":
+        normalisation = f"clipped to {plan.hu_window} HU, then z-score with {plan.intensity_stats} (mean, std)"
+    else:
+        normalisation = "z-score per volume"
+    average = f"decay {plan.ema_decay}" if plan.ema_decay is not None else "off"
     return [
         "## Decisions (`configs/plan.json`, written into `configs/common.json`)",
         "",
-        f"{plan.dims}D `medfcn.FCN`, features {plan.features}, pooling per scale {plan.strides}, "
-        f"patch {plan.patch_size} voxels at {plan.pixdim} mm, batch {plan.batch_size}, {plan.epochs} epochs.",
+        f"{plan.dims}D `medfcn.FCN`, features {plan.features}, encoder blocks {plan.encoder_blocks}, "
+        f"pooling per scale {plan.strides}, deep supervision {plan.deep_supervision}; patch {plan.patch_size} "
+        f"voxels at {plan.pixdim} mm{_sliced(plan)}; {plan.modality}, {normalisation}; flips along axes "
+        f"{plan.flip_axes}, random affine; weight average {average}; batch {plan.batch_size}, {plan.epochs} epochs, "
+        f"validation every {plan.val_interval}.",
         "",
         "| decision | value | why |",
         "| --- | --- | --- |",
@@ -421,11 +432,17 @@ def _decisions_section(plan: Plan) -> list[str]:
     ]
 
 
+def _sliced(plan: Plan) -> str:
+    return f", slices along axis {plan.slice_axis}" if plan.dims == 2 else ""
+
+
 def _budget_section(plan: Plan) -> list[str]:
+    share = 100 * plan.planned_minutes / plan.budget_minutes
     return [
         "## Budget",
         "",
-        f"Budget {plan.budget_minutes:g} minutes; planned training time {plan.planned_minutes:.1f} minutes on "
+        f"Budget {plan.budget_minutes:g} minutes; planned training time {plan.planned_minutes:.1f} minutes "
+        f"({share:.0f} % of the budget) on "
         f"`{plan.device}`: {plan.epochs} epochs at {plan.seconds_per_step:.2f} s per step (measured), "
         f"{plan.seconds_per_validation:.1f} s per validation every {plan.val_interval} epochs, "
         f"{plan.seconds_setup:.0f} s of loading.",
