@@ -56,7 +56,9 @@ _IMPORTS = [
 # The hippocampus recipe's augmentation and inference settings (bundles/hippocampus_fcn*)
 _ROTATE_RAD, _SCALE = 0.26, 0.15
 _SW_BATCH = {2: 64, 3: 4}
-_SLICES_PER_VOLUME = 4  # 2D: slices cropped per volume and step (bundles/hippocampus_fcn_2d)
+# 2D: slices cropped per volume and step (bundles/hippocampus_fcn_2d), where a Plan has no
+# slices_per_volume field
+_SLICES_PER_VOLUME = 4
 _LICENSE = """Code and configs: Apache License 2.0 (see the LICENSE file at the root of the medfcn repository).
 
 Data: {dataset}. The training data's terms are unknown to medfcn: state them here before sharing
@@ -166,7 +168,7 @@ def common_config(plan: Plan, fingerprint: dict, bundle_name: str) -> dict:
     common["trained_flip_axes"] = sorted(plan.flip_axes) if plan.dims == 3 else _flips_2d(plan)[0]
     common.update(epochs=plan.epochs, batch_size=plan.batch_size, val_interval=plan.val_interval)
     if plan.dims == 2:
-        common["slices_per_volume"] = _SLICES_PER_VOLUME
+        common["slices_per_volume"] = getattr(plan, "slices_per_volume", _SLICES_PER_VOLUME)
     common["patch_sampler"] = _patch_sampler(plan)
     common["spatial_augmentation"] = _spatial_augmentation(plan)
     common.update(sw_batch_size=_SW_BATCH[plan.dims], overlap=0.5, window_inferer=_window_inferer(plan))
@@ -179,6 +181,8 @@ def _check_plan(plan: Plan) -> None:
         raise ValueError(f"plan: dims {plan.dims} with patch {plan.patch_size} and pixdim {plan.pixdim}")
     if plan.dims == 2 and plan.slice_axis not in (0, 1, 2):
         raise ValueError(f"plan: a 2D plan needs slice_axis 0, 1 or 2, not {plan.slice_axis}")
+    if any(a not in range(plan.dims) for a in plan.flip_axes):
+        raise ValueError(f"plan: flip_axes {plan.flip_axes} are not axes of a {plan.dims}D network")
     train = json.loads(template_text("train.json"))
     for key in _TRAIN_ENTRIES:
         if getattr(plan, key) != train[key]:
@@ -208,12 +212,11 @@ def network_def(plan: Plan) -> dict:
 
 
 def _flips_2d(plan: Plan) -> tuple[list[int], list[int]]:
-    """A 2D plan's flips: ``plan.flip_axes`` are volume (RAS) axes, which test-time
-    augmentation flips (``trained_flip_axes``); training flips the slice's axes, the volume's
-    without ``slice_axis`` (a flip across slices changes no slice). Returns (volume axes,
-    slice axes)."""
-    volume = sorted(a for a in plan.flip_axes if a != plan.slice_axis)
-    return volume, [a - (a > plan.slice_axis) for a in volume]
+    """A 2D plan's flips: ``plan.flip_axes`` are the network's (the slice's) axes, which
+    training flips; test-time augmentation flips the volume (``trained_flip_axes``), whose
+    axes hold ``slice_axis`` too. Returns (volume axes, slice axes)."""
+    in_plane = sorted(plan.flip_axes)
+    return [a + (a >= plan.slice_axis) for a in in_plane], in_plane
 
 
 def _patch_sampler(plan: Plan) -> list[dict]:
@@ -416,13 +419,14 @@ def _decisions_section(plan: Plan) -> list[str]:
     else:
         normalisation = "z-score per volume"
     average = f"decay {plan.ema_decay}" if plan.ema_decay is not None else "off"
+    flips = f"{plan.flip_axes}{' of the slice' if plan.dims == 2 else ''}"
     return [
         "## Decisions (`configs/plan.json`, written into `configs/common.json`)",
         "",
         f"{plan.dims}D `medfcn.FCN`, features {plan.features}, encoder blocks {plan.encoder_blocks}, "
         f"pooling per scale {plan.strides}, deep supervision {plan.deep_supervision}; patch {plan.patch_size} "
         f"voxels at {plan.pixdim} mm{_sliced(plan)}; {plan.modality}, {normalisation}; flips along axes "
-        f"{plan.flip_axes}, random affine; weight average {average}; batch {plan.batch_size}, {plan.epochs} epochs, "
+        f"{flips}, random affine; weight average {average}; batch {plan.batch_size}, {plan.epochs} epochs, "
         f"validation every {plan.val_interval}.",
         "",
         "| decision | value | why |",
