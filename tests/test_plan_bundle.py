@@ -309,8 +309,10 @@ def test_an_out_inside_or_over_the_dataset_or_existing_is_refused(tmp_path, sphe
 def _fake_planning(monkeypatch, calls: list):
     """fingerprint_dataset and make_plan replaced by the hand-made ones (recording their calls)."""
 
-    def fingerprint(dataset_dir):
+    def fingerprint(dataset_dir, progress=None):
         calls.append(("fingerprint", Path(dataset_dir)))
+        for done in range(1, 13):
+            progress(done, 12)
         return tiny_fingerprint(Path(dataset_dir))
 
     def make_plan(fingerprint, budget_minutes=60.0, device=None, dims=None):
@@ -330,6 +332,7 @@ def test_medfcn_plan_writes_the_bundle_and_says_what_it_decided(tmp_path, sphere
     assert result.exit_code == 0, result.output
     assert calls == [("fingerprint", spheres_dataset), ("plan", 20.0, "cpu", 3)]
     assert _files(out) == BUNDLE_FILES
+    assert result.output.count("cases read") == 12 and "12/12 cases read" in result.output
     assert "patch [16, 16, 16] voxels" in result.output and "budget of 20 on cpu" in result.output
     assert f"next: medfcn train {out} --data {spheres_dataset}" in result.output
     again = CliRunner().invoke(app, args)

@@ -48,6 +48,16 @@ def _is_device(device: str) -> bool:
     return kind == "cpu" and not index or kind == "cuda" and (not index or index.isdigit())
 
 
+def _every_tenth(say: Callable[[str], None]) -> Callable[[int, int], None]:
+    """A fingerprint's progress (cases read, of all) as about ten lines, not one per case."""
+
+    def report(done: int, total: int) -> None:
+        if done == total or done % max(1, total // 10) == 0:
+            say(f"  {done}/{total} cases read")
+
+    return report
+
+
 def plan_bundle(
     dataset_dir: str | os.PathLike,
     out: str | os.PathLike,
@@ -72,7 +82,7 @@ def plan_bundle(
     check_options(dataset_dir, out, budget_minutes, device, dims, overwrite)
     say = progress or (lambda line: None)
     say(f"fingerprint of {dataset_dir}")
-    fingerprint = planning.fingerprint_dataset(dataset_dir)
+    fingerprint = planning.fingerprint_dataset(dataset_dir, progress=_every_tenth(say) if progress else None)
     say(f"planning for {budget_minutes:g} minutes (timed probe of training steps)")
     plan = planning.make_plan(fingerprint, budget_minutes=budget_minutes, device=device, dims=dims)
     return planning.write_bundle(plan, fingerprint, out, overwrite=overwrite)
