@@ -70,6 +70,7 @@ def tiny_plan(dims: int = 3, **changes) -> Plan:
             "patch_size": "covers the median shape",
             "epochs": "what fits the budget at the probe's speed",
             "normalisation": "MRI: z-score per volume",
+            "search": "tried |a| and\nb",
         },
     )
     for key, value in changes.items():
@@ -165,7 +166,8 @@ def test_metadata_readme_and_licence_say_what_was_planned(tmp_path, spheres_data
     assert "licence: unknown" in meta["data_source"] and "medfcn_training_data" not in meta
     readme = (out / "docs" / "README.md").read_text()
     for decision, reason in plan.reasons.items():
-        assert f"`{decision}`" in readme and reason in readme
+        assert f"`{decision}`" in readme and reason.replace("|", "\\|").replace("\n", " ") in readme
+    assert "| `search` |  | tried \\|a\\| and b |" in readme  # one row of the table
     assert "planned training time 0.3 minutes" in readme and "python -m monai.bundle run" in readme
     assert f"medfcn train BUNDLE --data {spheres_dataset.resolve()}" in readme
     assert "state them here before sharing" in (out / "LICENSE").read_text()

@@ -411,7 +411,7 @@ def _data_section(plan: Plan, fingerprint: dict) -> list[str]:
 def _decisions_section(plan: Plan) -> list[str]:
     values = plan.to_json()  # a reason may name a decision that is no single field (e.g. "normalisation")
     rows = [
-        f"| `{key}` | {f'`{json.dumps(values[key])}`' if key in values else ''} | {reason} |"
+        f"| `{key}` | {f'`{json.dumps(values[key])}`' if key in values else ''} | {_cell(reason)} |"
         for key, reason in plan.reasons.items()
     ]
     if plan.modality == "CT":
@@ -434,6 +434,11 @@ def _decisions_section(plan: Plan) -> list[str]:
         *rows,
         "",
     ]
+
+
+def _cell(text: str) -> str:
+    """``text`` as one cell of a Markdown table: its ``|`` escaped, on one line."""
+    return " ".join(str(text).replace("|", "\\|").split())
 
 
 def _sliced(plan: Plan) -> str:
