@@ -26,7 +26,7 @@ from medfcn.notices import quiet_library_notices
 from medfcn.outputs import exit_on_sigterm, path_text
 
 # The commands in the order of a project's work, as `medfcn --help` lists them.
-WORKFLOW = ("folds", "train", "package", "infer", "evaluate", "export")
+WORKFLOW = ("plan", "folds", "train", "package", "infer", "evaluate", "export")
 
 
 def _untyped_flags(params: list) -> list:
@@ -274,6 +274,58 @@ def train(
         classes = "".join(f", {name} {dice:.4f}" for name, dice in best.per_class.items())
         typer.echo(f"best validation Dice: mean {best.mean:.4f}{classes} (epoch {best.epoch})")
     typer.echo(f"next: medfcn package {out} --out <bundle>")
+
+
+# `medfcn plan`'s options, declared apart so that its signature reads as the list of them
+_PlanBudget = Annotated[float, typer.Option("--budget-minutes", help="Training time to plan for on --device, minutes.")]
+_PlanDevice = Annotated[
+    str | None,
+    typer.Option(help="cpu, cuda, cuda:1...: where the probe times training steps.", show_default="CUDA if present"),
+]
+_PlanDims = Annotated[
+    int | None, typer.Option("--dims", help="2 or 3: force a 2D or 3D network.", show_default="chosen from the data")
+]
+
+
+@app.command(cls=_Command)
+@_user_errors
+def plan(
+    dataset: Annotated[Path, typer.Argument(help="Dataset folder with an MSD dataset.json, imagesTr, labelsTr.")],
+    out: Annotated[Path, typer.Option("--out", help="Bundle folder to create, e.g. bundles/left_atrium_fcn.")],
+    budget_minutes: _PlanBudget = 60.0,
+    device: _PlanDevice = None,
+    dims: _PlanDims = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing bundle folder.")] = False,
+) -> None:
+    """Configure a bundle from a dataset and the training time you have on this machine.
+
+    Reads every case once (the fingerprint), decides the voxel size, normalisation, 2D or 3D, patch,
+    network and pooling per axis, and, from a short timed probe of training steps on --device, the batch
+    size and epochs that fit --budget-minutes. Writes a bundle that `medfcn train` takes; its
+    docs/README.md says why each choice was made.
+    """
+    import json
+
+    from medfcn.planning.run import plan_bundle
+
+    bundle = plan_bundle(
+        dataset, out, budget_minutes=budget_minutes, device=device, dims=dims, overwrite=overwrite, progress=typer.echo
+    )
+    decided = json.loads((bundle / "configs" / "plan.json").read_text())
+    for line in plan_summary(decided):
+        typer.echo(line)
+    typer.echo(f"wrote bundle {bundle}; next: medfcn train {bundle} --data {dataset}")
+
+
+def plan_summary(decided: dict) -> list[str]:
+    """The key decisions of a plan (``configs/plan.json``), in a few lines."""
+    return [
+        f"spacing {decided['pixdim']} mm, {decided['dims']}D, patch {decided['patch_size']} voxels",
+        f"network: features {decided['features']}, pooling per scale {decided['strides']}, "
+        f"deep supervision {decided['deep_supervision']}",
+        f"batch {decided['batch_size']}, {decided['epochs']} epochs: planned {decided['planned_minutes']:.1f} "
+        f"minutes of training for a budget of {decided['budget_minutes']:g} on {decided['device']}",
+    ]
 
 
 @app.command(cls=_Command)

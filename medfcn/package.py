@@ -57,7 +57,8 @@ def trained_flip_axes(train: ConfigParser) -> list[int]:
     """Spatial axes the training augmentation (``train#augmentation``, as built: ``%file#id``
     macros, expressions and disabled entries resolved) flips one at a time: ``RandFlipd`` with
     a single axis. Joint flips (``spatial_axis=[0, 1]``, or None for all axes) are left out: the
-    model never saw one of those axes flipped alone, which is what ``--tta`` would show it."""
+    model never saw one of those axes flipped alone, which is what ``--tta`` would show it.
+    For a 2D config (``slice_axis``), the volume's axes that the slice's flipped axes are."""
     train.resolve_macro_and_relative_ids()
     axes = set()
     for transform in _flat(train.get_parsed_content("train#augmentation", lazy=False)):
@@ -67,6 +68,10 @@ def trained_flip_axes(train: ConfigParser) -> list[int]:
         axis = axis[0] if isinstance(axis, (list, tuple)) and len(axis) == 1 else axis
         if isinstance(axis, int) and not isinstance(axis, bool):
             axes.add(axis)
+    slice_axis = train.get_parsed_content("slice_axis", default=None)
+    if slice_axis is not None and int(train.get_parsed_content("network_def#spatial_dims")) == 2:
+        # a 2D model was flipped along its slice's axes; --tta flips the volume, which has slice_axis too
+        axes = {a + (a >= slice_axis) for a in axes}
     return sorted(axes)
 
 

@@ -143,7 +143,8 @@ def load_segmenter(
     files = bundle_files(bundle, "inference.json")
     parser = BundleParser(files["config_files"])  # a broken entry fails in one line naming the file
     parser.update({"bundle_root": str(files["bundle_root"]), **(overrides or {})})
-    weights = configured_weights(parser, files["bundle_root"], "train the bundle and copy best_model.pt there")
+    trained = "train the bundle (medfcn train) and package the run (medfcn package RUN --out BUNDLE)"
+    weights = configured_weights(parser, files["bundle_root"], trained)
     if device:
         parser["device"] = device_expression(device)
     if tta:
