@@ -491,42 +491,49 @@ def make_plan(
     labels = sorted(((int(k), str(v)) for k, v in fingerprint["dataset"]["labels"].items()))
     in_channels = int(fingerprint.get("summary", {}).get("channels") or len(fingerprint["dataset"]["modality"]))
     budget, setup_why = _budget(fingerprint, layout, budget_minutes, probe, (modality, hu_window, stats))
-    batch = BATCH_SIZE[layout.dims]
-    samples = batch * (SLICES_PER_VOLUME_2D if layout.dims == 2 else 1)
+    samples = BATCH_SIZE[layout.dims] * (SLICES_PER_VOLUME_2D if layout.dims == 2 else 1)
     search = Search(fingerprint, layout, budget, probe, in_channels, len(labels), samples)
     chosen, tried = search.run()
+    data = {
+        "modality": modality,
+        "hu_window": hu_window,
+        "intensity_stats": stats,
+        "in_channels": in_channels,
+        "num_classes": len(labels),
+        "class_names": [name for k, name in labels if k != 0],
+        "flip_axes": flips,
+        "budget_minutes": float(budget_minutes),
+        "device": str(getattr(probe, "device", None) or resolve_device(device)),
+    }
+    plan = _plan(layout, chosen, budget, data)
+    plan.reasons.update({"dims": dims_why, "modality": modality_why, "flip_axes": flip_why, "seconds_setup": setup_why})
+    plan.reasons.update(_network_reasons(plan, chosen, spacing_why, layout))
+    plan.reasons.update(_budget_reasons(plan, chosen, tried, budget, probe))
+    return plan
+
+
+def _plan(layout: Layout, chosen: Outcome, budget: Budget, data: dict) -> Plan:
+    """The :class:`Plan` of the chosen candidate; ``data`` holds the data's decisions."""
     c = chosen.candidate
-    plan = Plan(
+    return Plan(
         dims=layout.dims,
         slice_axis=layout.slice_axis,
         slices_per_volume=SLICES_PER_VOLUME_2D if layout.dims == 2 else 1,
         pixdim=[round(v, 4) for v in c.pixdim],
-        modality=modality,
-        hu_window=hu_window,
-        intensity_stats=stats,
-        in_channels=in_channels,
-        num_classes=len(labels),
-        class_names=[name for k, name in labels if k != 0],
         patch_size=list(c.patch),
         features=list(c.features),
         strides=[list(s) for s in c.strides],
         encoder_blocks=[1] * len(c.features),
         deep_supervision=deep_supervision_for(c.features),
-        batch_size=batch,
+        batch_size=BATCH_SIZE[layout.dims],
         epochs=chosen.epochs,
         val_interval=chosen.val_interval,
-        flip_axes=flips,
-        budget_minutes=float(budget_minutes),
-        device=str(getattr(probe, "device", None) or resolve_device(device)),
         seconds_per_step=round(chosen.step_seconds, 4),
         seconds_per_validation=round(chosen.validation_seconds or 0.0, 3),
         seconds_setup=round(budget.setup, 2),
         planned_minutes=round(chosen.planned_seconds / 60, 2),
+        **data,
     )
-    plan.reasons.update({"dims": dims_why, "modality": modality_why, "flip_axes": flip_why, "seconds_setup": setup_why})
-    plan.reasons.update(_network_reasons(plan, chosen, spacing_why, layout))
-    plan.reasons.update(_budget_reasons(plan, chosen, tried, budget, probe))
-    return plan
 
 
 def _budget(fingerprint: dict, layout: Layout, budget_minutes: float, probe, norm) -> tuple[Budget, str]:
