@@ -142,10 +142,19 @@ def test_left_atrium_like_plan():
 def test_search_stops_at_the_first_spacing_that_fits():
     probe = FakeProbe()
     plan = make_plan(HIPPOCAMPUS, 60.0, probe=probe)
-    # 1x spacing passes with w0 8 and 16: two candidates timed, nothing coarser
-    assert [s.features[0] for s in probe.steps] == [8, 16]
-    assert {s.patch for s in probe.steps} == {(40, 56, 40)}
+    # the coarsest, narrowest candidate first (the reference), then 1x spacing passes with w0 8
+    # and 16: nothing else timed
+    assert [(s.patch, s.features[0]) for s in probe.steps] == [((16, 24, 16), 8), ((40, 56, 40), 8), ((40, 56, 40), 16)]
     assert plan.seconds_per_step == pytest.approx(0.2867, abs=1e-3)
+
+
+def test_far_too_slow_candidates_are_not_timed():
+    probe = FakeProbe()
+    plan = make_plan(LEFT_ATRIUM, 20.0, probe=probe)
+    timed = {s.patch for s in probe.steps}
+    assert (160, 144, 88) not in timed  # 1x: ~28x the reference's voxels
+    assert "extrapolated" in plan.reasons["search"]
+    assert tuple(plan.patch_size) in timed  # the chosen one was timed
 
 
 def test_nothing_fits_takes_the_most_epochs():
