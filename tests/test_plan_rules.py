@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 
+from medfcn.errors import UserError
 from medfcn.planning import rules
 from medfcn.planning.probe import NetworkSpec, TimedProbe
 from medfcn.planning.rules import make_plan
@@ -171,6 +172,11 @@ def test_forced_2d():
     assert all(len(s) == 2 for s in plan.strides)
     assert plan.flip_axes == []  # sagittal slices: R-L is the slice axis
     assert plan.slices_per_volume == 4
+
+
+def test_dims_other_than_2_or_3_are_refused():
+    with pytest.raises(UserError, match="--dims"):
+        make_plan(HIPPOCAMPUS, 20.0, dims=4, probe=FakeProbe())
 
 
 def test_few_thick_slices_plan_2d():

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from medfcn.errors import UserError
 from medfcn.planning.probe import NetworkSpec, TimedProbe, resolve_device
 
 __all__ = ["Plan", "make_plan", "MIN_EPOCHS", "SPACING_FACTORS", "WIDTHS"]
@@ -243,7 +244,7 @@ def choose_layout(fingerprint: dict, dims: int | None) -> tuple[Layout, str]:
     slices = float(shape[slice_axis] / target[slice_axis])
     if dims is not None:
         if dims not in (2, 3):
-            raise ValueError(f"dims must be 2 or 3, got {dims}.")
+            raise UserError(f"--dims must be 2 or 3, got {dims}: leave it out to let the data decide.")
         why = f"{dims}D, as asked (--dims {dims})" + (f"; slices along axis {slice_axis}." if dims == 2 else ".")
     elif coarse is not None and slices < FEW_SLICES_FOR_2D:
         dims = 2
