@@ -156,6 +156,9 @@ def test_far_too_slow_candidates_are_not_timed():
     assert (160, 144, 88) not in timed  # 1x: ~28x the reference's voxels
     assert "extrapolated" in plan.reasons["search"]
     assert tuple(plan.patch_size) in timed  # the chosen one was timed
+    slow = make_plan(LEFT_ATRIUM, 0.5, probe=FakeProbe())  # nothing fits: the timed coarsest one
+    assert slow.pixdim[0] == pytest.approx(0.625 * max(rules.SPACING_FACTORS))
+    assert "3x/w8 patch [64, 48, 32]: 0.16 s/step, " in slow.reasons["search"]  # timed, not "extrapolated"
 
 
 def test_nothing_fits_takes_the_most_epochs():

@@ -459,6 +459,8 @@ class Search:
     def predicted(self, candidate: Candidate, reference: Outcome) -> Outcome | None:
         """The candidate's outcome extrapolated from ``reference`` (same width, measured) by
         voxels, when that says it is more than ``SKIP_MARGIN`` x too slow; None: time it."""
+        if candidate == reference.candidate:
+            return reference
         voxels = math.prod(candidate.patch) / math.prod(reference.candidate.patch)
         step = reference.step_seconds * voxels
         if candidate.w0 != reference.candidate.w0 or step <= SKIP_MARGIN * self.step_limit():
