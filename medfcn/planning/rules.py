@@ -9,8 +9,9 @@ gets its patch (the median case, rounded up to a multiple of 8, capped), its poo
 (nnU-Net's rules: stop pooling an axis that is short or already coarse) and its features; the
 probe (:mod:`medfcn.planning.probe`) measures its training step on this machine; the plan takes
 the finest spacing, then the widest network, that still trains ``MIN_EPOCHS`` epochs within the
-budget. The search goes from fine to coarse and from narrow to wide, and stops at the first
-spacing that passes, so only the candidates that matter are timed.
+budget. The search times spacings from coarse to fine (narrowest network) and stops at the
+first that fails, then widens the network at the finest that passed, so only cheap candidates
+and at most one too slow per ladder are timed.
 
 The decisions are pure functions of the fingerprint and the probe's answers: tests pass a fake
 probe.
@@ -52,10 +53,6 @@ MIN_EPOCHS = 50
 BATCH_SIZE = {3: 2, 2: 8}  # 3D: the recipe's (row 20); 2D: the 2D bundle's, 4 slices per case
 SLICES_PER_VOLUME_2D = 4
 FOLDS = 5  # the automatic split: a fold's training cases are n - ceil(n / 5)
-# a candidate whose step, extrapolated by voxels from the timed coarsest one, exceeds this x
-# what MIN_EPOCHS allow is ruled out untimed (small patches cost more per voxel, so the
-# extrapolation runs high: hence the margin)
-SKIP_MARGIN = 2.0
 VALIDATION_SHARE = 0.10  # validations may take this share of the budget
 MAX_VAL_INTERVAL = 10
 OVERLAP = 0.5  # the bundles' sliding-window overlap
@@ -182,7 +179,6 @@ class Outcome:
     epochs: int
     val_interval: int
     planned_seconds: float
-    measured: bool = True  # False: step time extrapolated from the reference (not timed)
 
 
 def _case_array(fingerprint: dict, key: str) -> np.ndarray:
@@ -456,41 +452,32 @@ class Search:
         epochs, interval, planned = fit_epochs(self.budget, self.budget.steps_per_epoch * outcome.step_seconds, val_s)
         return Outcome(candidate, outcome.step_seconds, val_s, epochs, interval, planned)
 
-    def predicted(self, candidate: Candidate, reference: Outcome) -> Outcome | None:
-        """The candidate's outcome extrapolated from ``reference`` (same width, measured) by
-        voxels, when that says it is more than ``SKIP_MARGIN`` x too slow; None: time it."""
-        if candidate == reference.candidate:
-            return reference
-        voxels = math.prod(candidate.patch) / math.prod(reference.candidate.patch)
-        step = reference.step_seconds * voxels
-        if candidate.w0 != reference.candidate.w0 or step <= SKIP_MARGIN * self.step_limit():
-            return None
-        epochs, interval, planned = fit_epochs(self.budget, self.budget.steps_per_epoch * step, 0.0)
-        return Outcome(candidate, step, None, epochs, interval, planned, measured=False)
-
     def run(self) -> tuple[Outcome, list[Outcome]]:
-        """The chosen outcome and every one evaluated: the coarsest, narrowest candidate is
-        timed first (the cheapest: the reference that rules out far too slow ones untimed), then
-        from the finest spacing to the coarsest, widths from narrow to wide (up to
-        ``MAX_PREFERRED_WIDTH``); the first spacing where a width reaches ``MIN_EPOCHS`` wins,
-        with its widest such width. None does: the candidate with the most epochs."""
+        """The chosen outcome and every one timed. The finest spacing whose narrowest network
+        reaches ``MIN_EPOCHS``, then the widest network (up to ``MAX_PREFERRED_WIDTH``) that
+        still does there; none does: the coarsest, narrowest candidate (the most epochs).
+
+        Spacings are timed from coarse to fine and the search stops at the first that fails:
+        a finer spacing has more voxels per patch, so it would fail too. The cheap candidates
+        are timed and at most one too slow (whose timing stops after its warm-up step)."""
         widths = [w for w in WIDTHS if w <= MAX_PREFERRED_WIDTH]
-        ladder = factor_ladder(self.layout)
-        reference = self.evaluate(make_candidate(self.fingerprint, self.layout, ladder[-1], widths[0]))
         tried: list[Outcome] = []
-        for factor in ladder:
-            chosen = None
-            for w0 in widths:
-                candidate = make_candidate(self.fingerprint, self.layout, factor, w0)
-                outcome = self.predicted(candidate, reference) or self.evaluate(candidate)
-                tried.append(outcome)
-                if outcome.epochs < MIN_EPOCHS:
-                    break  # a wider network is slower still
-                chosen = outcome
-            if chosen is not None:
-                return chosen, tried
-        most = max(tried, key=lambda o: (o.measured, o.epochs, -o.candidate.factor))
-        return self.complete(most), tried
+        best = None
+        for factor in reversed(factor_ladder(self.layout)):
+            outcome = self.evaluate(make_candidate(self.fingerprint, self.layout, factor, widths[0]))
+            tried.append(outcome)
+            if outcome.epochs < MIN_EPOCHS:
+                break
+            best = outcome
+        if best is None:
+            return self.complete(tried[0]), tried
+        for w0 in widths[1:]:
+            outcome = self.evaluate(make_candidate(self.fingerprint, self.layout, best.candidate.factor, w0))
+            tried.append(outcome)
+            if outcome.epochs < MIN_EPOCHS:
+                break  # a wider network is slower still
+            best = outcome
+        return best, tried
 
 
 def make_plan(
@@ -610,7 +597,7 @@ def _budget_reasons(plan: Plan, chosen: Outcome, tried: list[Outcome], budget: B
     measured = getattr(probe, "description", type(probe).__name__)
     trials = "; ".join(
         f"{o.candidate.factor:g}x/w{o.candidate.w0} patch {list(o.candidate.patch)}: {o.step_seconds:.2f} s/step"
-        f"{'' if o.measured else ' (extrapolated, not timed)'}, {o.epochs} epochs"
+        f", {o.epochs} epochs"
         for o in tried
     )
     epoch_s = budget.steps_per_epoch * chosen.step_seconds
