@@ -128,20 +128,23 @@ class TimedProbe:
         return net.to(self.device)
 
     def train_step_seconds(self, spec: NetworkSpec, limit: float | None = None) -> float:
-        """Seconds of one training step of ``spec`` (mean of the timed steps after a warm-up),
+        """Seconds of one training step of ``spec`` (median of the timed steps after a warm-up),
         plus the augmentation of ``spec.samples`` patches. When the warm-up step alone took more
         than twice ``limit`` seconds, that step's time is returned (the candidate is out anyway).
         ``inf`` when the step does not fit in memory."""
         key = ("train", spec)
-        if key not in self._cache:
+        cached = self._cache.get(key)
+        if cached is None or (cached[1] and (limit is None or cached[0] <= 2 * limit)):  # none, or cut short
             try:
-                seconds = self._time_training(spec, limit) + spec.samples * self._augmentation_seconds(spec)
+                seconds, cut_short = self._time_training(spec, limit)
+                seconds += spec.samples * self._augmentation_seconds(spec)
             except (RuntimeError, MemoryError):  # out of memory: the candidate cannot train here
-                seconds = math.inf
-            self._cache[key] = seconds
-        return self._cache[key]
+                seconds, cut_short = math.inf, False
+            self._cache[key] = cached = (seconds, cut_short)
+        return cached[0]
 
-    def _time_training(self, spec: NetworkSpec, limit: float | None) -> float:
+    def _time_training(self, spec: NetworkSpec, limit: float | None) -> tuple[float, bool]:
+        """``(seconds per step, whether the timing stopped after the warm-up step)``."""
         from monai.losses import DiceCELoss
 
         from medfcn.losses import DeepSupervisionLoss
@@ -165,11 +168,11 @@ class TimedProbe:
 
         warm = step()
         if limit is not None and warm > 2 * limit:
-            return warm
+            return warm, True
         times: list[float] = []
         while len(times) < self.steps or (sum(times) < self.min_seconds and len(times) < MAX_TIMED_STEPS):
             times.append(step())
-        return float(np.median(times))  # the median: a busy machine's spikes move it least
+        return float(np.median(times)), False  # the median: a busy machine's spikes move it least
 
     def window_seconds(self, spec: NetworkSpec) -> float:
         """Seconds per window of a sliding-window validation: forward passes (eval mode, no
