@@ -207,7 +207,9 @@ def test_timed_probe_measures_a_tiny_network(tmp_path):
     assert probe.setup_seconds_per_case({"dir": str(tmp_path / "none")}, [1.0] * 3, "MRI", [0, 1], None) is None
 
 
-def test_make_plan_with_the_real_probe(tmp_path):
+def test_make_plan_with_the_real_probe(tmp_path, monkeypatch):
+    monkeypatch.setattr(rules, "SPACING_FACTORS", (1.0, 2.0))  # two candidates keep the test short
+    monkeypatch.setattr(rules, "MAX_PREFERRED_WIDTH", 8)
     root = write_msd_dataset(tmp_path / "Spheres", n_cases=4, shape=(14, 14, 12))
     tiny = fingerprint((14, 14, 12), (1.0, 1.0, 1.0), ["dim", "bright"], n=4)
     tiny["dataset"]["dir"] = str(root)
