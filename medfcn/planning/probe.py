@@ -1,0 +1,311 @@
+"""The planner's timed probe: what a training step, a validation window and the cache cost on
+this machine, measured (not read from a table).
+
+:func:`medfcn.planning.rules.make_plan` asks a probe three questions, so that its decisions can
+be tested with a fake one (any object with the same three methods):
+
+- ``train_step_seconds(spec, limit)``: one training step of ``spec.samples`` patches
+  (augmentation of each sample, forward, deep-supervision Dice+CE loss, backward, AdamW update);
+- ``window_seconds(spec)``: one forward pass of one sliding window (validation);
+- ``setup_seconds_per_case(dataset, pixdim, modality, hu_window, intensity_stats)``: loading and
+  preprocessing one case as the bundles' cache does, or None when no case can be read.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["NetworkSpec", "TimedProbe"]
+
+TIMED_STEPS = 3  # training steps timed after the warm-up one
+MIN_TIMED_SECONDS = 1.0  # small patches: repeat steps until this long, for a stable mean
+MAX_TIMED_STEPS = 20
+SW_BATCH = {3: 4, 2: 64}  # windows per forward pass: the bundles' sw_batch_size (3D, 2D)
+SETUP_CASES = 2  # real cases whose preprocessing is timed
+# the recipe's augmentation (bundles/hippocampus_fcn/configs): transform -> probability
+AUGMENTATION_PROBABILITY = {
+    "RandAffined": 0.3,
+    "RandFlipd": 0.5,
+    "RandScaleIntensityd": 0.3,
+    "RandShiftIntensityd": 0.3,
+    "RandAdjustContrastd": 0.15,
+    "RandGaussianNoised": 0.15,
+}
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    """One candidate network and its input, as the probe times it.
+
+    Attributes:
+        dims: 2 or 3.
+        in_channels, num_classes: the network's input channels and classes (background included).
+        patch: the patch (voxels per spatial axis, ``dims`` entries).
+        features: channels per scale, finest first.
+        strides: ``len(features) - 1`` per-axis pooling factors (1 or 2).
+        deep_supervision: supervised coarser decoder scales.
+        samples: patches per training step (batch size x samples per case).
+        volume: the median case shape at the target spacing (voxels, ``dims`` entries): what the
+            patch sampler crops from and the sliding window covers.
+    """
+
+    dims: int
+    in_channels: int
+    num_classes: int
+    patch: tuple[int, ...]
+    features: tuple[int, ...]
+    strides: tuple[tuple[int, ...], ...]
+    deep_supervision: int
+    samples: int
+    volume: tuple[int, ...]
+
+
+def resolve_device(device: str | None) -> str:
+    """``"cpu"``/``"cuda"``; None: CUDA when present."""
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(torch.device(device).type)
+
+
+class TimedProbe:
+    """Times the candidate networks on ``device`` (None: CUDA when present), as training runs:
+    bf16 autocast on a CPU that supports it (``medfcn.inferers.use_cpu_bf16``), autocast on CUDA.
+
+    Results are cached per spec, so a candidate is timed once.
+    """
+
+    def __init__(self, device: str | None = None, steps: int = TIMED_STEPS, min_seconds: float = MIN_TIMED_SECONDS):
+        self.device = resolve_device(device)
+        self.steps = int(steps)
+        self.min_seconds = float(min_seconds)
+        self._cache: dict = {}
+
+    @property
+    def description(self) -> str:
+        from medfcn.inferers import use_cpu_bf16
+
+        precision = "bf16 autocast" if use_cpu_bf16(self.device, True) else "float32"
+        if self.device == "cuda":
+            precision = "float16 autocast"
+        threads = torch.get_num_threads()
+        return f"{self.device} ({precision}, {threads} threads)"
+
+    def _autocast(self):
+        from medfcn.inferers import use_cpu_bf16
+
+        if self.device == "cuda":
+            return torch.autocast("cuda", dtype=torch.float16)
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_cpu_bf16(self.device, True))
+
+    def _sync(self) -> None:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+
+    def _network(self, spec: NetworkSpec, deep_supervision: int):
+        from medfcn import FCN
+
+        kwargs = {}
+        per_axis = any(s != 2 for scale in spec.strides for s in scale)
+        if per_axis and "strides" in inspect.signature(FCN).parameters:
+            kwargs["strides"] = [list(scale) for scale in spec.strides]  # FCN with per-axis pooling
+        # (an FCN without per-axis pooling, before that change: timed pooling every axis)
+        net = FCN(
+            spec.dims,
+            spec.in_channels,
+            spec.num_classes,
+            list(spec.features),
+            deep_supervision=deep_supervision,
+            **kwargs,
+        )
+        return net.to(self.device)
+
+    def train_step_seconds(self, spec: NetworkSpec, limit: float | None = None) -> float:
+        """Seconds of one training step of ``spec`` (median of the timed steps after a warm-up),
+        plus the augmentation of ``spec.samples`` patches. When the warm-up step alone took more
+        than twice ``limit`` seconds, that step's time is returned (the candidate is out anyway).
+        ``inf`` when the step does not fit in memory."""
+        key = ("train", spec)
+        cached = self._cache.get(key)
+        if cached is None or (cached[1] and (limit is None or cached[0] <= 2 * limit)):  # none, or cut short
+            try:
+                seconds, cut_short = self._time_training(spec, limit)
+                seconds += spec.samples * self._augmentation_seconds(spec)
+            except (RuntimeError, MemoryError):  # out of memory: the candidate cannot train here
+                seconds, cut_short = math.inf, False
+            self._cache[key] = cached = (seconds, cut_short)
+        return cached[0]
+
+    def _time_training(self, spec: NetworkSpec, limit: float | None) -> tuple[float, bool]:
+        """``(seconds per step, whether the timing stopped after the warm-up step)``."""
+        from monai.losses import DiceCELoss
+
+        from medfcn.losses import DeepSupervisionLoss
+
+        net = self._network(spec, spec.deep_supervision).train()
+        optimizer = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
+        loss_fn = DeepSupervisionLoss(DiceCELoss(to_onehot_y=True, softmax=True, batch=True))
+        x = torch.randn(spec.samples, spec.in_channels, *spec.patch, device=self.device)
+        y = torch.randint(0, spec.num_classes, (spec.samples, 1, *spec.patch), device=self.device)
+
+        def step() -> float:
+            start = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            with self._autocast():
+                out = net(x)
+            loss = loss_fn(out.float(), y)
+            loss.backward()
+            optimizer.step()
+            self._sync()
+            return time.perf_counter() - start
+
+        warm = step()
+        if limit is not None and warm > 2 * limit:
+            return warm, True
+        times: list[float] = []
+        while len(times) < self.steps or (sum(times) < self.min_seconds and len(times) < MAX_TIMED_STEPS):
+            times.append(step())
+        return float(np.median(times)), False  # the median: a busy machine's spikes move it least
+
+    def window_seconds(self, spec: NetworkSpec) -> float:
+        """Seconds per window of a sliding-window validation: forward passes (eval mode, no
+        gradient) of ``SW_BATCH[dims]`` windows of ``spec.patch`` at once, as the bundles'
+        inferers batch them, divided by that batch."""
+        key = ("window", spec)
+        if key not in self._cache:
+            net = self._network(spec, 0).eval()
+            batch = SW_BATCH[spec.dims]
+            x = torch.randn(batch, spec.in_channels, *spec.patch, device=self.device)
+            with torch.no_grad(), self._autocast():
+                net(x)
+                self._sync()
+                times: list[float] = []
+                while len(times) < self.steps or (sum(times) < self.min_seconds / 2 and len(times) < MAX_TIMED_STEPS):
+                    start = time.perf_counter()
+                    net(x)
+                    self._sync()
+                    times.append(time.perf_counter() - start)
+            self._cache[key] = float(np.median(times)) / batch
+        return self._cache[key]
+
+    def _augmentation_seconds(self, spec: NetworkSpec) -> float:
+        """Expected seconds to sample and augment one patch with the recipe's transforms: each
+        transform timed at probability 1 on a patch-sized array, weighted by its probability;
+        plus the positive/negative crop from a volume of the median shape."""
+        key = ("augment", spec.dims, spec.in_channels, spec.patch, spec.volume)
+        if key not in self._cache:
+            self._cache[key] = _time_augmentation(spec)
+        return self._cache[key]
+
+    def setup_seconds_per_case(self, dataset: dict, pixdim, modality: str, hu_window, intensity_stats) -> float | None:
+        """Mean seconds to load and preprocess one real case as the bundles' cache does
+        (load, channel first, RAS, resample to ``pixdim``, normalise), over up to
+        ``SETUP_CASES`` cases of ``dataset`` (the fingerprint's ``"dataset"`` entry); None when
+        no case can be read."""
+        images = _dataset_pairs(dataset)[:SETUP_CASES]
+        if not images:
+            return None
+        transform = _preprocessing(pixdim, modality, hu_window, intensity_stats)
+        times = []
+        for pair in images:
+            start = time.perf_counter()
+            try:
+                transform(dict(pair))
+            except Exception:  # an unreadable case: the fingerprint refuses those; no estimate here
+                return None
+            times.append(time.perf_counter() - start)
+        return float(np.mean(times))
+
+
+def _dataset_pairs(dataset: dict) -> list[dict]:
+    """``{"image", "label"}`` paths of the dataset's first training cases (from dataset.json)."""
+    root = Path(str(dataset.get("dir") or ""))
+    try:
+        training = json.loads((root / "dataset.json").read_text())["training"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    pairs = []
+    for entry in training[:SETUP_CASES]:
+        try:
+            pairs.append({k: str(root / entry[k]) for k in ("image", "label")})
+        except (KeyError, TypeError):
+            return []
+    return pairs
+
+
+def _preprocessing(pixdim, modality: str, hu_window, intensity_stats):
+    from monai.transforms import Compose, EnsureChannelFirstd, EnsureTyped, LoadImaged, Orientationd, Spacingd
+
+    from medfcn.data import intensity_normalization
+
+    keys = ["image", "label"]
+    return Compose(
+        [
+            LoadImaged(keys, image_only=True),
+            EnsureChannelFirstd(keys),
+            Orientationd(keys, axcodes="RAS", labels=None),
+            Spacingd(keys, pixdim=list(pixdim), mode=["bilinear", "nearest"]),
+            intensity_normalization("image", modality, hu_window, intensity_stats),
+            EnsureTyped(keys, dtype=[torch.float32, torch.uint8]),
+        ]
+    )
+
+
+def _augmentations(dims: int) -> dict:
+    """The recipe's augmentation transforms at probability 1, by name."""
+    from monai.transforms import (
+        RandAdjustContrastd,
+        RandAffined,
+        RandFlipd,
+        RandGaussianNoised,
+        RandScaleIntensityd,
+        RandShiftIntensityd,
+    )
+
+    keys = ["image", "label"]
+    return {
+        "RandAffined": RandAffined(
+            keys,
+            prob=1.0,
+            rotate_range=[0.26] * (3 if dims == 3 else 1),
+            scale_range=[0.15] * dims,
+            mode=["bilinear", "nearest"],
+            padding_mode="zeros",
+        ),
+        "RandFlipd": RandFlipd(keys, spatial_axis=0, prob=1.0),
+        "RandScaleIntensityd": RandScaleIntensityd("image", factors=0.15, prob=1.0),
+        "RandShiftIntensityd": RandShiftIntensityd("image", offsets=0.1, prob=1.0),
+        "RandAdjustContrastd": RandAdjustContrastd("image", gamma=(0.7, 1.5), prob=1.0),
+        "RandGaussianNoised": RandGaussianNoised("image", std=0.1, prob=1.0),
+    }
+
+
+def _time_augmentation(spec: NetworkSpec) -> float:
+    from monai.transforms import RandCropByPosNegLabeld, SpatialPadd
+
+    volume = tuple(max(v, 1) for v in spec.volume)
+    label = torch.zeros(1, *volume, dtype=torch.uint8)
+    centre = tuple(slice(v // 4, max(v // 4 + 1, 3 * v // 4)) for v in volume)
+    label[(slice(None), *centre)] = 1  # a foreground block for the positive samples
+    case = {"image": torch.randn(spec.in_channels, *volume), "label": label}
+    sampler = [
+        SpatialPadd(["image", "label"], spatial_size=list(spec.patch)),
+        RandCropByPosNegLabeld(["image", "label"], "label", spatial_size=list(spec.patch), pos=2, neg=1, num_samples=1),
+    ]
+    start = time.perf_counter()
+    for t in sampler:
+        case = t(case)
+    case = case[0] if isinstance(case, list) else case
+    seconds = time.perf_counter() - start
+    for name, transform in _augmentations(spec.dims).items():
+        start = time.perf_counter()
+        transform(dict(case))
+        seconds += AUGMENTATION_PROBABILITY[name] * (time.perf_counter() - start)
+    return seconds
