@@ -5,11 +5,12 @@ timed probe (medfcn.planning.probe) on a tiny network."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
 
-from medfcn.errors import UserError
+from medfcn.errors import InputWarning, UserError
 from medfcn.planning import rules
 from medfcn.planning.probe import NetworkSpec, TimedProbe
 from medfcn.planning.rules import make_plan
@@ -217,3 +218,37 @@ def test_make_plan_with_the_real_probe(tmp_path, monkeypatch):
     assert plan.device == "cpu" and plan.seconds_per_step > 0 and plan.seconds_setup > 0
     assert all(p in (8, 16) for p in plan.patch_size)  # 16 unless this machine is very busy
     assert "cpu" in plan.reasons["search"]
+
+
+@pytest.mark.parametrize("share, busy", [(0.4, True), (0.95, False)])
+def test_a_busy_machine_is_said(share, busy):
+    """The probe's threads got ``share`` of their cores: below BUSY_CPU_SHARE the plan warns
+    that its timings are a busy machine's, and records the share either way."""
+    probe = FakeProbe()
+    probe.cpu_share = share
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plan = make_plan(HIPPOCAMPUS, 40.0, probe=probe)
+    said = [str(w.message) for w in caught if issubclass(w.category, InputWarning)]
+    assert plan.cpu_share == share
+    assert ("busy_machine" in plan.reasons) is busy
+    assert len(said) == (1 if busy else 0), said
+    if busy:
+        assert f"{share:.0%} of their cores" in said[0]
+
+
+def test_the_timed_probe_measures_its_share_of_the_cores():
+    probe = TimedProbe("cpu", steps=2, min_seconds=0.0)
+    spec = NetworkSpec(
+        dims=3,
+        in_channels=1,
+        num_classes=2,
+        patch=(8, 8, 8),
+        features=(4, 8),
+        strides=((2, 2, 2),),
+        deep_supervision=0,
+        samples=1,
+        volume=(8, 8, 8),
+    )
+    probe.train_step_seconds(spec)
+    assert probe.cpu_share is not None and 0.0 < probe.cpu_share <= 1.0

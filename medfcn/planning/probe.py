@@ -87,6 +87,9 @@ class TimedProbe:
         self.steps = int(steps)
         self.min_seconds = float(min_seconds)
         self._cache: dict = {}
+        # CPU seconds this process got per wall second and thread over the timed training steps
+        # (1.0: its threads had their cores; 0.5: other work took half of them), CPU only
+        self.cpu_share: float | None = None
 
     @property
     def description(self) -> str:
@@ -156,7 +159,7 @@ class TimedProbe:
         y = torch.randint(0, spec.num_classes, (spec.samples, 1, *spec.patch), device=self.device)
 
         def step() -> float:
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             optimizer.zero_grad(set_to_none=True)
             with self._autocast():
                 out = net(x)
@@ -164,15 +167,28 @@ class TimedProbe:
             loss.backward()
             optimizer.step()
             self._sync()
-            return time.perf_counter() - start
+            wall = time.perf_counter() - start
+            cpu_used.append((time.process_time() - cpu_start, wall))
+            return wall
 
+        cpu_used: list[tuple[float, float]] = []
         warm = step()
         if limit is not None and warm > 2 * limit:
             return warm, True
         times: list[float] = []
         while len(times) < self.steps or (sum(times) < self.min_seconds and len(times) < MAX_TIMED_STEPS):
             times.append(step())
+        self._record_cpu_share(cpu_used[1:])
         return float(np.median(times)), False  # the median: a busy machine's spikes move it least
+
+    def _record_cpu_share(self, cpu_and_wall: list[tuple[float, float]]) -> None:
+        """Keep the lowest CPU share of a timing so far: on a machine busy with other work the
+        steps run slower than they will on a quiet one, and the plan says so."""
+        wall = sum(w for _, w in cpu_and_wall)
+        if self.device != "cpu" or wall <= 0:
+            return
+        share = min(1.0, sum(c for c, _ in cpu_and_wall) / (wall * torch.get_num_threads()))
+        self.cpu_share = share if self.cpu_share is None else min(self.cpu_share, share)
 
     def window_seconds(self, spec: NetworkSpec) -> float:
         """Seconds per window of a sliding-window validation: forward passes (eval mode, no

@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
-from medfcn.errors import UserError
+from medfcn.errors import InputWarning, UserError
 from medfcn.planning.probe import NetworkSpec, TimedProbe, resolve_device
 
 __all__ = ["Plan", "make_plan", "MIN_EPOCHS", "SPACING_FACTORS", "WIDTHS"]
@@ -50,6 +51,8 @@ MAX_PREFERRED_WIDTH = 16  # the hippocampus recipe's; wider only where nothing n
 # The fewest epochs a candidate must train within the budget: the MONAI recipe reached Dice
 # 0.911 on LeftAtrium with 68 epochs; the hippocampus recipe plateaus at ~40-50 (rows 3, 8).
 MIN_EPOCHS = 50
+# the probe's threads getting less than this share of their cores: the machine is busy, the plan says so
+BUSY_CPU_SHARE = 0.75
 BATCH_SIZE = {3: 2, 2: 8}  # 3D: the recipe's (row 20); 2D: the 2D bundle's, 4 slices per case
 SLICES_PER_VOLUME_2D = 4
 FOLDS = 5  # the automatic split: a fold's training cases are n - ceil(n / 5)
@@ -126,6 +129,7 @@ class Plan:
     seconds_per_validation: float = 0.0
     seconds_setup: float = 0.0
     planned_minutes: float = 0.0
+    cpu_share: float | None = None
     reasons: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -519,7 +523,25 @@ def make_plan(
     plan.reasons.update({"dims": dims_why, "modality": modality_why, "flip_axes": flip_why, "seconds_setup": setup_why})
     plan.reasons.update(_network_reasons(plan, chosen, spacing_why, layout))
     plan.reasons.update(_budget_reasons(plan, chosen, tried, budget, probe))
+    _note_busy_machine(plan, getattr(probe, "cpu_share", None))
     return plan
+
+
+def _note_busy_machine(plan: Plan, cpu_share: float | None) -> None:
+    """Record how much of its cores the probe got (CPU only), and warn when other work took a
+    good part of them: the steps were timed slower than a quiet machine runs them, so the plan
+    is for a machine as busy as this one was."""
+    if cpu_share is None:
+        return
+    plan.cpu_share = round(float(cpu_share), 3)
+    if cpu_share < BUSY_CPU_SHARE:
+        note = (
+            f"the machine was busy while training steps were timed (the probe's threads got {cpu_share:.0%} of "
+            "their cores): the plan fits the budget on a machine as busy as this one; plan again on a quiet "
+            "machine for a quiet training run"
+        )
+        plan.reasons["busy_machine"] = note + "."
+        warnings.warn(note, InputWarning, stacklevel=3)
 
 
 def _plan(layout: Layout, chosen: Outcome, budget: Budget, data: dict) -> Plan:
