@@ -169,6 +169,11 @@ def test_labels_set_by_the_user_win_and_same_labels_change_nothing(tmp_path):
     run = _settings(same, tmp_path / "b")
     assert dataset_labels(run) is None and run.get("class_names") == ["anterior", "posterior"]
     assert "class_names" not in run.recorded
+    # other names of as many labels: the names taken, num_classes as it was
+    _relabel(same, {"0": "background", "1": "dim", "2": "bright"})
+    run = _settings(same, tmp_path / "c")
+    assert dataset_labels(run).endswith("training num_classes=3, class_names=['dim', 'bright']")
+    assert run.recorded["class_names"] == ["dim", "bright"] and "num_classes" not in run.recorded
 
 
 @pytest.mark.parametrize(
@@ -182,7 +187,9 @@ def test_modality_from_a_single_channel_dataset_json(tmp_path, modality, expecte
     run = _settings(data, tmp_path / "a")
     notice = dataset_labels(run)
     assert run.get("modality") == expected
-    assert (notice == f"modality: {data / 'dataset.json'} names CT, the bundle MRI") == (expected == "CT")
+    said = f"modality: {data / 'dataset.json'} names CT, the bundle MRI: training modality=CT"
+    assert (notice == said) == (expected == "CT")
+    assert (run.recorded.get("modality") == "CT") == (expected == "CT")
 
 
 @pytest.mark.parametrize(

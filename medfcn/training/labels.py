@@ -54,7 +54,8 @@ def dataset_labels(run: RunSettings) -> str | None:
         return None
     run.parser.update(taken)
     run.recorded = {**run.recorded, **taken}
-    return _notice(index, found, bundle, {key: run.get(key) for key in _LABEL_KEYS if key in run.parser}, taken)
+    trained = {key: run.get(key) for key in _LABEL_KEYS if key in run.parser}
+    return _notice(index, found, bundle, trained, taken, given=[key for key in _LABEL_KEYS if key not in wanted])
 
 
 def _bundle_value(run: RunSettings, key: str) -> Any:
@@ -116,18 +117,21 @@ def _same(key: str, found: Any, bundle: Any) -> bool:
     return found == bundle
 
 
-def _notice(index: Path, found: dict, bundle: dict, trained: dict, taken: dict) -> str:
+def _notice(index: Path, found: dict, bundle: dict, trained: dict, taken: dict, given: list[str]) -> str:
     """``labels: DIR/dataset.json names 1 label ['left atrium'], the bundle 2 [...]: training ...``."""
     parts = []
     if {"num_classes", "class_names"} & set(taken):
         names, before = found["class_names"], bundle["class_names"]
-        given = [key for key in ("num_classes", "class_names") if key not in taken]
         setting = f"num_classes={trained['num_classes']}, class_names={list(trained['class_names'])}"
-        kept = f" ({' and '.join(given)} as given)" if given else ""
+        stated = [key for key in ("num_classes", "class_names") if key in given]
+        kept = f" ({' and '.join(stated)} as given)" if stated else ""
         parts.append(
             f"labels: {index} names {len(names)} label{'s' * (len(names) != 1)} {names}, "
             f"the bundle {len(before)} {list(before)}: training {setting}{kept}"
         )
     if "modality" in taken:
-        parts.append(f"modality: {index} names {taken['modality']}, the bundle {bundle['modality']}")
+        parts.append(
+            f"modality: {index} names {taken['modality']}, the bundle {bundle['modality']}: "
+            f"training modality={taken['modality']}"
+        )
     return "; ".join(parts)
