@@ -17,6 +17,7 @@ from medfcn.bundle import RUN_FILE, bundle_files
 from medfcn.cli import app
 from medfcn.data.datasets import make_folds, write_folds
 from medfcn.errors import UserError
+from medfcn.package import package_run
 from medfcn.training import train
 from medfcn.training.labels import dataset_labels
 from medfcn.training.settings import resolve_settings
@@ -155,6 +156,10 @@ def test_labels_from_dataset_json_with_a_pretrained_encoder(tmp_path):
     assert trained["head.weight"].shape[0] == 2  # out_channels follows num_classes
     encoder_keys = [k for k in donor if k.startswith("encoder.") and donor[k].is_floating_point()]
     assert encoder_keys and all(torch.equal(trained[k], donor[k]) for k in encoder_keys)
+    # the packaged bundle states the run's classes and split
+    common = json.loads((package_run(out, tmp_path / "bundle") / "configs" / "common.json").read_text())
+    assert common["num_classes"] == 2 and common["class_names"] == ["sphere"]
+    assert common["folds_file"] == str((out / "folds.json").resolve())
 
 
 def test_labels_set_by_the_user_win_and_same_labels_change_nothing(tmp_path):
