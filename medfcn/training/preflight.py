@@ -117,7 +117,8 @@ def _check_classes(run: RunSettings) -> None:
 def _stating(run: RunSettings, key: str) -> Path:
     """The config file that states ``key`` (``common.json`` for the model's entries), named in
     messages about it."""
-    return stating_file(run.config_files or [run.config_file], key)
+    # a caller's stand-in for the run (check_dry_run is public) may name the training config only
+    return stating_file(getattr(run, "config_files", None) or [run.config_file], key)
 
 
 def _build_network(run: RunSettings) -> torch.nn.Module:
