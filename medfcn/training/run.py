@@ -73,7 +73,9 @@ def train(
             RUN/folds.json (...); training fold 0``); default: printed, as the epochs are.
 
     Raises:
-        UserError: missing data or split, unknown fold or config entry, a device this machine
+        UserError: missing data or split (a given one; the bundle's is replaced by one made
+            for the run, but not for a dataset of one case), labels in ``dataset.json`` that are
+            not 0..N with 0 the background, unknown fold or config entry, a device this machine
             lacks (or one given as an override), a patch or class list the network cannot
             train on, nothing to resume, a resume with other settings, or an output folder
             that already holds a run (resume it or choose another folder).
