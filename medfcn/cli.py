@@ -201,7 +201,9 @@ _TrainFold = Annotated[
 _TrainFolds = Annotated[
     Path | None,
     typer.Option(
-        "--folds", help="Fold split JSON for --data (`medfcn folds` writes one).", show_default="the bundle's"
+        "--folds",
+        help="Fold split JSON for --data (`medfcn folds` writes one).",
+        show_default="the bundle's; where it names other cases, a 5-fold split of --data made in --output",
     ),
 ]
 _TrainEpochs = Annotated[int | None, typer.Option(help="Number of epochs.", show_default="the bundle's epochs")]
@@ -245,6 +247,10 @@ def train(
 ) -> None:
     """Train the bundle's network (its configs/train.json) on an MSD-style dataset.
 
+    Classes and modality follow --data's dataset.json where they differ from the bundle's (unless --set gives
+    them); a dataset the bundle's split does not fit gets a 5-fold split in the output folder. Both are said in
+    one line and recorded for --resume and `medfcn package`.
+
     Prints one line per epoch (loss, validation Dice, speed, ETA); writes last.pt (to resume),
     best_model.pt (the moving-average weights of the best validation) and TensorBoard events to the output folder:
     `tensorboard --logdir OUTPUT`.
@@ -267,6 +273,7 @@ def train(
             **({"freeze_encoder": True} if freeze_encoder else {}),
         },
         option_names=TRAIN_OPTION_NAMES,
+        notify=typer.echo,
     )
     typer.echo(f"done: checkpoints and TensorBoard events in {out}")
     best = best_validation(out)

@@ -62,7 +62,8 @@ def write_msd_dataset(root: Path, n_cases: int, shape=(28, 32, 24), seed: int = 
     meta = {
         "name": "Spheres",
         "modality": {"0": "MRI"},
-        "labels": {"0": "background", "1": "dim", "2": "bright"},
+        # the hippocampus bundle's classes, spelt as Task04's dataset.json spells them: trained as the bundle's
+        "labels": {"0": "background", "1": "Anterior", "2": "Posterior"},
         "numTraining": n_cases,
         "training": training,
     }

@@ -267,8 +267,10 @@ def test_config_mistakes_fail_before_training(spheres_dataset, tmp_path, overrid
 
 
 def test_split_of_another_dataset_says_how_to_make_one(spheres_dataset, tmp_path):
-    """The bundle's own split (Task04 case names) on another dataset, and a missing split file,
-    both point to `medfcn folds` and --folds; --folds then trains."""
+    """A split given for another dataset (the bundle's own, of Task04 case names, given as --folds;
+    without --folds the run makes a split of its own: tests/test_train_split.py), and a missing
+    split file, both point to `medfcn folds` and --folds; --folds then trains."""
+    task04 = REPO / "datasets" / "Task04_Hippocampus" / "folds.json"
     with pytest.raises(UserError, match="split is for another dataset: make one with `medfcn folds .* --folds FILE"):
         train(
             BUNDLE,
@@ -276,11 +278,12 @@ def test_split_of_another_dataset_says_how_to_make_one(spheres_dataset, tmp_path
             fold=0,
             epochs=1,
             output_dir=tmp_path / "x",
+            folds_file=task04,
             overrides=SMALL,
             option_names=TRAIN_OPTION_NAMES,
         )
     with pytest.raises(UserError, match="pass --set folds_file FILE"):  # Python callers: the config key
-        train(BUNDLE, spheres_dataset, fold=0, epochs=1, output_dir=tmp_path / "x", overrides=SMALL)
+        train(BUNDLE, spheres_dataset, fold=0, epochs=1, output_dir=tmp_path / "x", folds_file=task04, overrides=SMALL)
     with pytest.raises(UserError, match="missing.json: fold split not found; make one with `medfcn folds"):
         train(BUNDLE, spheres_dataset, epochs=1, output_dir=tmp_path / "x", folds_file=tmp_path / "missing.json")
     out = train(

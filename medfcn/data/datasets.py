@@ -21,8 +21,10 @@ __all__ = [
     "case_id",
     "load_msd_datalist",
     "make_folds",
+    "folds_record",
     "write_folds",
     "fold_datalists",
+    "split_datalists",
 ]
 
 DEFAULT_DATA_ROOT = "../shared/datasets"
@@ -140,6 +142,11 @@ def make_folds(case_ids: list[str], n_folds: int = 5, seed: int = 0) -> list[lis
     return [sorted(ids[k::n_folds]) for k in range(n_folds)]
 
 
+def folds_record(case_ids: list[str], n_folds: int = 5, seed: int = 0) -> dict:
+    """The split file's content: ``{"n_folds", "seed", "folds"}``, ``folds`` from :func:`make_folds`."""
+    return {"n_folds": n_folds, "seed": seed, "folds": make_folds(case_ids, n_folds, seed)}
+
+
 def write_folds(
     dataset_dir: str | os.PathLike, out: str | os.PathLike, n_folds: int = 5, seed: int = 0, overwrite: bool = False
 ) -> dict:
@@ -173,7 +180,7 @@ def write_folds(
     refuse_output_over(out, dataset_files, "--out", "dataset file")  # --overwrite would replace it
     refuse_existing([out], overwrite)
     writable_dir(out.parent, fix="choose another --out")
-    folds = {"n_folds": n_folds, "seed": seed, "folds": make_folds(ids, n_folds, seed)}
+    folds = folds_record(ids, n_folds, seed)
     atomic_write_text(json.dumps(folds, indent=1) + "\n", out)
     return folds
 
@@ -191,13 +198,24 @@ def fold_datalists(
         ValueError: unknown fold, or the split names cases the dataset does not have.
     """
     split = json.loads(Path(folds_file).read_text())
-    folds = split["folds"]
+    return split_datalists(dataset_dir, split["folds"], fold, max_cases, where=str(folds_file))
+
+
+def split_datalists(
+    dataset_dir: str | os.PathLike, folds: list[list[str]], fold: int, max_cases: int | None = None, where: str = ""
+) -> tuple[list[dict], list[dict]]:
+    """:func:`fold_datalists` of a split at hand (``folds``: lists of case ids); ``where`` names it
+    in messages (its file).
+
+    Raises:
+        ValueError: unknown fold, or the split names cases the dataset does not have.
+    """
     if not -1 <= fold < len(folds):
-        raise ValueError(f"{folds_file}: unknown fold {fold}; choose 0..{len(folds) - 1} (or -1 for all cases).")
+        raise ValueError(f"{where}: unknown fold {fold}; choose 0..{len(folds) - 1} (or -1 for all cases).")
     cases = {case_id(item["image"]): item for item in load_msd_datalist(dataset_dir)}
     unknown = sorted({c for f in folds for c in f} - set(cases))
     if unknown:
-        raise ValueError(f"{folds_file}: names cases not in {dataset_dir}: {', '.join(unknown[:3])}.")
+        raise ValueError(f"{where}: names cases not in {dataset_dir}: {', '.join(unknown[:3])}.")
     val_ids = set(folds[max(fold, 0)])
     train = [cases[c] for c in sorted(cases) if fold == -1 or c not in val_ids]
     val = [cases[c] for c in sorted(val_ids)]

@@ -2,8 +2,12 @@
 
 - :mod:`~medfcn.training.settings`: the options and the resume policy, applied to the run's
   one config parser and checked; the run record (``medfcn_run.json``).
+- :mod:`~medfcn.training.labels`: the classes and modality of the dataset's ``dataset.json``
+  where they differ from the bundle's (unless set).
 - :mod:`~medfcn.training.preflight`: data, split, classes, the network (built once), a dry
   run, the checkpoint a resume continues (read once), a pretrained encoder.
+- :mod:`~medfcn.training.split`: the split made in the run folder where the bundle's does not
+  fit the dataset.
 - :mod:`~medfcn.training.run`: :func:`train`, the entry point; the lock on the output folder,
   the config's expressions, the training-data profile, the clean-up of a failed run.
 

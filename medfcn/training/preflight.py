@@ -1,7 +1,8 @@
 """The second stage of a run: checks that make mistakes fail in one line before any data is
 loaded into the run or any file written.
 
-The data and its split, the class list and intensity normalisation, the network (built once:
+The data and its split (one made for the run where the bundle's does not fit the data:
+:mod:`medfcn.training.split`), the class list and intensity normalisation, the network (built once:
 the instance checked is the one the run trains), a dry run of one patch, the checkpoint a
 resume continues (read once: the run's ``Resume`` handler is handed its contents) and a
 pretrained encoder.
@@ -15,11 +16,13 @@ from pathlib import Path
 import torch
 
 from medfcn.data.checks import check_training_pairs
-from medfcn.data.datasets import fold_datalists
+from medfcn.data.datasets import fold_datalists, split_datalists
 from medfcn.data.transforms import intensity_normalization
 from medfcn.errors import UserError, root_message
 from medfcn.io import checkpoint_reason, load_state
+from medfcn.settings import stating_file
 from medfcn.training.settings import RunSettings
+from medfcn.training.split import AutomaticSplit, automatic_split
 
 __all__ = ["Preflight", "preflight"]
 
@@ -31,10 +34,13 @@ class Preflight:
     Attributes:
         train_cases: the training cases of the fold (``{"image", "label"}`` paths).
         checkpoint: the contents of ``last.pt`` for a resume (read on the CPU), else None.
+        split: the split made for the run, to write into its folder (the run's ``folds_file``
+            names it already), else None.
     """
 
     train_cases: list[dict]
     checkpoint: dict | None
+    split: AutomaticSplit | None = None
 
 
 def preflight(run: RunSettings) -> Preflight:
@@ -44,7 +50,8 @@ def preflight(run: RunSettings) -> Preflight:
     Raises:
         UserError: naming the file or option and what to do.
     """
-    train_cases, val_cases = _fold_cases(run)
+    split = _split(run)
+    train_cases, val_cases = _fold_cases(run, split)
     _check_classes(run)
     network = _build_network(run)
     check_training_pairs(train_cases + val_cases, int(run.get("num_classes")), int(run.get("network_def#in_channels")))
@@ -54,21 +61,35 @@ def preflight(run: RunSettings) -> Preflight:
         _check_resumable(run, checkpoint, network)
     elif run.get("pretrained_encoder"):
         _check_encoder(network, run.get("pretrained_encoder"))
-    return Preflight(train_cases, checkpoint)
+    return Preflight(train_cases, checkpoint, split)
 
 
-def _fold_cases(run: RunSettings) -> tuple[list[dict], list[dict]]:
-    """The training and validation cases of the run's fold, from its dataset and split."""
-    data, split, fold = run.get("dataset_dir"), run.get("folds_file"), run.get("fold")
+def _split(run: RunSettings) -> AutomaticSplit | None:
+    """The split to make for the run (:func:`~medfcn.training.split.automatic_split`), whose
+    future file becomes the run's ``folds_file`` now, before the network is built (a change of
+    the parser afterwards would drop it); the file is written once the checks have passed."""
+    data = run.get("dataset_dir")
     if not (Path(data) / "dataset.json").is_file():
         raise UserError(
             f"{data}: no dataset.json here; pass {run.option('dataset_dir')} with the MSD dataset folder "
             "or set MEDFCN_DATA."
         )
+    split = automatic_split(run)
+    if split is not None:
+        run.parser.update({"folds_file": str(split.path)})
+    return split
+
+
+def _fold_cases(run: RunSettings, made: AutomaticSplit | None) -> tuple[list[dict], list[dict]]:
+    """The training and validation cases of the run's fold, from its dataset and split (``made``
+    for the run, else its ``folds_file``)."""
+    data, split, fold = run.get("dataset_dir"), run.get("folds_file"), run.get("fold")
     new_split = f"make one with `medfcn folds {data} --out FILE` and pass {run.option('folds_file')} FILE"
-    if not Path(split).is_file():
+    if made is None and not Path(split).is_file():
         raise UserError(f"{split}: fold split not found; {new_split}.")
     try:
+        if made is not None:
+            return split_datalists(data, made.record["folds"], int(fold), where=str(made.path))
         return fold_datalists(data, split, int(fold))
     except FileNotFoundError as err:
         raise UserError(str(err)) from err
@@ -82,14 +103,22 @@ def _check_classes(run: RunSettings) -> None:
     num_classes, names = run.get("num_classes"), run.get("class_names")
     if len(names) != int(num_classes) - 1:
         raise UserError(
-            f"{run.config_file}: num_classes {num_classes} (background + {int(num_classes) - 1}) but class_names has "
+            f"{_stating(run, 'num_classes')}: num_classes {num_classes} (background + {int(num_classes) - 1}) "
+            "but class_names has "
             f"{len(names)} name(s) {list(names)}; set both, e.g. --set num_classes=2 --set 'class_names=[\"tumour\"]'."
         )
     window = {key: run.get(key) for key in ("hu_window", "intensity_stats") if key in run.parser}
     try:
         intensity_normalization("image", run.get("modality"), **window)
     except (ValueError, TypeError) as err:
-        raise UserError(f"{run.config_file}: {err}") from err
+        raise UserError(f"{_stating(run, 'modality')}: {err}") from err
+
+
+def _stating(run: RunSettings, key: str) -> Path:
+    """The config file that states ``key`` (``common.json`` for the model's entries), named in
+    messages about it."""
+    # a caller's stand-in for the run (check_dry_run is public) may name the training config only
+    return stating_file(getattr(run, "config_files", None) or [run.config_file], key)
 
 
 def _build_network(run: RunSettings) -> torch.nn.Module:
@@ -105,7 +134,7 @@ def _build_network(run: RunSettings) -> torch.nn.Module:
         return run.get("network_def")
     except Exception as err:
         raise UserError(
-            f"{run.config_file}: network_def cannot be built ({root_message(err)}); "
+            f"{_stating(run, 'network_def')}: network_def cannot be built ({root_message(err)}); "
             "fix the --set overrides or the config."
         ) from err
 
@@ -126,7 +155,7 @@ def check_dry_run(network: torch.nn.Module, run: RunSettings) -> None:
             network.train()(torch.zeros(1, channels, *patch))
     except Exception as err:
         raise UserError(
-            f"{run.config_file}: the network cannot train on patch_size {patch} ({root_message(err)}); "
+            f"{_stating(run, 'patch_size')}: the network cannot train on patch_size {patch} ({root_message(err)}); "
             "give one size per spatial axis of the network, each large enough for its poolings "
             "(halved per scale on each axis its strides pool)."
         ) from err

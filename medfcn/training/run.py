@@ -11,7 +11,7 @@ import logging
 import logging.config
 import os
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +24,10 @@ from medfcn.io import refuse_full_disk
 from medfcn.notices import quiet_library_notices
 from medfcn.outputs import output_lock
 from medfcn.training.handlers import Resume
+from medfcn.training.labels import dataset_labels
 from medfcn.training.preflight import Preflight, preflight
 from medfcn.training.settings import RunSettings, resolve_settings, write_run_record
+from medfcn.training.split import SPLIT_FILE, write_split
 
 __all__ = ["train"]
 
@@ -41,6 +43,7 @@ def train(
     folds_file: str | os.PathLike | None = None,
     device: str | None = None,
     option_names: Mapping[str, str] | None = None,
+    notify: Callable[[str], None] = print,
 ) -> Path:
     """Train with ``bundle/configs/train.json``; return the run's output folder.
 
@@ -64,9 +67,15 @@ def train(
         option_names: how the caller spells the settings in messages, config key -> option
             (the CLI: ``{"epochs": "--epochs", "dataset_dir": "--data", ...}``); default:
             ``--set KEY``, the config's own names.
+        notify: called with each line that tells what the run decided for the user, once the
+            checks have passed: the classes and modality taken from ``dataset.json``, the split
+            made in the run folder (``split: 5 folds of 80 cases of DIR written to
+            RUN/folds.json (...); training fold 0``); default: printed, as the epochs are.
 
     Raises:
-        UserError: missing data or split, unknown fold or config entry, a device this machine
+        UserError: missing data or split (a given one; the bundle's is replaced by one made
+            for the run, but not for a dataset of one case), labels in ``dataset.json`` that are
+            not 0..N with 0 the background, unknown fold or config entry, a device this machine
             lacks (or one given as an override), a patch or class list the network cannot
             train on, nothing to resume, a resume with other settings, or an output folder
             that already holds a run (resume it or choose another folder).
@@ -75,15 +84,18 @@ def train(
     options = {"dataset_dir": dataset_dir, "folds_file": folds_file, "fold": fold, "epochs": epochs}
     options["output_dir"] = output_dir
     run = resolve_settings(files, options, overrides or {}, device, resume, option_names)
+    labels = dataset_labels(run)  # before the network is built: out_channels follows num_classes
     checked = preflight(run)
     logging_file = files["logging_file"] if files["logging_file"].is_file() else None
     out = Path(run.get("output_dir"))
     with output_lock(out, "medfcn train", "--output"):  # two trainers would interleave last.pt
-        _run(run, checked, logging_file)
+        _run(run, checked, logging_file, [labels], notify)
     return out
 
 
-def _run(run: RunSettings, checked: Preflight, logging_file: Path | None) -> None:
+def _run(
+    run: RunSettings, checked: Preflight, logging_file: Path | None, notices: list, notify: Callable[[str], None]
+) -> None:
     """Run the config's expressions; a new run that fails leaves nothing to resume behind."""
     out = Path(run.get("output_dir"))
     if logging_file is not None:  # as MONAI's runner sets up logging
@@ -92,13 +104,18 @@ def _run(run: RunSettings, checked: Preflight, logging_file: Path | None) -> Non
         with refuse_full_disk(out), _run_scope(run.get("bundle_root")):  # checkpoints, records, TensorBoard
             if checked.checkpoint is not None:
                 _hand_over_checkpoint(run, checked.checkpoint)
+            if checked.split is not None:
+                write_split(checked.split)
+                notices = [*notices, checked.split.notice(run.get("dataset_dir"), run.get("fold"))]
+            for line in filter(None, notices):
+                notify(line)
             write_run_record(run)  # after the set-up: a resume failing there keeps its record
             _write_profile(run, checked.train_cases)
             _evaluate(run, "run")
             _evaluate(run, "finalize")
     except BaseException:
         if not run.resume:
-            _forget_failed_run(out)
+            _forget_failed_run(out, made_split=checked.split is not None and checked.split.written)
         raise
 
 
@@ -169,11 +186,11 @@ def _write_profile(run: RunSettings, cases: list[dict]) -> None:
     write_run_profile(run.get("output_dir"), trained, run.get("class_names"), source, replace=not run.resume)
 
 
-def _forget_failed_run(out: Path) -> None:
+def _forget_failed_run(out: Path, made_split: bool) -> None:
     """A new run that failed before its first checkpoint has nothing to resume or package:
-    remove its record (RUN_FILE) and training-data profile (the output folder itself goes when
-    :func:`medfcn.outputs.output_lock` created it and it is left empty)."""
+    remove its record (RUN_FILE), training-data profile and the split it made (the output folder
+    itself goes when :func:`medfcn.outputs.output_lock` created it and it is left empty)."""
     if (out / "last.pt").exists():
         return
-    for name in (RUN_FILE, RUN_PROFILE):
+    for name in (RUN_FILE, RUN_PROFILE, *([SPLIT_FILE] if made_split else [])):
         (out / name).unlink(missing_ok=True)

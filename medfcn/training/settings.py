@@ -62,6 +62,7 @@ class RunSettings:
         recorded: what :func:`write_run_record` writes (the options as given and resumed).
         resume: whether the run continues the one in its output folder.
         option_names: how the caller spells options (config key -> flag).
+        defaults: the bundle's own config, as read (before any setting was applied).
     """
 
     parser: ConfigParser
@@ -70,6 +71,7 @@ class RunSettings:
     resume: bool
     option_names: Mapping[str, str] = field(default_factory=dict)
     config_files: list[Path] = field(default_factory=list)
+    defaults: dict[str, Any] = field(default_factory=dict)
 
     def option(self, key: str) -> str:
         """How the caller spells setting ``key`` (``--epochs`` for the CLI, else ``--set epochs``)."""
@@ -126,7 +128,7 @@ def resolve_settings(
     defaults = copy.deepcopy(parser.get())  # the bundle's own values, before any override
     check_override_keys(files["config_files"], dict(overrides), parser=parser)
     args = _given_options(files["bundle_root"], options, overrides, device)
-    run = RunSettings(parser, files["config_file"], args, resume, option_names or {}, files["config_files"])
+    run = RunSettings(parser, files["config_file"], args, resume, option_names or {}, files["config_files"], defaults)
     explicit = {k for k in args if k not in NOT_SETTINGS}
     sources = {k: "--set" if k in overrides else run.option_names.get(k, "--set") for k in explicit}
     parser.update(args)
