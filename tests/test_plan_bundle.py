@@ -48,7 +48,7 @@ def tiny_plan(dims: int = 3, **changes) -> Plan:
         modality="MRI",
         in_channels=1,
         num_classes=3,
-        class_names=["dim", "bright"],
+        class_names=["Anterior", "Posterior"],
         patch_size=[16, 16, 16] if dims == 3 else [16, 16],
         features=[4, 8, 16],
         strides=[[2] * dims, [2] * dims],
@@ -159,8 +159,8 @@ def test_metadata_readme_and_licence_say_what_was_planned(tmp_path, spheres_data
     plan = tiny_plan()
     out = write_bundle(plan, tiny_fingerprint(spheres_dataset), tmp_path / "spheres_fcn")
     meta = json.loads((out / "configs" / "metadata.json").read_text())
-    assert meta["version"] == "0.1.0" and meta["label_classes"] == "0 background, 1 dim, 2 bright"
-    assert meta["label_volumes_mm3"]["bright"] == {"min": 300.0, "median": 500.0, "max": 800.0, "cases_present": 12}
+    assert meta["version"] == "0.1.0" and meta["label_classes"] == "0 background, 1 Anterior, 2 Posterior"
+    assert meta["label_volumes_mm3"]["Posterior"] == {"min": 300.0, "median": 500.0, "max": 800.0, "cases_present": 12}
     assert meta["network_data_format"]["inputs"]["image"]["spatial_shape"] == [16, 16, 16]
     assert meta["network_data_format"]["outputs"]["pred"]["num_channels"] == 3
     assert "licence: unknown" in meta["data_source"] and "medfcn_training_data" not in meta
