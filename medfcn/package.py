@@ -45,6 +45,9 @@ from medfcn.segmenter import load_segmenter
 __all__ = ["package_run", "trained_flip_axes"]
 
 _CONFIGS = (COMMON_FILE, "train.json", "inference.json", "evaluate.json", "logging.conf", "metadata.json")
+# what `medfcn plan` wrote into the bundle the run trained: kept, so the packaged bundle still
+# says what the data looked like and why each setting was chosen
+_PLAN_FILES = ("fingerprint.json", "plan.json")
 _LICENSE = """Code and configs: Apache License 2.0 (see the LICENSE file at the root of the medfcn repository).
 
 Model weights (models/model.pt) were trained by the user of medfcn on their own data and are a
@@ -206,6 +209,16 @@ def _readme(name: str, run_dir: Path, settings: dict, best: dict, source: str, o
     return "\n".join(lines)
 
 
+def _planned_readme(origin: Path) -> str:
+    """The planned bundle's ``docs/README.md`` (every decision with its reason), one heading level
+    down, for the packaged bundle's README; empty for a bundle ``medfcn plan`` did not write."""
+    planned = origin / "docs" / "README.md"
+    if not (origin / "configs" / "plan.json").is_file() or not planned.is_file():
+        return ""
+    body = "\n".join("#" + line if line.startswith("#") else line for line in planned.read_text().splitlines())
+    return f"\n## How `medfcn plan` configured the bundle ({origin})\n\n{body}\n"
+
+
 def _held_out_note(fold: int | None) -> str:
     if fold == -1:
         return (
@@ -306,7 +319,7 @@ def _assemble(
     settings = {k: v for k, v in run["settings"].items() if k not in NOT_SETTINGS}
     for folder in ("configs", "models", "docs"):
         (tmp / folder).mkdir()
-    for config in _CONFIGS:
+    for config in _CONFIGS + _PLAN_FILES:
         if (origin / "configs" / config).is_file():
             shutil.copy2(origin / "configs" / config, tmp / "configs" / config)
     train = _write_configs(tmp / "configs", name, settings)
@@ -318,7 +331,8 @@ def _assemble(
     if profile:
         meta[PROFILE_KEY] = profile
     meta_file.write_text(json.dumps(meta, indent=4) + "\n")
-    (tmp / "docs" / "README.md").write_text(_readme(name, run_dir, settings, best, source, origin))
+    readme = _readme(name, run_dir, settings, best, source, origin) + _planned_readme(origin)
+    (tmp / "docs" / "README.md").write_text(readme)
     (tmp / "LICENSE").write_text(_LICENSE)
     atomic_torch_save(weights, weights_file(tmp))
 

@@ -306,15 +306,19 @@ def test_refuses_label_values_not_in_dataset_json(tmp_path):
     assert "case_001" not in message
 
 
-def test_refuses_a_value_missing_between_the_listed_labels(tmp_path):
+def test_refuses_labels_listed_with_a_gap(tmp_path):
+    """0, 1 and 3 listed: training takes labels 0..N only, so the plan refuses it before any case
+    is read (the cases here are fine)."""
     label = np.zeros((12, 10, 8), np.uint8)
-    label[1:3, 1:3, 1:3], label[5:7, 5:7, 5:7] = 1, 2
+    label[1:3, 1:3, 1:3], label[5:7, 5:7, 5:7] = 1, 3
     labels = {"0": "background", "1": "one", "3": "three"}
-    dataset = write_dataset(tmp_path / "gap", two_cases(label=label), labels=labels)
-    refused(dataset, r"case_000.nii.gz: label values 2 are not in dataset.json's labels \(0, 1, 3\)")
-    label[label == 2] = 3  # 0, 1 and 3: listed, with a gap
-    fingerprint = fingerprint_dataset(write_dataset(tmp_path / "ok", two_cases(label=label), labels=labels))
-    assert fingerprint["cases"][0]["label_voxels"] == {"1": 8, "3": 8}
+    refused(write_dataset(tmp_path / "gap", two_cases(label=label), labels=labels), r"labels 0, 1, 3 are not 0..N")
+
+
+def test_refuses_labels_without_a_background_entry(tmp_path):
+    label = np.zeros((12, 10, 8), np.uint8)
+    label[1:3, 1:3, 1:3] = 1
+    refused(write_dataset(tmp_path, two_cases(label=label), labels={"1": "organ"}), r"labels 1 are not 0..N")
 
 
 def test_refuses_negative_label_values(tmp_path):

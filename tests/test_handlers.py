@@ -152,3 +152,21 @@ def test_epoch_progress_bar_on_a_terminal_only():
     plain = _progress_run(Console(file=log, force_terminal=False))
     assert [line.split("  ")[:2] for line in plain] == [line.split("  ")[:2] for line in lines]
     assert log.getvalue() == ""
+
+
+@pytest.mark.parametrize(("budget", "over"), [(10.0, False), (1e-5, True)])
+def test_epoch_progress_says_where_the_run_ends_against_its_budget(budget, over):
+    """A planned bundle's budget: each line says at which minute of it the run will end, and a
+    run heading past it by more than 10 % is told so once."""
+    lines: list[str] = []
+    trainer = Engine(lambda e, b: {CommonKeys.LOSS: torch.tensor(0.5)})
+    progress = EpochProgress(print_fn=lambda text, **kw: lines.append(text), budget_minutes=budget)
+    progress.attach(trainer)
+    trainer.run([0, 1], max_epochs=3)
+    assert all(f"of the {budget:g}-min budget)" in line for line in lines), lines
+    assert sum("over the budget by more than 10 %" in line for line in lines) == (1 if over else 0), lines
+
+
+def test_epoch_progress_without_a_budget_says_nothing_of_one():
+    lines = _progress_run(Console(file=io.StringIO(), force_terminal=False))
+    assert not any("budget" in line for line in lines)

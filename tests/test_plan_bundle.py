@@ -14,6 +14,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 import medfcn.planning
@@ -212,19 +213,29 @@ def _split(dataset: Path, tmp_path: Path) -> Path:
 
 @pytest.mark.slow
 def test_a_planned_bundle_trains_packages_infers_and_evaluates(tmp_path, small_dataset):
+    """As a user runs it: no split given (the run makes and records one, a resume reuses it),
+    pooling per axis, then package (the plan kept), infer, evaluate, and MONAI's runner."""
     from medfcn.training import train
 
-    bundle = write_bundle(tiny_plan(), tiny_fingerprint(small_dataset), tmp_path / "spheres_fcn")
+    plan = tiny_plan(strides=[[2, 2, 1], [2, 2, 2]])
+    bundle = write_bundle(plan, tiny_fingerprint(small_dataset), tmp_path / "spheres_fcn")
+    assert json.loads((bundle / "configs" / "common.json").read_text())["network_def"]["strides"] == plan.strides
     cli, scan = CliRunner(), small_dataset / "imagesTr" / "case_000.nii.gz"
     missing = cli.invoke(app, ["infer", str(bundle), str(scan), "--out", str(tmp_path / "none")])
     assert missing.exit_code == 2 and "medfcn package" in missing.output, missing.output
-    run = train(
-        bundle, dataset_dir=small_dataset, folds_file=_split(small_dataset, tmp_path), output_dir=tmp_path / "run"
-    )
+    run = train(bundle, dataset_dir=small_dataset, output_dir=tmp_path / "run", epochs=1)
+    split = (run / "folds.json").read_text()
+    assert json.loads(split)["n_folds"] == 4  # the default split of 4 cases
+    assert json.loads((run / "medfcn_run.json").read_text())["settings"]["folds_file"] == str(run / "folds.json")
+    train(bundle, output_dir=run, epochs=2, resume=True)
+    assert (run / "folds.json").read_text() == split
     assert (run / "last.pt").is_file() and (run / "best_model.pt").is_file()
     packaged = tmp_path / "trained"
     result = cli.invoke(app, ["package", str(run), "--out", str(packaged)])
     assert result.exit_code == 0, result.output
+    assert (packaged / "configs" / "plan.json").read_text() == (bundle / "configs" / "plan.json").read_text()
+    assert (packaged / "configs" / "fingerprint.json").is_file()
+    assert "How `medfcn plan` configured the bundle" in (packaged / "docs" / "README.md").read_text()
     result = cli.invoke(app, ["infer", str(packaged), str(scan), "--out", str(tmp_path / "masks"), "--device", "cpu"])
     assert result.exit_code == 0, result.output
     mask = nib.load(tmp_path / "masks" / "case_000.nii.gz")
@@ -235,6 +246,19 @@ def test_a_planned_bundle_trains_packages_infers_and_evaluates(tmp_path, small_d
     assert runner.returncode == 0, runner.stderr[-3000:]
     theirs = nib.load(tmp_path / "monai" / "case_000.nii.gz")
     assert np.array_equal(np.asarray(theirs.dataobj), np.asarray(mask.dataobj))
+
+
+@pytest.mark.slow
+def test_monai_runner_trains_a_planned_bundle_without_a_split(tmp_path, small_dataset):
+    """``folds_file`` null: MONAI's runner trains on the default split too (in memory)."""
+    bundle = write_bundle(tiny_plan(epochs=1), tiny_fingerprint(small_dataset), tmp_path / "spheres_fcn")
+    configs = json.dumps([str(bundle / "configs" / n) for n in ("common.json", "train.json")])
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", configs, "--bundle_root", str(bundle)]
+    cmd += ["--meta_file", str(bundle / "configs" / "metadata.json"), "--output_dir", str(tmp_path / "run")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "run" / "last.pt").is_file()
 
 
 def _monai_run(bundle: Path, scan: Path, out: Path) -> subprocess.CompletedProcess:
@@ -278,7 +302,12 @@ def test_a_2d_plan_writes_a_bundle_that_trains_and_flips_the_volume_as_it_traine
     [
         ({"budget_minutes": 0}, "--budget-minutes 0: must be a positive number"),
         ({"dims": 4}, "--dims 4: must be 2 or 3"),
-        ({"device": "gpu"}, "--device gpu: use cpu, cuda or cuda:N"),
+        ({"device": "gpu"}, "--device 'gpu': not a device name; use cpu, cuda or cuda:N"),
+        pytest.param(
+            {"device": "cuda:7"},
+            "--device cuda:7: no such CUDA device on this machine",
+            marks=pytest.mark.skipif(torch.cuda.device_count() > 7, reason="this machine has a GPU cuda:7"),
+        ),
     ],
 )
 def test_bad_options_are_refused_before_reading_the_data(tmp_path, spheres_dataset, monkeypatch, options, message):
@@ -367,3 +396,11 @@ def test_medfcn_plan_help_names_its_options():
 
 def test_the_template_text_is_the_package_data():
     assert template_text("train.json") == (REPO / "medfcn" / "planning" / "template" / "train.json").read_text()
+
+
+def test_a_dataset_in_the_data_root_is_named_as_the_shipped_bundles_name_theirs(tmp_path, monkeypatch):
+    from medfcn.planning.writer import dataset_entry
+
+    monkeypatch.setenv("MEDFCN_DATA", str(tmp_path / "root"))
+    assert dataset_entry(tmp_path / "root" / "LeftAtrium") == "$str(medfcn.data.data_root() / 'LeftAtrium')"
+    assert dataset_entry(tmp_path / "elsewhere" / "LeftAtrium") == str(tmp_path / "elsewhere" / "LeftAtrium")

@@ -105,6 +105,13 @@ def test_anisotropic_ct_like():
     assert "percentile" in plan.reasons["pixdim"]
 
 
+def test_a_ct_foreground_of_one_value_is_refused():
+    flat = {"mean": 40.0, "std": 0.0, "percentile_00_5": 40.0, "percentile_99_5": 40.0}
+    one_value = fingerprint((64, 64, 30), (1.0, 1.0, 2.0), ["spleen"], "CT", n=4, intensity=flat)
+    with pytest.raises(UserError, match="all have about one value"):
+        make_plan(one_value, 20.0, probe=FakeProbe())
+
+
 def test_pooling_stops_on_short_and_coarse_axes():
     # 40 voxels pool 4 times (40, 20, 10, 5 -> 3), 6 voxels once, 4 never
     assert rules.pooling((40, 6, 4), (1.0, 1.0, 1.0)) == ((2, 2, 1), (2, 1, 1), (2, 1, 1), (2, 1, 1))

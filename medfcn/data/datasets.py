@@ -147,6 +147,16 @@ def folds_record(case_ids: list[str], n_folds: int = 5, seed: int = 0) -> dict:
     return {"n_folds": n_folds, "seed": seed, "folds": make_folds(case_ids, n_folds, seed)}
 
 
+# The split a bundle without one trains on (``folds_file`` null): what ``medfcn folds DATA``
+# writes by default, with fewer folds for fewer than 5 cases.
+DEFAULT_FOLDS, DEFAULT_SEED = 5, 0
+
+
+def default_split(case_ids: list[str]) -> dict:
+    """:func:`folds_record` of the default split of ``case_ids`` (at least 2 of them)."""
+    return folds_record(case_ids, min(DEFAULT_FOLDS, len(case_ids)), DEFAULT_SEED)
+
+
 def write_folds(
     dataset_dir: str | os.PathLike, out: str | os.PathLike, n_folds: int = 5, seed: int = 0, overwrite: bool = False
 ) -> dict:
@@ -186,17 +196,26 @@ def write_folds(
 
 
 def fold_datalists(
-    dataset_dir: str | os.PathLike, folds_file: str | os.PathLike, fold: int, max_cases: int | None = None
+    dataset_dir: str | os.PathLike, folds_file: str | os.PathLike | None, fold: int, max_cases: int | None = None
 ) -> tuple[list[dict], list[dict]]:
     """Training and validation datalists for ``fold`` of the split in ``folds_file``.
 
-    ``fold = -1`` trains on every case and validates on fold 0 (for a final model whose
-    score is then reported by cross-validation). ``max_cases`` keeps only the first
-    cases of each list, for quick runs and tests.
+    ``folds_file`` None: the :func:`default_split` of the dataset's cases, the split ``medfcn
+    train`` writes into a run folder for a bundle that names none (so ``python -m monai.bundle
+    run`` trains a planned bundle on the same cases). ``fold = -1`` trains on every case and
+    validates on fold 0 (for a final model whose score is then reported by cross-validation).
+    ``max_cases`` keeps only the first cases of each list, for quick runs and tests.
 
     Raises:
-        ValueError: unknown fold, or the split names cases the dataset does not have.
+        ValueError: unknown fold, the split names cases the dataset does not have, or (no
+            ``folds_file``) fewer than 2 cases.
     """
+    if folds_file is None:
+        ids = [case_id(item["image"]) for item in load_msd_datalist(dataset_dir)]
+        if len(ids) < 2:
+            raise ValueError(f"{Path(dataset_dir) / 'dataset.json'}: lists {len(ids)} case(s); a split needs 2.")
+        where = f"the default {min(DEFAULT_FOLDS, len(ids))}-fold split of {dataset_dir}"
+        return split_datalists(dataset_dir, default_split(ids)["folds"], fold, max_cases, where=where)
     split = json.loads(Path(folds_file).read_text())
     return split_datalists(dataset_dir, split["folds"], fold, max_cases, where=str(folds_file))
 

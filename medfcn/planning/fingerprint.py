@@ -33,6 +33,7 @@ import nibabel as nib
 import numpy as np
 
 from medfcn.data.checks import check_label_grid
+from medfcn.data.classes import label_classes
 from medfcn.data.datasets import case_id, load_msd_datalist
 from medfcn.data.nifti import check_gzip_integrity, check_nifti_geometry, refuse_non_mm
 from medfcn.data.profile import geometry_ras
@@ -71,11 +72,12 @@ def fingerprint_dataset(dataset_dir: str | os.PathLike, progress: Callable[[int,
         case, sample = _read_case(item, labels, rng)
         if cases:
             _refuse_mixed_channels(cases[0], datalist[0]["image"], case, item["image"])
+        else:  # at the first case, not after reading them all
+            _refuse_modality_mismatch(index, modality, case, item["image"])
         cases.append(case)
         samples.append(sample)
         if progress is not None:
             progress(done, len(datalist))
-    _refuse_modality_mismatch(index, modality, cases[0], datalist[0]["image"])
     pooled = np.concatenate(samples, axis=0)  # (voxels, channels)
     if len(pooled) == 0:
         raise UserError(
@@ -132,7 +134,8 @@ def _label_names(meta: dict, index: Path) -> dict[int, str]:
         ) from None
     if min(names) < 0 or not any(value > 0 for value in names):
         raise UserError(f"{index}: 'labels' has no foreground label (a value above 0); add them, e.g. {example}.")
-    names.setdefault(0, "background")
+    # what `medfcn train` takes: 0..N, 0 the background, distinct names (refused here, before any case is read)
+    label_classes(index, labels, "as medfcn trains on labels 0..N with 0 the background")
     return dict(sorted(names.items()))
 
 

@@ -69,10 +69,10 @@ class NetworkSpec:
 
 
 def resolve_device(device: str | None) -> str:
-    """``"cpu"``/``"cuda"``; None: CUDA when present."""
+    """``"cpu"``, ``"cuda"`` or ``"cuda:N"`` (the GPU the probe times); None: CUDA when present."""
     if device is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
-    return str(torch.device(device).type)
+    return str(torch.device(device))
 
 
 class TimedProbe:
@@ -92,11 +92,15 @@ class TimedProbe:
         self.cpu_share: float | None = None
 
     @property
+    def _cuda(self) -> bool:
+        return self.device.startswith("cuda")
+
+    @property
     def description(self) -> str:
         from medfcn.inferers import use_cpu_bf16
 
         precision = "bf16 autocast" if use_cpu_bf16(self.device, True) else "float32"
-        if self.device == "cuda":
+        if self._cuda:
             precision = "float16 autocast"
         threads = torch.get_num_threads()
         return f"{self.device} ({precision}, {threads} threads)"
@@ -104,13 +108,13 @@ class TimedProbe:
     def _autocast(self):
         from medfcn.inferers import use_cpu_bf16
 
-        if self.device == "cuda":
+        if self._cuda:
             return torch.autocast("cuda", dtype=torch.float16)
         return torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_cpu_bf16(self.device, True))
 
     def _sync(self) -> None:
-        if self.device == "cuda":
-            torch.cuda.synchronize()
+        if self._cuda:
+            torch.cuda.synchronize(self.device)
 
     def _network(self, spec: NetworkSpec, deep_supervision: int):
         from medfcn import FCN
@@ -141,8 +145,10 @@ class TimedProbe:
             try:
                 seconds, cut_short = self._time_training(spec, limit)
                 seconds += spec.samples * self._augmentation_seconds(spec)
-            except (RuntimeError, MemoryError):  # out of memory: the candidate cannot train here
-                seconds, cut_short = math.inf, False
+            except (RuntimeError, MemoryError) as err:
+                if not _out_of_memory(err):  # a failure of another kind is a bug, not a verdict
+                    raise
+                seconds, cut_short = math.inf, False  # the candidate cannot train here
             self._cache[key] = cached = (seconds, cut_short)
         return cached[0]
 
@@ -238,6 +244,15 @@ class TimedProbe:
                 return None
             times.append(time.perf_counter() - start)
         return float(np.mean(times))
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` says that memory ran out (CUDA's OutOfMemoryError, the CPU allocator's
+    RuntimeError, Python's MemoryError)."""
+    if isinstance(err, MemoryError | torch.cuda.OutOfMemoryError):
+        return True
+    text = str(err).lower()
+    return "out of memory" in text or "can't allocate memory" in text or "not enough memory" in text
 
 
 def _dataset_pairs(dataset: dict) -> list[dict]:

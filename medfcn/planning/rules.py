@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from medfcn.data.classes import modality_kind
+from medfcn.data.datasets import DEFAULT_FOLDS
 from medfcn.errors import InputWarning, UserError
 from medfcn.planning.probe import NetworkSpec, TimedProbe, resolve_device
 
@@ -55,7 +57,6 @@ MIN_EPOCHS = 50
 BUSY_CPU_SHARE = 0.75
 BATCH_SIZE = {3: 2, 2: 8}  # 3D: the recipe's (row 20); 2D: the 2D bundle's, 4 slices per case
 SLICES_PER_VOLUME_2D = 4
-FOLDS = 5  # the automatic split: a fold's training cases are n - ceil(n / 5)
 VALIDATION_SHARE = 0.10  # validations may take this share of the budget
 MAX_VAL_INTERVAL = 10
 OVERLAP = 0.5  # the bundles' sliding-window overlap
@@ -221,14 +222,20 @@ def _mm(values) -> str:
 def normalisation(fingerprint: dict) -> tuple[str, list[float], list[float] | None, str]:
     """``(modality, hu_window, intensity_stats, why)`` from dataset.json's modality and the
     foreground intensity statistics of channel 0."""
-    modalities = {str(m).upper() for m in fingerprint["dataset"].get("modality", {}).values()}
-    if modalities != {"CT"}:
-        names = ", ".join(sorted(modalities)) or "none"
+    modality = fingerprint["dataset"].get("modality", {})
+    if modality_kind(modality) != "CT":  # as `medfcn train` reads dataset.json's modality
+        names = ", ".join(sorted(str(m) for m in modality.values())) or "none"
         why = f"modality {names} (not CT): z-score per volume, since MR intensities have no absolute scale."
         return "MRI", [-160.0, 240.0], None, why
     stats = fingerprint["intensity"]["0"]
     window = [float(stats["percentile_00_5"]), float(stats["percentile_99_5"])]
     mean_std = [float(stats["mean"]), float(stats["std"])]
+    if not (window[0] < window[1] and mean_std[1] > 0):  # training would refuse such a window
+        raise UserError(
+            f"{fingerprint['dataset']['dir']}: the labelled CT voxels all have about one value "
+            f"({window[0]:g}-{window[1]:g} HU, std {mean_std[1]:g}), so no intensity window can be planned from "
+            "them; check the labels (are they on the images?), or plan with a dataset.json modality other than CT."
+        )
     why = (
         f"CT: clip to the foreground's 0.5-99.5 percentiles [{window[0]:.1f}, {window[1]:.1f}] HU, then z-score "
         f"with its mean {mean_std[0]:.1f} HU and std {mean_std[1]:.1f} HU (nnU-Net's CT normalisation)."
@@ -473,8 +480,16 @@ class Search:
             if outcome.epochs < MIN_EPOCHS:
                 break
             best = outcome
-        if best is None:
-            return self.complete(tried[0]), tried
+        if best is None:  # nothing reaches MIN_EPOCHS: the coarsest, timed in full (not just its warm-up)
+            coarsest = tried[0]
+            step = self.probe.train_step_seconds(self.spec(coarsest.candidate))
+            if not math.isfinite(step):
+                raise UserError(
+                    f"{self.fingerprint['dataset']['dir']}: even the smallest candidate network (patch "
+                    f"{list(coarsest.candidate.patch)}) does not fit in the memory of this device; "
+                    "plan for another --device."
+                )
+            return self.complete(Outcome(coarsest.candidate, step, None, 0, 1, math.inf)), tried
         for w0 in widths[1:]:
             outcome = self.evaluate(make_candidate(self.fingerprint, self.layout, best.candidate.factor, w0))
             tried.append(outcome)
@@ -571,7 +586,7 @@ def _plan(layout: Layout, chosen: Outcome, budget: Budget, data: dict) -> Plan:
 def _budget(fingerprint: dict, layout: Layout, budget_minutes: float, probe, norm) -> tuple[Budget, str]:
     """The budget in seconds with the cache's setup time estimated from 1-2 real cases."""
     n = int(fingerprint["dataset"].get("num_cases") or len(fingerprint.get("cases") or []))
-    val_cases = math.ceil(n / FOLDS)
+    val_cases = math.ceil(n / min(DEFAULT_FOLDS, n))  # the default split: n - ceil(n / 5) train
     train_cases = max(1, n - val_cases)
     batch = BATCH_SIZE[layout.dims]
     per_case = probe.setup_seconds_per_case(fingerprint["dataset"], list(layout.target), *norm)

@@ -13,6 +13,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from medfcn.devices import check_device
 from medfcn.errors import UserError
 from medfcn.planning.writer import check_out
 
@@ -35,17 +36,12 @@ def check_options(
         raise UserError(f"--budget-minutes {shown}: must be a positive number of minutes, e.g. 60.")
     if dims not in (None, 2, 3):
         raise UserError(f"--dims {dims}: must be 2 or 3 (or left out: the planner chooses).")
-    if device is not None and not _is_device(device):
-        raise UserError(f"--device {device}: use cpu, cuda or cuda:N.")
+    if device is not None:
+        check_device(device)  # a GPU this machine lacks: one line, before the data is read
     if not (dataset_dir / "dataset.json").is_file():
         what = "dataset folder not found" if not dataset_dir.exists() else "has no dataset.json"
         raise UserError(f"{dataset_dir}: {what}; pass the folder that holds an MSD dataset.json.")
     check_out(out, dataset_dir, overwrite)
-
-
-def _is_device(device: str) -> bool:
-    kind, _, index = device.partition(":")
-    return kind == "cpu" and not index or kind == "cuda" and (not index or index.isdigit())
 
 
 def _every_tenth(say: Callable[[str], None]) -> Callable[[int, int], None]:

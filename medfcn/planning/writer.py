@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from medfcn.bundle import COMMON_FILE
+from medfcn.data.datasets import data_root
 from medfcn.errors import UserError
 from medfcn.io import refuse_existing, writable_dir
 from medfcn.outputs import refuse_output_over
@@ -99,6 +100,17 @@ def write_bundle(plan: Plan, fingerprint: dict, out: Path, overwrite: bool = Fal
     return out
 
 
+def dataset_entry(dataset_dir: str | os.PathLike) -> str:
+    """common.json's ``dataset_dir``: for a dataset in the data root (``$MEDFCN_DATA``,
+    ``../shared/datasets``) the expression the shipped bundles use, so the bundle finds its data on
+    another machine; else the absolute path."""
+    folder = Path(os.path.abspath(dataset_dir))
+    root = Path(os.path.abspath(data_root()))
+    if folder.parent == root:
+        return f"$str(medfcn.data.data_root() / {folder.name!r})"
+    return str(folder)
+
+
 def check_out(out: Path, dataset_dir: Path, overwrite: bool) -> None:
     """Refuse an ``out`` that is or holds the dataset (``--overwrite`` would replace it) or lies
     inside it (a bundle is no part of the data), and an existing ``out`` without ``overwrite``."""
@@ -133,7 +145,12 @@ def _replace(tmp: Path, out: Path) -> None:
     if out.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
         os.replace(out, old / out.name)
-        os.replace(tmp, out)
+        try:
+            os.replace(tmp, out)
+        except OSError:  # the old bundle goes back where it was
+            os.replace(old / out.name, out)
+            shutil.rmtree(old, ignore_errors=True)
+            raise
         shutil.rmtree(old)
     else:
         os.replace(tmp, out)
@@ -149,7 +166,7 @@ def common_config(plan: Plan, fingerprint: dict, bundle_name: str) -> dict:
         "imports": list(_IMPORTS),
         "bundle_name": bundle_name,
         "bundle_root": ".",
-        "dataset_dir": os.path.abspath(fingerprint["dataset"]["dir"]),
+        "dataset_dir": dataset_entry(fingerprint["dataset"]["dir"]),
         "folds_file": None,  # medfcn train makes a 5-fold split of the data into the run folder
         "weights_file": "$os.path.join(@bundle_root, 'models', 'model.pt')",
         "device": "$torch.device('cuda' if torch.cuda.is_available() else 'cpu')",
@@ -166,7 +183,9 @@ def common_config(plan: Plan, fingerprint: dict, bundle_name: str) -> dict:
         common["slice_axis"] = plan.slice_axis
     common["network_def"] = network_def(plan)
     common["trained_flip_axes"] = sorted(plan.flip_axes) if plan.dims == 3 else _flips_2d(plan)[0]
-    common.update(epochs=plan.epochs, batch_size=plan.batch_size, val_interval=plan.val_interval)
+    # budget_minutes: medfcn train's ETA says how the run keeps to it
+    common.update(epochs=plan.epochs, budget_minutes=float(plan.budget_minutes))
+    common.update(batch_size=plan.batch_size, val_interval=plan.val_interval)
     if plan.dims == 2:
         common["slices_per_volume"] = getattr(plan, "slices_per_volume", _SLICES_PER_VOLUME)
     common["patch_sampler"] = _patch_sampler(plan)

@@ -11,21 +11,16 @@ given, so a resume repeats them and ``medfcn package`` writes them into the new 
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
-from medfcn.errors import UserError
+from medfcn.data.classes import label_classes, modality_kind
 from medfcn.training.settings import RunSettings
 
 __all__ = ["dataset_labels"]
 
 _LABEL_KEYS = ("num_classes", "class_names", "modality")
-# how MSD and others name the unlabelled voxels
-_BACKGROUND = re.compile(r"^(background|bg|clear label|none|unlabell?ed)$", re.IGNORECASE)
-# single-channel modalities the normalisation knows: CT (clipped to hu_window), anything MR (z-scored)
-_CT = re.compile(r"^(ct|computed tomography)$", re.IGNORECASE)
-_MR = re.compile(r"^(mri?|mri? .*|t1.*|t2.*|flair|adc|dwi|pd|lge.*)$", re.IGNORECASE)
+_FIX = "or give the classes yourself: --set num_classes=N --set 'class_names=[...]'"
 
 
 def dataset_labels(run: RunSettings) -> str | None:
@@ -44,8 +39,8 @@ def dataset_labels(run: RunSettings) -> str | None:
         return None
     found = {}
     if {"num_classes", "class_names"} & set(wanted) and "labels" in meta:
-        found.update(_classes(index, meta["labels"]))
-    modality = _modality(meta.get("modality"))
+        found.update(label_classes(index, meta["labels"], _FIX))
+    modality = modality_kind(meta.get("modality"))
     if modality is not None:
         found["modality"] = modality
     bundle = {key: _bundle_value(run, key) for key in _LABEL_KEYS if key in run.parser}
@@ -74,46 +69,12 @@ def _read(index: Path) -> dict | None:
     return meta if isinstance(meta, dict) else None
 
 
-def _classes(index: Path, labels: Any) -> dict[str, Any]:
-    """``num_classes`` and ``class_names`` from ``dataset.json``'s ``labels`` (``{"0": "background", "1": ...}``).
-
-    Raises:
-        UserError: labels that are not 0..N, a label 0 that is no background, names that are not
-            distinct non-empty text.
-    """
-    fix = "or give the classes yourself: --set num_classes=N --set 'class_names=[...]'"
-    if not isinstance(labels, dict) or not labels:
-        raise UserError(f'{index}: "labels" must be {{"0": "background", "1": NAME, ...}}; fix it, {fix}.')
-    try:
-        numbered = {int(str(key)): value for key, value in labels.items()}
-    except ValueError as err:
-        raise UserError(f'{index}: "labels" has a key that is no label value ({err}); fix it, {fix}.') from err
-    if sorted(numbered) != list(range(len(numbered))) or len(numbered) < 2:
-        shown = ", ".join(map(str, sorted(numbered)))
-        raise UserError(f"{index}: labels {shown} are not 0..N contiguous (N >= 1); renumber the labels, {fix}.")
-    if not _BACKGROUND.match(str(numbered[0]).strip()):
-        raise UserError(f"{index}: label 0 is {numbered[0]!r}, not the background; {fix}.")
-    names = [numbered[k] for k in range(1, len(numbered))]
-    if not all(isinstance(n, str) and n.strip() for n in names) or len(set(names)) != len(names):
-        raise UserError(f"{index}: label names {names} must be distinct, non-empty text; fix them, {fix}.")
-    return {"num_classes": len(numbered), "class_names": names}
-
-
-def _modality(modality: Any) -> str | None:
-    """``CT`` or ``MRI`` for a single-channel ``modality`` entry (``{"0": "CT"}``) that names one;
-    None for several channels (the bundle's, with preflight's channel check) or another name."""
-    if not isinstance(modality, dict) or len(modality) != 1:
-        return None
-    name = str(next(iter(modality.values()))).strip()
-    return "CT" if _CT.match(name) else "MRI" if _MR.match(name) else None
-
-
 def _same(key: str, found: Any, bundle: Any) -> bool:
     """Whether the dataset's value says what the bundle's does (names in any letter case, MR as MRI)."""
     if key == "class_names":
         return [str(n).strip().casefold() for n in found] == [str(n).strip().casefold() for n in bundle]
     if key == "modality":
-        return _modality({"0": bundle}) == found
+        return modality_kind({"0": bundle}) == found
     return found == bundle
 
 

@@ -66,10 +66,19 @@ class EpochProgress:
     """
 
     def __init__(
-        self, evaluator: Engine | None = None, print_fn: Callable[..., None] = print, console: Console | None = None
+        self,
+        evaluator: Engine | None = None,
+        print_fn: Callable[..., None] = print,
+        console: Console | None = None,
+        budget_minutes: float | None = None,
     ):
         self.evaluator = evaluator
         self.print_fn = print_fn
+        # the training time `medfcn plan` fitted the epochs to: the ETA says where the run will end
+        # against it, counted from here (the config is parsed before the cache is filled)
+        self.budget_minutes = budget_minutes
+        self._clock0 = time.perf_counter()
+        self._over_said = False
         console = console if console is not None else Console(stderr=True)
         self._bar = _EpochBar(console) if console.is_terminal else None
         self._losses: list[float] = []
@@ -110,8 +119,24 @@ class EpochProgress:
             scores = " ".join(f"{k.replace('val_', '')} {v:.4f}" for k, v in self.evaluator.state.metrics.items())
             parts.append(scores)
         parts += [f"{per_epoch:.1f} s/epoch", f"ETA {int(eta // 60)}:{int(eta % 60):02d}"]
+        parts += self._budget_parts(eta)
         self.print_fn("  ".join(parts), flush=True)
         self._losses.clear()
+
+    def _budget_parts(self, eta: float) -> list[str]:
+        """``(ends at 19.6 of the 20-min budget)``, and once a note when the run will overrun it
+        by more than 10 %: the machine is slower than when the epochs were planned."""
+        if not self.budget_minutes:
+            return []
+        total = (time.perf_counter() - self._clock0 + eta) / 60
+        parts = [f"(ends at {total:.1f} of the {self.budget_minutes:g}-min budget)"]
+        if total > 1.1 * self.budget_minutes and not self._over_said:
+            self._over_said = True
+            parts.append(
+                "-- over the budget by more than 10 %: this machine is slower (or busier) than when the bundle was "
+                "planned; plan again here, or lower --epochs"
+            )
+        return parts
 
 
 class LearningRateWriter:

@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from medfcn.data.datasets import case_id, folds_record, load_msd_datalist
+from medfcn.data.datasets import case_id, default_split, load_msd_datalist
 from medfcn.errors import UserError
 from medfcn.io import atomic_write_text
 from medfcn.training.settings import RunSettings
@@ -23,7 +23,6 @@ from medfcn.training.settings import RunSettings
 __all__ = ["SPLIT_FILE", "AutomaticSplit", "automatic_split", "write_split"]
 
 SPLIT_FILE = "folds.json"  # in the run folder
-_N_FOLDS, _SEED = 5, 0  # as `medfcn folds DATA` splits
 
 
 @dataclass
@@ -77,7 +76,7 @@ def automatic_split(run: RunSettings) -> AutomaticSplit | None:
             f"{Path(data) / 'dataset.json'}: lists {len(ids)} case(s), cannot make a fold split; "
             "a split needs at least 2 cases."
         )
-    record = folds_record(ids, min(_N_FOLDS, len(ids)), _SEED)
+    record = default_split(ids)
     path = Path(run.get("output_dir")) / SPLIT_FILE
     made = AutomaticSplit(record, path, json.dumps(record, indent=1) + "\n", reason)
     made.written = _refuse_other_split(path, made.text, run)
