@@ -219,6 +219,8 @@ def test_class_mismatch_names_the_file_that_states_the_classes(tmp_path):
     """num_classes lives in configs/common.json now: the message names that file, not train.json."""
     data = write_msd_dataset(tmp_path / "Spheres", n_cases=2, shape=SHAPE)
     common = BUNDLE / "configs" / "common.json"
-    with pytest.raises(UserError, match=f"^{common}: num_classes 2 \\(background \\+ 1\\) but class_names has 2"):
+    given = "from --set num_classes or the dataset.json"
+    said = f"^{common}: num_classes 2 \\(background \\+ 1, {given}\\) but class_names has 2"
+    with pytest.raises(UserError, match=said):
         train(BUNDLE, data, epochs=1, output_dir=tmp_path / "x", overrides={**TINY, "num_classes": 2})
     assert not (tmp_path / "x").exists()

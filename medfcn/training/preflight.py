@@ -103,15 +103,22 @@ def _check_classes(run: RunSettings) -> None:
     num_classes, names = run.get("num_classes"), run.get("class_names")
     if len(names) != int(num_classes) - 1:
         raise UserError(
-            f"{_stating(run, 'num_classes')}: num_classes {num_classes} (background + {int(num_classes) - 1}) "
-            "but class_names has "
-            f"{len(names)} name(s) {list(names)}; set both, e.g. --set num_classes=2 --set 'class_names=[\"tumour\"]'."
+            f"{_stating(run, 'num_classes')}: num_classes {num_classes} (background + {int(num_classes) - 1}"
+            f"{_given(run, 'num_classes')}) but class_names has {len(names)} name(s) {list(names)}"
+            f"{_given(run, 'class_names')}; set both, e.g. --set num_classes=2 --set 'class_names=[\"tumour\"]'."
         )
     window = {key: run.get(key) for key in ("hu_window", "intensity_stats") if key in run.parser}
     try:
         intensity_normalization("image", run.get("modality"), **window)
     except (ValueError, TypeError) as err:
         raise UserError(f"{_stating(run, 'modality')}: {err}") from err
+
+
+def _given(run: RunSettings, key: str) -> str:
+    """``", from --set num_classes"`` where the run's value of ``key`` was given (or taken from
+    the dataset.json), not the bundle's: the file the message names does not hold it."""
+    recorded = getattr(run, "recorded", None) or {}
+    return f", from {run.option(key)} or the dataset.json" if key in recorded else ""
 
 
 def _stating(run: RunSettings, key: str) -> Path:
