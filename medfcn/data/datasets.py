@@ -157,6 +157,22 @@ def default_split(case_ids: list[str]) -> dict:
     return folds_record(case_ids, min(DEFAULT_FOLDS, len(case_ids)), DEFAULT_SEED)
 
 
+def user_datalist(dataset_dir: Path) -> list[dict]:
+    """:func:`load_msd_datalist` of a folder the user named, its failures as one-line user errors.
+
+    Raises:
+        UserError: no such folder, or no readable ``dataset.json`` with cases.
+    """
+    if not dataset_dir.is_dir():
+        what = "is a file, not a dataset folder" if dataset_dir.exists() else "dataset folder not found"
+        raise UserError(f"{dataset_dir}: {what}; pass the folder that holds an MSD dataset.json.")
+    try:
+        datalist = load_msd_datalist(dataset_dir)
+    except (FileNotFoundError, ValueError) as err:
+        raise UserError(str(err)) from err
+    return datalist
+
+
 def write_folds(
     dataset_dir: str | os.PathLike, out: str | os.PathLike, n_folds: int = 5, seed: int = 0, overwrite: bool = False
 ) -> dict:
@@ -171,13 +187,7 @@ def write_folds(
             ``out`` that cannot be written.
     """
     dataset_dir, out = Path(dataset_dir), Path(out)
-    if not dataset_dir.is_dir():
-        what = "is a file, not a dataset folder" if dataset_dir.exists() else "dataset folder not found"
-        raise UserError(f"{dataset_dir}: {what}; pass the folder that holds an MSD dataset.json.")
-    try:
-        datalist = load_msd_datalist(dataset_dir)
-    except (FileNotFoundError, ValueError) as err:
-        raise UserError(str(err)) from err
+    datalist = user_datalist(dataset_dir)
     ids = [case_id(item["image"]) for item in datalist]
     if not 2 <= n_folds <= len(ids):
         fix = f"pass --n-folds between 2 and {len(ids)}" if len(ids) >= 2 else "a split needs at least 2 cases"

@@ -34,7 +34,7 @@ import numpy as np
 
 from medfcn.data.checks import check_label_grid
 from medfcn.data.classes import label_classes
-from medfcn.data.datasets import case_id, load_msd_datalist
+from medfcn.data.datasets import case_id, user_datalist
 from medfcn.data.nifti import check_gzip_integrity, check_nifti_geometry, refuse_non_mm
 from medfcn.data.profile import geometry_ras
 from medfcn.errors import InputWarning, UserError
@@ -102,13 +102,7 @@ def fingerprint_dataset(dataset_dir: str | os.PathLike, progress: Callable[[int,
 
 def _read_index(dataset_dir: Path) -> tuple[dict, list[dict]]:
     """``dataset.json`` parsed, and its training cases sorted by case id (at least 2)."""
-    if not dataset_dir.is_dir():
-        what = "is a file, not a dataset folder" if dataset_dir.exists() else "dataset folder not found"
-        raise UserError(f"{dataset_dir}: {what}; pass the folder that holds an MSD dataset.json.")
-    try:
-        datalist = load_msd_datalist(dataset_dir)
-    except (FileNotFoundError, ValueError) as err:
-        raise UserError(str(err)) from err
+    datalist = user_datalist(dataset_dir)
     index = dataset_dir / "dataset.json"
     meta = json.loads(index.read_text())  # valid JSON: load_msd_datalist read it
     if len(datalist) < 2:
