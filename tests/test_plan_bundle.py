@@ -189,7 +189,7 @@ def test_a_ct_plan_states_its_window_and_foreground_statistics(tmp_path, spheres
     assert common["pixdim"] == [0.8, 0.8, 5.0]
     image = json.loads((out / "configs" / "metadata.json").read_text())["network_data_format"]["inputs"]["image"]
     assert (image["modality"], image["format"]) == ("CT", "hounsfield")
-    assert "clipped to [-57.0, 164.0] HU, then z-score with [99.5, 39.4]" in (out / "docs" / "README.md").read_text()
+    assert "clipped to [-57.0, 164.0] HU, then z-score with mean 99.5, std 39.4 HU" in (out / "docs" / "README.md").read_text()
 
 
 def test_a_plan_the_shared_train_json_cannot_state_is_refused(tmp_path, spheres_dataset):
@@ -398,9 +398,16 @@ def test_the_template_text_is_the_package_data():
     assert template_text("train.json") == (REPO / "medfcn" / "planning" / "template" / "train.json").read_text()
 
 
-def test_a_dataset_in_the_data_root_is_named_as_the_shipped_bundles_name_theirs(tmp_path, monkeypatch):
-    from medfcn.planning.writer import dataset_entry
-
-    monkeypatch.setenv("MEDFCN_DATA", str(tmp_path / "root"))
-    assert dataset_entry(tmp_path / "root" / "LeftAtrium") == "$str(medfcn.data.data_root() / 'LeftAtrium')"
-    assert dataset_entry(tmp_path / "elsewhere" / "LeftAtrium") == str(tmp_path / "elsewhere" / "LeftAtrium")
+@pytest.mark.parametrize("kind", ["file", "folder"])
+def test_overwrite_replaces_a_bundle_only(tmp_path, spheres_dataset, kind):
+    out = tmp_path / "out"
+    if kind == "file":
+        out.write_text("notes")
+    else:
+        out.mkdir()
+        (out / "notes.txt").write_text("notes")
+    with pytest.raises(UserError, match="--overwrite replaces a bundle only"):
+        planning_run.check_options(spheres_dataset, out, 60, None, None, True)
+    assert out.exists() and (out.read_text() if kind == "file" else (out / "notes.txt").read_text()) == "notes"
+    bundle = write_bundle(tiny_plan(), tiny_fingerprint(spheres_dataset), tmp_path / "bundle")
+    planning_run.check_options(spheres_dataset, bundle, 60, None, None, True)  # a bundle may be replaced

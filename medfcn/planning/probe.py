@@ -136,8 +136,8 @@ class TimedProbe:
 
     def train_step_seconds(self, spec: NetworkSpec, limit: float | None = None) -> float:
         """Seconds of one training step of ``spec`` (median of the timed steps after a warm-up),
-        plus the augmentation of ``spec.samples`` patches. When the warm-up step alone took more
-        than twice ``limit`` seconds, that step's time is returned (the candidate is out anyway).
+        plus the augmentation of ``spec.samples`` patches. When the first step after the warm-up took more
+        than twice ``limit`` seconds, the first step after the warm-up one is returned (the candidate is out anyway).
         ``inf`` when the step does not fit in memory."""
         key = ("train", spec)
         cached = self._cache.get(key)
@@ -178,13 +178,14 @@ class TimedProbe:
             return wall
 
         cpu_used: list[tuple[float, float]] = []
-        warm = step()
-        if limit is not None and warm > 2 * limit:
-            return warm, True
-        times: list[float] = []
+        step()  # warm-up: the first step of a network pays one-off costs (allocations, kernel choice)
+        first = step()
+        if limit is not None and first > 2 * limit:  # out even at a steady step's speed: stop here
+            return first, True
+        times: list[float] = [first]
         while len(times) < self.steps or (sum(times) < self.min_seconds and len(times) < MAX_TIMED_STEPS):
             times.append(step())
-        self._record_cpu_share(cpu_used[1:])
+        self._record_cpu_share(cpu_used[1:])  # the warm-up's share left out
         return float(np.median(times)), False  # the median: a busy machine's spikes move it least
 
     def _record_cpu_share(self, cpu_and_wall: list[tuple[float, float]]) -> None:

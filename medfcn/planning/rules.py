@@ -261,9 +261,10 @@ def choose_layout(fingerprint: dict, dims: int | None) -> tuple[Layout, str]:
         )
     else:
         dims = 3
-        why = f"3D: {slices:.0f} slices (median) along axis {slice_axis}" + (
-            "; 2D is kept for anisotropic data with few slices." if coarse is None else f" (>= {FEW_SLICES_FOR_2D})."
-        )
+        if coarse is None:
+            why = "3D: the data are isotropic enough (no coarse axis); 2D is kept for anisotropic data with few slices."
+        else:
+            why = f"3D: {slices:.0f} slices (median) along the coarse axis {coarse} (>= {FEW_SLICES_FOR_2D})."
     return Layout(dims, slice_axis if dims == 2 else None, tuple(target), coarse), why
 
 
@@ -276,8 +277,8 @@ def flip_axes(fingerprint: dict, layout: Layout) -> tuple[list[int], str]:
     sided = [n for n in names if LEFT_RIGHT.search(n)]
     if sided:
         return [], (
-            f"no flip: label(s) {', '.join(repr(n) for n in sided)} name a side, which a left-right flip would "
-            "swap; never along A-P or S-I, where anatomy is not mirrored."
+            f"no flip: label(s) {', '.join(repr(n) for n in sided)} name a side: a left-right flip would show it "
+            "on the other side under the same name; never along A-P or S-I, where anatomy is not mirrored."
         )
     if layout.slice_axis == 0:
         return [], "no flip: the 2D slices are sagittal (axis 0 is the slice axis), so R-L is not in plane."
@@ -638,8 +639,10 @@ def _budget_reasons(plan: Plan, chosen: Outcome, tried: list[Outcome], budget: B
         for o in tried
     )
     epoch_s = budget.steps_per_epoch * chosen.step_seconds
-    verdict = "the finest spacing, then the widest network," if chosen.epochs >= MIN_EPOCHS else "none reached it; "
-    verdict += f" reaching {MIN_EPOCHS} epochs" if chosen.epochs >= MIN_EPOCHS else "the most epochs"
+    if chosen.epochs >= MIN_EPOCHS:
+        verdict = f"the finest spacing, then the widest network, reaching the {MIN_EPOCHS} epochs required"
+    else:
+        verdict = f"none reached the {MIN_EPOCHS} epochs required; the one with the most epochs"
     return {
         "search": f"training steps measured on {measured} (forward, backward, AdamW, plus the recipe's augmentation "
         f"of each sample): {trials}. Chosen: {verdict}.",

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 from medfcn.bundle import COMMON_FILE
-from medfcn.data.datasets import data_root
 from medfcn.errors import UserError
 from medfcn.io import refuse_existing, writable_dir
 from medfcn.outputs import refuse_output_over
@@ -100,17 +99,6 @@ def write_bundle(plan: Plan, fingerprint: dict, out: Path, overwrite: bool = Fal
     return out
 
 
-def dataset_entry(dataset_dir: str | os.PathLike) -> str:
-    """common.json's ``dataset_dir``: for a dataset in the data root (``$MEDFCN_DATA``,
-    ``../shared/datasets``) the expression the shipped bundles use, so the bundle finds its data on
-    another machine; else the absolute path."""
-    folder = Path(os.path.abspath(dataset_dir))
-    root = Path(os.path.abspath(data_root()))
-    if folder.parent == root:
-        return f"$str(medfcn.data.data_root() / {folder.name!r})"
-    return str(folder)
-
-
 def check_out(out: Path, dataset_dir: Path, overwrite: bool) -> None:
     """Refuse an ``out`` that is or holds the dataset (``--overwrite`` would replace it) or lies
     inside it (a bundle is no part of the data), and an existing ``out`` without ``overwrite``."""
@@ -119,6 +107,17 @@ def check_out(out: Path, dataset_dir: Path, overwrite: bool) -> None:
     if spelt.is_relative_to(os.path.abspath(dataset_dir)) or resolved.is_relative_to(dataset_dir.resolve()):
         raise UserError(f"--out {out}: lies inside the dataset {dataset_dir}; write the bundle outside the data.")
     refuse_existing([out], overwrite, fix="pass --overwrite to replace it, or choose another --out")
+    if _not_a_bundle(out):  # --overwrite replaces a bundle (or an empty folder), never other files
+        what = "a file" if not out.is_dir() else "a folder that is no bundle (no configs/metadata.json)"
+        raise UserError(f"--out {out}: is {what}; --overwrite replaces a bundle only: choose another --out.")
+
+
+def _not_a_bundle(out: Path) -> bool:
+    if not out.exists():
+        return False
+    if not out.is_dir():
+        return True
+    return any(out.iterdir()) and not (out / "configs" / "metadata.json").is_file()
 
 
 def _assemble(tmp: Path, plan: Plan, fingerprint: dict, common: dict) -> None:
@@ -166,7 +165,7 @@ def common_config(plan: Plan, fingerprint: dict, bundle_name: str) -> dict:
         "imports": list(_IMPORTS),
         "bundle_name": bundle_name,
         "bundle_root": ".",
-        "dataset_dir": dataset_entry(fingerprint["dataset"]["dir"]),
+        "dataset_dir": os.path.abspath(fingerprint["dataset"]["dir"]),
         "folds_file": None,  # medfcn train makes a 5-fold split of the data into the run folder
         "weights_file": "$os.path.join(@bundle_root, 'models', 'model.pt')",
         "device": "$torch.device('cuda' if torch.cuda.is_available() else 'cpu')",
@@ -434,7 +433,9 @@ def _decisions_section(plan: Plan) -> list[str]:
         for key, reason in plan.reasons.items()
     ]
     if plan.modality == "CT":
-        normalisation = f"clipped to {plan.hu_window} HU, then z-score with {plan.intensity_stats} (mean, std)"
+        low, high = plan.hu_window
+        mean, std = plan.intensity_stats
+        normalisation = f"clipped to [{low:.1f}, {high:.1f}] HU, then z-score with mean {mean:.1f}, std {std:.1f} HU"
     else:
         normalisation = "z-score per volume"
     average = f"decay {plan.ema_decay}" if plan.ema_decay is not None else "off"

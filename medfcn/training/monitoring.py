@@ -79,6 +79,7 @@ class EpochProgress:
         self.budget_minutes = budget_minutes
         self._clock0 = time.perf_counter()
         self._over_said = False
+        self._first_done: float | None = None  # when this run's first epoch ended
         console = console if console is not None else Console(stderr=True)
         self._bar = _EpochBar(console) if console.is_terminal else None
         self._losses: list[float] = []
@@ -111,7 +112,7 @@ class EpochProgress:
         if self._bar is not None:
             self._bar.stop()
         epoch, total = engine.state.epoch, engine.state.max_epochs
-        per_epoch = (time.perf_counter() - self._t0) / max(epoch - self._epoch0, 1)
+        per_epoch = self._seconds_per_epoch(epoch)
         eta = per_epoch * (total - epoch)
         parts = [f"epoch {epoch}/{total}", f"loss {np.mean(self._losses):.4f}"]
         validated = self.evaluator is not None and self.evaluator.state.epoch == epoch
@@ -119,18 +120,29 @@ class EpochProgress:
             scores = " ".join(f"{k.replace('val_', '')} {v:.4f}" for k, v in self.evaluator.state.metrics.items())
             parts.append(scores)
         parts += [f"{per_epoch:.1f} s/epoch", f"ETA {int(eta // 60)}:{int(eta % 60):02d}"]
-        parts += self._budget_parts(eta)
+        parts += self._budget_parts(eta, settled=epoch - self._epoch0 >= 2)
         self.print_fn("  ".join(parts), flush=True)
         self._losses.clear()
 
-    def _budget_parts(self, eta: float) -> list[str]:
+    def _seconds_per_epoch(self, epoch: int) -> float:
+        """The mean epoch time of this run so far, the first epoch left out once there is a later
+        one: it pays one-off costs (the first steps' allocations) the others do not."""
+        now = time.perf_counter()
+        if epoch == self._epoch0 + 1:
+            self._first_done = now
+        if epoch - self._epoch0 >= 2:
+            return (now - self._first_done) / (epoch - self._epoch0 - 1)
+        return now - self._t0
+
+    def _budget_parts(self, eta: float, settled: bool) -> list[str]:
         """``(ends at 19.6 of the 20-min budget)``, and once a note when the run will overrun it
-        by more than 10 %: the machine is slower than when the epochs were planned."""
+        by more than 10 %: the machine is slower than when the epochs were planned (``settled``:
+        past this run's first epoch, whose one-off costs would raise a false alarm)."""
         if not self.budget_minutes:
             return []
         total = (time.perf_counter() - self._clock0 + eta) / 60
         parts = [f"(ends at {total:.1f} of the {self.budget_minutes:g}-min budget)"]
-        if total > 1.1 * self.budget_minutes and not self._over_said:
+        if settled and total > 1.1 * self.budget_minutes and not self._over_said:
             self._over_said = True
             parts.append(
                 "-- over the budget by more than 10 %: this machine is slower (or busier) than when the bundle was "
