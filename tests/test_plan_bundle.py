@@ -189,7 +189,8 @@ def test_a_ct_plan_states_its_window_and_foreground_statistics(tmp_path, spheres
     assert common["pixdim"] == [0.8, 0.8, 5.0]
     image = json.loads((out / "configs" / "metadata.json").read_text())["network_data_format"]["inputs"]["image"]
     assert (image["modality"], image["format"]) == ("CT", "hounsfield")
-    assert "clipped to [-57.0, 164.0] HU, then z-score with mean 99.5, std 39.4 HU" in (out / "docs" / "README.md").read_text()
+    said = "clipped to [-57.0, 164.0] HU, then z-score with mean 99.5, std 39.4 HU"
+    assert said in (out / "docs" / "README.md").read_text()
 
 
 def test_a_plan_the_shared_train_json_cannot_state_is_refused(tmp_path, spheres_dataset):
