@@ -274,3 +274,62 @@ def test_left_atrium_both_arms_same_fold(left_atrium, tmp_path):
     assert monai_arm["steps"] >= 1
     assert 0.05 <= monai_arm["training_minutes"] <= 0.05 + 10 / 60, monai_arm["training_minutes"]
     assert arms["medfcn"]["epochs"] == 2 and arms["medfcn"]["planning_seconds"] is None
+
+
+# bench/transfer.py: scratch vs a transferred encoder, frozen and fine-tuned, on few labels
+
+
+@pytest.fixture(scope="module")
+def transfer():
+    return _bench_module("transfer")
+
+
+def _source_bundle(root):
+    """A 'trained' source bundle: the tiny bundle's configs with random weights of its network
+    (features 8-16-32) as ``models/model.pt``, 3 output classes (its head cannot transfer)."""
+    from medfcn import FCN
+
+    bundle = _tiny_bundle(root)
+    (bundle / "models").mkdir()
+    network = FCN(spatial_dims=3, in_channels=1, out_channels=3, features=(8, 16, 32), deep_supervision=1)
+    torch.save(network.state_dict(), bundle / "models" / "model.pt")
+    return bundle
+
+
+def _encoder(path):
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("network", state)
+    return {k: v for k, v in state.items() if k.startswith("encoder.")}
+
+
+@pytest.mark.slow
+def test_transfer_arms_share_the_network_and_only_frozen_keeps_the_source(transfer, tmp_path):
+    """Three arms on a tiny dataset, 1 labelled case: the few-label folder holds only the
+    labelled and held-out cases; the network takes the source's features; the frozen arm's
+    encoder ends equal to the source's, the fine-tuned and scratch arms' do not."""
+    import json
+
+    data = _ball_dataset(tmp_path / "Ball")
+    source = _source_bundle(tmp_path / "source")
+    planned = _tiny_bundle(tmp_path / "planned")
+    common = json.loads((planned / "configs" / "common.json").read_text())
+    common["network_def"] |= {"features": [4, 8, 16, 32]}  # another width: the source's must win
+    (planned / "configs" / "common.json").write_text(json.dumps(common))
+    out, work = tmp_path / "transfer.json", tmp_path / "work"
+    options = ["--data", str(data), "--folds", str(data / "folds.json"), "--labelled", "1", "--epochs", "2"]
+    options += ["--val-interval", "1", "--source", str(source), "--bundle", str(planned), "--device", "cpu"]
+    transfer.main([*options, "--work", str(work), "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert [a["arm"] for a in result["arms"]] == ["scratch", "frozen", "fine-tuned"]
+    assert result["network_def"]["features"] == [8, 16, 32] and len(result["network_def"]["strides"]) == 2
+    assert len(result["labelled_cases"]) == 1 and result["labelled_cases"][0] in {"ball_1", "ball_3"}
+    listed = json.loads((work / "data" / "dataset.json").read_text())["training"]
+    assert sorted(e["image"] for e in listed) == sorted(
+        f"./imagesTr/{c}.nii.gz" for c in ["ball_0", "ball_2", *result["labelled_cases"]]
+    )
+    source_encoder = _encoder(source / "models" / "model.pt")
+    for arm in result["arms"]:
+        assert arm["epochs"] == 2 and 0 <= arm["min_dice"] <= arm["mean_dice"] <= 1
+        encoder = _encoder(work / f"run_{arm['arm']}" / "last.pt")
+        same = all(torch.equal(encoder[k], v) for k, v in source_encoder.items())
+        assert same == (arm["arm"] == "frozen"), arm["arm"]

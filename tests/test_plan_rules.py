@@ -259,3 +259,15 @@ def test_the_timed_probe_measures_its_share_of_the_cores():
     )
     probe.train_step_seconds(spec)
     assert probe.cpu_share is not None and 0.0 < probe.cpu_share <= 1.0
+
+
+def test_validation_counts_the_windows_of_every_case_not_the_median_ones():
+    """Half the cases fit one 32^3 window, half are 64 x 64 x 32: 3 x 3 x 1 windows at overlap
+    0.5; the mean is 5, where the median case (the smaller, on a tie) would say 1 or 9."""
+    shapes = fingerprint((32, 32, 32), (1.0, 1.0, 1.0), ["x"], n=4)
+    for case in shapes["cases"][2:]:
+        case["shape"] = [64, 64, 32]
+    layout = rules.Layout(3, None, (1.0, 1.0, 1.0), None)
+    assert rules.mean_windows(shapes, (1.0, 1.0, 1.0), layout, (32, 32, 32)) == pytest.approx(5.0)
+    sliced = rules.Layout(2, 2, (1.0, 1.0, 1.0), None)  # 2D: windows x slices per case
+    assert rules.mean_windows(shapes, (1.0, 1.0, 1.0), sliced, (32, 32)) == pytest.approx((32 + 9 * 32) / 2)
