@@ -25,7 +25,6 @@ import datetime
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +37,7 @@ from medfcn.bundle import COMMON_FILE, MODEL_KEYS, NOT_SETTINGS, bundle_files, r
 from medfcn.data.datasets import fold_datalists
 from medfcn.data.profile import PROFILE_KEY, RUN_PROFILE, training_profile
 from medfcn.errors import UserError
-from medfcn.io import atomic_torch_save, read_checkpoint, refuse_existing, writable_dir
+from medfcn.io import atomic_torch_save, read_checkpoint, refuse_existing, replace_folder, writable_dir
 from medfcn.outputs import refuse_output_over
 from medfcn.segmenter import load_segmenter
 
@@ -368,17 +367,12 @@ def package_run(
         weights = "last" if run["settings"].get("fold") == -1 else "best"
     state, source, best = _run_weights(run_dir, weights)
     writable_dir(out.parent, fix="choose another --out")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    with replace_folder(out) as tmp:
         _assemble(tmp, out.name, origin, run_dir, run, state, source, best)
         try:
             load_segmenter(tmp, device="cpu")
         except UserError as err:
             raise UserError(f"{run_dir}: the packaged bundle does not load its weights ({err}).") from err
-        os.chmod(tmp, 0o755)
-        _replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -395,14 +389,3 @@ def _source_bundle(origin: Path, run_dir: Path, out: Path) -> Path:
     for config in ("train.json", "inference.json"):  # broken JSON: one line naming the file
         bundle_files(origin, config)
     return origin
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    """Rename the folder ``tmp`` onto ``out``, replacing an existing ``out`` as a whole."""
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-        os.replace(out, old / out.name)
-        os.replace(tmp, out)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out)

@@ -20,8 +20,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import shutil
-import tempfile
 from importlib import metadata as package_metadata
 from importlib import resources
 from pathlib import Path
@@ -29,7 +27,7 @@ from typing import Any
 
 from medfcn.bundle import COMMON_FILE
 from medfcn.errors import UserError
-from medfcn.io import refuse_existing, writable_dir
+from medfcn.io import refuse_existing, replace_folder, writable_dir
 from medfcn.outputs import refuse_output_over
 from medfcn.planning.rules import Plan
 
@@ -89,13 +87,8 @@ def write_bundle(plan: Plan, fingerprint: dict, out: Path, overwrite: bool = Fal
     check_out(out, Path(fingerprint["dataset"]["dir"]), overwrite)
     common = common_config(plan, fingerprint, out.name)
     writable_dir(out.parent, fix="choose another --out")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    with replace_folder(out) as tmp:
         _assemble(tmp, plan, fingerprint, common)
-        os.chmod(tmp, 0o755)
-        _replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -137,22 +130,6 @@ def _assemble(tmp: Path, plan: Plan, fingerprint: dict, common: dict) -> None:
 
 def _write_json(path: Path, content: Any) -> None:
     path.write_text(json.dumps(content, indent=4) + "\n", encoding="utf-8")
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    """Rename the folder ``tmp`` onto ``out``, replacing an existing ``out`` as a whole."""
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-        os.replace(out, old / out.name)
-        try:
-            os.replace(tmp, out)
-        except OSError:  # the old bundle goes back where it was
-            os.replace(old / out.name, out)
-            shutil.rmtree(old, ignore_errors=True)
-            raise
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out)
 
 
 # --- configs/common.json --------------------------------------------------------------------
