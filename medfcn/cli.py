@@ -23,7 +23,7 @@ from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
 from medfcn.errors import InputWarning, find_user_error
 from medfcn.notices import quiet_library_notices
-from medfcn.outputs import exit_on_sigterm, path_text
+from medfcn.outputs import exit_on_sigterm, path_text, plural
 
 # The commands in the order of a project's work, as `medfcn --help` lists them.
 WORKFLOW = ("plan", "folds", "train", "package", "infer", "evaluate", "export")
@@ -330,8 +330,9 @@ def plan_summary(decided: dict) -> list[str]:
         f"spacing {decided['pixdim']} mm, {decided['dims']}D, patch {decided['patch_size']} voxels",
         f"network: features {decided['features']}, pooling per scale {decided['strides']}, "
         f"deep supervision {decided['deep_supervision']}",
-        f"batch {decided['batch_size']}, {decided['epochs']} epochs: planned {decided['planned_minutes']:.1f} "
-        f"minutes of training for a budget of {decided['budget_minutes']:g} on {decided['device']}",
+        f"batch {decided['batch_size']}, {plural(decided['epochs'], 'epoch')}: planned "
+        f"{plural(decided['planned_minutes'], 'minute', '.1f')} of training for a budget of "
+        f"{decided['budget_minutes']:g} on {decided['device']}",
     ]
 
 

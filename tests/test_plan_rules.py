@@ -259,3 +259,11 @@ def test_the_timed_probe_measures_its_share_of_the_cores():
     )
     probe.train_step_seconds(spec)
     assert probe.cpu_share is not None and 0.0 < probe.cpu_share <= 1.0
+
+
+def test_reasons_count_in_the_singular_where_the_count_is_one():
+    """2 cases: 1 held out for validation, 1 training step per epoch."""
+    plan = make_plan(fingerprint((36, 50, 35), (1.0, 1.0, 1.0), ["lesion"], n=2), 20.0, probe=FakeProbe())
+    assert "a validation of 1 case takes" in plan.reasons["val_interval"], plan.reasons["val_interval"]
+    assert f"{plan.epochs} epochs of 1 step (" in plan.reasons["epochs"], plan.reasons["epochs"]
+    assert "the 2 cases once" in plan.reasons["seconds_setup"], plan.reasons["seconds_setup"]

@@ -28,7 +28,7 @@ from typing import Any
 from medfcn.bundle import COMMON_FILE
 from medfcn.errors import UserError
 from medfcn.io import refuse_existing, replace_folder, writable_dir
-from medfcn.outputs import refuse_output_over
+from medfcn.outputs import plural, refuse_output_over
 from medfcn.planning.rules import Plan
 
 __all__ = ["STAGE_FILES", "write_bundle", "template_text"]
@@ -353,7 +353,8 @@ def _label_volumes(fingerprint: dict) -> dict:
 
 def _dataset_title(fingerprint: dict) -> str:
     dataset = fingerprint["dataset"]
-    return f"{dataset.get('name') or Path(dataset['dir']).name} ({dataset.get('num_cases', '?')} cases)"
+    cases = plural(dataset["num_cases"], "case") if "num_cases" in dataset else "? cases"
+    return f"{dataset.get('name') or Path(dataset['dir']).name} ({cases})"
 
 
 # --- docs/README.md -------------------------------------------------------------------------
@@ -366,7 +367,7 @@ def readme(plan: Plan, fingerprint: dict, name: str) -> str:
         f"# {name}",
         "",
         f"A MONAI bundle planned by `medfcn plan` from the data in `{fingerprint['dataset']['dir']}`",
-        f"and a training budget of {plan.budget_minutes:g} minutes on `{plan.device}`. It holds no weights",
+        f"and a training budget of {plural(plan.budget_minutes, 'minute')} on `{plan.device}`. It holds no weights",
         "yet: train it, then package the run (below).",
         "",
         *_data_section(plan, fingerprint),
@@ -423,7 +424,7 @@ def _decisions_section(plan: Plan) -> list[str]:
         f"{plan.dims}D `medfcn.FCN`, features {plan.features}, encoder blocks {plan.encoder_blocks}, "
         f"pooling per scale {plan.strides}, deep supervision {plan.deep_supervision}; patch {plan.patch_size} "
         f"voxels at {plan.pixdim} mm{_sliced(plan)}; {plan.modality}, {normalisation}; flips along axes "
-        f"{flips}, random affine; weight average {average}; batch {plan.batch_size}, {plan.epochs} epochs, "
+        f"{flips}, random affine; weight average {average}; batch {plan.batch_size}, {plural(plan.epochs, 'epoch')}, "
         f"validation every {plan.val_interval}.",
         "",
         "| decision | value | why |",
@@ -447,10 +448,11 @@ def _budget_section(plan: Plan) -> list[str]:
     return [
         "## Budget",
         "",
-        f"Budget {plan.budget_minutes:g} minutes; planned training time {plan.planned_minutes:.1f} minutes "
+        f"Budget {plural(plan.budget_minutes, 'minute')}; planned training time "
+        f"{plural(plan.planned_minutes, 'minute', '.1f')} "
         f"({share:.0f} % of the budget) on "
-        f"`{plan.device}`: {plan.epochs} epochs at {plan.seconds_per_step:.2f} s per step (measured), "
-        f"{plan.seconds_per_validation:.1f} s per validation every {plan.val_interval} epochs, "
+        f"`{plan.device}`: {plural(plan.epochs, 'epoch')} at {plan.seconds_per_step:.2f} s per step (measured), "
+        f"{plan.seconds_per_validation:.1f} s per validation every {plural(plan.val_interval, 'epoch')}, "
         f"{plan.seconds_setup:.0f} s of loading.",
         "",
     ]

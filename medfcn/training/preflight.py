@@ -20,6 +20,7 @@ from medfcn.data.datasets import fold_datalists, split_datalists
 from medfcn.data.transforms import intensity_normalization
 from medfcn.errors import UserError, root_message
 from medfcn.io import checkpoint_reason, load_state
+from medfcn.outputs import plural
 from medfcn.settings import stating_file
 from medfcn.training.settings import RunSettings
 from medfcn.training.split import AutomaticSplit, automatic_split
@@ -195,7 +196,7 @@ def _read_resume_checkpoint(run: RunSettings) -> dict:
     done = int(state["iteration"]) // max(int(state["epoch_length"]), 1)
     if done >= int(run.get("epochs")):
         raise UserError(
-            f"{last}: run has finished {done} epochs already; pass {run.option('epochs')} larger than {done}."
+            f"{last}: run has finished {plural(done, 'epoch')} already; pass {run.option('epochs')} larger than {done}."
         )
     return saved
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from medfcn.data.datasets import case_id, default_split, load_msd_datalist
 from medfcn.errors import UserError
 from medfcn.io import atomic_write_text
+from medfcn.outputs import plural
 from medfcn.training.settings import RunSettings
 
 __all__ = ["SPLIT_FILE", "AutomaticSplit", "automatic_split", "write_split"]
@@ -49,7 +50,7 @@ class AutomaticSplit:
         cases = sum(len(f) for f in folds)
         trained = "training on all cases" if fold == -1 else f"training fold {fold}"
         verb = "written to" if self.written else "reused from"
-        made = f"{len(folds)} folds of {cases} cases of {dataset_dir} {verb} {self.path}"
+        made = f"{len(folds)} folds of {plural(cases, 'case')} of {dataset_dir} {verb} {self.path}"
         return f"split: {made} ({self.reason}); {trained}"
 
 
