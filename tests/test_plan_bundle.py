@@ -141,6 +141,7 @@ def test_write_bundle_writes_every_file_and_the_templates_stage_configs(tmp_path
     shipped = json.loads((REPO / "bundles" / "hippocampus_fcn" / "configs" / "common.json").read_text())
     assert list(common) == list(shipped)  # the shipped 3D bundle's keys, in its order
     assert common["bundle_name"] == "spheres_fcn" and common["folds_file"] is None
+    assert common["modality"] == "MRI" and common["hu_window"] is None  # a CT setting: stated, but null
     assert common["dataset_dir"] == str(spheres_dataset.resolve())
     assert common["network_def"] == {
         "_target_": "medfcn.FCN",

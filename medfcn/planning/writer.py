@@ -148,7 +148,9 @@ def common_config(plan: Plan, fingerprint: dict, bundle_name: str) -> dict:
         "device": "$torch.device('cuda' if torch.cuda.is_available() else 'cpu')",
         "bf16": True,
         "modality": plan.modality,
-        "hu_window": list(plan.hu_window),
+        # CT only; null, not left out, since the template's train.json and inference.json pass
+        # @hu_window to the normalisation whatever the modality
+        "hu_window": list(plan.hu_window) if plan.modality == "CT" else None,
         "intensity_stats": None if plan.intensity_stats is None else list(plan.intensity_stats),
         "pixdim": [float(s) for s in plan.pixdim],
         "class_names": list(plan.class_names),
