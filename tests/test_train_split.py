@@ -157,9 +157,12 @@ def test_labels_from_dataset_json_with_a_pretrained_encoder(tmp_path):
     encoder_keys = [k for k in donor if k.startswith("encoder.") and donor[k].is_floating_point()]
     assert encoder_keys and all(torch.equal(trained[k], donor[k]) for k in encoder_keys)
     # the packaged bundle states the run's classes and split
-    common = json.loads((package_run(out, tmp_path / "bundle") / "configs" / "common.json").read_text())
+    bundle = package_run(out, tmp_path / "bundle")
+    common = json.loads((bundle / "configs" / "common.json").read_text())
     assert common["num_classes"] == 2 and common["class_names"] == ["sphere"]
-    assert common["folds_file"] == str((out / "folds.json").resolve())
+    # the split the run made, in its folder, travels with the bundle
+    assert common["folds_file"] == "$os.path.join(@bundle_root, 'configs', 'folds.json')"
+    assert (bundle / "configs" / "folds.json").read_text() == (out / "folds.json").read_text()
 
 
 def test_labels_set_by_the_user_win_and_same_labels_change_nothing(tmp_path):
