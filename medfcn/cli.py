@@ -186,6 +186,7 @@ TRAIN_OPTION_NAMES = {
     "epochs": "--epochs",
     "pretrained_encoder": "--encoder",
     "freeze_encoder": "--freeze-encoder",
+    "output_dir": "--output",
 }
 
 

@@ -74,8 +74,8 @@ def _add_case(data):
 
 def test_automatic_split_is_written_recorded_said_and_reused_on_resume(tmp_path):
     """The bundle's split names Task04's cases: `medfcn train` writes the split `medfcn folds DIR`
-    would into the run folder, says so, records it; a resume reuses that very file, even after
-    the dataset gained a case."""
+    would into the run folder, says so, records it; a resume reuses that very file, and refuses
+    a dataset that gained or lost a case since (it would train on other cases)."""
     data = write_msd_dataset(tmp_path / "Spheres", n_cases=6, shape=SHAPE)
     out = tmp_path / "run"
     sets = [a for key, value in TINY.items() for a in ("--set", f"{key}={json.dumps(value)}")]
@@ -95,7 +95,20 @@ def test_automatic_split_is_written_recorded_said_and_reused_on_resume(tmp_path)
     assert json.loads((out / RUN_FILE).read_text())["settings"]["folds_file"] == str(split.resolve())
 
     written, stamp = split.read_text(), split.stat().st_mtime_ns
-    _add_case(data)  # a new split would differ: 7 cases
+    listed = (data / "dataset.json").read_text()
+    _add_case(data)
+    refused = CliRunner().invoke(app, ["train", str(BUNDLE), "--output", str(out), "--resume", "--epochs", "2"])
+    assert refused.exit_code == 2, refused.output
+    assert refused.output.strip().endswith(
+        f"{data}: 1 case added since the run split it ({split.resolve()}); resumed, it would train on other cases: "
+        "start a new run with another --output."
+    ), refused.output
+    meta = json.loads(listed)
+    meta["training"] = meta["training"][1:]
+    (data / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match=r": 1 case removed since the run split it"):
+        train(BUNDLE, output_dir=out, resume=True, epochs=2)
+    (data / "dataset.json").write_text(listed)
     notices = []
     train(BUNDLE, output_dir=out, resume=True, epochs=2, notify=notices.append)
     assert notices == []  # no split made

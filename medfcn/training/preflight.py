@@ -23,7 +23,7 @@ from medfcn.io import checkpoint_reason, load_state
 from medfcn.outputs import plural
 from medfcn.settings import stating_file
 from medfcn.training.settings import RunSettings
-from medfcn.training.split import AutomaticSplit, automatic_split
+from medfcn.training.split import AutomaticSplit, automatic_split, refuse_changed_cases
 
 __all__ = ["Preflight", "preflight"]
 
@@ -78,6 +78,8 @@ def _split(run: RunSettings) -> AutomaticSplit | None:
     split = automatic_split(run)
     if split is not None:
         run.parser.update({"folds_file": str(split.path)})
+    elif run.resume:
+        refuse_changed_cases(run)
     return split
 
 
