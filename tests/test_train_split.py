@@ -118,6 +118,19 @@ def test_automatic_split_is_written_recorded_said_and_reused_on_resume(tmp_path)
     assert state["iteration"] == 2 * state["epoch_length"]
 
 
+def test_an_unknown_fold_of_the_automatic_split_names_the_split_and_its_folds(tmp_path):
+    data = write_msd_dataset(tmp_path / "Spheres", n_cases=6, shape=SHAPE)
+    out = tmp_path / "run"
+    args = ["train", str(BUNDLE), "--data", str(data), "--fold", "7", "--output", str(out), "--device", "cpu"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert result.output == (
+        f"medfcn: error: --fold 7: the automatic 5-fold split of {data} has folds 0..4; choose one of them, "
+        "or -1 to train on all cases.\n"
+    )  # not the run folder's folds.json, which is not written
+    assert not out.exists()
+
+
 def test_a_given_split_of_other_cases_or_missing_is_refused(tmp_path):
     """--folds (or --set folds_file) is used as given: the bundle's own Task04 split given
     explicitly, or a missing file, is refused as before, and nothing is written."""

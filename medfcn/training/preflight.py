@@ -92,13 +92,28 @@ def _fold_cases(run: RunSettings, made: AutomaticSplit | None) -> tuple[list[dic
         raise UserError(f"{split}: fold split not found; {new_split}.")
     try:
         if made is not None:
-            return split_datalists(data, made.record["folds"], int(fold), where=str(made.path))
+            return split_datalists(data, made.record["folds"], _made_fold(run, made), where=str(made.path))
         return fold_datalists(data, split, int(fold))
     except FileNotFoundError as err:
         raise UserError(str(err)) from err
     except ValueError as err:
         hint = f" The split is for another dataset: {new_split}." if "names cases not in" in str(err) else ""
         raise UserError(f"{err}{hint}") from err
+
+
+def _made_fold(run: RunSettings, made: AutomaticSplit) -> int:
+    """The run's fold, checked against the split made for it (whose file is not written yet).
+
+    Raises:
+        UserError: a fold the split does not have, naming the split and its folds.
+    """
+    fold, n_folds = int(run.get("fold")), len(made.record["folds"])
+    if not -1 <= fold < n_folds:
+        raise UserError(
+            f"{run.option('fold')} {fold}: the automatic {n_folds}-fold split of {run.get('dataset_dir')} has folds "
+            f"0..{n_folds - 1}; choose one of them, or -1 to train on all cases."
+        )
+    return fold
 
 
 def _check_classes(run: RunSettings) -> None:
