@@ -260,6 +260,21 @@ def test_a_planned_bundle_trains_packages_infers_and_evaluates(tmp_path, small_d
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("planned", ["cuda:0", "cpu"])
+def test_a_run_on_another_kind_of_device_than_planned_says_so(tmp_path, small_dataset, planned):
+    from medfcn.training import train
+
+    bundle = write_bundle(tiny_plan(device=planned), tiny_fingerprint(small_dataset), tmp_path / "spheres_fcn")
+    notices: list[str] = []
+    train(bundle, small_dataset, output_dir=tmp_path / "run", epochs=1, device="cpu", notify=notices.append)
+    line = (
+        f"device: the bundle's epochs were planned for cuda ({bundle / 'configs' / 'plan.json'}); this run trains "
+        "on cpu, so its duration will differ from the plan's"
+    )
+    assert (line in notices) is (planned == "cuda:0"), notices
+    assert not [n for n in notices if n.startswith("device:")] or planned != "cpu"
+
+
 def test_monai_runner_trains_a_planned_bundle_without_a_split(tmp_path, small_dataset):
     """``folds_file`` null: MONAI's runner trains on the default split too (in memory)."""
     bundle = write_bundle(tiny_plan(epochs=1), tiny_fingerprint(small_dataset), tmp_path / "spheres_fcn")
