@@ -443,14 +443,14 @@ def infer(
         mask_format=mask_format,
         continue_on_error=continue_on_error,
     )
-    typer.echo(f"done: {len(rows)} mask(s) and volumes.csv in {out}")
+    typer.echo(f"done: {plural(len(rows), 'mask')} and volumes.csv in {out}")
     if rows.failures:
         _report_failures(rows.failures, out / "failures.csv")
 
 
 def _report_failures(failures: list[dict], table: Path) -> None:
     """One line per failed scan on stderr, then exit code 3 (some scans failed, not all-or-nothing's 2)."""
-    typer.echo(f"medfcn: {len(failures)} scan(s) failed, listed in {table}:", err=True)
+    typer.echo(f"medfcn: {plural(len(failures), 'scan')} failed, listed in {table}:", err=True)
     for failure in failures:
         typer.echo(f"medfcn: failed: {failure['input']}: {failure['reason']}", err=True)
     raise typer.Exit(3)
@@ -537,14 +537,15 @@ def _print_unscored(summary: dict, names: dict[int, str]) -> None:
             k = metric.removeprefix("hd95_")
             dice = summary[f"dice_{k}"]
             typer.echo(
-                f"{_metric_label(metric, names)}: {stats['not_scored']} case(s) not scored (label missing from "
+                f"{_metric_label(metric, names)}: {plural(stats['not_scored'], 'case')} not scored (label missing from "
                 f"prediction or reference: {dice['missed']} missed, {dice['false_positive']} false positive); "
                 f"dice_{k} is 0 there."
             )
         if stats.get("no_overlap"):
             typer.echo(
-                f"{_metric_label(metric, names)}: {stats['no_overlap']} case(s) where prediction and reference both "
-                "hold the label in no voxel in common (Dice 0): a structure in the wrong place or under another label."
+                f"{_metric_label(metric, names)}: {plural(stats['no_overlap'], 'case')} where prediction and "
+                "reference both hold the label in no voxel in common (Dice 0): a structure in the wrong place or "
+                "under another label."
             )
 
 

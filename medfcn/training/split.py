@@ -76,7 +76,7 @@ def automatic_split(run: RunSettings) -> AutomaticSplit | None:
         return None
     if len(ids) < 2:
         raise UserError(
-            f"{Path(data) / 'dataset.json'}: lists {len(ids)} case(s), cannot make a fold split; "
+            f"{Path(data) / 'dataset.json'}: lists {plural(len(ids), 'case')}, cannot make a fold split; "
             "a split needs at least 2 cases."
         )
     record = default_split(ids)
