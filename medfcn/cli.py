@@ -23,7 +23,7 @@ from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
 from medfcn.errors import InputWarning, find_user_error
 from medfcn.notices import quiet_library_notices
-from medfcn.outputs import exit_on_sigterm, path_text
+from medfcn.outputs import exit_on_sigterm, path_text, plural
 
 # The commands in the order of a project's work, as `medfcn --help` lists them.
 WORKFLOW = ("plan", "folds", "train", "package", "infer", "evaluate", "export")
@@ -186,6 +186,7 @@ TRAIN_OPTION_NAMES = {
     "epochs": "--epochs",
     "pretrained_encoder": "--encoder",
     "freeze_encoder": "--freeze-encoder",
+    "output_dir": "--output",
 }
 
 
@@ -330,8 +331,9 @@ def plan_summary(decided: dict) -> list[str]:
         f"spacing {decided['pixdim']} mm, {decided['dims']}D, patch {decided['patch_size']} voxels",
         f"network: features {decided['features']}, pooling per scale {decided['strides']}, "
         f"deep supervision {decided['deep_supervision']}",
-        f"batch {decided['batch_size']}, {decided['epochs']} epochs: planned {decided['planned_minutes']:.1f} "
-        f"minutes of training for a budget of {decided['budget_minutes']:g} on {decided['device']}",
+        f"batch {decided['batch_size']}, {plural(decided['epochs'], 'epoch')}: planned "
+        f"{plural(decided['planned_minutes'], 'minute', '.1f')} of training for a budget of "
+        f"{decided['budget_minutes']:g} on {decided['device']}",
     ]
 
 
@@ -441,14 +443,14 @@ def infer(
         mask_format=mask_format,
         continue_on_error=continue_on_error,
     )
-    typer.echo(f"done: {len(rows)} mask(s) and volumes.csv in {out}")
+    typer.echo(f"done: {plural(len(rows), 'mask')} and volumes.csv in {out}")
     if rows.failures:
         _report_failures(rows.failures, out / "failures.csv")
 
 
 def _report_failures(failures: list[dict], table: Path) -> None:
     """One line per failed scan on stderr, then exit code 3 (some scans failed, not all-or-nothing's 2)."""
-    typer.echo(f"medfcn: {len(failures)} scan(s) failed, listed in {table}:", err=True)
+    typer.echo(f"medfcn: {plural(len(failures), 'scan')} failed, listed in {table}:", err=True)
     for failure in failures:
         typer.echo(f"medfcn: failed: {failure['input']}: {failure['reason']}", err=True)
     raise typer.Exit(3)
@@ -535,14 +537,15 @@ def _print_unscored(summary: dict, names: dict[int, str]) -> None:
             k = metric.removeprefix("hd95_")
             dice = summary[f"dice_{k}"]
             typer.echo(
-                f"{_metric_label(metric, names)}: {stats['not_scored']} case(s) not scored (label missing from "
+                f"{_metric_label(metric, names)}: {plural(stats['not_scored'], 'case')} not scored (label missing from "
                 f"prediction or reference: {dice['missed']} missed, {dice['false_positive']} false positive); "
                 f"dice_{k} is 0 there."
             )
         if stats.get("no_overlap"):
             typer.echo(
-                f"{_metric_label(metric, names)}: {stats['no_overlap']} case(s) where prediction and reference both "
-                "hold the label in no voxel in common (Dice 0): a structure in the wrong place or under another label."
+                f"{_metric_label(metric, names)}: {plural(stats['no_overlap'], 'case')} where prediction and "
+                "reference both hold the label in no voxel in common (Dice 0): a structure in the wrong place or "
+                "under another label."
             )
 
 

@@ -12,6 +12,7 @@ import csv
 import errno
 import io
 import os
+import shutil
 import tempfile
 import threading
 from collections.abc import Iterable, Iterator
@@ -42,6 +43,7 @@ __all__ = [
     "read_checkpoint",
     "refuse_full_disk",
     "refuse_existing",
+    "replace_folder",
     "writable_dir",
 ]
 
@@ -111,6 +113,42 @@ def refuse_existing(
     for path in map(Path, paths):
         if path.exists():
             raise UserError(f"{path}: already exists; {fix}.")
+
+
+@contextlib.contextmanager
+def replace_folder(out: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty hidden folder beside ``out``; on success it replaces ``out`` as a whole.
+
+    The new folder is renamed into place after the old ``out`` (if any) is renamed aside, and
+    the old one is deleted only then. On any failure, while assembling or renaming, the old
+    ``out`` is back where it was and the temporary folders are removed: a reader sees the old
+    folder or the complete new one (for an instant, none between the two renames).
+    """
+    out = Path(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide the bundle from other users
+        _rename_over(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _rename_over(tmp: Path, out: Path) -> None:
+    """Rename the folder ``tmp`` onto ``out``; an existing ``out`` is put back if that fails."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+    try:
+        os.replace(out, old / out.name)
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            os.replace(old / out.name, out)
+            raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 @contextlib.contextmanager

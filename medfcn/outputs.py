@@ -10,6 +10,7 @@ folder at a time, clean exits on SIGTERM, and file names that are not valid UTF-
 - :func:`exit_on_sigterm`: SIGTERM unwinds like Ctrl-C, so every temporary file is removed.
 - :func:`path_text`: a path as text for tables and the terminal, also when its bytes are not
   UTF-8 (an old Latin-1 export: ``b"scan_\\xe9.nii.gz"``).
+- :func:`plural`: a count and its noun for messages, ``1 epoch`` but ``2 epochs``.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ __all__ = [
     "is_utf8",
     "output_lock",
     "path_text",
+    "plural",
     "refuse_non_utf8",
     "refuse_output_over",
     "refuse_outputs_over_inputs",
@@ -52,6 +54,14 @@ def is_utf8(path: str | os.PathLike) -> bool:
     except UnicodeDecodeError:
         return False
     return True
+
+
+def plural(count: float, noun: str, spec: str = "g") -> str:
+    """``count`` formatted with ``spec`` and ``noun``, with an "s" unless the number reads 1:
+    ``plural(1, "epoch")`` is ``1 epoch``, ``plural(3, "case")`` ``3 cases``,
+    ``plural(1.04, "minute", ".1f")`` ``1.0 minutes``."""
+    number = format(count, spec)
+    return f"{number} {noun}" if number == "1" else f"{number} {noun}s"
 
 
 def path_text(path: str | os.PathLike) -> str:

@@ -24,8 +24,8 @@ import copy
 import datetime
 import json
 import os
+import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ from medfcn.bundle import COMMON_FILE, MODEL_KEYS, NOT_SETTINGS, bundle_files, r
 from medfcn.data.datasets import fold_datalists
 from medfcn.data.profile import PROFILE_KEY, RUN_PROFILE, training_profile
 from medfcn.errors import UserError
-from medfcn.io import atomic_torch_save, read_checkpoint, refuse_existing, writable_dir
+from medfcn.io import atomic_torch_save, read_checkpoint, refuse_existing, replace_folder, writable_dir
 from medfcn.outputs import refuse_output_over
 from medfcn.segmenter import load_segmenter
 
@@ -48,6 +48,15 @@ _CONFIGS = (COMMON_FILE, "train.json", "inference.json", "evaluate.json", "loggi
 # what `medfcn plan` wrote into the bundle the run trained: kept, so the packaged bundle still
 # says what the data looked like and why each setting was chosen
 _PLAN_FILES = ("fingerprint.json", "plan.json")
+# a run's settings that are no setting of a shipped bundle: a smoke run's subset of the cases
+_RUN_ONLY = ("max_cases",)
+# where the packaged bundle keeps a split the run made in its own folder (RUN/folds.json), so
+# that it records which cases were held out and retrains on the same split
+_SPLIT = "folds.json"
+_SPLIT_ENTRY = f"$os.path.join(@bundle_root, 'configs', {_SPLIT!r})"
+# sections of a planned bundle's README that speak of the untrained bundle: its next steps
+# ("It holds no weights yet: train it", the commands) and the untrained bundle's licence
+_STALE_SECTIONS = ("## Commands", "## Licence")
 _LICENSE = """Code and configs: Apache License 2.0 (see the LICENSE file at the root of the medfcn repository).
 
 Model weights (models/model.pt) were trained by the user of medfcn on their own data and are a
@@ -117,8 +126,21 @@ def _best(run_dir: Path) -> dict:
         return {}
 
 
-def _metadata(meta: dict, train: ConfigParser, name: str, run_dir: Path, best: dict, source: str) -> dict:
-    """``meta`` (the source bundle's metadata.json) rewritten for the packaged model."""
+def _bundle_settings(settings: dict, run_dir: Path, configs: Path) -> dict:
+    """The run's ``settings`` as the packaged bundle states them: without :data:`_RUN_ONLY`, and
+    a split file inside ``run_dir`` (the split the run made) copied into ``configs`` and named
+    relative to ``@bundle_root``."""
+    kept = {k: v for k, v in settings.items() if k not in _RUN_ONLY}
+    split = Path(kept.get("folds_file") or "")
+    if kept.get("folds_file") and split.is_file() and split.resolve().is_relative_to(run_dir.resolve()):
+        shutil.copy2(split, configs / _SPLIT)
+        kept["folds_file"] = _SPLIT_ENTRY
+    return kept
+
+
+def _metadata(meta: dict, train: ConfigParser, name: str, run_dir: Path, best: dict, source: str, split: str) -> dict:
+    """``meta`` (the source bundle's metadata.json) rewritten for the packaged model, whose
+    validation cases were a fold of ``split``."""
     classes = list(train.get_parsed_content("class_names"))
     patch = list(train.get_parsed_content("patch_size"))
     channels = int(train.get_parsed_content("network_def#in_channels"))
@@ -151,7 +173,7 @@ def _metadata(meta: dict, train: ConfigParser, name: str, run_dir: Path, best: d
         channel_def={str(i): n for i, n in enumerate(["background", *classes])},
     )
     meta["performance"] = {
-        "validation": f"fold {train.get('fold')} of {train.get('folds_file')}",
+        "validation": f"fold {train.get('fold')} of {split}",
         "best_validation_mean_dice": best.get("best_metric"),
         "best_validation_epoch": best.get("best_metric_epoch"),
     }
@@ -177,7 +199,8 @@ def _training_profile(run_dir: Path, settings: dict, train: ConfigParser) -> dic
         return None
 
 
-def _readme(name: str, run_dir: Path, settings: dict, best: dict, source: str, origin: Path) -> str:
+def _readme(name: str, run_dir: Path, settings: dict, shipped: dict, best: dict, source: str, origin: Path) -> str:
+    """The packaged bundle's README: the run's ``settings``, of which the bundle states ``shipped``."""
     score = best.get("best_metric")
     score = f"{score:.4f}" if isinstance(score, float) else score
     lines = [
@@ -196,6 +219,7 @@ def _readme(name: str, run_dir: Path, settings: dict, best: dict, source: str, o
         "| --- | --- |",
         *(f"| `{k}` | `{json.dumps(v)}` |" for k, v in sorted(settings.items())),
         "",
+        *_unshipped_note(settings, shipped),
         "## Validation during training",
         "",
         f"Best mean Dice {score} at epoch {best.get('best_metric_epoch')} on fold "
@@ -209,13 +233,25 @@ def _readme(name: str, run_dir: Path, settings: dict, best: dict, source: str, o
     return "\n".join(lines)
 
 
+def _unshipped_note(settings: dict, shipped: dict) -> list[str]:
+    """README lines on the run's settings the bundle states otherwise (none: no lines)."""
+    notes = []
+    if shipped.get("folds_file") == _SPLIT_ENTRY:
+        notes.append(f"The run's split (`folds_file`) is kept in the bundle as `configs/{_SPLIT}`.")
+    notes += [f"`{k}` is the run's alone: not packaged." for k in _RUN_ONLY if k in settings]
+    return [" ".join(notes), ""] if notes else []
+
+
 def _planned_readme(origin: Path) -> str:
     """The planned bundle's ``docs/README.md`` (every decision with its reason), one heading level
     down, for the packaged bundle's README; empty for a bundle ``medfcn plan`` did not write."""
     planned = origin / "docs" / "README.md"
     if not (origin / "configs" / "plan.json").is_file() or not planned.is_file():
         return ""
-    body = "\n".join("#" + line if line.startswith("#") else line for line in planned.read_text().splitlines())
+    # what precedes the first section is the untrained bundle's title and next step
+    sections = re.split(r"(?m)^(?=## )", planned.read_text())[1:]
+    kept = "".join(s for s in sections if not s.startswith(_STALE_SECTIONS))
+    body = "\n".join("#" + line if line.startswith("#") else line for line in kept.splitlines())
     return f"\n## How `medfcn plan` configured the bundle ({origin})\n\n{body}\n"
 
 
@@ -322,16 +358,18 @@ def _assemble(
     for config in _CONFIGS + _PLAN_FILES:
         if (origin / "configs" / config).is_file():
             shutil.copy2(origin / "configs" / config, tmp / "configs" / config)
-    train = _write_configs(tmp / "configs", name, settings)
+    shipped = _bundle_settings(settings, run_dir, tmp / "configs")
+    train = _write_configs(tmp / "configs", name, shipped)
     meta_file = tmp / "configs" / "metadata.json"
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-    meta = _metadata(meta, train, name, run_dir, best, source)
+    split = f"configs/{_SPLIT}" if shipped.get("folds_file") == _SPLIT_ENTRY else train.get("folds_file")
+    meta = _metadata(meta, train, name, run_dir, best, source, split)
     meta.pop(PROFILE_KEY, None)  # the source bundle's describes its own training data, not the run's
     profile = _training_profile(run_dir, settings, train)
     if profile:
         meta[PROFILE_KEY] = profile
     meta_file.write_text(json.dumps(meta, indent=4) + "\n")
-    readme = _readme(name, run_dir, settings, best, source, origin) + _planned_readme(origin)
+    readme = _readme(name, run_dir, settings, shipped, best, source, origin) + _planned_readme(origin)
     (tmp / "docs" / "README.md").write_text(readme)
     (tmp / "LICENSE").write_text(_LICENSE)
     atomic_torch_save(weights, weights_file(tmp))
@@ -368,17 +406,12 @@ def package_run(
         weights = "last" if run["settings"].get("fold") == -1 else "best"
     state, source, best = _run_weights(run_dir, weights)
     writable_dir(out.parent, fix="choose another --out")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    with replace_folder(out) as tmp:
         _assemble(tmp, out.name, origin, run_dir, run, state, source, best)
         try:
             load_segmenter(tmp, device="cpu")
         except UserError as err:
             raise UserError(f"{run_dir}: the packaged bundle does not load its weights ({err}).") from err
-        os.chmod(tmp, 0o755)
-        _replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -395,14 +428,3 @@ def _source_bundle(origin: Path, run_dir: Path, out: Path) -> Path:
     for config in ("train.json", "inference.json"):  # broken JSON: one line naming the file
         bundle_files(origin, config)
     return origin
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    """Rename the folder ``tmp`` onto ``out``, replacing an existing ``out`` as a whole."""
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-        os.replace(out, old / out.name)
-        os.replace(tmp, out)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out)

@@ -86,7 +86,9 @@ def _spacing(value: Any, _dims: int | None) -> bool:
 
 
 def _window(value: Any, _dims: int | None) -> bool:
-    """CT intensity window ``[low, high]`` in HU."""
+    """CT intensity window ``[low, high]`` in HU; null where the modality is no CT (MRI)."""
+    if value is None:
+        return True
     pair = isinstance(value, (list, tuple)) and len(value) == 2 and all(map(_is_number, value))
     return pair and value[0] < value[1]
 
@@ -138,7 +140,7 @@ RULES: dict[str, Rule] = {
     "slice_axis": Rule(_whole(0, 2), "0, 1 or 2 (the axis the 2D network slices along)", "0"),
     "slices_per_volume": Rule(_whole(1), "a whole number >= 1", "4"),
     "modality": Rule(_modality, "MRI, MR or CT", '"MRI"'),
-    "hu_window": Rule(_window, "[low, high] in HU with low < high", "[-160, 240]"),
+    "hu_window": Rule(_window, "null (MRI) or [low, high] in HU with low < high", "[-160, 240]"),
     "intensity_stats": Rule(_stats, "null or [mean, std] in HU with std > 0 (CT only)", "[40.0, 60.0]"),
     "pixdim": Rule(_spacing, "a list of 3 numbers > 0 (voxel size in mm along x, y, z)", "[1.0, 1.0, 1.0]"),
     "class_names": Rule(_names, "a list of distinct, non-empty names, one per foreground label", '["tumour"]'),

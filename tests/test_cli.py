@@ -106,7 +106,7 @@ def test_evaluate_says_which_hd95_were_not_scored(tmp_path):
     assert "2 cases" in result.output
     notes = [line for line in result.output.splitlines() if "not scored" in line]
     assert notes == [
-        "hd95_2: 1 case(s) not scored (label missing from prediction or reference: 1 missed, 0 false positive); "
+        "hd95_2: 1 case not scored (label missing from prediction or reference: 1 missed, 0 false positive); "
         "dice_2 is 0 there."
     ]
 
@@ -300,7 +300,7 @@ def test_evaluate_names_labels_by_class(tmp_path, naming):
         "hd95_1 (anterior)",
         "hd95_2 (posterior)",
     ]
-    assert "hd95_2 (posterior): 1 case(s) not scored" in result.output
+    assert "hd95_2 (posterior): 1 case not scored" in result.output
 
 
 def test_evaluate_writes_into_no_folder_unless_told(tmp_path):

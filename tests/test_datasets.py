@@ -104,7 +104,7 @@ def test_write_folds(spheres_dataset, tmp_path):
 
 @pytest.mark.parametrize("n_folds", [1, 13])
 def test_write_folds_refuses_impossible_fold_counts(spheres_dataset, tmp_path, n_folds):
-    with pytest.raises(UserError, match=f"lists 12 case.*cannot make {n_folds} folds"):
+    with pytest.raises(UserError, match=f"lists 12 cases, cannot make {n_folds} folds?;"):
         write_folds(spheres_dataset, tmp_path / "folds.json", n_folds=n_folds)
     assert not (tmp_path / "folds.json").exists()
 

@@ -34,7 +34,19 @@ def test_mri_is_z_scored_per_volume_whatever_the_window():
     np.testing.assert_allclose(out.std(), 1.0, rtol=1e-6)
 
 
-@pytest.mark.parametrize(("modality", "stats", "message"), [("PET", None, "unknown modality"), ("CT", [0, 0], "> 0")])
-def test_bad_values_are_refused(modality, stats, message):
+@pytest.mark.parametrize(
+    ("modality", "window", "stats", "message"),
+    [
+        ("PET", [-100, 100], None, "unknown modality"),
+        ("CT", [-100, 100], [0, 0], "> 0"),
+        ("CT", None, None, "modality CT needs hu_window"),  # a planned MRI bundle's null, --set modality=CT
+    ],
+)
+def test_bad_values_are_refused(modality, window, stats, message):
     with pytest.raises(ValueError, match=message):
-        intensity_normalization("image", modality, [-100, 100], stats)
+        intensity_normalization("image", modality, window, stats)
+
+
+def test_mri_needs_no_window():
+    image = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    np.testing.assert_allclose(_apply(intensity_normalization("image", "MRI", None), image).mean(), 0.0, atol=1e-6)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -12,6 +15,7 @@ from medfcn.io import (
     atomic_write_text,
     load_weights,
     refuse_existing,
+    replace_folder,
     writable_dir,
 )
 
@@ -26,6 +30,46 @@ def test_failed_write_keeps_old_file_and_leaves_no_temp(tmp_path):
             raise RuntimeError("killed mid-write")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["mask.nii.gz"]
+
+
+def _bundle(folder, text):
+    (folder / "configs").mkdir(parents=True)
+    (folder / "configs" / "a.json").write_text(text)
+
+
+@pytest.mark.parametrize("stage", ["assembly", "rename"])
+def test_failed_folder_replace_keeps_old_folder_and_leaves_no_temp(tmp_path, monkeypatch, stage):
+    out = tmp_path / "bundle"
+    _bundle(out, "old")
+    if stage == "rename":  # the new folder's rename fails after the old one was moved aside
+        real_replace = os.replace
+
+        def fail_into_out(src, dst):
+            if Path(dst) == out and Path(src).name.endswith(".tmp"):
+                raise OSError("rename failed")
+            return real_replace(src, dst)
+
+        monkeypatch.setattr(os, "replace", fail_into_out)
+    with pytest.raises((RuntimeError, OSError)):
+        with replace_folder(out) as tmp:
+            assert tmp.parent == tmp_path and not any(tmp.iterdir())
+            _bundle(tmp, "new")
+            if stage == "assembly":
+                raise RuntimeError("failed mid-assembly")
+    assert (out / "configs" / "a.json").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["bundle"]
+
+
+def test_folder_replace_replaces_as_a_whole(tmp_path):
+    out = tmp_path / "bundle"
+    with replace_folder(out) as tmp:  # a new folder
+        _bundle(tmp, "first")
+    (out / "stale.txt").write_text("from the first")
+    with replace_folder(out) as tmp:
+        _bundle(tmp, "second")
+    assert (out / "configs" / "a.json").read_text() == "second" and not (out / "stale.txt").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["bundle"]
+    assert out.stat().st_mode & 0o777 == 0o755
 
 
 def test_successful_writes_replace(tmp_path):

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from medfcn.errors import UserError
-from medfcn.outputs import LOCK_NAME, output_lock
+from medfcn.outputs import LOCK_NAME, output_lock, plural
 from medfcn.training import train
 
 from .conftest import BUNDLE, DICOM, REPO, need
@@ -227,3 +227,17 @@ def test_dicom_file_name_that_is_not_utf8_is_refused(tmp_path):
         "e.g. `convmv -f latin1 -t utf8 -r --notest FOLDER`."
     )
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("count", "spec", "text"),
+    [
+        (1, "g", "1 epoch"),
+        (0, "g", "0 epochs"),
+        (2, "g", "2 epochs"),
+        (1.0, "g", "1 epoch"),
+        (1.04, ".1f", "1.0 epochs"),
+    ],
+)
+def test_plural_follows_the_number_as_written(count, spec, text):
+    assert plural(count, "epoch", spec) == text

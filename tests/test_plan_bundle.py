@@ -141,6 +141,7 @@ def test_write_bundle_writes_every_file_and_the_templates_stage_configs(tmp_path
     shipped = json.loads((REPO / "bundles" / "hippocampus_fcn" / "configs" / "common.json").read_text())
     assert list(common) == list(shipped)  # the shipped 3D bundle's keys, in its order
     assert common["bundle_name"] == "spheres_fcn" and common["folds_file"] is None
+    assert common["modality"] == "MRI" and common["hu_window"] is None  # a CT setting: stated, but null
     assert common["dataset_dir"] == str(spheres_dataset.resolve())
     assert common["network_def"] == {
         "_target_": "medfcn.FCN",
@@ -224,7 +225,7 @@ def test_a_planned_bundle_trains_packages_infers_and_evaluates(tmp_path, small_d
     cli, scan = CliRunner(), small_dataset / "imagesTr" / "case_000.nii.gz"
     missing = cli.invoke(app, ["infer", str(bundle), str(scan), "--out", str(tmp_path / "none")])
     assert missing.exit_code == 2 and "medfcn package" in missing.output, missing.output
-    run = train(bundle, dataset_dir=small_dataset, output_dir=tmp_path / "run", epochs=1)
+    run = train(bundle, dataset_dir=small_dataset, output_dir=tmp_path / "run", epochs=1, overrides={"max_cases": 2})
     split = (run / "folds.json").read_text()
     assert json.loads(split)["n_folds"] == 4  # the default split of 4 cases
     assert json.loads((run / "medfcn_run.json").read_text())["settings"]["folds_file"] == str(run / "folds.json")
@@ -236,7 +237,16 @@ def test_a_planned_bundle_trains_packages_infers_and_evaluates(tmp_path, small_d
     assert result.exit_code == 0, result.output
     assert (packaged / "configs" / "plan.json").read_text() == (bundle / "configs" / "plan.json").read_text()
     assert (packaged / "configs" / "fingerprint.json").is_file()
-    assert "How `medfcn plan` configured the bundle" in (packaged / "docs" / "README.md").read_text()
+    readme = (packaged / "docs" / "README.md").read_text()
+    assert "How `medfcn plan` configured the bundle" in readme and "Decisions" in readme
+    assert "no weights" not in readme and "TRAINED_BUNDLE" not in readme, readme  # the untrained bundle's steps
+    # the run's split travels with the bundle; a smoke run's max_cases does not
+    assert (packaged / "configs" / "folds.json").read_text() == split
+    shipped = read_config([packaged / "configs" / name for name in ("common.json", "train.json")])
+    shipped["bundle_root"] = str(packaged)
+    assert shipped.get_parsed_content("folds_file") == str(packaged / "configs" / "folds.json")
+    assert shipped.get_parsed_content("max_cases") is None
+    assert "folds.json" in json.loads((packaged / "configs" / "metadata.json").read_text())["performance"]["validation"]
     result = cli.invoke(app, ["infer", str(packaged), str(scan), "--out", str(tmp_path / "masks"), "--device", "cpu"])
     assert result.exit_code == 0, result.output
     mask = nib.load(tmp_path / "masks" / "case_000.nii.gz")
@@ -250,6 +260,21 @@ def test_a_planned_bundle_trains_packages_infers_and_evaluates(tmp_path, small_d
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("planned", ["cuda:0", "cpu"])
+def test_a_run_on_another_kind_of_device_than_planned_says_so(tmp_path, small_dataset, planned):
+    from medfcn.training import train
+
+    bundle = write_bundle(tiny_plan(device=planned), tiny_fingerprint(small_dataset), tmp_path / "spheres_fcn")
+    notices: list[str] = []
+    train(bundle, small_dataset, output_dir=tmp_path / "run", epochs=1, device="cpu", notify=notices.append)
+    line = (
+        f"device: the bundle's epochs were planned for cuda ({bundle / 'configs' / 'plan.json'}); this run trains "
+        "on cpu, so its duration will differ from the plan's"
+    )
+    assert (line in notices) is (planned == "cuda:0"), notices
+    assert not [n for n in notices if n.startswith("device:")] or planned != "cpu"
+
+
 def test_monai_runner_trains_a_planned_bundle_without_a_split(tmp_path, small_dataset):
     """``folds_file`` null: MONAI's runner trains on the default split too (in memory)."""
     bundle = write_bundle(tiny_plan(epochs=1), tiny_fingerprint(small_dataset), tmp_path / "spheres_fcn")

@@ -271,3 +271,11 @@ def test_validation_counts_the_windows_of_every_case_not_the_median_ones():
     assert rules.mean_windows(shapes, (1.0, 1.0, 1.0), layout, (32, 32, 32)) == pytest.approx(5.0)
     sliced = rules.Layout(2, 2, (1.0, 1.0, 1.0), None)  # 2D: windows x slices per case
     assert rules.mean_windows(shapes, (1.0, 1.0, 1.0), sliced, (32, 32)) == pytest.approx((32 + 9 * 32) / 2)
+
+
+def test_reasons_count_in_the_singular_where_the_count_is_one():
+    """2 cases: 1 held out for validation, 1 training step per epoch."""
+    plan = make_plan(fingerprint((36, 50, 35), (1.0, 1.0, 1.0), ["lesion"], n=2), 20.0, probe=FakeProbe())
+    assert "a validation of 1 case takes" in plan.reasons["val_interval"], plan.reasons["val_interval"]
+    assert f"{plan.epochs} epochs of 1 step (" in plan.reasons["epochs"], plan.reasons["epochs"]
+    assert "the 2 cases once" in plan.reasons["seconds_setup"], plan.reasons["seconds_setup"]

@@ -89,7 +89,7 @@ SET_REFUSALS = [
     ('class_names=["a","a"]', "must be a list of distinct, non-empty names"),
     ("class_names=anterior", "--set class_names=anterior: must be a list of distinct, non-empty names"),
     ("modality=PET", "--set modality=PET: must be MRI, MR or CT, e.g. --set modality=MRI."),
-    ("hu_window=[240,-160]", "--set 'hu_window=[240,-160]': must be [low, high] in HU with low < high"),
+    ("hu_window=[240,-160]", "--set 'hu_window=[240,-160]': must be null (MRI) or [low, high] in HU with low < high"),
     ("pixdim=[1,0,1]", "--set 'pixdim=[1,0,1]': must be a list of 3 numbers > 0 (voxel size in mm"),
     ("pixdim=[1,1]", "must be a list of 3 numbers > 0"),
     ("bf16=maybe", "--set bf16=maybe: must be true or false"),

@@ -74,8 +74,8 @@ def _add_case(data):
 
 def test_automatic_split_is_written_recorded_said_and_reused_on_resume(tmp_path):
     """The bundle's split names Task04's cases: `medfcn train` writes the split `medfcn folds DIR`
-    would into the run folder, says so, records it; a resume reuses that very file, even after
-    the dataset gained a case."""
+    would into the run folder, says so, records it; a resume reuses that very file, and refuses
+    a dataset that gained or lost a case since (it would train on other cases)."""
     data = write_msd_dataset(tmp_path / "Spheres", n_cases=6, shape=SHAPE)
     out = tmp_path / "run"
     sets = [a for key, value in TINY.items() for a in ("--set", f"{key}={json.dumps(value)}")]
@@ -95,7 +95,20 @@ def test_automatic_split_is_written_recorded_said_and_reused_on_resume(tmp_path)
     assert json.loads((out / RUN_FILE).read_text())["settings"]["folds_file"] == str(split.resolve())
 
     written, stamp = split.read_text(), split.stat().st_mtime_ns
-    _add_case(data)  # a new split would differ: 7 cases
+    listed = (data / "dataset.json").read_text()
+    _add_case(data)
+    refused = CliRunner().invoke(app, ["train", str(BUNDLE), "--output", str(out), "--resume", "--epochs", "2"])
+    assert refused.exit_code == 2, refused.output
+    assert refused.output.strip().endswith(
+        f"{data}: 1 case added since the run split it ({split.resolve()}); resumed, it would train on other cases: "
+        "start a new run with another --output."
+    ), refused.output
+    meta = json.loads(listed)
+    meta["training"] = meta["training"][1:]
+    (data / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match=r": 1 case removed since the run split it"):
+        train(BUNDLE, output_dir=out, resume=True, epochs=2)
+    (data / "dataset.json").write_text(listed)
     notices = []
     train(BUNDLE, output_dir=out, resume=True, epochs=2, notify=notices.append)
     assert notices == []  # no split made
@@ -103,6 +116,19 @@ def test_automatic_split_is_written_recorded_said_and_reused_on_resume(tmp_path)
     assert json.loads((out / RUN_FILE).read_text())["settings"]["folds_file"] == str(split.resolve())
     state = torch.load(out / "last.pt", map_location="cpu", weights_only=True)["trainer"]
     assert state["iteration"] == 2 * state["epoch_length"]
+
+
+def test_an_unknown_fold_of_the_automatic_split_names_the_split_and_its_folds(tmp_path):
+    data = write_msd_dataset(tmp_path / "Spheres", n_cases=6, shape=SHAPE)
+    out = tmp_path / "run"
+    args = ["train", str(BUNDLE), "--data", str(data), "--fold", "7", "--output", str(out), "--device", "cpu"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert result.output == (
+        f"medfcn: error: --fold 7: the automatic 5-fold split of {data} has folds 0..4; choose one of them, "
+        "or -1 to train on all cases.\n"
+    )  # not the run folder's folds.json, which is not written
+    assert not out.exists()
 
 
 def test_a_given_split_of_other_cases_or_missing_is_refused(tmp_path):
@@ -131,7 +157,7 @@ def test_automatic_split_of_few_cases_and_of_a_null_folds_file(tmp_path):
     assert made is not None and made.reason == "folds_file null"
     assert automatic_split(_settings(three, tmp_path / "a", {"folds_file": str(three / "folds.json")})) is None
     one = write_msd_dataset(tmp_path / "One", n_cases=1, shape=SHAPE)
-    with pytest.raises(UserError, match="lists 1 case\\(s\\), cannot make a fold split"):
+    with pytest.raises(UserError, match="lists 1 case, cannot make a fold split"):
         train(BUNDLE, one, epochs=1, output_dir=tmp_path / "b", overrides=TINY)
     assert not (tmp_path / "b").exists()
 
@@ -157,9 +183,12 @@ def test_labels_from_dataset_json_with_a_pretrained_encoder(tmp_path):
     encoder_keys = [k for k in donor if k.startswith("encoder.") and donor[k].is_floating_point()]
     assert encoder_keys and all(torch.equal(trained[k], donor[k]) for k in encoder_keys)
     # the packaged bundle states the run's classes and split
-    common = json.loads((package_run(out, tmp_path / "bundle") / "configs" / "common.json").read_text())
+    bundle = package_run(out, tmp_path / "bundle")
+    common = json.loads((bundle / "configs" / "common.json").read_text())
     assert common["num_classes"] == 2 and common["class_names"] == ["sphere"]
-    assert common["folds_file"] == str((out / "folds.json").resolve())
+    # the split the run made, in its folder, travels with the bundle
+    assert common["folds_file"] == "$os.path.join(@bundle_root, 'configs', 'folds.json')"
+    assert (bundle / "configs" / "folds.json").read_text() == (out / "folds.json").read_text()
 
 
 def test_labels_set_by_the_user_win_and_same_labels_change_nothing(tmp_path):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from medfcn.errors import UserError
 from medfcn.io import atomic_write_text, refuse_existing, writable_dir
-from medfcn.outputs import refuse_output_over
+from medfcn.outputs import plural, refuse_output_over
 
 __all__ = [
     "DEFAULT_DATA_ROOT",
@@ -192,7 +192,8 @@ def write_folds(
     if not 2 <= n_folds <= len(ids):
         fix = f"pass --n-folds between 2 and {len(ids)}" if len(ids) >= 2 else "a split needs at least 2 cases"
         raise UserError(
-            f"{dataset_dir / 'dataset.json'}: lists {len(ids)} case(s), cannot make {n_folds} folds; {fix}."
+            f"{dataset_dir / 'dataset.json'}: lists {plural(len(ids), 'case')}, cannot make "
+            f"{plural(n_folds, 'fold')}; {fix}."
         )
     if out.is_dir():
         raise UserError(f"{out}: is a folder; pass a file name for --out, e.g. {out / 'folds.json'}.")

@@ -36,7 +36,7 @@ class FileAffined(MapTransform):
 def intensity_normalization(
     keys: str | Sequence[str],
     modality: str = "MRI",
-    hu_window: Sequence[float] = (-160.0, 240.0),
+    hu_window: Sequence[float] | None = (-160.0, 240.0),
     intensity_stats: Sequence[float] | None = None,
 ) -> MapTransform | Compose:
     """The intensity normalisation suited to ``modality``.
@@ -51,7 +51,7 @@ def intensity_normalization(
     Args:
         keys: the image key(s).
         modality: ``"MRI"`` or ``"CT"`` (case-insensitive; ``"MR"`` is accepted).
-        hu_window: ``(low, high)`` in HU, CT only (default a soft-tissue window).
+        hu_window: ``(low, high)`` in HU, CT only (default a soft-tissue window); None for MRI.
         intensity_stats: ``(mean, std)`` in HU, ``std > 0``, CT only; None: scale to [0, 1].
     """
     kind = modality.upper()
@@ -59,6 +59,8 @@ def intensity_normalization(
         return NormalizeIntensityd(keys=keys, nonzero=False, channel_wise=True)
     if kind != "CT":
         raise ValueError(f"unknown modality {modality!r}; use 'MRI' or 'CT'.")
+    if hu_window is None:
+        raise ValueError("modality CT needs hu_window [low, high] in HU, e.g. --set 'hu_window=[-160, 240]'.")
     low, high = (float(v) for v in hu_window)
     if intensity_stats is None:
         return ScaleIntensityRanged(keys=keys, a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True)

@@ -38,6 +38,7 @@ from medfcn.data.datasets import case_id, user_datalist
 from medfcn.data.nifti import check_gzip_integrity, check_nifti_geometry, refuse_non_mm
 from medfcn.data.profile import geometry_ras
 from medfcn.errors import InputWarning, UserError
+from medfcn.outputs import plural
 
 __all__ = ["FINGERPRINT_VERSION", "SAMPLES_PER_CASE", "SEED", "fingerprint_dataset"]
 
@@ -107,7 +108,7 @@ def _read_index(dataset_dir: Path) -> tuple[dict, list[dict]]:
     meta = json.loads(index.read_text())  # valid JSON: load_msd_datalist read it
     if len(datalist) < 2:
         raise UserError(
-            f"{index}: lists {len(datalist)} labelled case; a plan needs at least 2 labelled cases "
+            f"{index}: lists {plural(len(datalist), 'labelled case')}; a plan needs at least 2 labelled cases "
             "(one to train on, one to validate); add cases."
         )
     return meta, sorted(datalist, key=lambda item: case_id(item["image"]))

@@ -30,6 +30,7 @@ import numpy as np
 from medfcn.data.classes import modality_kind
 from medfcn.data.datasets import DEFAULT_FOLDS
 from medfcn.errors import InputWarning, UserError
+from medfcn.outputs import plural
 from medfcn.planning.probe import NetworkSpec, TimedProbe, resolve_device
 
 __all__ = ["Plan", "make_plan", "MIN_EPOCHS", "SPACING_FACTORS", "WIDTHS"]
@@ -606,8 +607,8 @@ def _budget(fingerprint: dict, layout: Layout, budget_minutes: float, probe, nor
     else:
         setup = per_case * n
         why = (
-            f"{setup:.0f} s to load and preprocess the {n} cases once (the cache), from {per_case:.2f} s per case "
-            "measured on real cases at the target spacing."
+            f"{setup:.0f} s to load and preprocess the {plural(n, 'case')} once (the cache), from "
+            f"{per_case:.2f} s per case measured on real cases at the target spacing."
         )
     steps = math.ceil(train_cases / batch)
     return Budget(float(budget_minutes) * 60.0, setup, steps, val_cases), why
@@ -645,7 +646,7 @@ def _budget_reasons(plan: Plan, chosen: Outcome, tried: list[Outcome], budget: B
     measured = getattr(probe, "description", type(probe).__name__)
     trials = "; ".join(
         f"{o.candidate.factor:g}x/w{o.candidate.w0} patch {list(o.candidate.patch)}: {o.step_seconds:.2f} s/step"
-        f", {o.epochs} epochs"
+        f", {plural(o.epochs, 'epoch')}"
         for o in tried
     )
     epoch_s = budget.steps_per_epoch * chosen.step_seconds
@@ -656,10 +657,12 @@ def _budget_reasons(plan: Plan, chosen: Outcome, tried: list[Outcome], budget: B
     return {
         "search": f"training steps measured on {measured} (forward, backward, AdamW, plus the recipe's augmentation "
         f"of each sample): {trials}. Chosen: {verdict}.",
-        "epochs": f"{plan.epochs} epochs of {budget.steps_per_epoch} steps ({epoch_s:.1f} s each at "
+        "epochs": f"{plural(plan.epochs, 'epoch')} of {plural(budget.steps_per_epoch, 'step')} "
+        f"({epoch_s:.1f} s each at "
         f"{chosen.step_seconds:.3f} s per step) fill the {plan.budget_minutes:g} min budget after {budget.setup:.0f} s "
         f"of setup and the validations: {plan.planned_minutes:g} min planned.",
-        "val_interval": f"every {plan.val_interval} epoch(s): a validation of {budget.val_cases} cases takes "
+        "val_interval": f"every {plural(plan.val_interval, 'epoch')}: a validation of "
+        f"{plural(budget.val_cases, 'case')} takes "
         f"{plan.seconds_per_validation:.1f} s (sliding-window forward passes timed on this machine), so the "
         f"validations stay within {VALIDATION_SHARE:.0%} of the budget.",
     }

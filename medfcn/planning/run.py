@@ -15,6 +15,7 @@ from pathlib import Path
 
 from medfcn.devices import check_device
 from medfcn.errors import UserError
+from medfcn.outputs import plural
 from medfcn.planning.writer import check_out
 
 __all__ = ["check_options", "plan_bundle"]
@@ -79,6 +80,6 @@ def plan_bundle(
     say = progress or (lambda line: None)
     say(f"fingerprint of {dataset_dir}")
     fingerprint = planning.fingerprint_dataset(dataset_dir, progress=_every_tenth(say) if progress else None)
-    say(f"planning for {budget_minutes:g} minutes (timed probe of training steps)")
+    say(f"planning for {plural(budget_minutes, 'minute')} (timed probe of training steps)")
     plan = planning.make_plan(fingerprint, budget_minutes=budget_minutes, device=device, dims=dims)
     return planning.write_bundle(plan, fingerprint, out, overwrite=overwrite)

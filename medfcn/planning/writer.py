@@ -20,8 +20,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import shutil
-import tempfile
 from importlib import metadata as package_metadata
 from importlib import resources
 from pathlib import Path
@@ -29,8 +27,8 @@ from typing import Any
 
 from medfcn.bundle import COMMON_FILE
 from medfcn.errors import UserError
-from medfcn.io import refuse_existing, writable_dir
-from medfcn.outputs import refuse_output_over
+from medfcn.io import refuse_existing, replace_folder, writable_dir
+from medfcn.outputs import plural, refuse_output_over
 from medfcn.planning.rules import Plan
 
 __all__ = ["STAGE_FILES", "write_bundle", "template_text"]
@@ -89,13 +87,8 @@ def write_bundle(plan: Plan, fingerprint: dict, out: Path, overwrite: bool = Fal
     check_out(out, Path(fingerprint["dataset"]["dir"]), overwrite)
     common = common_config(plan, fingerprint, out.name)
     writable_dir(out.parent, fix="choose another --out")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    with replace_folder(out) as tmp:
         _assemble(tmp, plan, fingerprint, common)
-        os.chmod(tmp, 0o755)
-        _replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -139,22 +132,6 @@ def _write_json(path: Path, content: Any) -> None:
     path.write_text(json.dumps(content, indent=4) + "\n", encoding="utf-8")
 
 
-def _replace(tmp: Path, out: Path) -> None:
-    """Rename the folder ``tmp`` onto ``out``, replacing an existing ``out`` as a whole."""
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-        os.replace(out, old / out.name)
-        try:
-            os.replace(tmp, out)
-        except OSError:  # the old bundle goes back where it was
-            os.replace(old / out.name, out)
-            shutil.rmtree(old, ignore_errors=True)
-            raise
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out)
-
-
 # --- configs/common.json --------------------------------------------------------------------
 
 
@@ -171,7 +148,9 @@ def common_config(plan: Plan, fingerprint: dict, bundle_name: str) -> dict:
         "device": "$torch.device('cuda' if torch.cuda.is_available() else 'cpu')",
         "bf16": True,
         "modality": plan.modality,
-        "hu_window": list(plan.hu_window),
+        # CT only; null, not left out, since the template's train.json and inference.json pass
+        # @hu_window to the normalisation whatever the modality
+        "hu_window": list(plan.hu_window) if plan.modality == "CT" else None,
         "intensity_stats": None if plan.intensity_stats is None else list(plan.intensity_stats),
         "pixdim": [float(s) for s in plan.pixdim],
         "class_names": list(plan.class_names),
@@ -376,7 +355,8 @@ def _label_volumes(fingerprint: dict) -> dict:
 
 def _dataset_title(fingerprint: dict) -> str:
     dataset = fingerprint["dataset"]
-    return f"{dataset.get('name') or Path(dataset['dir']).name} ({dataset.get('num_cases', '?')} cases)"
+    cases = plural(dataset["num_cases"], "case") if "num_cases" in dataset else "? cases"
+    return f"{dataset.get('name') or Path(dataset['dir']).name} ({cases})"
 
 
 # --- docs/README.md -------------------------------------------------------------------------
@@ -389,7 +369,7 @@ def readme(plan: Plan, fingerprint: dict, name: str) -> str:
         f"# {name}",
         "",
         f"A MONAI bundle planned by `medfcn plan` from the data in `{fingerprint['dataset']['dir']}`",
-        f"and a training budget of {plan.budget_minutes:g} minutes on `{plan.device}`. It holds no weights",
+        f"and a training budget of {plural(plan.budget_minutes, 'minute')} on `{plan.device}`. It holds no weights",
         "yet: train it, then package the run (below).",
         "",
         *_data_section(plan, fingerprint),
@@ -446,7 +426,7 @@ def _decisions_section(plan: Plan) -> list[str]:
         f"{plan.dims}D `medfcn.FCN`, features {plan.features}, encoder blocks {plan.encoder_blocks}, "
         f"pooling per scale {plan.strides}, deep supervision {plan.deep_supervision}; patch {plan.patch_size} "
         f"voxels at {plan.pixdim} mm{_sliced(plan)}; {plan.modality}, {normalisation}; flips along axes "
-        f"{flips}, random affine; weight average {average}; batch {plan.batch_size}, {plan.epochs} epochs, "
+        f"{flips}, random affine; weight average {average}; batch {plan.batch_size}, {plural(plan.epochs, 'epoch')}, "
         f"validation every {plan.val_interval}.",
         "",
         "| decision | value | why |",
@@ -470,10 +450,11 @@ def _budget_section(plan: Plan) -> list[str]:
     return [
         "## Budget",
         "",
-        f"Budget {plan.budget_minutes:g} minutes; planned training time {plan.planned_minutes:.1f} minutes "
+        f"Budget {plural(plan.budget_minutes, 'minute')}; planned training time "
+        f"{plural(plan.planned_minutes, 'minute', '.1f')} "
         f"({share:.0f} % of the budget) on "
-        f"`{plan.device}`: {plan.epochs} epochs at {plan.seconds_per_step:.2f} s per step (measured), "
-        f"{plan.seconds_per_validation:.1f} s per validation every {plan.val_interval} epochs, "
+        f"`{plan.device}`: {plural(plan.epochs, 'epoch')} at {plan.seconds_per_step:.2f} s per step (measured), "
+        f"{plan.seconds_per_validation:.1f} s per validation every {plural(plan.val_interval, 'epoch')}, "
         f"{plan.seconds_setup:.0f} s of loading.",
         "",
     ]

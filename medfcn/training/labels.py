@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from medfcn.data.classes import label_classes, modality_kind
+from medfcn.outputs import plural
 from medfcn.training.settings import RunSettings
 
 __all__ = ["dataset_labels"]
@@ -87,7 +88,7 @@ def _notice(index: Path, found: dict, bundle: dict, trained: dict, taken: dict, 
         stated = [key for key in ("num_classes", "class_names") if key in given]
         kept = f" ({' and '.join(stated)} as given)" if stated else ""
         parts.append(
-            f"labels: {index} names {len(names)} label{'s' * (len(names) != 1)} {names}, "
+            f"labels: {index} names {plural(len(names), 'label')} {names}, "
             f"the bundle {len(before)} {list(before)}: training {setting}{kept}"
         )
     if "modality" in taken:

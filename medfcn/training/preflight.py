@@ -20,9 +20,10 @@ from medfcn.data.datasets import fold_datalists, split_datalists
 from medfcn.data.transforms import intensity_normalization
 from medfcn.errors import UserError, root_message
 from medfcn.io import checkpoint_reason, load_state
+from medfcn.outputs import plural
 from medfcn.settings import stating_file
 from medfcn.training.settings import RunSettings
-from medfcn.training.split import AutomaticSplit, automatic_split
+from medfcn.training.split import AutomaticSplit, automatic_split, refuse_changed_cases
 
 __all__ = ["Preflight", "preflight"]
 
@@ -77,6 +78,8 @@ def _split(run: RunSettings) -> AutomaticSplit | None:
     split = automatic_split(run)
     if split is not None:
         run.parser.update({"folds_file": str(split.path)})
+    elif run.resume:
+        refuse_changed_cases(run)
     return split
 
 
@@ -89,13 +92,28 @@ def _fold_cases(run: RunSettings, made: AutomaticSplit | None) -> tuple[list[dic
         raise UserError(f"{split}: fold split not found; {new_split}.")
     try:
         if made is not None:
-            return split_datalists(data, made.record["folds"], int(fold), where=str(made.path))
+            return split_datalists(data, made.record["folds"], _made_fold(run, made), where=str(made.path))
         return fold_datalists(data, split, int(fold))
     except FileNotFoundError as err:
         raise UserError(str(err)) from err
     except ValueError as err:
         hint = f" The split is for another dataset: {new_split}." if "names cases not in" in str(err) else ""
         raise UserError(f"{err}{hint}") from err
+
+
+def _made_fold(run: RunSettings, made: AutomaticSplit) -> int:
+    """The run's fold, checked against the split made for it (whose file is not written yet).
+
+    Raises:
+        UserError: a fold the split does not have, naming the split and its folds.
+    """
+    fold, n_folds = int(run.get("fold")), len(made.record["folds"])
+    if not -1 <= fold < n_folds:
+        raise UserError(
+            f"{run.option('fold')} {fold}: the automatic {n_folds}-fold split of {run.get('dataset_dir')} has folds "
+            f"0..{n_folds - 1}; choose one of them, or -1 to train on all cases."
+        )
+    return fold
 
 
 def _check_classes(run: RunSettings) -> None:
@@ -195,7 +213,7 @@ def _read_resume_checkpoint(run: RunSettings) -> dict:
     done = int(state["iteration"]) // max(int(state["epoch_length"]), 1)
     if done >= int(run.get("epochs")):
         raise UserError(
-            f"{last}: run has finished {done} epochs already; pass {run.option('epochs')} larger than {done}."
+            f"{last}: run has finished {plural(done, 'epoch')} already; pass {run.option('epochs')} larger than {done}."
         )
     return saved
 

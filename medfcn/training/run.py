@@ -7,6 +7,7 @@ would parse the config again and drop the network already built).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import logging.config
 import os
@@ -15,6 +16,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from monai.handlers import CheckpointLoader
 
 from medfcn.bundle import RUN_FILE, bundle_files
@@ -89,8 +91,26 @@ def train(
     logging_file = files["logging_file"] if files["logging_file"].is_file() else None
     out = Path(run.get("output_dir"))
     with output_lock(out, "medfcn train", "--output"):  # two trainers would interleave last.pt
-        _run(run, checked, logging_file, [labels], notify)
+        _run(run, checked, logging_file, [labels, planned_device_notice(run)], notify)
     return out
+
+
+def planned_device_notice(run: RunSettings) -> str:
+    """``device: ...`` where the run's bundle was planned (its ``configs/plan.json``) on another
+    kind of device than the run's (CUDA, CPU): its epochs were fitted to the time budget there,
+    so the run lasts longer or shorter; empty otherwise (no plan, the same kind)."""
+    plan_file = Path(run.get("bundle_root")) / "configs" / "plan.json"
+    try:
+        planned = torch.device(str(json.loads(plan_file.read_text(encoding="utf-8"))["device"])).type
+        device = torch.device(run.parser.get_parsed_content("device", default="cpu")).type
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError):  # no plan, or none that says
+        return ""
+    if planned == device:
+        return ""
+    return (
+        f"device: the bundle's epochs were planned for {planned} ({plan_file}); this run trains on {device}, "
+        "so its duration will differ from the plan's"
+    )
 
 
 def _run(

@@ -6,7 +6,9 @@ names none (``folds_file`` null), or its own default is missing or names cases t
 does not have (a bundle trained on another dataset), the run makes the split ``medfcn folds
 DATA`` would write (5 folds, seed 0; fewer folds for fewer than 5 cases) into its output
 folder, once the pre-flight checks have passed and the folder is locked, and records it as
-its ``folds_file``: a resume and ``medfcn package`` use that file, never a new split.
+its ``folds_file``: a resume and ``medfcn package`` use that file, never a new split. Since
+training takes every case outside the validation fold, a resume refuses a dataset whose cases
+changed since that split named them all (:func:`refuse_changed_cases`).
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ from pathlib import Path
 from medfcn.data.datasets import case_id, default_split, load_msd_datalist
 from medfcn.errors import UserError
 from medfcn.io import atomic_write_text
+from medfcn.outputs import plural
 from medfcn.training.settings import RunSettings
 
-__all__ = ["SPLIT_FILE", "AutomaticSplit", "automatic_split", "write_split"]
+__all__ = ["SPLIT_FILE", "AutomaticSplit", "automatic_split", "refuse_changed_cases", "write_split"]
 
 SPLIT_FILE = "folds.json"  # in the run folder
 
@@ -49,7 +52,7 @@ class AutomaticSplit:
         cases = sum(len(f) for f in folds)
         trained = "training on all cases" if fold == -1 else f"training fold {fold}"
         verb = "written to" if self.written else "reused from"
-        made = f"{len(folds)} folds of {cases} cases of {dataset_dir} {verb} {self.path}"
+        made = f"{len(folds)} folds of {plural(cases, 'case')} of {dataset_dir} {verb} {self.path}"
         return f"split: {made} ({self.reason}); {trained}"
 
 
@@ -73,7 +76,7 @@ def automatic_split(run: RunSettings) -> AutomaticSplit | None:
         return None
     if len(ids) < 2:
         raise UserError(
-            f"{Path(data) / 'dataset.json'}: lists {len(ids)} case(s), cannot make a fold split; "
+            f"{Path(data) / 'dataset.json'}: lists {plural(len(ids), 'case')}, cannot make a fold split; "
             "a split needs at least 2 cases."
         )
     record = default_split(ids)
@@ -81,6 +84,32 @@ def automatic_split(run: RunSettings) -> AutomaticSplit | None:
     made = AutomaticSplit(record, path, json.dumps(record, indent=1) + "\n", reason)
     made.written = _refuse_other_split(path, made.text, run)
     return made
+
+
+def refuse_changed_cases(run: RunSettings) -> None:
+    """For a resume whose split is the one the run made (its folder's :data:`SPLIT_FILE`, which
+    named every case of the dataset): refuse a dataset that has gained or lost cases since,
+    which the resumed run would train on. A split the user gave may leave cases out of every
+    fold on purpose (always trained on), so it cannot tell; it is not checked.
+
+    Raises:
+        UserError: naming the dataset folder, how many cases differ, and the fix.
+    """
+    split, data = run.get("folds_file"), run.get("dataset_dir")
+    if not split or Path(split).resolve() != (Path(run.get("output_dir")) / SPLIT_FILE).resolve():
+        return
+    try:
+        named = {case for fold in json.loads(Path(split).read_text())["folds"] for case in fold}
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # refused, naming the file, where the split is read
+    ids = set(_case_ids(data))
+    changes = [f"{plural(len(ids - named), 'case')} added"] if ids - named else []
+    changes += [f"{plural(len(named - ids), 'case')} removed"] if named - ids else []
+    if changes:
+        raise UserError(
+            f"{data}: {' and '.join(changes)} since the run split it ({split}); resumed, it would train on other "
+            f"cases: start a new run with another {run.option('output_dir')}."
+        )
 
 
 def _case_ids(dataset_dir: str) -> list[str]:
