@@ -89,13 +89,21 @@ def transfer_bundle(planned: Path, source: Path, epochs: int, val_interval: int,
     shutil.copytree(planned, out)
     config = out / "configs" / "common.json"
     common = json.loads(config.read_text())
-    network, src = common["network_def"], source_network(source)
+    planned_net, src = common["network_def"], source_network(source)
+    if (src.get("spatial_dims"), src.get("in_channels")) != (planned_net["spatial_dims"], planned_net["in_channels"]):
+        dims = planned_net["spatial_dims"]
+        raise UserError(f"--source {source}: its network is not {dims}D with the plan's input channels.")
     scales = len(src["features"])
-    network["features"] = list(src["features"])
-    network["strides"] = list(network.get("strides") or [2] * (len(network["features"]) - 1))[: scales - 1]
-    network["encoder_blocks"] = list(src.get("encoder_blocks") or [1] * scales)
+    strides = list(planned_net.get("strides") or [2] * (len(planned_net["features"]) - 1))
+    if len(strides) < scales - 1:
+        raise UserError(f"--bundle {planned}: pools {len(strides)} times; the source's encoder needs {scales - 1}.")
+    # the source's whole network_def (features, blocks, norm, fusion: what its encoder's weights
+    # depend on), with the plan's classes and pooling per axis
+    network = {k: v for k, v in src.items() if k not in ("strides", "out_channels", "deep_supervision")}
+    network |= {"out_channels": planned_net["out_channels"], "strides": strides[: scales - 1]}
     network["deep_supervision"] = min(int(src.get("deep_supervision", 0)), scales - 2)
-    common |= {"network_def": network, "epochs": epochs, "val_interval": val_interval}
+    # fixed epochs, no time budget: the plan's budget_minutes would make the epoch lines compare
+    common |= {"network_def": network, "epochs": epochs, "val_interval": val_interval, "budget_minutes": None}
     config.write_text(json.dumps(common, indent=4) + "\n")
     return out
 
@@ -130,7 +138,7 @@ def run_arm(name: str, bundle: Path, data: Path, split: Path, val_cases: list[di
     best = best_validation(run_dir)
     packaged = package_run(run_dir, work / f"packaged_{name}", weights="last")
     rows = infer(packaged, [c["image"] for c in val_cases], work / f"masks_{name}", device=args.device)
-    trainable = trainable_parameters(run_dir)
+    parameters = parameter_counts(run_dir, frozen=name == "frozen")
     figures = {
         "encoder": "random"
         if name == "scratch"
@@ -138,7 +146,7 @@ def run_arm(name: str, bundle: Path, data: Path, split: Path, val_cases: list[di
         "training_minutes": minutes,
         "epochs": trained_epochs(run_dir),
         "best_validation_dice": None if best is None else best.mean,
-        "trainable_parameters": trainable,
+        "parameters": parameters,
     }
     per_case = score(work / f"masks_{name}", val_cases, foreground_labels(args.data))
     entry = summary(name, minutes, figures, per_case, [float(r["seconds"]) for r in rows])
@@ -147,11 +155,13 @@ def run_arm(name: str, bundle: Path, data: Path, split: Path, val_cases: list[di
     return entry
 
 
-def trainable_parameters(run_dir: Path) -> dict:
-    """Parameters in the run's network, from its ``last.pt`` (all; the frozen arm trains fewer)."""
+def parameter_counts(run_dir: Path, frozen: bool) -> dict:
+    """Parameters of the run's network (from its ``last.pt``): encoder, all, and trained (all
+    but the encoder's when it is frozen)."""
     state = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)["network"]
     encoder = sum(v.numel() for k, v in state.items() if k.startswith("encoder."))
-    return {"encoder": encoder, "total": sum(v.numel() for v in state.values())}
+    total = sum(v.numel() for v in state.values())
+    return {"encoder": encoder, "total": total, "trained": total - encoder if frozen else total}
 
 
 def markdown_table(arms: list[dict], labelled: int) -> list[str]:
@@ -232,5 +242,5 @@ def main(argv: list[str] | None = None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except UserError as err:
+    except (UserError, ValueError, FileNotFoundError) as err:  # bad --data, --folds, --fold: one line
         sys.exit(f"transfer.py: {err}")

@@ -140,15 +140,17 @@ def _rename_over(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)
         return
     old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+    aside = old / out.name
     try:
-        os.replace(out, old / out.name)
-        try:
-            os.replace(tmp, out)
-        except BaseException:
-            os.replace(old / out.name, out)
-            raise
+        os.replace(out, aside)
+        os.replace(tmp, out)
     finally:
-        shutil.rmtree(old, ignore_errors=True)
+        # interrupted (Ctrl-C, SIGTERM) or failed between the renames: the old folder goes back;
+        # it is deleted only once a folder stands at ``out`` again
+        if not out.exists() and aside.exists():
+            os.replace(aside, out)
+        if out.exists():
+            shutil.rmtree(old, ignore_errors=True)
 
 
 @contextlib.contextmanager

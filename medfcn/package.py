@@ -128,11 +128,18 @@ def _best(run_dir: Path) -> dict:
 
 def _bundle_settings(settings: dict, run_dir: Path, configs: Path) -> dict:
     """The run's ``settings`` as the packaged bundle states them: without :data:`_RUN_ONLY`, and
-    a split file inside ``run_dir`` (the split the run made) copied into ``configs`` and named
-    relative to ``@bundle_root``."""
+    the run's split file (the one it made or the one it was given) copied into ``configs`` and
+    named relative to ``@bundle_root``, so the bundle says which cases it held out wherever it goes.
+
+    A run folder copied from another machine records the split it made by that machine's path:
+    then ``run_dir/folds.json`` is the split."""
     kept = {k: v for k, v in settings.items() if k not in _RUN_ONLY}
-    split = Path(kept.get("folds_file") or "")
-    if kept.get("folds_file") and split.is_file() and split.resolve().is_relative_to(run_dir.resolve()):
+    if not kept.get("folds_file"):
+        return kept
+    split = Path(kept["folds_file"])
+    if not split.is_file() and split.name == "folds.json" and (run_dir / "folds.json").is_file():
+        split = run_dir / "folds.json"
+    if split.is_file():
         shutil.copy2(split, configs / _SPLIT)
         kept["folds_file"] = _SPLIT_ENTRY
     return kept

@@ -60,7 +60,9 @@ def test_packaged_bundle_carries_the_runs_model(run_dir, spheres_dataset, tmp_pa
     assert inference["trained_flip_axes"] == trained_flip_axes(train_cfg) == [0]
     # train.json retrains the same recipe on the same data and split
     assert train_cfg["dataset_dir"] == str(spheres_dataset.resolve())
-    assert train_cfg["folds_file"] == str((spheres_dataset / "folds.json").resolve())
+    # the given split travels in the bundle: retraining elsewhere holds out the same cases
+    assert train_cfg.get_parsed_content("folds_file") == str(out / "configs" / "folds.json")
+    assert (out / "configs" / "folds.json").read_bytes() == (spheres_dataset / "folds.json").read_bytes()
     assert train_cfg["batch_size"] == 2
     shipped = torch.load(out / "models" / "model.pt", weights_only=True)
     best = torch.load(run_dir / "best_model.pt", weights_only=True)

@@ -259,7 +259,6 @@ def test_a_planned_bundle_trains_packages_infers_and_evaluates(tmp_path, small_d
     assert np.array_equal(np.asarray(theirs.dataobj), np.asarray(mask.dataobj))
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("planned", ["cuda:0", "cpu"])
 def test_a_run_on_another_kind_of_device_than_planned_says_so(tmp_path, small_dataset, planned):
     from medfcn.training import train
@@ -275,6 +274,7 @@ def test_a_run_on_another_kind_of_device_than_planned_says_so(tmp_path, small_da
     assert not [n for n in notices if n.startswith("device:")] or planned != "cpu"
 
 
+@pytest.mark.slow
 def test_monai_runner_trains_a_planned_bundle_without_a_split(tmp_path, small_dataset):
     """``folds_file`` null: MONAI's runner trains on the default split too (in memory)."""
     bundle = write_bundle(tiny_plan(epochs=1), tiny_fingerprint(small_dataset), tmp_path / "spheres_fcn")
