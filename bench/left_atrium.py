@@ -340,25 +340,33 @@ def _cpuinfo() -> list[str]:
         return []
 
 
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A markdown table's lines: ``header``, the rule, then ``rows`` (cells already formatted)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
 def markdown_table(arms: list[dict]) -> list[str]:
     """The printed table: one row per arm."""
+    header = ["arm", "budget min", "training min", "epochs", "mean Dice", "min Dice", "s per held-out case"]
     rows = [
-        "| arm | budget min | training min | epochs | mean Dice | min Dice | s per held-out case |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        [a["arm"], f"{a['budget_minutes']:g}", f"{a['training_minutes']:.1f}", f"{a['epochs']:.1f}"]
+        + [f"{a['mean_dice']:.4f}", f"{a['min_dice']:.4f}", f"{a['seconds_per_case']:.2f}"]
+        for a in arms
     ]
-    for a in arms:
-        rows.append(
-            f"| {a['arm']} | {a['budget_minutes']:g} | {a['training_minutes']:.1f} | {a['epochs']:.1f} "
-            f"| {a['mean_dice']:.4f} | {a['min_dice']:.4f} | {a['seconds_per_case']:.2f} |"
-        )
-    return rows
+    return table(header, rows)
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--data``, ``--folds`` and ``--fold``: the dataset and the split, as every LeftAtrium bench takes them."""
+    parser.add_argument("--data", type=Path, default=default_data(), help="MSD dataset folder (default: %(default)s)")
+    parser.add_argument("--folds", type=Path, default=DEFAULT_FOLDS, help="the split (default: %(default)s)")
+    parser.add_argument("--fold", type=int, default=0, help="held-out fold")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=default_data(), help="MSD dataset folder (default: %(default)s)")
-    parser.add_argument("--folds", type=Path, default=DEFAULT_FOLDS, help="the split (default: %(default)s)")
-    parser.add_argument("--fold", type=int, default=0, help="held-out fold")
+    add_data_arguments(parser)
     parser.add_argument("--minutes", type=float, default=20.0, help="training budget per arm (wall clock)")
     parser.add_argument("--skip-monai", action="store_true", help="train medfcn only")
     parser.add_argument("--skip-medfcn", action="store_true", help="train the MONAI recipe only")

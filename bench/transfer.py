@@ -33,7 +33,16 @@ import time
 from pathlib import Path
 
 import torch
-from left_atrium import DEFAULT_FOLDS, RESULTS, default_data, foreground_labels, machine, score, summary, trained_epochs
+from left_atrium import (
+    RESULTS,
+    add_data_arguments,
+    foreground_labels,
+    machine,
+    score,
+    summary,
+    table,
+    trained_epochs,
+)
 
 from medfcn.data.datasets import case_id, fold_datalists
 from medfcn.errors import UserError
@@ -165,23 +174,18 @@ def parameter_counts(run_dir: Path, frozen: bool) -> dict:
 
 
 def markdown_table(arms: list[dict], labelled: int) -> list[str]:
+    header = [f"arm ({labelled} labelled cases)", "encoder", "epochs", "training min", "mean Dice", "min Dice"]
     rows = [
-        f"| arm ({labelled} labelled cases) | encoder | epochs | training min | mean Dice | min Dice |",
-        "| --- | --- | --- | --- | --- | --- |",
+        [a["arm"], a["encoder"], f"{a['epochs']:.0f}", f"{a['training_minutes']:.1f}"]
+        + [f"{a['mean_dice']:.4f}", f"{a['min_dice']:.4f}"]
+        for a in arms
     ]
-    for a in arms:
-        rows.append(
-            f"| {a['arm']} | {a['encoder']} | {a['epochs']:.0f} | {a['training_minutes']:.1f} "
-            f"| {a['mean_dice']:.4f} | {a['min_dice']:.4f} |"
-        )
-    return rows
+    return table(header, rows)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=default_data(), help="MSD dataset folder (default: %(default)s)")
-    parser.add_argument("--folds", type=Path, default=DEFAULT_FOLDS, help="the split (default: %(default)s)")
-    parser.add_argument("--fold", type=int, default=0, help="held-out fold")
+    add_data_arguments(parser)
     parser.add_argument("--labelled", type=int, default=8, help="labelled training cases")
     parser.add_argument("--seed", type=int, default=0, help="which training cases are labelled")
     parser.add_argument("--epochs", type=int, default=100, help="epochs per arm (the same for each)")
