@@ -13,7 +13,8 @@ A bundle is a folder::
     models/model.pt          the weights (a state dict of ``network_def``)
 
 A training run's folder holds :data:`RUN_FILE`, the record of the options it started with
-(what a resume repeats and ``medfcn package`` writes into a new bundle). :data:`MODEL_KEYS`
+(what a resume repeats and ``medfcn package`` writes into a new bundle), and
+:data:`RUN_SPLIT_FILE` where the run made its own split. :data:`MODEL_KEYS`
 are the entries that describe the model (architecture, patch, spacing, modality, classes).
 
 Stages import this module and never each other.
@@ -42,6 +43,7 @@ __all__ = [
     "MODEL_KEYS",
     "NOT_SETTINGS",
     "RUN_FILE",
+    "RUN_SPLIT_FILE",
     "BundleParser",
     "bundle_files",
     "check_override_keys",
@@ -57,6 +59,9 @@ __all__ = [
 COMMON_FILE = "common.json"
 # Written into every run folder: the options a resume must repeat (see medfcn.training).
 RUN_FILE = "medfcn_run.json"
+# Written into a run folder whose bundle names no split of its data (see medfcn.training.split);
+# medfcn package copies it into the bundle it makes.
+RUN_SPLIT_FILE = "folds.json"
 # Arguments of a run that are no settings of it: where its bundle and output are, whether it
 # resumes, and where it computes (a resume or a packaged bundle picks its own device; the device
 # sets the precision, so only a resume on the same one is bit-identical). Never written to

@@ -34,7 +34,15 @@ from monai.bundle import ConfigParser
 from monai.bundle.reference_resolver import ReferenceResolver
 from monai.transforms import Compose, RandFlipd
 
-from medfcn.bundle import COMMON_FILE, MODEL_KEYS, NOT_SETTINGS, bundle_files, read_run_record, weights_file
+from medfcn.bundle import (
+    COMMON_FILE,
+    MODEL_KEYS,
+    NOT_SETTINGS,
+    RUN_SPLIT_FILE,
+    bundle_files,
+    read_run_record,
+    weights_file,
+)
 from medfcn.data.datasets import fold_datalists
 from medfcn.data.profile import PROFILE_KEY, RUN_PROFILE, training_profile
 from medfcn.errors import UserError
@@ -132,13 +140,13 @@ def _bundle_settings(settings: dict, run_dir: Path, configs: Path) -> dict:
     named relative to ``@bundle_root``, so the bundle says which cases it held out wherever it goes.
 
     A run folder copied from another machine records the split it made by that machine's path:
-    then ``run_dir/folds.json`` is the split."""
+    then the run folder's own :data:`RUN_SPLIT_FILE` is the split."""
     kept = {k: v for k, v in settings.items() if k not in _RUN_ONLY}
     if not kept.get("folds_file"):
         return kept
     split = Path(kept["folds_file"])
-    if not split.is_file() and split.name == "folds.json" and (run_dir / "folds.json").is_file():
-        split = run_dir / "folds.json"
+    if not split.is_file() and split.name == RUN_SPLIT_FILE and (run_dir / RUN_SPLIT_FILE).is_file():
+        split = run_dir / RUN_SPLIT_FILE
     if split.is_file():
         shutil.copy2(split, configs / _SPLIT)
         kept["folds_file"] = _SPLIT_ENTRY

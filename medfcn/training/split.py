@@ -17,6 +17,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from medfcn.bundle import RUN_SPLIT_FILE
 from medfcn.data.datasets import case_id, default_split, load_msd_datalist
 from medfcn.errors import UserError
 from medfcn.io import atomic_write_text
@@ -25,7 +26,7 @@ from medfcn.training.settings import RunSettings
 
 __all__ = ["SPLIT_FILE", "AutomaticSplit", "automatic_split", "refuse_changed_cases", "write_split"]
 
-SPLIT_FILE = "folds.json"  # in the run folder
+SPLIT_FILE = RUN_SPLIT_FILE  # in the run folder
 
 
 @dataclass
