@@ -50,10 +50,11 @@ from medfcn.io import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCE = REPO / "bundles" / "hippocampus_fcn"
+# arm -> (encoder taken from --source, encoder frozen)
 ARMS = {
-    "scratch": {},
-    "frozen": {"freeze_encoder": True},
-    "fine-tuned": {},
+    "scratch": (False, False),
+    "frozen": (True, True),
+    "fine-tuned": (True, False),
 }
 
 
@@ -136,9 +137,9 @@ def run_arm(name: str, bundle: Path, data: Path, split: Path, val_cases: list[di
     from medfcn.package import package_run
     from medfcn.training import best_validation, train
 
-    overrides = dict(ARMS[name])
-    if name != "scratch":
-        overrides["pretrained_encoder"] = str(args.source / "models" / "model.pt")
+    transferred, frozen = ARMS[name]
+    overrides = {"pretrained_encoder": str(args.source / "models" / "model.pt")} if transferred else {}
+    overrides |= {"freeze_encoder": True} if frozen else {}
     start = time.perf_counter()
     run_dir = train(
         bundle, data, 0, folds_file=split, output_dir=work / f"run_{name}", device=args.device, overrides=overrides
@@ -147,11 +148,9 @@ def run_arm(name: str, bundle: Path, data: Path, split: Path, val_cases: list[di
     best = best_validation(run_dir)
     packaged = package_run(run_dir, work / f"packaged_{name}", weights="last")
     rows = infer(packaged, [c["image"] for c in val_cases], work / f"masks_{name}", device=args.device)
-    parameters = parameter_counts(run_dir, frozen=name == "frozen")
+    parameters = parameter_counts(run_dir, frozen=frozen)
     figures = {
-        "encoder": "random"
-        if name == "scratch"
-        else f"{args.source.name} ({'frozen' if name == 'frozen' else 'trained'})",
+        "encoder": f"{args.source.name} ({'frozen' if frozen else 'trained'})" if transferred else "random",
         "training_minutes": minutes,
         "epochs": trained_epochs(run_dir),
         "best_validation_dice": None if best is None else best.mean,
