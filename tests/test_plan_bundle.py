@@ -200,6 +200,13 @@ def test_a_plan_the_shared_train_json_cannot_state_is_refused(tmp_path, spheres_
     assert not (tmp_path / "b").exists()
 
 
+@pytest.mark.parametrize("modality, window", [("MRI", [-160.0, 240.0]), ("CT", None)])
+def test_a_window_is_planned_for_ct_and_only_ct(tmp_path, spheres_dataset, modality, window):
+    with pytest.raises(ValueError, match="hu_window"):
+        write_bundle(tiny_plan(modality=modality, hu_window=window), tiny_fingerprint(spheres_dataset), tmp_path / "b")
+    assert not (tmp_path / "b").exists()
+
+
 @pytest.fixture
 def small_dataset(tmp_path) -> Path:
     """4 spheres cases of 24 x 24 x 20 voxels: a split of 3 training cases and 1 held out."""

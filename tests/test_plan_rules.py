@@ -28,10 +28,12 @@ class FakeProbe:
     def __init__(self, setup_per_case: float | None = 0.05):
         self.setup_per_case = setup_per_case
         self.steps: list[NetworkSpec] = []
+        self.again: list[bool] = []  # train_step_seconds' ``again`` per call
         self.windows: list[NetworkSpec] = []
 
-    def train_step_seconds(self, spec: NetworkSpec, limit=None) -> float:
+    def train_step_seconds(self, spec: NetworkSpec, limit=None, again=False) -> float:
         self.steps.append(spec)
+        self.again.append(again)
         return SECONDS_PER_VOXEL_CHANNEL * spec.samples * math.prod(spec.patch) * spec.features[0]
 
     def window_seconds(self, spec: NetworkSpec) -> float:
@@ -83,7 +85,7 @@ def test_hippocampus_like_rediscovers_the_recipe():
     assert plan.encoder_blocks == [1] * 5
     assert plan.flip_axes == [0]
     assert plan.deep_supervision == 2 and plan.batch_size == 2
-    assert plan.modality == "MRI" and plan.intensity_stats is None
+    assert plan.modality == "MRI" and plan.intensity_stats is None and plan.hu_window is None
     assert plan.class_names == ["Anterior", "Posterior"] and plan.num_classes == 3
     assert plan.ema_decay == 0.999 and plan.learning_rate == 0.002
     assert plan.epochs >= rules.MIN_EPOCHS and 1 <= plan.val_interval <= 10
@@ -162,7 +164,38 @@ def test_search_times_coarse_to_fine_and_stops_at_the_first_too_slow():
     assert (160, 144, 88) not in timed  # finer than the first too slow spacing: never timed
     chosen = timed.index(tuple(plan.patch_size))
     assert plan.epochs >= rules.MIN_EPOCHS and "Chosen: the finest spacing" in plan.reasons["search"]
-    assert len([p for p in timed[chosen:] if p != tuple(plan.patch_size)]) == 1  # one too slow timed
+    assert len({p for p in timed[chosen:] if p != tuple(plan.patch_size)}) == 1  # one too slow timed
+
+
+def test_a_budget_that_affords_more_than_the_cap_trains_the_cap_and_ends_early():
+    plan = make_plan(HIPPOCAMPUS, 600.0, probe=FakeProbe())
+    assert plan.epochs == rules.MAX_EPOCHS
+    assert plan.pixdim == [1.0, 1.0, 1.0] and plan.features[0] == 16  # the cap changes no other decision
+    assert plan.planned_minutes < 0.5 * 600
+    assert "the cap" in plan.reasons["epochs"] and "left unused" in plan.reasons["epochs"]
+    short = make_plan(LEFT_ATRIUM, 20.0, probe=FakeProbe())
+    assert short.epochs < rules.MAX_EPOCHS and "fill the 20 min budget" in short.reasons["epochs"]
+
+
+class SlowFirstProbe(FakeProbe):
+    """The fake probe's step times, but each candidate's first timing 1.4x slower (a machine
+    busy at that moment)."""
+
+    def train_step_seconds(self, spec: NetworkSpec, limit=None, again=False) -> float:
+        seconds = super().train_step_seconds(spec, limit, again)
+        return seconds if again else 1.4 * seconds
+
+
+@pytest.mark.parametrize("budget", [20.0, 60.0])
+def test_one_slowed_timing_near_the_threshold_does_not_decide_the_plan(budget, monkeypatch):
+    expected = make_plan(LEFT_ATRIUM, budget, probe=FakeProbe())
+    noisy = SlowFirstProbe()
+    plan = make_plan(LEFT_ATRIUM, budget, probe=noisy)
+    assert (plan.pixdim, plan.features) == (expected.pixdim, expected.features)
+    assert any(noisy.again), "no candidate was near the threshold: the test proves nothing"
+    monkeypatch.setattr(rules, "BORDERLINE_FACTOR", 1.0)  # no second timing: the slowed one decides
+    unchecked = make_plan(LEFT_ATRIUM, budget, probe=SlowFirstProbe())
+    assert (unchecked.pixdim, unchecked.features) != (expected.pixdim, expected.features)
 
 
 def test_nothing_fits_takes_the_most_epochs():
@@ -213,6 +246,23 @@ def test_timed_probe_measures_a_tiny_network(tmp_path):
     per_case = probe.setup_seconds_per_case({"dir": str(root)}, [1.0, 1.0, 1.0], "MRI", [-160, 240], None)
     assert per_case is not None and per_case > 0
     assert probe.setup_seconds_per_case({"dir": str(tmp_path / "none")}, [1.0] * 3, "MRI", [0, 1], None) is None
+
+
+def test_the_timed_probe_times_the_trainers_iterations_with_the_weight_average(monkeypatch):
+    """The steps are timed in MONAI's SupervisedTrainer with the weight average attached (its
+    update is in every timed iteration), and ``again`` times them anew instead of the cache."""
+    from medfcn.training.handlers import WeightAverage
+
+    updates = []
+    update = WeightAverage.__call__
+    monkeypatch.setattr(WeightAverage, "__call__", lambda self, engine=None: updates.append(1) or update(self, engine))
+    probe = TimedProbe("cpu", steps=3, min_seconds=0.0)
+    spec = NetworkSpec(3, 1, 2, (8, 8, 8), (4, 8), ((2, 2, 2),), 0, 1, (8, 8, 8))
+    first = probe.train_step_seconds(spec)
+    assert len(updates) == 1 + 3  # the warm-up iteration, then the 3 timed
+    assert probe.train_step_seconds(spec) == first and len(updates) == 4  # cached
+    probe.train_step_seconds(spec, again=True)
+    assert len(updates) == 8
 
 
 def test_make_plan_with_the_real_probe(tmp_path, monkeypatch):

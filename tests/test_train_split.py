@@ -93,6 +93,7 @@ def test_automatic_split_is_written_recorded_said_and_reused_on_resume(tmp_path)
     write_folds(data, tmp_path / "by_folds_command.json")
     assert split.read_text() == (tmp_path / "by_folds_command.json").read_text()  # as `medfcn folds DIR` writes it
     assert json.loads((out / RUN_FILE).read_text())["settings"]["folds_file"] == str(split.resolve())
+    assert json.loads((out / RUN_FILE).read_text())["split_made_by_run"] is True
 
     written, stamp = split.read_text(), split.stat().st_mtime_ns
     listed = (data / "dataset.json").read_text()
@@ -113,9 +114,24 @@ def test_automatic_split_is_written_recorded_said_and_reused_on_resume(tmp_path)
     train(BUNDLE, output_dir=out, resume=True, epochs=2, notify=notices.append)
     assert notices == []  # no split made
     assert split.read_text() == written and split.stat().st_mtime_ns == stamp
+    assert json.loads((out / RUN_FILE).read_text())["split_made_by_run"] is True  # still, after the resume
     assert json.loads((out / RUN_FILE).read_text())["settings"]["folds_file"] == str(split.resolve())
     state = torch.load(out / "last.pt", map_location="cpu", weights_only=True)["trainer"]
     assert state["iteration"] == 2 * state["epoch_length"]
+
+
+def test_a_split_the_user_wrote_into_the_run_folder_is_not_taken_for_the_runs_own(tmp_path):
+    """--folds RUN/folds.json given by the user (it may leave cases out on purpose): the record
+    says the run did not make it, so a resume does not refuse a dataset that gained a case."""
+    data = write_msd_dataset(tmp_path / "Spheres", n_cases=6, shape=SHAPE)
+    out = tmp_path / "run"
+    out.mkdir()
+    write_folds(data, out / "folds.json")
+    train(BUNDLE, data, epochs=1, output_dir=out, folds_file=out / "folds.json", overrides=TINY)
+    assert json.loads((out / RUN_FILE).read_text())["split_made_by_run"] is False
+    _add_case(data)
+    train(BUNDLE, output_dir=out, resume=True, epochs=2)  # not refused
+    assert json.loads((out / RUN_FILE).read_text())["split_made_by_run"] is False
 
 
 def test_an_unknown_fold_of_the_automatic_split_names_the_split_and_its_folds(tmp_path):

@@ -4,8 +4,9 @@ this machine, measured (not read from a table).
 :func:`medfcn.planning.rules.make_plan` asks a probe three questions, so that its decisions can
 be tested with a fake one (any object with the same three methods):
 
-- ``train_step_seconds(spec, limit)``: one training step of ``spec.samples`` patches
-  (augmentation of each sample, forward, deep-supervision Dice+CE loss, backward, AdamW update);
+- ``train_step_seconds(spec, limit, again)``: one training step of ``spec.samples`` patches
+  (augmentation of each sample, forward, deep-supervision Dice+CE loss, backward, AdamW update,
+  in MONAI's trainer with the weight average, as training runs it); ``again``: timed anew;
 - ``window_seconds(spec)``: one forward pass of one sliding window (validation);
 - ``setup_seconds_per_case(dataset, pixdim, modality, hu_window, intensity_stats)``: loading and
   preprocessing one case as the bundles' cache does, or None when no case can be read.
@@ -134,14 +135,15 @@ class TimedProbe:
         )
         return net.to(self.device)
 
-    def train_step_seconds(self, spec: NetworkSpec, limit: float | None = None) -> float:
+    def train_step_seconds(self, spec: NetworkSpec, limit: float | None = None, again: bool = False) -> float:
         """Seconds of one training step of ``spec`` (median of the timed steps after a warm-up),
         plus the augmentation of ``spec.samples`` patches. When the first step after the warm-up took more
         than twice ``limit`` seconds, the first step after the warm-up one is returned (the candidate is out anyway).
-        ``inf`` when the step does not fit in memory."""
+        ``inf`` when the step does not fit in memory. ``again``: time it anew, not from the cache."""
         key = ("train", spec)
         cached = self._cache.get(key)
-        if cached is None or (cached[1] and (limit is None or cached[0] <= 2 * limit)):  # none, or cut short
+        cut_short_then = cached is not None and cached[1] and (limit is None or cached[0] <= 2 * limit)
+        if cached is None or cut_short_then or again:
             try:
                 seconds, cut_short = self._time_training(spec, limit)
                 seconds += spec.samples * self._augmentation_seconds(spec)
@@ -153,40 +155,44 @@ class TimedProbe:
         return cached[0]
 
     def _time_training(self, spec: NetworkSpec, limit: float | None) -> tuple[float, bool]:
-        """``(seconds per step, whether the timing stopped after the warm-up step)``."""
-        from monai.losses import DiceCELoss
+        """``(seconds per step, whether the timing stopped after the warm-up step)``.
 
+        The steps run in MONAI's ``SupervisedTrainer`` with the weight average attached, as
+        training runs them, so the engine's own cost per iteration (metadata of the batch's
+        MetaTensors, decollating the output, Ignite's events, the average's update) is timed
+        too: at 0.2 s steps it is 15-20 % of a step (docs/experiments.md row 75)."""
+        from monai.data import MetaTensor
+        from monai.engines import SupervisedTrainer
+        from monai.inferers import SimpleInferer
+        from monai.losses import DiceCELoss
+        from monai.utils import CommonKeys
+
+        from medfcn.inferers import Autocast, use_cpu_bf16
         from medfcn.losses import DeepSupervisionLoss
+        from medfcn.training.handlers import WeightAverage
 
         net = self._network(spec, spec.deep_supervision).train()
-        optimizer = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
-        loss_fn = DeepSupervisionLoss(DiceCELoss(to_onehot_y=True, softmax=True, batch=True))
-        x = torch.randn(spec.samples, spec.in_channels, *spec.patch, device=self.device)
-        y = torch.randint(0, spec.num_classes, (spec.samples, 1, *spec.patch), device=self.device)
-
-        def step() -> float:
-            start, cpu_start = time.perf_counter(), time.process_time()
-            optimizer.zero_grad(set_to_none=True)
-            with self._autocast():
-                out = net(x)
-            loss = loss_fn(out.float(), y)
-            loss.backward()
-            optimizer.step()
-            self._sync()
-            wall = time.perf_counter() - start
-            cpu_used.append((time.process_time() - cpu_start, wall))
-            return wall
-
-        cpu_used: list[tuple[float, float]] = []
-        step()  # warm-up: the first step of a network pays one-off costs (allocations, kernel choice)
-        first = step()
-        if limit is not None and first > 2 * limit:  # out even at a steady step's speed: stop here
-            return first, True
-        times: list[float] = [first]
-        while len(times) < self.steps or (sum(times) < self.min_seconds and len(times) < MAX_TIMED_STEPS):
-            times.append(step())
-        self._record_cpu_share(cpu_used[1:])  # the warm-up's share left out
-        return float(np.median(times)), False  # the median: a busy machine's spikes move it least
+        batch = {
+            CommonKeys.IMAGE: MetaTensor(torch.randn(spec.samples, spec.in_channels, *spec.patch)),
+            CommonKeys.LABEL: MetaTensor(torch.randint(0, spec.num_classes, (spec.samples, 1, *spec.patch))),
+        }
+        trainer = SupervisedTrainer(
+            device=torch.device(self.device),
+            max_epochs=1,
+            epoch_length=1 + max(self.steps, MAX_TIMED_STEPS),
+            train_data_loader=_Repeat(batch),
+            network=net,
+            optimizer=torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4),
+            loss_function=DeepSupervisionLoss(DiceCELoss(to_onehot_y=True, softmax=True, batch=True)),
+            inferer=Autocast(SimpleInferer(), enabled=use_cpu_bf16(self.device, True)),
+            amp=self._cuda,
+        )
+        WeightAverage(net, decay=0.999).attach(trainer)
+        clock = _StepClock(self, limit)
+        clock.attach(trainer)
+        trainer.run()
+        self._record_cpu_share(clock.cpu_and_wall)
+        return clock.result()
 
     def _record_cpu_share(self, cpu_and_wall: list[tuple[float, float]]) -> None:
         """Keep the lowest CPU share of a timing so far: on a machine busy with other work the
@@ -341,3 +347,57 @@ def _time_augmentation(spec: NetworkSpec) -> float:
         transform(dict(case))
         seconds += AUGMENTATION_PROBABILITY[name] * (time.perf_counter() - start)
     return seconds
+
+
+class _Repeat:
+    """An endless loader of one batch: the probe times steps, not data loading."""
+
+    def __init__(self, batch: dict):
+        self.batch = batch
+
+    def __iter__(self):
+        while True:
+            yield self.batch
+
+
+class _StepClock:
+    """Times a trainer's iterations (from the end of one to the end of the next, so the engine's
+    events and the weight average's update are in it) and stops the trainer when enough are
+    timed: at least ``probe.steps`` after a warm-up one, until ``probe.min_seconds`` in all (at
+    most ``MAX_TIMED_STEPS``); after one timed step when it took more than twice ``limit``."""
+
+    def __init__(self, probe: TimedProbe, limit: float | None):
+        self.probe, self.limit = probe, limit
+        self.times: list[float] = []
+        self.cpu_and_wall: list[tuple[float, float]] = []
+        self.cut_short = False
+        self._last: tuple[float, float] | None = None
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.ITERATION_STARTED(once=1), self._start)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._lap)
+
+    def _start(self, engine) -> None:
+        self._last = (time.perf_counter(), time.process_time())
+
+    def _lap(self, engine) -> None:
+        self.probe._sync()
+        now = (time.perf_counter(), time.process_time())
+        wall, cpu = now[0] - self._last[0], now[1] - self._last[1]
+        self._last = now
+        if engine.state.iteration == 1:  # the warm-up: one-off costs (allocations, kernel choice)
+            return
+        self.times.append(wall)
+        self.cpu_and_wall.append((cpu, wall))
+        if self.limit is not None and len(self.times) == 1 and wall > 2 * self.limit:
+            self.cut_short = True  # out even at a steady step's speed: stop here
+        enough = len(self.times) >= self.probe.steps and sum(self.times) >= self.probe.min_seconds
+        if self.cut_short or enough or len(self.times) >= MAX_TIMED_STEPS:
+            engine.terminate()
+
+    def result(self) -> tuple[float, bool]:
+        """``(seconds per step, cut short)``: the median of the timed steps (a busy machine's
+        spikes move it least), or the one step timed when cut short."""
+        return float(np.median(self.times)), self.cut_short

@@ -150,7 +150,7 @@ def common_config(plan: Plan, fingerprint: dict, bundle_name: str) -> dict:
         "modality": plan.modality,
         # CT only; null, not left out, since the template's train.json and inference.json pass
         # @hu_window to the normalisation whatever the modality
-        "hu_window": list(plan.hu_window) if plan.modality == "CT" else None,
+        "hu_window": None if plan.hu_window is None else list(plan.hu_window),
         "intensity_stats": None if plan.intensity_stats is None else list(plan.intensity_stats),
         "pixdim": [float(s) for s in plan.pixdim],
         "class_names": list(plan.class_names),
@@ -180,6 +180,8 @@ def _check_plan(plan: Plan) -> None:
         raise ValueError(f"plan: a 2D plan needs slice_axis 0, 1 or 2, not {plan.slice_axis}")
     if any(a not in range(plan.dims) for a in plan.flip_axes):
         raise ValueError(f"plan: flip_axes {plan.flip_axes} are not axes of a {plan.dims}D network")
+    if (plan.modality == "CT") != (plan.hu_window is not None):
+        raise ValueError(f"plan: hu_window {plan.hu_window} with modality {plan.modality} (a window is for CT only)")
     train = json.loads(template_text("train.json"))
     for key in _TRAIN_ENTRIES:
         if getattr(plan, key) != train[key]:

@@ -29,7 +29,7 @@ from medfcn.training.handlers import Resume
 from medfcn.training.labels import dataset_labels
 from medfcn.training.preflight import Preflight, preflight
 from medfcn.training.settings import RunSettings, resolve_settings, write_run_record
-from medfcn.training.split import SPLIT_FILE, write_split
+from medfcn.training.split import SPLIT_FILE, run_made_split, write_split
 
 __all__ = ["train"]
 
@@ -129,7 +129,8 @@ def _run(
                 notices = [*notices, checked.split.notice(run.get("dataset_dir"), run.get("fold"))]
             for line in filter(None, notices):
                 notify(line)
-            write_run_record(run)  # after the set-up: a resume failing there keeps its record
+            made = checked.split is not None or (run.resume and run_made_split(run))
+            write_run_record(run, made)  # after the set-up: a resume failing there keeps its record
             _write_profile(run, checked.train_cases)
             _evaluate(run, "run")
             _evaluate(run, "finalize")

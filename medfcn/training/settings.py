@@ -233,11 +233,12 @@ def _json(value: Any) -> str:
     return json.dumps(value, default=str)
 
 
-def write_run_record(run: RunSettings) -> None:
+def write_run_record(run: RunSettings, split_made_by_run: bool = False) -> None:
     """Record in the output folder's RUN_FILE the bundle and what a resume must repeat: the
     options given (paths made absolute) and the data, split, fold and length they resolved to
-    (``medfcn package`` reads it too). Rewritten on every resume, so an extended run records
-    its new length."""
+    (``medfcn package`` reads it too), and whether the split is one the run made (a resume
+    checks the dataset against it). Rewritten on every resume, so an extended run records its
+    new length."""
     settings = {k: v for k, v in run.recorded.items() if k not in NOT_SETTINGS}
     for key in ("dataset_dir", "folds_file", "fold", "epochs"):
         settings[key] = run.get(key)
@@ -245,5 +246,6 @@ def write_run_record(run: RunSettings) -> None:
         if settings.get(key):
             settings[key] = os.path.abspath(str(settings[key]))
     bundle = os.path.abspath(run.get("bundle_root"))
-    text = json.dumps({"bundle": bundle, "settings": settings}, indent=1, default=str) + "\n"
+    record = {"bundle": bundle, "settings": settings, "split_made_by_run": bool(split_made_by_run)}
+    text = json.dumps(record, indent=1, default=str) + "\n"
     atomic_write_text(text, Path(run.get("output_dir")) / RUN_FILE)

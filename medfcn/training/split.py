@@ -17,14 +17,21 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from medfcn.bundle import RUN_SPLIT_FILE
+from medfcn.bundle import RUN_FILE, RUN_SPLIT_FILE
 from medfcn.data.datasets import case_id, default_split, load_msd_datalist
 from medfcn.errors import UserError
 from medfcn.io import atomic_write_text
 from medfcn.outputs import plural
 from medfcn.training.settings import RunSettings
 
-__all__ = ["SPLIT_FILE", "AutomaticSplit", "automatic_split", "refuse_changed_cases", "write_split"]
+__all__ = [
+    "SPLIT_FILE",
+    "AutomaticSplit",
+    "automatic_split",
+    "refuse_changed_cases",
+    "run_made_split",
+    "write_split",
+]
 
 SPLIT_FILE = RUN_SPLIT_FILE  # in the run folder
 
@@ -87,17 +94,33 @@ def automatic_split(run: RunSettings) -> AutomaticSplit | None:
     return made
 
 
+def run_made_split(run: RunSettings) -> bool:
+    """Whether the split of the run in ``run``'s output folder is one the run made: its RUN_FILE
+    says so; a record of a medfcn before 2026-12-03 does not, and there the run folder's
+    :data:`SPLIT_FILE` counts as made by the run."""
+    out = Path(run.get("output_dir"))
+    try:
+        made = json.loads((out / RUN_FILE).read_text()).get("split_made_by_run")
+    except (OSError, ValueError, AttributeError):
+        made = None
+    if isinstance(made, bool):
+        return made
+    split = run.get("folds_file")
+    return bool(split) and Path(split).resolve() == (out / SPLIT_FILE).resolve()
+
+
 def refuse_changed_cases(run: RunSettings) -> None:
-    """For a resume whose split is the one the run made (its folder's :data:`SPLIT_FILE`, which
-    named every case of the dataset): refuse a dataset that has gained or lost cases since,
-    which the resumed run would train on. A split the user gave may leave cases out of every
-    fold on purpose (always trained on), so it cannot tell; it is not checked.
+    """For a resume whose split is the one the run made (which named every case of the
+    dataset): refuse a dataset that has gained or lost cases since, which the resumed run
+    would train on. A split the user gave may leave cases out of every fold on purpose (always
+    trained on), so it cannot tell; it is not checked, even when the user wrote it into the
+    run folder as :data:`SPLIT_FILE` (:func:`run_made_split`).
 
     Raises:
         UserError: naming the dataset folder, how many cases differ, and the fix.
     """
     split, data = run.get("folds_file"), run.get("dataset_dir")
-    if not split or Path(split).resolve() != (Path(run.get("output_dir")) / SPLIT_FILE).resolve():
+    if not run_made_split(run):
         return
     try:
         named = {case for fold in json.loads(Path(split).read_text())["folds"] for case in fold}
