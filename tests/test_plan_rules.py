@@ -251,7 +251,7 @@ def test_timed_probe_measures_a_tiny_network(tmp_path):
 def test_the_timed_probe_times_the_trainers_iterations_with_the_weight_average(monkeypatch):
     """The steps are timed in MONAI's SupervisedTrainer with the weight average attached (its
     update is in every timed iteration), and ``again`` times them anew instead of the cache."""
-    from medfcn.training.handlers import WeightAverage
+    from medfcn.handlers import WeightAverage
 
     updates = []
     update = WeightAverage.__call__

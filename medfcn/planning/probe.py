@@ -167,9 +167,9 @@ class TimedProbe:
         from monai.losses import DiceCELoss
         from monai.utils import CommonKeys
 
+        from medfcn.handlers import WeightAverage
         from medfcn.inferers import Autocast, use_cpu_bf16
         from medfcn.losses import DeepSupervisionLoss
-        from medfcn.training.handlers import WeightAverage
 
         net = self._network(spec, spec.deep_supervision).train()
         batch = {
