@@ -121,7 +121,8 @@ def read_config(
 
 
 def read_run_record(run_dir: str | os.PathLike) -> dict:
-    """A training run's :data:`RUN_FILE`: ``{"bundle": folder, "settings": {...}}``.
+    """A training run's :data:`RUN_FILE`: ``{"bundle": folder, "settings": {...},
+    "split_made_by_run": bool}`` (the last absent from records of a medfcn before 2026-12-03).
 
     Raises:
         UserError: the file is missing or not JSON.

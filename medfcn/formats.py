@@ -32,6 +32,7 @@ from medfcn.data.dicom import gdcm_series_files, series_files
 from medfcn.data.readers import quiet_itk, sitk_affine_ras
 from medfcn.errors import InputWarning, UserError
 from medfcn.io import DISK_FULL_FIX, NIFTI_SUFFIXES, atomic_path
+from medfcn.outputs import plural
 
 __all__ = [
     "ITK_SUFFIXES",
@@ -133,7 +134,7 @@ def check_metaimage_data(path: str | os.PathLike) -> None:
     if size != need:
         raise UserError(
             f"{path}: holds {size} bytes of voxel data, but its header (DimSize {fields['DimSize']}, {element}, "
-            f"{channels} channel(s)) makes {need}: DimSize does not match the data (or the file is truncated); "
+            f"{plural(channels, 'channel')}) makes {need}: DimSize does not match the data (or the file is truncated); "
             "fix the header or re-export it."
         )
 

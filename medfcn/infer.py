@@ -33,7 +33,7 @@ from medfcn.errors import UserError, collected_input_warnings
 from medfcn.formats import SCAN_SUFFIXES, check_mask_format, is_itk_file, mask_suffix
 from medfcn.io import NIFTI_SUFFIXES, atomic_path, csv_text, nifti_files, refuse_existing
 from medfcn.masks import mask_name, stage_mask
-from medfcn.outputs import is_utf8, output_lock, path_text, refuse_non_utf8, refuse_outputs_over_inputs
+from medfcn.outputs import is_utf8, output_lock, path_text, plural, refuse_non_utf8, refuse_outputs_over_inputs
 from medfcn.segmenter import Segmenter, load_segmenter
 
 __all__ = [
@@ -155,7 +155,7 @@ def _warning_note(unlike: dict[str, str], messages: list[str]) -> str:
     warnings the scan had (each printed on its own line)."""
     note = f"  WARNING unlike the training data: {', '.join(unlike)}" if unlike else ""
     others = len(messages) - bool(unlike)
-    return note + (f"  WARNING: {others} input warning(s), see above" if others else "")
+    return note + (f"  WARNING: {plural(others, 'input warning')}, see above" if others else "")
 
 
 def _stage_tables(

@@ -12,7 +12,7 @@ import logging
 import warnings
 from collections.abc import Iterator
 
-__all__ = ["quiet_library_notices"]
+__all__ = ["engine_exception_echo_dropped", "quiet_library_notices"]
 
 # The logger of MONAI's GPU DICOM decoding plugin, and nibabel's (header fixes).
 _NVIMGCODEC_LOGGER = "monai.data.nvimgcodec_pydicom_plugin"
@@ -25,6 +25,36 @@ class _DropNvImageCodecNotice(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return "nvImageCodec is not available" not in record.getMessage()
+
+
+# what Ignite logs at ERROR about the exception that ends a run, before raising it
+_ENGINE_ECHOES = ("Current run is terminating due to exception", "Engine run is terminating due to exception")
+
+
+class _DropEngineExceptionEcho(logging.Filter):
+    """Drops Ignite's log lines about the exception that ends a run: the caller handles that
+    exception (the CLI prints a user error as its one line and anything else with its traceback;
+    the planner's probe takes running out of memory as a verdict on a candidate), so the lines
+    only double it, or report an error where there is none."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(_ENGINE_ECHOES)
+
+
+@contextlib.contextmanager
+def engine_exception_echo_dropped(logger_names) -> Iterator[None]:
+    """Inside the block, the Ignite engine loggers ``logger_names`` (``"ignite.engine.engine."``
+    + the engine's class name) drop their echo of the exception that ends a run; every other
+    line shows as before."""
+    echo = _DropEngineExceptionEcho()
+    loggers = [logging.getLogger(name) for name in logger_names]
+    for logger in loggers:
+        logger.addFilter(echo)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(echo)
 
 
 def _ignore_library_warnings() -> None:

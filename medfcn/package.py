@@ -47,7 +47,7 @@ from medfcn.data.datasets import fold_datalists
 from medfcn.data.profile import PROFILE_KEY, RUN_PROFILE, training_profile
 from medfcn.errors import UserError
 from medfcn.io import atomic_torch_save, read_checkpoint, refuse_existing, replace_folder, writable_dir
-from medfcn.outputs import refuse_output_over
+from medfcn.outputs import plural, refuse_output_over
 from medfcn.segmenter import load_segmenter
 
 __all__ = ["package_run", "trained_flip_axes"]
@@ -171,7 +171,7 @@ def _metadata(meta: dict, train: ConfigParser, name: str, run_dir: Path, best: d
         "packaged by medfcn from a training run; see docs/README.md."
     )
     meta["data_source"] = str(train.get_parsed_content("dataset_dir"))
-    meta["image_classes"] = f"{channels} channel(s) {modality}, resampled to {train.get('pixdim')} mm, RAS"
+    meta["image_classes"] = f"{plural(channels, 'channel')} {modality}, resampled to {train.get('pixdim')} mm, RAS"
     meta["label_classes"] = ", ".join(f"{i} {n}" for i, n in enumerate(["background", *classes]))
     fmt = meta.setdefault("network_data_format", {})
     image = fmt.setdefault("inputs", {}).setdefault("image", {})

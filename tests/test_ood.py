@@ -127,7 +127,7 @@ def test_a_bundle_without_profile_checks_nothing_but_keeps_other_warnings(tmp_pa
     assert rows[0]["warnings"] == "" and "unlike" not in output
     # the scan's other InputWarnings are collected in its row too, and still printed
     assert "looks like a label map" in rows[1]["warnings"]
-    assert "WARNING: 1 input warning(s), see above" in output
+    assert "WARNING: 1 input warning, see above" in output
     assert "medfcn: warning:" in output and "labels.nii.gz: looks like a label map" in output
 
 

@@ -285,7 +285,7 @@ def test_metaimage_dimsize_not_matching_its_data_is_refused(tmp_path):
     (a larger DimSize, or a truncated .raw, was SimpleITK's "No such file or directory")."""
     header = _metaimage(tmp_path, "scan.mhd", compressed=False)
     header.write_text(header.read_text().replace("DimSize = 20 24 18", "DimSize = 16 24 18"))
-    _metaimage_refused(header, "holds 34560 bytes of voxel data", "(DimSize 16 24 18, MET_FLOAT, 1 channel(s)) makes")
+    _metaimage_refused(header, "holds 34560 bytes of voxel data", "(DimSize 16 24 18, MET_FLOAT, 1 channel) makes")
 
 
 def test_metaimage_with_missing_data_file_is_refused(tmp_path):

@@ -134,6 +134,20 @@ def test_a_split_the_user_wrote_into_the_run_folder_is_not_taken_for_the_runs_ow
     assert json.loads((out / RUN_FILE).read_text())["split_made_by_run"] is False
 
 
+def test_a_record_of_an_older_medfcn_takes_the_run_folders_split_for_the_runs_own(tmp_path):
+    """A record without ``split_made_by_run`` (medfcn before 2026-12-03): the run folder's
+    folds.json counts as the split the run made, so a dataset that gained a case is refused."""
+    data = write_msd_dataset(tmp_path / "Spheres", n_cases=6, shape=SHAPE)
+    out = tmp_path / "run"
+    train(BUNDLE, data, epochs=1, output_dir=out, overrides=TINY, notify=lambda line: None)
+    record = json.loads((out / RUN_FILE).read_text())
+    del record["split_made_by_run"]
+    (out / RUN_FILE).write_text(json.dumps(record))
+    _add_case(data)
+    with pytest.raises(UserError, match=r": 1 case added since the run split it"):
+        train(BUNDLE, output_dir=out, resume=True, epochs=2)
+
+
 def test_an_unknown_fold_of_the_automatic_split_names_the_split_and_its_folds(tmp_path):
     data = write_msd_dataset(tmp_path / "Spheres", n_cases=6, shape=SHAPE)
     out = tmp_path / "run"

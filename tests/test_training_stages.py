@@ -60,7 +60,7 @@ def counts(monkeypatch):
 def _run_filters() -> list[logging.Filter]:
     """The filters of ignite's engine loggers that drop the echo of the exception ending a run."""
     loggers = [logging.getLogger(name) for name in ENGINE_LOGGERS]
-    return [f for logger in loggers for f in logger.filters if type(f).__name__ == "_DropRunEndEcho"]
+    return [f for logger in loggers for f in logger.filters if type(f).__name__ == "_DropEngineExceptionEcho"]
 
 
 def test_a_run_parses_builds_and_reads_once(dataset, tmp_path, counts):

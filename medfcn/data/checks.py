@@ -18,6 +18,7 @@ import torch
 
 from medfcn.data.nifti import check_gzip_integrity, refuse_non_mm, voxel_spacing
 from medfcn.errors import InputWarning, UserError
+from medfcn.outputs import plural
 
 __all__ = [
     "BYTES_PER_VOXEL",
@@ -240,7 +241,8 @@ def check_training_pairs(datalist: Sequence[dict], num_classes: int, in_channels
         channels = int(np.prod(image.shape[3:], dtype=int))
         if in_channels is not None and channels != in_channels:
             raise UserError(
-                f"{image_path}: has {channels} channel(s) (shape {image.shape}) but the network takes {in_channels}; "
+                f"{image_path}: has {plural(channels, 'channel')} (shape {image.shape}) but the network takes "
+                f"{in_channels}; "
                 f"pass --set network_def#in_channels={channels} (and the same in configs/common.json)."
             )
         if label_path is None:

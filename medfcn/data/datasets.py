@@ -87,7 +87,9 @@ def load_msd_datalist(dataset_dir: str | os.PathLike, section: str = "training")
         datalist.append(item)
     if missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-        raise FileNotFoundError(f"{index}: names {len(missing)} missing file(s): {shown}. Fix the paths or the files.")
+        raise FileNotFoundError(
+            f"{index}: names {plural(len(missing), 'missing file')}: {shown}. Fix the paths or the files."
+        )
     _refuse_shared_case_names(index, datalist)
     return datalist
 
@@ -224,7 +226,9 @@ def fold_datalists(
     if folds_file is None:
         ids = [case_id(item["image"]) for item in load_msd_datalist(dataset_dir)]
         if len(ids) < 2:
-            raise ValueError(f"{Path(dataset_dir) / 'dataset.json'}: lists {len(ids)} case(s); a split needs 2.")
+            raise ValueError(
+                f"{Path(dataset_dir) / 'dataset.json'}: lists {plural(len(ids), 'case')}; a split needs 2."
+            )
         where = f"the default {min(DEFAULT_FOLDS, len(ids))}-fold split of {dataset_dir}"
         return split_datalists(dataset_dir, default_split(ids)["folds"], fold, max_cases, where=where)
     split = json.loads(Path(folds_file).read_text())

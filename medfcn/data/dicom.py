@@ -44,6 +44,7 @@ from pydicom.uid import UID
 
 from medfcn.data.readers import quiet_itk
 from medfcn.errors import InputWarning, UserError
+from medfcn.outputs import plural
 
 __all__ = [
     "DECODABLE_TRANSFER_SYNTAXES",
@@ -221,7 +222,8 @@ def _check_decodable(folder: Path, headers: Sequence[SliceHeader]) -> None:
     if undecodable:
         syntax = UID(undecodable[0].transfer_syntax)
         raise UserError(
-            f"{folder}: {len(undecodable)} of {len(headers)} file(s) are compressed as {syntax.name} ({syntax}), "
+            f"{folder}: {len(undecodable)} of {plural(len(headers), 'file')} "
+            f"{'is' if len(undecodable) == 1 else 'are'} compressed as {syntax.name} ({syntax}), "
             "which medfcn's DICOM reader (GDCM) cannot decode; decompress the series first "
             "(e.g. `gdcmconv --raw` from GDCM 3.1+, or pydicom's Dataset.decompress() with pylibjpeg-openjpeg) "
             "or convert it to NIfTI with dcm2niix."
@@ -260,7 +262,8 @@ def _select_stack(folder: Path, headers: Sequence[SliceHeader], warn: bool) -> l
     if left_out and warn:
         warnings.warn(
             InputWarning(
-                f"{folder}: left out {len(left_out)} file(s) whose orientation, image size or pixel spacing differs "
+                f"{folder}: left out {plural(len(left_out), 'file')} whose orientation, image size or pixel spacing "
+                "differs "
                 f"from the other {len(kept)} slices (a localizer?): {_names(left_out)}; segmenting the {len(kept)}."
             ),
             stacklevel=2,
@@ -286,7 +289,8 @@ def _slice_frame(folder: Path, stack: Sequence[SliceHeader]) -> tuple[np.ndarray
 def _check_slice_count(folder: Path, count: int) -> None:
     if count < MIN_SLICES:
         raise UserError(
-            f"{folder}: a DICOM series of {count} slice(s); at least {MIN_SLICES} are needed to check the slice "
+            f"{folder}: a DICOM series of {plural(count, 'slice')}; at least {MIN_SLICES} are needed to check the "
+            "slice "
             "spacing and segment a volume; export the whole series."
         )
 
@@ -328,7 +332,8 @@ def _check_even_steps(folder: Path, along: np.ndarray) -> None:
     if steps.min() <= tolerance:
         at = along[1:][steps <= tolerance]
         raise UserError(
-            f"{folder}: {len(at)} pair(s) of slices share a position (e.g. {at[0]:.4g} mm along the normal): a slice "
+            f"{folder}: {plural(len(at), 'pair')} of slices "
+            f"{'shares' if len(at) == 1 else 'share'} a position (e.g. {at[0]:.4g} mm along the normal): a slice "
             "is duplicated, or the series holds several volumes (echoes, time points); export one volume per series."
         )
     multiples = np.round(steps / step)

@@ -10,7 +10,8 @@
 2. :func:`medfcn.planning.rules.make_plan`: decide target spacing, normalisation, 2D or 3D,
    patch size, network (width, depth, pooling per axis), augmentation, and, from a short timed
    probe of training steps on this machine (:mod:`medfcn.planning.probe`), the batch size and
-   the number of epochs that fit the budget. Each decision carries the reason it was taken.
+   the number of epochs that fit the budget (at most ``rules.MAX_EPOCHS``). Each decision carries
+   the reason it was taken.
 3. :func:`medfcn.planning.writer.write_bundle`: a complete MONAI bundle (``configs/common.json``
    with the plan, the stage configs every bundle shares from ``template/``,
    ``configs/fingerprint.json``, ``configs/metadata.json``, ``docs/README.md`` with the

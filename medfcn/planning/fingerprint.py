@@ -266,7 +266,7 @@ def _refuse_mixed_channels(first: dict, first_image: str, case: dict, image: str
     """UserError when ``case`` (read from ``image``) has another channel count than the first."""
     if case["channels"] != first["channels"]:
         raise UserError(
-            f"{image}: has {case['channels']} channel(s), but {first_image} has {first['channels']}; "
+            f"{image}: has {plural(case['channels'], 'channel')}, but {first_image} has {first['channels']}; "
             "every case needs the same modalities (the 4th image axis): fix or remove the odd case."
         )
 
@@ -277,7 +277,7 @@ def _refuse_modality_mismatch(index: Path, modality: dict[str, str], case: dict,
     if len(modality) != case["channels"]:
         raise UserError(
             f"{index}: 'modality' lists {len(modality)} modalities ({', '.join(modality.values())}), but the images "
-            f"have {case['channels']} channel(s) (e.g. {image_path}); list one modality per channel."
+            f"have {plural(case['channels'], 'channel')} (e.g. {image_path}); list one modality per channel."
         )
 
 

@@ -9,9 +9,10 @@ gets its patch (the median case, rounded up to a multiple of 8, capped), its poo
 (nnU-Net's rules: stop pooling an axis that is short or already coarse) and its features; the
 probe (:mod:`medfcn.planning.probe`) measures its training step on this machine; the plan takes
 the finest spacing, then the widest network, that still trains ``MIN_EPOCHS`` epochs within the
-budget. The search times spacings from coarse to fine (narrowest network) and stops at the
-first that fails, then widens the network at the finest that passed, so only cheap candidates
-and at most one too slow per ladder are timed.
+budget, and at most ``MAX_EPOCHS`` (a larger budget ends early). The search times spacings
+from coarse to fine (narrowest network) and stops at the first that fails, then widens the
+network at the finest that passed, so only cheap candidates and at most one too slow per ladder
+are timed; a candidate near ``MIN_EPOCHS`` is timed twice and keeps the faster timing.
 
 The decisions are pure functions of the fingerprint and the probe's answers: tests pass a fake
 probe.
@@ -104,7 +105,8 @@ class Plan:
         ema_decay: the weight average's decay (None: off).
         learning_rate: AdamW's initial learning rate.
         seconds_per_step: measured by the probe: one training step (batch_size patches,
-            augmentation, forward, backward, update) on the planned device, seconds.
+            augmentation, forward, backward, update, in MONAI's trainer with the weight
+            average) on the planned device, seconds.
         seconds_per_validation: measured or estimated: one validation pass over the held-out
             cases of a fold, seconds.
         seconds_setup: estimated: loading and preprocessing every case once (the cache), s.
@@ -288,7 +290,8 @@ def flip_axes(fingerprint: dict, layout: Layout) -> tuple[list[int], str]:
     sided = [n for n in names if LEFT_RIGHT.search(n)]
     if sided:
         return [], (
-            f"no flip: label(s) {', '.join(repr(n) for n in sided)} name a side: a left-right flip would show it "
+            f"no flip: {'label' if len(sided) == 1 else 'labels'} {', '.join(repr(n) for n in sided)} "
+            f"{'names' if len(sided) == 1 else 'name'} a side: a left-right flip would show it "
             "on the other side under the same name; never along A-P or S-I, where anatomy is not mirrored."
         )
     if layout.slice_axis == 0:
@@ -497,7 +500,8 @@ class Search:
 
         Spacings are timed from coarse to fine and the search stops at the first that fails:
         a finer spacing has more voxels per patch, so it would fail too. The cheap candidates
-        are timed and at most one too slow (whose timing stops after its warm-up step)."""
+        are timed and at most one too slow (whose timing stops after its warm-up step); those
+        near ``MIN_EPOCHS`` twice."""
         widths = [w for w in WIDTHS if w <= MAX_PREFERRED_WIDTH]
         tried: list[Outcome] = []
         best = None
@@ -672,7 +676,7 @@ def _budget_reasons(plan: Plan, chosen: Outcome, tried: list[Outcome], budget: B
     return {
         "search": f"training steps measured on {measured} (MONAI's trainer with the weight average: forward, backward, "
         f"AdamW, plus the recipe's augmentation of each sample): {trials}. Chosen: {verdict}.",
-        "epochs": _epochs_reason(plan, budget, epoch_s),
+        "epochs": _epochs_reason(plan, budget, epoch_s, capped=_capped(budget, epoch_s, chosen, plan.val_interval)),
         "val_interval": f"every {plural(plan.val_interval, 'epoch')}: a validation of "
         f"{plural(budget.val_cases, 'case')} takes "
         f"{plan.seconds_per_validation:.1f} s (sliding-window forward passes timed on this machine), so the "
@@ -680,13 +684,18 @@ def _budget_reasons(plan: Plan, chosen: Outcome, tried: list[Outcome], budget: B
     }
 
 
-def _epochs_reason(plan: Plan, budget: Budget, epoch_s: float) -> str:
+def _capped(budget: Budget, epoch_s: float, chosen: Outcome, interval: int) -> bool:
+    """Whether the budget affords more than ``MAX_EPOCHS`` epochs of the chosen candidate."""
+    return _max_epochs(budget, epoch_s, chosen.validation_seconds or 0.0, interval) > MAX_EPOCHS
+
+
+def _epochs_reason(plan: Plan, budget: Budget, epoch_s: float, capped: bool) -> str:
     """Why ``plan.epochs``: they fill the budget, or the ``MAX_EPOCHS`` cap ends the run early."""
     epochs = (
         f"{plural(plan.epochs, 'epoch')} of {plural(budget.steps_per_epoch, 'step')} ({epoch_s:.1f} s each at "
         f"{plan.seconds_per_step:.3f} s per step)"
     )
-    if plan.epochs < MAX_EPOCHS:
+    if not capped:
         return (
             f"{epochs} fill the {plan.budget_minutes:g} min budget after {budget.setup:.0f} s of setup and the "
             f"validations: {plan.planned_minutes:g} min planned."

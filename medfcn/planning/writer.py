@@ -313,7 +313,8 @@ def bundle_metadata(plan: Plan, fingerprint: dict) -> dict:
         "data_source": f"{dataset}, {fingerprint['dataset']['dir']} (licence: unknown until stated)",
         "data_type": "nibabel",
         "image_classes": (
-            f"{plan.in_channels} channel(s) {plan.modality}, resampled to {' x '.join(map(str, plan.pixdim))} mm, RAS"
+            f"{plural(plan.in_channels, 'channel')} {plan.modality}, resampled to "
+            f"{' x '.join(map(str, plan.pixdim))} mm, RAS"
         ),
         "label_classes": ", ".join(f"{i} {n}" for i, n in enumerate(names)),
         "intended_use": "Research only; not for clinical use.",
@@ -397,7 +398,7 @@ def _data_section(plan: Plan, fingerprint: dict) -> list[str]:
     return [
         "## Data (`configs/fingerprint.json`)",
         "",
-        f"{_dataset_title(fingerprint)}; {plan.in_channels} channel(s), {plan.modality}; median shape "
+        f"{_dataset_title(fingerprint)}; {plural(plan.in_channels, 'channel')}, {plan.modality}; median shape "
         f"{summary.get('median_shape')} voxels, median spacing {summary.get('median_spacing_mm')} mm "
         f"(from {summary.get('min_spacing_mm')} to {summary.get('max_spacing_mm')}).",
         "",

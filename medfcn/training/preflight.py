@@ -122,7 +122,7 @@ def _check_classes(run: RunSettings) -> None:
     if len(names) != int(num_classes) - 1:
         raise UserError(
             f"{_stating(run, 'num_classes')}: num_classes {num_classes} (background + {int(num_classes) - 1}"
-            f"{_given(run, 'num_classes')}) but class_names has {len(names)} name(s) {list(names)}"
+            f"{_given(run, 'num_classes')}) but class_names has {plural(len(names), 'name')} {list(names)}"
             f"{_given(run, 'class_names')}; set both, e.g. --set num_classes=2 --set 'class_names=[\"tumour\"]'."
         )
     window = {key: run.get(key) for key in ("hu_window", "intensity_stats") if key in run.parser}

@@ -23,7 +23,7 @@ from medfcn.bundle import RUN_FILE, bundle_files
 from medfcn.data.profile import RUN_PROFILE, write_run_profile
 from medfcn.errors import UserError
 from medfcn.io import refuse_full_disk
-from medfcn.notices import quiet_library_notices
+from medfcn.notices import engine_exception_echo_dropped, quiet_library_notices
 from medfcn.outputs import output_lock
 from medfcn.training.handlers import Resume
 from medfcn.training.labels import dataset_labels
@@ -166,15 +166,6 @@ def _hand_over_checkpoint(run: RunSettings, checkpoint: dict) -> None:
             handler.checkpoint = checkpoint
 
 
-class _DropRunEndEcho(logging.Filter):
-    """Ignite logs the exception that ends a run ("Engine run is terminating due to exception:
-    ...") before raising it; the CLI prints a user error (a full disk in a handler) as its one
-    line and anything else with its traceback, so the echo only doubles it."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Engine run is terminating due to exception")
-
-
 _ENGINE_LOGGERS = [f"ignite.engine.engine.{name}" for name in ("SupervisedTrainer", "SupervisedEvaluator")]
 
 
@@ -184,18 +175,13 @@ def _run_scope(bundle_root: str) -> Iterator[None]:
     notices a user can do nothing about silenced (:func:`medfcn.notices.quiet_library_notices`:
     the deprecation of the AMP scaler MONAI's trainer uses, ...), and the bundle folder
     importable (its ``scripts``), as in ``python -m monai.bundle run``."""
-    echo = _DropRunEndEcho()
-    for name in _ENGINE_LOGGERS:
-        logging.getLogger(name).addFilter(echo)
     sys.path.insert(1, str(bundle_root))
     try:
-        with quiet_library_notices():
+        with engine_exception_echo_dropped(_ENGINE_LOGGERS), quiet_library_notices():
             yield
     finally:
         with contextlib.suppress(ValueError):  # the entry inserted above, not an earlier one
             del sys.path[sys.path.index(str(bundle_root), 1)]
-        for name in _ENGINE_LOGGERS:
-            logging.getLogger(name).removeFilter(echo)
 
 
 def _write_profile(run: RunSettings, cases: list[dict]) -> None:

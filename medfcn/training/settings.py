@@ -31,7 +31,8 @@ from medfcn.settings import check_settings
 
 __all__ = ["RunSettings", "resolve_settings", "write_run_record"]
 
-# Where the training handlers of ``medfcn.handlers`` went: bundles packaged by older medfcn
+# Where the training handlers of ``medfcn.handlers`` went (WeightAverage is defined there again,
+# for the planner's probe, and exported by medfcn.training.handlers): bundles packaged by older medfcn
 # versions name them there (``"_target_": "medfcn.handlers.Resume"``, ``$medfcn.handlers.BestMetric``).
 _MOVED = {
     **dict.fromkeys(
