@@ -81,7 +81,7 @@ def test_duplicated_slice_is_refused(tmp_path):
     copy = pydicom.dcmread(folder / "16.dcm")
     copy.SOPInstanceUID = generate_uid()
     copy.save_as(folder / "16b.dcm")
-    assert_user_error(run("infer", BUNDLE, folder, "--out", tmp_path / "o"), "share a position", "duplicated")
+    assert_user_error(run("infer", BUNDLE, folder, "--out", tmp_path / "o"), "shares a position", "duplicated")
 
 
 def test_gantry_tilt_is_refused_with_its_angle(tmp_path):

@@ -275,8 +275,9 @@ def _refuse_modality_mismatch(index: Path, modality: dict[str, str], case: dict,
     """UserError when dataset.json's ``modality`` lists another number of entries than the images
     have channels."""
     if len(modality) != case["channels"]:
+        listed = f"{len(modality)} {'modality' if len(modality) == 1 else 'modalities'}"
         raise UserError(
-            f"{index}: 'modality' lists {len(modality)} modalities ({', '.join(modality.values())}), but the images "
+            f"{index}: 'modality' lists {listed} ({', '.join(modality.values())}), but the images "
             f"have {plural(case['channels'], 'channel')} (e.g. {image_path}); list one modality per channel."
         )
 
