@@ -176,3 +176,85 @@ def test_epoch_progress_says_where_the_run_ends_against_its_budget(budget, over)
 def test_epoch_progress_without_a_budget_says_nothing_of_one():
     lines = _progress_run(Console(file=io.StringIO(), force_terminal=False))
     assert not any("budget" in line for line in lines)
+
+
+class _Clock:
+    """A fake monotonic clock: each training iteration advances it by the step time of its epoch."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _kept_run(step_s, planned=20, iterations=10, budget_s=200.0, start_epoch=0, scheduler_cls=None):
+    """Train ``planned`` epochs of ``iterations`` fake steps, each taking ``step_s(epoch)``
+    seconds on a fake clock, with a BudgetKeeper for ``budget_s``; the engine, keeper, the
+    scheduler, the lines printed and the seconds spent."""
+    from monai.handlers import LrScheduleHandler
+
+    from medfcn.training.handlers import BudgetKeeper
+
+    clock, lines = _Clock(), []
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = (scheduler_cls or torch.optim.lr_scheduler.PolynomialLR)(optimizer, planned)
+
+    def step(engine, batch):
+        optimizer.step()
+        clock.now += step_s(engine.state.epoch)
+
+    trainer = Engine(step)
+    keeper = BudgetKeeper(budget_s / 60, scheduler, print_fn=lambda text, **kw: lines.append(text), clock=clock)
+    keeper.attach(trainer)
+    LrScheduleHandler(scheduler, print_lr=False).attach(trainer)
+    if start_epoch:  # a resumed run: the trainer's state as Resume restores it
+        trainer.load_state_dict({"epoch": start_epoch, "max_epochs": planned, "epoch_length": iterations})
+        scheduler.last_epoch = start_epoch
+    trainer.run(range(iterations), max_epochs=planned)
+    return trainer, keeper, scheduler, lines, clock.now
+
+
+def test_budget_keeper_leaves_a_run_on_plan_alone():
+    trainer, _, scheduler, lines, spent = _kept_run(lambda epoch: 1.0)  # 20 epochs of 10 s: the budget
+    assert trainer.state.epoch == 20 and scheduler.total_iters == 20 and not lines
+    assert spent == pytest.approx(200.0)
+
+
+def test_budget_keeper_ends_a_slow_run_within_its_budget_with_the_schedule_decayed():
+    trainer, _, scheduler, lines, spent = _kept_run(lambda epoch: 1.5)  # 15 s epochs: 13 fit in 200 s
+    assert trainer.state.epoch == 13 and trainer.state.max_epochs == 13, lines
+    assert spent <= 200.0
+    assert scheduler.total_iters == 13
+    assert scheduler.optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)  # decayed to its end
+    assert len(lines) == 1 and "training ends after epoch 13 instead of 20" in lines[0], lines
+
+
+def test_budget_keeper_gives_epochs_back_when_the_machine_speeds_up_but_never_past_the_plan():
+    slow_then_fast = lambda epoch: 2.0 if epoch <= 5 else 0.5  # noqa: E731
+    trainer, _, scheduler, lines, spent = _kept_run(slow_then_fast)
+    assert len(lines) == 1 and "ends after epoch 10 instead of 20" in lines[0], lines  # said once
+    assert trainer.state.epoch == scheduler.total_iters <= 20
+    assert trainer.state.epoch > 10  # more than the slow start's projection (200 s / 20 s)
+    assert spent <= 200.0 * 1.03
+    fast = _kept_run(lambda epoch: 0.5)  # 5 s epochs: half the budget, the planned epochs only
+    assert fast[0].state.epoch == 20 and not fast[3]
+
+
+def test_budget_keeper_gives_a_resumed_run_the_planned_share_of_the_budget():
+    trainer, keeper, _, lines, spent = _kept_run(lambda epoch: 1.5, start_epoch=10)
+    assert keeper.budget_s == pytest.approx(100.0)  # 10 of 20 epochs left
+    assert trainer.state.epoch == 16 and spent <= 100.0, lines  # 6 epochs of 15 s fit in 100 s
+
+
+def test_budget_keeper_needs_a_schedule_with_a_horizon():
+    from medfcn.training.handlers import BudgetKeeper
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    step_lr = torch.optim.lr_scheduler.StepLR(optimizer, 5)
+    with pytest.raises(ValueError, match="budget_minutes: the lr_scheduler StepLR has no horizon"):
+        BudgetKeeper(20.0, step_lr)
+    BudgetKeeper(None, step_lr).attach(Engine(lambda e, b: None))  # no budget, nothing to keep
+    cosine = _kept_run(lambda epoch: 1.5, scheduler_cls=torch.optim.lr_scheduler.CosineAnnealingLR)
+    assert cosine[0].state.epoch == 13 and cosine[2].T_max == 13
+    assert cosine[2].optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-9)

@@ -133,3 +133,28 @@ def test_same_seed_same_weights(spheres_dataset, tmp_path):
     a, b, c = (_weights(r / "last.pt") for r in (*runs, other))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)  # the seed matters, so the check can fail
+
+
+def test_budget_ends_the_run_early_and_its_resume_says_so(spheres_dataset, tmp_path, capsys):
+    """A budget far too short: the BudgetKeeper ends the real trainer after the third epoch (the
+    first it may judge), with the schedule decayed; a resume says the run has finished, and
+    --epochs trains the planned epochs without the budget."""
+    from medfcn.errors import UserError
+
+    out = tmp_path / "run"
+    overrides = {**_overrides(spheres_dataset), "budget_minutes": 1e-4, "val_interval": 1}
+    train(BUNDLE, spheres_dataset, fold=0, epochs=4, output_dir=out, overrides=overrides, device="cpu")
+    printed = capsys.readouterr().out
+    assert "budget: training ends after epoch 3 instead of 4" in printed, printed
+    assert "epoch 3/3" in printed and "epoch 4/" not in printed
+    saved = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    assert _epoch(out / "last.pt") == 3 and saved["trainer"]["max_epochs"] == 3
+    assert saved["lr_scheduler"]["total_iters"] == 3
+    assert saved["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+    with pytest.raises(UserError, match=r"finished 3 epochs already, the last that fit its 0.0001-min budget"):
+        train(BUNDLE, output_dir=out, resume=True, device="cpu")
+    train(BUNDLE, output_dir=out, resume=True, epochs=4, device="cpu")
+    printed = capsys.readouterr().out
+    assert "budget: --set epochs 4 trains every epoch; the 0.0001-min budget no longer" in printed, printed
+    assert "epoch 4/4" in printed and _epoch(out / "last.pt") == 4

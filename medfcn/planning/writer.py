@@ -161,7 +161,8 @@ def common_config(plan: Plan, fingerprint: dict, bundle_name: str) -> dict:
         common["slice_axis"] = plan.slice_axis
     common["network_def"] = network_def(plan)
     common["trained_flip_axes"] = sorted(plan.flip_axes) if plan.dims == 3 else _flips_2d(plan)[0]
-    # budget_minutes: medfcn train's ETA says how the run keeps to it
+    # budget_minutes: medfcn train's ETA says where the run ends against it, and its BudgetKeeper
+    # ends a run the machine slowed down within it
     common.update(epochs=plan.epochs, budget_minutes=float(plan.budget_minutes))
     common.update(batch_size=plan.batch_size, val_interval=plan.val_interval)
     if plan.dims == 2:
@@ -458,7 +459,9 @@ def _budget_section(plan: Plan) -> list[str]:
         f"({share:.0f} % of the budget) on "
         f"`{plan.device}`: {plural(plan.epochs, 'epoch')} at {plan.seconds_per_step:.2f} s per step (measured), "
         f"{plan.seconds_per_validation:.1f} s per validation every {plural(plan.val_interval, 'epoch')}, "
-        f"{plan.seconds_setup:.0f} s of loading.",
+        f"{plan.seconds_setup:.0f} s of loading. On a machine slower than this one was when timed, "
+        "`medfcn train` ends the run after the last epoch that fits the budget, with the learning rate "
+        "decayed there (`--epochs` trains a fixed number instead).",
         "",
     ]
 

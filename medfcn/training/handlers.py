@@ -9,13 +9,18 @@ bundles' ``train.json``:
 - :class:`WeightAverage`: an exponential moving average of the weights, the model validated
   (defined in :mod:`medfcn.handlers`, which the planner's probe uses too).
 - :class:`CheckpointWriter`: atomic ``last.pt`` (resume) and ``best_model.pt`` (weights).
+- :class:`BudgetKeeper`: ends a planned run within its time budget on a machine slower than
+  planned, with the learning-rate schedule fitted to the epochs that fit.
 
 Logging, progress and TensorBoard extras are in :mod:`medfcn.training.monitoring`.
 """
 
 from __future__ import annotations
 
+import math
+import time
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -26,7 +31,15 @@ from monai.handlers import CheckpointLoader, ValidationHandler
 from medfcn.handlers import WeightAverage
 from medfcn.io import atomic_torch_save
 
-__all__ = ["BestMetric", "CheckpointWriter", "ReseedEachEpoch", "Resume", "ValidateEvery", "WeightAverage"]
+__all__ = [
+    "BestMetric",
+    "BudgetKeeper",
+    "CheckpointWriter",
+    "ReseedEachEpoch",
+    "Resume",
+    "ValidateEvery",
+    "WeightAverage",
+]
 
 
 class Resume(CheckpointLoader):
@@ -184,3 +197,112 @@ class CheckpointWriter:
             weights = OrderedDict((k, v.cpu()) for k, v in state.items())
             weights._metadata = getattr(state, "_metadata", None)  # as load_state_dict expects it
             atomic_torch_save(weights, self.save_dir / "best_model.pt")
+
+
+# a scheduler's horizon in epochs, by the attribute torch names it with (PolynomialLR, LinearLR,
+# ConstantLR: total_iters; CosineAnnealingLR: T_max). Their step is recursive (the next rate is
+# the current one times a factor), so a new horizon continues from the current rate.
+_HORIZONS = ("total_iters", "T_max")
+
+
+class BudgetKeeper:
+    """End a run within its time budget when the machine is slower than when it was planned.
+
+    ``medfcn plan`` fits the epochs to ``budget_minutes`` from a timed probe, but a shared or
+    throttled machine can run the same step 1.6x slower for minutes at a time (row 79 of
+    docs/experiments.md). Before each epoch (from the third of this process on: the first pays
+    one-off costs) the keeper takes the mean time of an epoch so far, validation and checkpoint
+    included, and projects the run's end. When that end is more than ``tolerance`` of the budget
+    away from it, the trainer's last epoch becomes the last one that ends within the budget,
+    never past the planned epochs (a run that slowed down and sped up again gets its epochs
+    back). The learning-rate schedule's horizon follows, so the rate still decays to its end on
+    the last epoch instead of training being cut at a high rate.
+
+    The budget counts from the keeper's construction (the config's parse, before the cache is
+    filled), as :class:`medfcn.training.monitoring.EpochProgress`'s ETA does. A resumed run has
+    the planned share of the epochs left: ``budget * (planned - done) / planned``.
+
+    Args:
+        budget_minutes: the training time the epochs were planned for; None: no keeping.
+        lr_scheduler: an epoch-stepped scheduler with a horizon (``total_iters`` or ``T_max``).
+        tolerance: how far (a fraction of the budget) the projected end may be from it before
+            the length changes; a smaller one would change it back and forth by one epoch.
+        print_fn: where the line saying a change of length goes.
+        clock: seconds, monotonic (tests give a fake one).
+
+    Raises:
+        ValueError: a budget with a scheduler that has no horizon to fit.
+    """
+
+    def __init__(
+        self,
+        budget_minutes: float | None,
+        lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
+        tolerance: float = 0.03,
+        print_fn: Callable[..., None] = print,
+        clock: Callable[[], float] = time.perf_counter,
+    ):
+        self.budget_minutes = budget_minutes
+        self.budget_s = None if budget_minutes is None else 60.0 * float(budget_minutes)
+        self.scheduler = lr_scheduler
+        self.horizon = next((a for a in _HORIZONS if hasattr(lr_scheduler, a)), None)
+        if self.budget_s is not None and self.horizon is None:
+            raise ValueError(
+                f"budget_minutes: the lr_scheduler {type(lr_scheduler).__name__} has no horizon "
+                f"({' or '.join(_HORIZONS)}) to fit to the budget; set budget_minutes null."
+            )
+        self.tolerance = float(tolerance)
+        self.print_fn = print_fn
+        self.clock = clock
+        self._clock0 = clock()
+        self._planned = 0
+        self._epoch0 = 0
+        self._second_started = 0.0  # when this process's second epoch started
+        self._said = False
+
+    def attach(self, engine: Engine) -> None:
+        """Attach after :class:`Resume` (so the epochs done are known) and before the handlers
+        that show the epoch count."""
+        if self.budget_s is None:
+            return
+        engine.add_event_handler(Events.STARTED, self._started)
+        engine.add_event_handler(Events.EPOCH_STARTED, self._epoch_started)
+
+    def _started(self, engine: Engine) -> None:
+        self._planned = int(engine.state.max_epochs)
+        self._epoch0 = int(engine.state.epoch)
+        if self._epoch0:
+            self.budget_s *= max(self._planned - self._epoch0, 0) / self._planned
+
+    def _epoch_started(self, engine: Engine) -> None:
+        epoch = engine.state.epoch  # the epoch starting now (Ignite counts it before this event)
+        now = self.clock()
+        if epoch == self._epoch0 + 2:
+            self._second_started = now
+        if epoch < self._epoch0 + 3:
+            return
+        per_epoch = (now - self._second_started) / (epoch - self._epoch0 - 2)
+        spent = now - self._clock0
+        projected = spent + per_epoch * (engine.state.max_epochs - epoch + 1)
+        if abs(projected - self.budget_s) <= self.tolerance * self.budget_s:
+            return
+        fitting = math.floor((self.budget_s - spent) / per_epoch) if per_epoch > 0 else self._planned
+        last = min(self._planned, max(epoch, epoch - 1 + fitting))  # epochs epoch..last fit
+        if last != engine.state.max_epochs:
+            self._set_length(engine, last, per_epoch)
+
+    def _set_length(self, engine: Engine, last: int, per_epoch: float) -> None:
+        """End the run after epoch ``last``; said once, the first time (the epoch lines show the
+        new count after that)."""
+        before = engine.state.max_epochs
+        engine.state.max_epochs = last
+        setattr(self.scheduler, self.horizon, last)
+        if not self._said:
+            self._said = True
+            self.print_fn(
+                f"budget: training ends after epoch {last} instead of {before}, the last to end within the "
+                f"{self.budget_minutes:.4g}-min budget at {per_epoch:.1f} s/epoch (this machine is slower "
+                "than when the epochs were planned), with the learning rate decayed to its end there; the count "
+                "follows the machine's speed from here on",
+                flush=True,
+            )

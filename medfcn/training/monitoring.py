@@ -120,7 +120,9 @@ class EpochProgress:
             scores = " ".join(f"{k.replace('val_', '')} {v:.4f}" for k, v in self.evaluator.state.metrics.items())
             parts.append(scores)
         parts += [f"{per_epoch:.1f} s/epoch", f"ETA {int(eta // 60)}:{int(eta % 60):02d}"]
-        parts += self._budget_parts(eta, settled=epoch - self._epoch0 >= 2)
+        # settled from the third epoch: the first pays one-off costs, and the BudgetKeeper shortens
+        # a slow run before the third
+        parts += self._budget_parts(eta, settled=epoch - self._epoch0 >= 3)
         self.print_fn("  ".join(parts), flush=True)
         self._losses.clear()
 
@@ -136,8 +138,9 @@ class EpochProgress:
 
     def _budget_parts(self, eta: float, settled: bool) -> list[str]:
         """``(ends at 19.6 of the 20-min budget)``, and once a note when the run will overrun it
-        by more than 10 %: the machine is slower than when the epochs were planned (``settled``:
-        past this run's first epoch, whose one-off costs would raise a false alarm)."""
+        by more than 10 %: the machine is slower than when the epochs were planned, and even the
+        BudgetKeeper's shorter run overruns (``settled``: from this run's third epoch, once the
+        keeper has judged)."""
         if not self.budget_minutes:
             return []
         total = (time.perf_counter() - self._clock0 + eta) / 60

@@ -215,7 +215,19 @@ def _read_resume_checkpoint(run: RunSettings) -> dict:
         raise UserError(
             f"{last}: run has finished {plural(done, 'epoch')} already; pass {run.option('epochs')} larger than {done}."
         )
+    _refuse_ended_by_budget(run, last, done, int(state.get("max_epochs") or 0))
     return saved
+
+
+def _refuse_ended_by_budget(run: RunSettings, last: Path, done: int, ended: int) -> None:
+    """A run its time budget ended early (``done`` epochs reached the trainer's last epoch,
+    ``ended``, that :class:`~medfcn.training.handlers.BudgetKeeper` set) has finished too."""
+    budget = run.get("budget_minutes") if "budget_minutes" in run.parser else None
+    if budget is not None and 0 < ended <= done:
+        raise UserError(
+            f"{last}: run has finished {plural(done, 'epoch')} already, the last that fit its {budget:g}-min budget; "
+            f"pass {run.option('epochs')} {run.get('epochs')} to train all the planned epochs without the budget."
+        )
 
 
 def _check_resumable(run: RunSettings, saved: dict, network: torch.nn.Module) -> None:

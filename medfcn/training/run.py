@@ -91,7 +91,7 @@ def train(
     logging_file = files["logging_file"] if files["logging_file"].is_file() else None
     out = Path(run.get("output_dir"))
     with output_lock(out, "medfcn train", "--output"):  # two trainers would interleave last.pt
-        _run(run, checked, logging_file, [labels, planned_device_notice(run)], notify)
+        _run(run, checked, logging_file, [labels, planned_device_notice(run), *run.notices], notify)
     return out
 
 

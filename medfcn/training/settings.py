@@ -64,6 +64,7 @@ class RunSettings:
         resume: whether the run continues the one in its output folder.
         option_names: how the caller spells options (config key -> flag).
         defaults: the bundle's own config, as read (before any setting was applied).
+        notices: lines that tell the user what the settings decided, once the checks pass.
     """
 
     parser: ConfigParser
@@ -73,6 +74,7 @@ class RunSettings:
     option_names: Mapping[str, str] = field(default_factory=dict)
     config_files: list[Path] = field(default_factory=list)
     defaults: dict[str, Any] = field(default_factory=dict)
+    notices: list[str] = field(default_factory=list)
 
     def option(self, key: str) -> str:
         """How the caller spells setting ``key`` (``--epochs`` for the CLI, else ``--set epochs``)."""
@@ -136,11 +138,29 @@ def resolve_settings(
     check_settings(parser, run.config_files, sources, defaults)  # before any file is read or written
     if resume:
         _apply_run_record(run, explicit, sources, defaults)
+    _budget_yields_to_epochs(run, explicit, defaults)
     parser.update({"resume": bool(resume)})
     run.recorded = {**run.recorded, "resume": bool(resume)}
     if resume:  # last.pt's weights replace the encoder's initialisation, whose file may be gone by now
         parser.update({"pretrained_encoder": None})
     return run
+
+
+def _budget_yields_to_epochs(run: RunSettings, given: set[str], defaults: dict) -> None:
+    """A run given its own length trains every epoch of it: the ``budget_minutes`` (the time
+    the bundle's epochs were planned for) stops shortening the run
+    (:class:`~medfcn.training.handlers.BudgetKeeper`) and timing it. It binds still when given
+    with the epochs (now, or when the resumed run started: its record holds both)."""
+    budget = run.get("budget_minutes") if "budget_minutes" in run.parser else None
+    if budget is None or "budget_minutes" in given:
+        return
+    other_length = not _same("epochs", _raw_entry(defaults, "epochs"), run.get("epochs"))
+    if "epochs" in given or (other_length and "budget_minutes" not in run.recorded):
+        run.parser.update({"budget_minutes": None})
+        run.notices.append(
+            f"budget: {run.option('epochs')} {run.get('epochs')} trains every epoch; the {budget:g}-min budget no "
+            f"longer ends the run early or times it (give {run.option('budget_minutes')} too to keep it)"
+        )
 
 
 def _moved_handlers(config: Any) -> Any:
