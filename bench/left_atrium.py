@@ -260,6 +260,28 @@ def medfcn_bundle(args, work: Path) -> tuple[Path, float | None]:
     return Path(made) if made else out, time.perf_counter() - start
 
 
+def medfcn_overrides(args) -> dict:
+    """The medfcn arm's config overrides: ``--set`` entries, ``--max-cases``, and with
+    ``--fit-budget`` up to the planner's most epochs with ``--minutes`` as the budget, so the
+    BudgetKeeper ends a variant of the bundle (another width, voxel size...) within the budget
+    at its own speed."""
+    from medfcn.settings import parse_value
+
+    overrides: dict = {}
+    for pair in args.set:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set takes KEY=VALUE, got {pair!r}")
+        overrides[key] = parse_value(key, value)
+    if args.max_cases:
+        overrides["max_cases"] = args.max_cases
+    if args.fit_budget:
+        from medfcn.planning.rules import MAX_EPOCHS
+
+        overrides.update(epochs=MAX_EPOCHS, budget_minutes=args.minutes)
+    return overrides
+
+
 def trained_epochs(run_dir: Path) -> float:
     """Epochs the run trained, from its ``last.pt`` (the trainer's iteration / epoch length)."""
     state = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)["trainer"]
@@ -276,7 +298,7 @@ def run_medfcn(val_cases, labels, args, work: Path) -> dict:
     from medfcn.training import best_validation, train
 
     bundle, plan_s = medfcn_bundle(args, work)
-    overrides = {"max_cases": args.max_cases} if args.max_cases else None
+    overrides = medfcn_overrides(args) or None
     start = time.perf_counter()
     run_dir = train(
         bundle,
@@ -294,6 +316,7 @@ def run_medfcn(val_cases, labels, args, work: Path) -> dict:
     figures = {
         "bundle": str(bundle),
         "planned_for_budget": plan_s is not None,  # False: --medfcn-bundle, trained as it is
+        "overrides": overrides or {},
         "planning_seconds": plan_s,
         "training_minutes": train_s / 60,
         "epochs": trained_epochs(run_dir),
@@ -372,6 +395,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip-medfcn", action="store_true", help="train the MONAI recipe only")
     parser.add_argument("--medfcn-bundle", type=Path, default=None, help="train this bundle instead of planning one")
     parser.add_argument("--max-cases", type=int, default=None, help="first N training and N held-out cases (smoke)")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="medfcn arm: override a config entry (JSON)"
+    )
+    parser.add_argument(
+        "--fit-budget",
+        action="store_true",
+        help="medfcn arm: train up to 100 epochs and let the budget keeper end the run within --minutes",
+    )
     parser.add_argument(
         "--work", type=Path, default=None, help="run folders (default: results/left_atrium_runs/<time>)"
     )

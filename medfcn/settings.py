@@ -68,8 +68,10 @@ def _number(low: float, low_inclusive: bool, high: float = math.inf, none_ok: bo
     def accepts(value: Any, _dims: int | None) -> bool:
         if value is None:
             return none_ok
+        if not _is_number(value):
+            return False
         above = value >= low if low_inclusive else value > low
-        return _is_number(value) and above and value < high
+        return above and value < high
 
     return accepts
 
@@ -131,6 +133,9 @@ RULES: dict[str, Rule] = {
     "max_cases": Rule(_whole(1, none_ok=True), "null (all cases) or a whole number >= 1", "null"),
     "seed": Rule(_whole(0, _MAX_SEED), f"a whole number from 0 to {_MAX_SEED}", "0"),
     "epochs": Rule(_whole(1), "a whole number >= 1", "100"),
+    "budget_minutes": Rule(
+        _number(0, False, none_ok=True), "null (no budget: every epoch trains) or a number of minutes > 0", "60"
+    ),
     "val_interval": Rule(_whole(1), "a whole number of epochs >= 1", "10"),
     "batch_size": Rule(_whole(1), "a whole number >= 1", "2"),
     "num_workers": Rule(_whole(0), "a whole number >= 0 (0: load data in the main process)", "0"),

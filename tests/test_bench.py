@@ -224,6 +224,15 @@ def test_left_atrium_recipe_is_the_issues(left_atrium):
     assert (args.spacing, args.patch, args.minutes, args.fold) == (1.25, (96, 96, 64), 20.0, 0)
 
 
+def test_left_atrium_medfcn_variants_fit_the_budget(left_atrium):
+    args = left_atrium.parse_args(["--work", "unused", "--minutes", "20", "--set", "network_def#features=[8, 16]"])
+    assert left_atrium.medfcn_overrides(args) == {"network_def#features": [8, 16]}
+    args = left_atrium.parse_args(["--work", "unused", "--minutes", "20", "--fit-budget", "--max-cases", "4"])
+    assert left_atrium.medfcn_overrides(args) == {"max_cases": 4, "epochs": 100, "budget_minutes": 20.0}
+    with pytest.raises(SystemExit, match="--set takes KEY=VALUE"):
+        left_atrium.medfcn_overrides(left_atrium.parse_args(["--work", "unused", "--set", "epochs"]))
+
+
 def test_left_atrium_cosine_follows_the_budget(left_atrium):
     assert left_atrium.cosine_lr(2e-3, 0, 60) == pytest.approx(2e-3)
     assert left_atrium.cosine_lr(2e-3, 30, 60) == pytest.approx(1e-3)

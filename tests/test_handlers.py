@@ -188,7 +188,7 @@ class _Clock:
         return self.now
 
 
-def _kept_run(step_s, planned=20, iterations=10, budget_s=200.0, start_epoch=0, scheduler_cls=None):
+def _kept_run(step_s, planned=20, iterations=10, budget_s=200.0, start_epoch=0, scheduler_cls=None, saved=None):
     """Train ``planned`` epochs of ``iterations`` fake steps, each taking ``step_s(epoch)``
     seconds on a fake clock, with a BudgetKeeper for ``budget_s``; the engine, keeper, the
     scheduler, the lines printed and the seconds spent."""
@@ -206,6 +206,8 @@ def _kept_run(step_s, planned=20, iterations=10, budget_s=200.0, start_epoch=0, 
 
     trainer = Engine(step)
     keeper = BudgetKeeper(budget_s / 60, scheduler, print_fn=lambda text, **kw: lines.append(text), clock=clock)
+    if saved is not None:  # last.pt's record of the keeper, as Resume loads it
+        keeper.load_state_dict(saved)
     keeper.attach(trainer)
     LrScheduleHandler(scheduler, print_lr=False).attach(trainer)
     if start_epoch:  # a resumed run: the trainer's state as Resume restores it
@@ -241,7 +243,40 @@ def test_budget_keeper_gives_epochs_back_when_the_machine_speeds_up_but_never_pa
     assert fast[0].state.epoch == 20 and not fast[3]
 
 
+def test_budget_keeper_resumed_goes_on_counting_and_keeps_the_length_it_set():
+    uninterrupted = _kept_run(lambda epoch: 1.5)
+    assert uninterrupted[0].state.epoch == 13 and uninterrupted[1].state_dict()["last_epoch"] == 13
+    saved = {"seconds": 150.0, "last_epoch": 13, "planned": 20}  # interrupted after epoch 10 of 15 s
+    trainer, keeper, scheduler, lines, spent = _kept_run(lambda epoch: 1.5, start_epoch=10, saved=saved)
+    assert trainer.state.epoch == 13 and scheduler.total_iters == 13, lines
+    assert keeper.spent() == pytest.approx(150.0 + spent) and keeper.spent() <= 200.0
+    assert scheduler.optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    other_plan = _kept_run(lambda epoch: 1.0, start_epoch=10, saved={"seconds": 100.0, "last_epoch": 13, "planned": 30})
+    assert other_plan[0].state.epoch == 20  # a length set for another plan is not taken
+
+
+def test_restart_schedule_gives_an_extended_run_its_rate_back():
+    from medfcn.training.handlers import restart_schedule
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+    poly = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=4, power=0.9)
+    for _ in range(4):
+        optimizer.step()
+        poly.step()
+    assert optimizer.param_groups[0]["lr"] == 0.0  # the run's end: a recursive step stays at 0
+    restart_schedule(poly, 8)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(2.0 * 0.5**0.9) == poly.get_last_lr()[0]
+    optimizer.step()
+    poly.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(2.0 * (3 / 8) ** 0.9)  # and follows the 8 epochs
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=4, eta_min=0.1)
+    cosine.last_epoch = 4
+    restart_schedule(cosine, 8)
+    assert cosine.T_max == 8 and optimizer.param_groups[0]["lr"] == pytest.approx(0.1 + (2.0 - 0.1) / 2)
+
+
 def test_budget_keeper_gives_a_resumed_run_the_planned_share_of_the_budget():
+    """A last.pt of an older medfcn has no record of the keeper: the planned share of the budget."""
     trainer, keeper, _, lines, spent = _kept_run(lambda epoch: 1.5, start_epoch=10)
     assert keeper.budget_s == pytest.approx(100.0)  # 10 of 20 epochs left
     assert trainer.state.epoch == 16 and spent <= 100.0, lines  # 6 epochs of 15 s fit in 100 s
@@ -252,7 +287,7 @@ def test_budget_keeper_needs_a_schedule_with_a_horizon():
 
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     step_lr = torch.optim.lr_scheduler.StepLR(optimizer, 5)
-    with pytest.raises(ValueError, match="budget_minutes: the lr_scheduler StepLR has no horizon"):
+    with pytest.raises(ValueError, match="budget_minutes: the lr_scheduler StepLR cannot be given a new length"):
         BudgetKeeper(20.0, step_lr)
     BudgetKeeper(None, step_lr).attach(Engine(lambda e, b: None))  # no budget, nothing to keep
     cosine = _kept_run(lambda epoch: 1.5, scheduler_cls=torch.optim.lr_scheduler.CosineAnnealingLR)

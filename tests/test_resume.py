@@ -154,7 +154,10 @@ def test_budget_ends_the_run_early_and_its_resume_says_so(spheres_dataset, tmp_p
 
     with pytest.raises(UserError, match=r"finished 3 epochs already, the last that fit its 0.0001-min budget"):
         train(BUNDLE, output_dir=out, resume=True, device="cpu")
+    before = _weights(out / "last.pt")
     train(BUNDLE, output_dir=out, resume=True, epochs=4, device="cpu")
     printed = capsys.readouterr().out
     assert "budget: --set epochs 4 trains every epoch; the 0.0001-min budget no longer" in printed, printed
     assert "epoch 4/4" in printed and _epoch(out / "last.pt") == 4
+    after = _weights(out / "last.pt")  # epoch 4 trained at a rate again, not at the decayed 0
+    assert any(not torch.equal(before[k], after[k]) for k in before if before[k].is_floating_point())

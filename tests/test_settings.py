@@ -78,6 +78,8 @@ SET_REFUSALS = [
     ("ema_decay=1.5", "--set ema_decay=1.5: must be null (no averaging) or a number in [0, 1)"),
     ("val_interval=0", "--set val_interval=0: must be a whole number of epochs >= 1"),
     ("epochs=0", "--set epochs=0: must be a whole number >= 1"),
+    ("budget_minutes=0", "--set budget_minutes=0: must be null (no budget: every epoch trains) or a number of"),
+    ("budget_minutes=soon", "--set budget_minutes=soon: must be null (no budget"),
     ("seed=-1", "--set seed=-1: must be a whole number from 0 to 4294967295"),
     ("max_cases=0", "--set max_cases=0: must be null (all cases) or a whole number >= 1"),
     ('patch_size=[40,"x",40]', "--set 'patch_size=[40,\"x\",40]': must be a list of 3 whole numbers >= 1"),

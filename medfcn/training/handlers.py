@@ -42,6 +42,39 @@ __all__ = [
 ]
 
 
+# The schedules a new length can be given mid-run, by the attribute that holds it. Their step is
+# recursive (the next rate is the current one times a factor), so a new horizon continues from
+# the current rate and reaches the schedule's end on the new last epoch.
+_HORIZONS = {torch.optim.lr_scheduler.PolynomialLR: "total_iters", torch.optim.lr_scheduler.CosineAnnealingLR: "T_max"}
+# checkpoint objects a last.pt of an older medfcn lacks: a resume goes on without them
+OPTIONAL_CHECKPOINT_OBJECTS = ("budget",)
+
+
+def horizon_attribute(scheduler) -> str | None:
+    """The attribute holding ``scheduler``'s length in epochs, for the schedules of
+    :data:`_HORIZONS`; None for others."""
+    return next((attr for kind, attr in _HORIZONS.items() if isinstance(scheduler, kind)), None)
+
+
+def restart_schedule(scheduler, epochs: int) -> None:
+    """Make ``scheduler`` the schedule of ``epochs`` epochs at its current epoch: the horizon and
+    the rate that schedule has there (its closed form), so a run extended after its rate decayed
+    to 0 trains on at a rate again."""
+    attr = horizon_attribute(scheduler)
+    if attr is None:
+        return
+    setattr(scheduler, attr, epochs)
+    done = min(scheduler.last_epoch, epochs)
+    if isinstance(scheduler, torch.optim.lr_scheduler.PolynomialLR):
+        rates = [base * (1.0 - done / epochs) ** scheduler.power for base in scheduler.base_lrs]
+    else:
+        eta = scheduler.eta_min
+        rates = [eta + (base - eta) * (1 + math.cos(math.pi * done / epochs)) / 2 for base in scheduler.base_lrs]
+    for group, rate in zip(scheduler.optimizer.param_groups, rates, strict=True):
+        group["lr"] = rate
+    scheduler._last_lr = rates  # what get_last_lr() reports
+
+
 class Resume(CheckpointLoader):
     """MONAI's CheckpointLoader (``weights_only=True``) that also restores the trainer it is
     attached to (epoch and iteration), which a config cannot reference from its own handlers.
@@ -67,19 +100,26 @@ class Resume(CheckpointLoader):
             for attr in ("total_iters", "T_max")
             if hasattr(obj, attr)
         }
-        if self.checkpoint is None:
-            super().__call__(engine)
-        else:
-            self._restore(engine, self.checkpoint)
-            self.checkpoint = None  # its tensors now live in the objects; free the copy
-        for (key, attr), value in horizons.items():
-            setattr(self.load_dict[key], attr, value)
+        checkpoint = self.checkpoint
+        if checkpoint is None:  # `python -m monai.bundle run`: read here, as MONAI's loader does
+            checkpoint = torch.load(self.load_path, map_location=self.map_location, weights_only=True)
+        self._restore(engine, checkpoint)
+        self.checkpoint = None  # its tensors now live in the objects; free the copy
+        for (key, attr), configured in horizons.items():
+            scheduler = self.load_dict[key]
+            if getattr(scheduler, attr) != configured:
+                # the length changed (`--epochs`): the rate too, or a run whose rate had decayed
+                # to 0 would train on at 0
+                restart_schedule(scheduler, configured)
+                setattr(scheduler, attr, configured)  # a schedule restart_schedule does not know
 
     def _restore(self, engine: Engine, checkpoint: dict) -> None:
         """What MONAI's ``CheckpointLoader.__call__`` does after its ``torch.load`` (with the
-        default ``strict_shape``): load every object, keep the engine's ``max_epochs``."""
+        default ``strict_shape``): load every object (those of :data:`OPTIONAL_CHECKPOINT_OBJECTS`
+        where the checkpoint has them), keep the engine's ``max_epochs``."""
         max_epochs = engine.state.max_epochs
-        Checkpoint.load_objects(to_load=self.load_dict, checkpoint=checkpoint, strict=self.strict)
+        to_load = {k: v for k, v in self.load_dict.items() if k in checkpoint or k not in OPTIONAL_CHECKPOINT_OBJECTS}
+        Checkpoint.load_objects(to_load=to_load, checkpoint=checkpoint, strict=self.strict)
         if max_epochs is not None and engine.state.epoch > max_epochs:
             raise ValueError(
                 f"Epoch count ({engine.state.epoch}) in checkpoint is larger than the "
@@ -199,12 +239,6 @@ class CheckpointWriter:
             atomic_torch_save(weights, self.save_dir / "best_model.pt")
 
 
-# a scheduler's horizon in epochs, by the attribute torch names it with (PolynomialLR, LinearLR,
-# ConstantLR: total_iters; CosineAnnealingLR: T_max). Their step is recursive (the next rate is
-# the current one times a factor), so a new horizon continues from the current rate.
-_HORIZONS = ("total_iters", "T_max")
-
-
 class BudgetKeeper:
     """End a run within its time budget when the machine is slower than when it was planned.
 
@@ -218,20 +252,24 @@ class BudgetKeeper:
     back). The learning-rate schedule's horizon follows, so the rate still decays to its end on
     the last epoch instead of training being cut at a high rate.
 
-    The budget counts from the keeper's construction (the config's parse, before the cache is
-    filled), as :class:`medfcn.training.monitoring.EpochProgress`'s ETA does. A resumed run has
-    the planned share of the epochs left: ``budget * (planned - done) / planned``.
+    The budget counts from the keeper's construction, when the config builds the trainer's
+    handlers (for a new run that is after the data sets are cached: the plan counts that time
+    apart). Also a checkpoint object (``last.pt``'s ``budget``): the seconds trained so far and
+    the last epoch set, so a resumed run goes on counting and keeps the shorter length. Given a
+    ``last.pt`` without it (an older medfcn), a resumed run has the planned share of the budget,
+    ``budget * (planned - done) / planned``.
 
     Args:
         budget_minutes: the training time the epochs were planned for; None: no keeping.
-        lr_scheduler: an epoch-stepped scheduler with a horizon (``total_iters`` or ``T_max``).
+        lr_scheduler: a :class:`~torch.optim.lr_scheduler.PolynomialLR` or
+            :class:`~torch.optim.lr_scheduler.CosineAnnealingLR`, stepped once per epoch.
         tolerance: how far (a fraction of the budget) the projected end may be from it before
             the length changes; a smaller one would change it back and forth by one epoch.
         print_fn: where the line saying a change of length goes.
         clock: seconds, monotonic (tests give a fake one).
 
     Raises:
-        ValueError: a budget with a scheduler that has no horizon to fit.
+        ValueError: a budget with another kind of scheduler (no horizon to fit).
     """
 
     def __init__(
@@ -245,20 +283,33 @@ class BudgetKeeper:
         self.budget_minutes = budget_minutes
         self.budget_s = None if budget_minutes is None else 60.0 * float(budget_minutes)
         self.scheduler = lr_scheduler
-        self.horizon = next((a for a in _HORIZONS if hasattr(lr_scheduler, a)), None)
-        if self.budget_s is not None and self.horizon is None:
+        if self.budget_s is not None and horizon_attribute(lr_scheduler) is None:
             raise ValueError(
-                f"budget_minutes: the lr_scheduler {type(lr_scheduler).__name__} has no horizon "
-                f"({' or '.join(_HORIZONS)}) to fit to the budget; set budget_minutes null."
+                f"budget_minutes: the lr_scheduler {type(lr_scheduler).__name__} cannot be given a new length "
+                "(PolynomialLR and CosineAnnealingLR can); set budget_minutes null."
             )
         self.tolerance = float(tolerance)
         self.print_fn = print_fn
         self.clock = clock
         self._clock0 = clock()
+        self._spent_before = 0.0  # seconds trained before this process (from last.pt)
+        self._saved: dict | None = None  # last.pt's record of the keeper
+        self.last_epoch: int | None = None  # the last epoch the keeper set; None: the planned one
         self._planned = 0
         self._epoch0 = 0
         self._second_started = 0.0  # when this process's second epoch started
         self._said = False
+
+    def spent(self) -> float:
+        """Seconds of training so far, before this process included."""
+        return self._spent_before + self.clock() - self._clock0
+
+    def state_dict(self) -> dict:
+        return {"seconds": self.spent(), "last_epoch": self.last_epoch, "planned": self._planned}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._saved = dict(state)
+        self._spent_before = float(state["seconds"])
 
     def attach(self, engine: Engine) -> None:
         """Attach after :class:`Resume` (so the epochs done are known) and before the handlers
@@ -271,8 +322,15 @@ class BudgetKeeper:
     def _started(self, engine: Engine) -> None:
         self._planned = int(engine.state.max_epochs)
         self._epoch0 = int(engine.state.epoch)
-        if self._epoch0:
+        if not self._epoch0:
+            return
+        if self._saved is None:  # resumed from a last.pt that does not say the time spent
             self.budget_s *= max(self._planned - self._epoch0, 0) / self._planned
+            return
+        last = self._saved.get("last_epoch")
+        if last is not None and self._saved.get("planned") == self._planned and last > self._epoch0:
+            self.last_epoch = engine.state.max_epochs = int(last)  # the length set before the interruption
+            restart_schedule(self.scheduler, self.last_epoch)
 
     def _epoch_started(self, engine: Engine) -> None:
         epoch = engine.state.epoch  # the epoch starting now (Ignite counts it before this event)
@@ -282,7 +340,7 @@ class BudgetKeeper:
         if epoch < self._epoch0 + 3:
             return
         per_epoch = (now - self._second_started) / (epoch - self._epoch0 - 2)
-        spent = now - self._clock0
+        spent = self.spent()
         projected = spent + per_epoch * (engine.state.max_epochs - epoch + 1)
         if abs(projected - self.budget_s) <= self.tolerance * self.budget_s:
             return
@@ -296,7 +354,9 @@ class BudgetKeeper:
         new count after that)."""
         before = engine.state.max_epochs
         engine.state.max_epochs = last
-        setattr(self.scheduler, self.horizon, last)
+        self.last_epoch = None if last == self._planned else last
+        # the horizon only: the recursive step continues from the current rate, with no jump
+        setattr(self.scheduler, horizon_attribute(self.scheduler), last)
         if not self._said:
             self._said = True
             self.print_fn(

@@ -75,7 +75,8 @@ class EpochProgress:
         self.evaluator = evaluator
         self.print_fn = print_fn
         # the training time `medfcn plan` fitted the epochs to: the ETA says where the run will end
-        # against it, counted from here (the config is parsed before the cache is filled)
+        # against it, counted from here, as the BudgetKeeper counts it (when the config builds the
+        # trainer's handlers: after a new run's data sets are cached, which the plan counts apart)
         self.budget_minutes = budget_minutes
         self._clock0 = time.perf_counter()
         self._over_said = False

@@ -22,6 +22,7 @@ from medfcn.errors import UserError, root_message
 from medfcn.io import checkpoint_reason, load_state
 from medfcn.outputs import plural
 from medfcn.settings import stating_file
+from medfcn.training.handlers import OPTIONAL_CHECKPOINT_OBJECTS
 from medfcn.training.settings import RunSettings
 from medfcn.training.split import AutomaticSplit, automatic_split, refuse_changed_cases
 
@@ -215,15 +216,19 @@ def _read_resume_checkpoint(run: RunSettings) -> dict:
         raise UserError(
             f"{last}: run has finished {plural(done, 'epoch')} already; pass {run.option('epochs')} larger than {done}."
         )
-    _refuse_ended_by_budget(run, last, done, int(state.get("max_epochs") or 0))
+    _refuse_ended_by_budget(run, last, done, saved.get("budget"))
     return saved
 
 
-def _refuse_ended_by_budget(run: RunSettings, last: Path, done: int, ended: int) -> None:
-    """A run its time budget ended early (``done`` epochs reached the trainer's last epoch,
-    ``ended``, that :class:`~medfcn.training.handlers.BudgetKeeper` set) has finished too."""
+def _refuse_ended_by_budget(run: RunSettings, last: Path, done: int, kept: dict | None) -> None:
+    """A run its time budget ended early has finished too: ``done`` epochs reached the last
+    epoch that :class:`~medfcn.training.handlers.BudgetKeeper` set (``kept``, its record in
+    ``last.pt``) for the run's planned epochs."""
     budget = run.get("budget_minutes") if "budget_minutes" in run.parser else None
-    if budget is not None and 0 < ended <= done:
+    if budget is None or not isinstance(kept, dict) or kept.get("planned") != int(run.get("epochs")):
+        return
+    ended = kept.get("last_epoch")
+    if ended is not None and ended <= done:
         raise UserError(
             f"{last}: run has finished {plural(done, 'epoch')} already, the last that fit its {budget:g}-min budget; "
             f"pass {run.option('epochs')} {run.get('epochs')} to train all the planned epochs without the budget."
@@ -237,7 +242,8 @@ def _check_resumable(run: RunSettings, saved: dict, network: torch.nn.Module) ->
     drop the average. The network takes last.pt's weights, as the run's ``Resume`` would."""
     last = Path(run.get("output_dir")) / "last.pt"
     load_state(network, saved, last, key="network")
-    missing = [key for key in run.parser.get("checkpoint_objects", {}) if key not in saved]
+    objects = run.parser.get("checkpoint_objects", {})
+    missing = [key for key in objects if key not in saved and key not in OPTIONAL_CHECKPOINT_OBJECTS]
     if missing:
         raise UserError(
             f"{last}: has no {', '.join(missing)} (written by another recipe or medfcn version); "

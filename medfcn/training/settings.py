@@ -157,6 +157,7 @@ def _budget_yields_to_epochs(run: RunSettings, given: set[str], defaults: dict) 
     other_length = not _same("epochs", _raw_entry(defaults, "epochs"), run.get("epochs"))
     if "epochs" in given or (other_length and "budget_minutes" not in run.recorded):
         run.parser.update({"budget_minutes": None})
+        run.recorded = {**run.recorded, "budget_minutes": None}  # a later resume keeps it off
         run.notices.append(
             f"budget: {run.option('epochs')} {run.get('epochs')} trains every epoch; the {budget:g}-min budget no "
             f"longer ends the run early or times it (give {run.option('budget_minutes')} too to keep it)"
@@ -223,9 +224,10 @@ def _refuse_another_bundle(run: RunSettings, run_dir: Path, recorded: str | None
 def _refuse_other_settings(run: RunSettings, run_dir: Path, saved: dict, given: set[str], defaults: dict) -> None:
     """A resumed run must train on the same data, split and config as before, or it would
     silently mix two experiments: an option given with another value (than the run's, or the
-    bundle's default where the run set none) is refused, except ``epochs`` (the LR schedule
-    follows the new length) and settings that do not change what is learnt (``_RUNTIME_KEYS``)."""
-    for key in given - {"epochs", *_RUNTIME_KEYS}:
+    bundle's default where the run set none) is refused, except ``epochs`` and ``budget_minutes``
+    (the LR schedule follows the new length) and settings that do not change what is learnt
+    (``_RUNTIME_KEYS``)."""
+    for key in given - {"epochs", "budget_minutes", *_RUNTIME_KEYS}:
         before = saved[key] if key in saved else _raw_entry(defaults, key)
         if not _same(key, before, run.recorded[key]):
             # JSON, as --set takes values (null, true, "concat"), not Python's None / True / 'concat'
