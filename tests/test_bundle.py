@@ -16,7 +16,7 @@ from monai.bundle import ConfigParser, ConfigWorkflow
 from monai.transforms import RandFlipd
 
 from medfcn.bundle import COMMON_FILE, MODEL_KEYS, bundle_files
-from medfcn.training.handlers import WeightAverage
+from medfcn.training.handlers import BudgetKeeper, WeightAverage
 
 from .conftest import BUNDLE, BUNDLE_2D, BUNDLES, HIPPO, REPO, need
 
@@ -236,6 +236,9 @@ def test_the_weight_average_is_found_by_name(bundle, spheres_dataset, tmp_path):
     assert isinstance(average, WeightAverage)
     assert [h for h in parser.get_parsed_content("train#handlers") if isinstance(h, WeightAverage)] == [average]
     assert parser.get_parsed_content("checkpoint_objects")["weight_average"] is average
+    keeper = parser.get_parsed_content("budget_keeper")  # the same for the budget keeper
+    assert [h for h in parser.get_parsed_content("train#handlers") if isinstance(h, BudgetKeeper)] == [keeper]
+    assert parser.get_parsed_content("checkpoint_objects")["budget"] is keeper
 
 
 RECIPE = {  # the training pipelines as they were before the configs were split (issue 23)
@@ -259,7 +262,8 @@ def test_the_split_configs_build_the_recipe_they_always_built(bundle, dims, tmp_
     assert transforms == loading + RECIPE[dims] + intensity
     handlers = [type(h).__name__ for h in parser.get_parsed_content("train#handlers")]
     assert handlers == [
-        *("ReseedEachEpoch", "WeightAverage", "LrScheduleHandler", "ValidateEvery", "CheckpointWriter"),
+        *("BudgetKeeper", "ReseedEachEpoch", "WeightAverage", "LrScheduleHandler", "ValidateEvery"),
+        "CheckpointWriter",
         *("EpochProgress", "TensorBoardStatsHandler", "LearningRateWriter"),
     ]  # Resume is disabled unless resuming
     window = parser.get_parsed_content("validate#inferer").inferer

@@ -246,12 +246,15 @@ def test_budget_keeper_gives_epochs_back_when_the_machine_speeds_up_but_never_pa
 def test_budget_keeper_resumed_goes_on_counting_and_keeps_the_length_it_set():
     uninterrupted = _kept_run(lambda epoch: 1.5)
     assert uninterrupted[0].state.epoch == 13 and uninterrupted[1].state_dict()["last_epoch"] == 13
-    saved = {"seconds": 150.0, "last_epoch": 13, "planned": 20}  # interrupted after epoch 10 of 15 s
+    saved = uninterrupted[1].state_dict()
+    assert saved["budget_minutes"] == pytest.approx(200 / 60) and saved["planned"] == 20
+    saved = {**saved, "seconds": 150.0}  # as if interrupted after epoch 10 of 15 s
     trainer, keeper, scheduler, lines, spent = _kept_run(lambda epoch: 1.5, start_epoch=10, saved=saved)
-    assert trainer.state.epoch == 13 and scheduler.total_iters == 13, lines
+    assert trainer.state.epoch == 13 and scheduler.total_iters == 13
+    assert not lines  # the length set before, taken back: not decided again
     assert keeper.spent() == pytest.approx(150.0 + spent) and keeper.spent() <= 200.0
     assert scheduler.optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
-    other_plan = _kept_run(lambda epoch: 1.0, start_epoch=10, saved={"seconds": 100.0, "last_epoch": 13, "planned": 30})
+    other_plan = _kept_run(lambda epoch: 1.0, start_epoch=10, saved={**saved, "seconds": 100.0, "planned": 30})
     assert other_plan[0].state.epoch == 20  # a length set for another plan is not taken
 
 
@@ -293,3 +296,38 @@ def test_budget_keeper_needs_a_schedule_with_a_horizon():
     cosine = _kept_run(lambda epoch: 1.5, scheduler_cls=torch.optim.lr_scheduler.CosineAnnealingLR)
     assert cosine[0].state.epoch == 13 and cosine[2].T_max == 13
     assert cosine[2].optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-9)
+
+
+def _resumed_schedule(saved_horizon: int, epochs_done: int, configured: int, rate: float):
+    """Resume a PolynomialLR of ``configured`` epochs from a checkpoint whose schedule had
+    ``saved_horizon`` epochs, ``epochs_done`` of them done, at ``rate``; the scheduler."""
+    from medfcn.training.handlers import Resume
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=configured, power=1.0)
+    saved_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    saved = torch.optim.lr_scheduler.PolynomialLR(saved_opt, total_iters=saved_horizon, power=1.0)
+    saved.last_epoch = epochs_done
+    saved_opt.param_groups[0]["lr"] = rate
+    trainer = Engine(lambda e, b: None)
+    trainer.state.max_epochs = configured
+    checkpoint = {
+        "optimizer": saved_opt.state_dict(),
+        "lr_scheduler": saved.state_dict(),
+        "trainer": {"epoch_length": 1, "iteration": epochs_done, "max_epochs": saved_horizon},
+    }
+    resume = Resume(load_path="unused.pt", load_dict={"optimizer": optimizer, "lr_scheduler": scheduler})
+    resume.attach(trainer)
+    resume.checkpoint = checkpoint
+    resume(trainer)
+    assert trainer.state.epoch == epochs_done and trainer.state.max_epochs == configured
+    return scheduler
+
+
+def test_resume_keeps_the_rate_mid_schedule_and_restarts_an_ended_one():
+    mid = _resumed_schedule(saved_horizon=13, epochs_done=10, configured=20, rate=0.23)  # a kept run, stopped
+    assert mid.total_iters == 20 and mid.optimizer.param_groups[0]["lr"] == pytest.approx(0.23)
+    ended = _resumed_schedule(saved_horizon=13, epochs_done=13, configured=20, rate=0.0)  # extended by --epochs
+    assert ended.total_iters == 20 and ended.optimizer.param_groups[0]["lr"] == pytest.approx(1 - 13 / 20)
+    same = _resumed_schedule(saved_horizon=20, epochs_done=7, configured=20, rate=0.65)  # an ordinary resume
+    assert same.optimizer.param_groups[0]["lr"] == pytest.approx(0.65)

@@ -20,6 +20,7 @@ from medfcn.cli import app
 from medfcn.errors import UserError
 from medfcn.training import best_validation, train
 from medfcn.training.preflight import check_dry_run
+from medfcn.training.settings import _MOVED
 
 from .conftest import BUNDLE, write_msd_dataset
 from .test_train import SMALL
@@ -159,8 +160,10 @@ def test_a_bundle_of_an_older_medfcn_naming_medfcn_handlers_still_trains(dataset
     shutil.copytree(BUNDLE, bundle, ignore=shutil.ignore_patterns("models", "eval", "runs"))
     for name in ("common.json", "train.json"):
         path = bundle / "configs" / name
-        text = path.read_text().replace("medfcn.training.handlers.", "medfcn.handlers.")
-        path.write_text(text.replace("medfcn.training.monitoring.", "medfcn.handlers."))
+        text = path.read_text()
+        for name in _MOVED:  # what older bundles named there (nothing newer, as BudgetKeeper)
+            text = text.replace(f"{_MOVED[name]}.{name}", f"medfcn.handlers.{name}")
+        path.write_text(text)
     assert "medfcn.handlers.Resume" in (bundle / "configs" / "train.json").read_text()
     out = tmp_path / "run"
     overrides = {**SMALL, "folds_file": str(dataset / "folds.json")}

@@ -100,6 +100,8 @@ class Resume(CheckpointLoader):
             for attr in ("total_iters", "T_max")
             if hasattr(obj, attr)
         }
+        if not self.strict_shape:  # MONAI's partial loading: not what a resume may do
+            raise ValueError("Resume loads every object of last.pt; strict_shape false is not supported.")
         checkpoint = self.checkpoint
         if checkpoint is None:  # `python -m monai.bundle run`: read here, as MONAI's loader does
             checkpoint = torch.load(self.load_path, map_location=self.map_location, weights_only=True)
@@ -107,11 +109,13 @@ class Resume(CheckpointLoader):
         self.checkpoint = None  # its tensors now live in the objects; free the copy
         for (key, attr), configured in horizons.items():
             scheduler = self.load_dict[key]
-            if getattr(scheduler, attr) != configured:
-                # the length changed (`--epochs`): the rate too, or a run whose rate had decayed
-                # to 0 would train on at 0
+            saved = getattr(scheduler, attr)
+            setattr(scheduler, attr, configured)
+            if configured != saved and scheduler.last_epoch >= saved:
+                # a run its schedule had ended (rate decayed to 0), extended with `--epochs`: the
+                # rate of the new length's schedule, or it would train on at 0. A run stopped
+                # mid-schedule keeps the rate it had (the optimizer's state holds it).
                 restart_schedule(scheduler, configured)
-                setattr(scheduler, attr, configured)  # a schedule restart_schedule does not know
 
     def _restore(self, engine: Engine, checkpoint: dict) -> None:
         """What MONAI's ``CheckpointLoader.__call__`` does after its ``torch.load`` (with the
@@ -305,7 +309,12 @@ class BudgetKeeper:
         return self._spent_before + self.clock() - self._clock0
 
     def state_dict(self) -> dict:
-        return {"seconds": self.spent(), "last_epoch": self.last_epoch, "planned": self._planned}
+        return {
+            "seconds": self.spent(),
+            "last_epoch": self.last_epoch,
+            "planned": self._planned,
+            "budget_minutes": self.budget_minutes,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self._saved = dict(state)
@@ -320,6 +329,9 @@ class BudgetKeeper:
         engine.add_event_handler(Events.EPOCH_STARTED, self._epoch_started)
 
     def _started(self, engine: Engine) -> None:
+        # the budget counts from the trainer's start: a resume builds its handlers before it fills
+        # the training cache, a new run after
+        self._clock0 = self.clock()
         self._planned = int(engine.state.max_epochs)
         self._epoch0 = int(engine.state.epoch)
         if not self._epoch0:
@@ -328,9 +340,12 @@ class BudgetKeeper:
             self.budget_s *= max(self._planned - self._epoch0, 0) / self._planned
             return
         last = self._saved.get("last_epoch")
-        if last is not None and self._saved.get("planned") == self._planned and last > self._epoch0:
-            self.last_epoch = engine.state.max_epochs = int(last)  # the length set before the interruption
-            restart_schedule(self.scheduler, self.last_epoch)
+        same = self._saved.get("planned") == self._planned and self._saved.get("budget_minutes") == self.budget_minutes
+        if last is not None and same and last >= self._epoch0:
+            # the length set before the interruption (the epochs done: the run has ended), and
+            # the schedule's horizon with it; the optimizer's state holds the rate it had
+            self.last_epoch = engine.state.max_epochs = int(last)
+            setattr(self.scheduler, horizon_attribute(self.scheduler), self.last_epoch)
 
     def _epoch_started(self, engine: Engine) -> None:
         epoch = engine.state.epoch  # the epoch starting now (Ignite counts it before this event)

@@ -62,7 +62,10 @@ class EpochProgress:
     done, the latest loss and the time left, so a long epoch does not look like a hang; it is
     erased before the epoch's validation and line. Elsewhere (a log file, a pipe) only the
     lines are written. Attach to the trainer after the validation handler so the line shows
-    that epoch's scores.
+    that epoch's scores. With ``budget_minutes`` the line says where the run will end against
+    it, by the clock of ``budget_keeper`` (the run's
+    :class:`~medfcn.training.handlers.BudgetKeeper`, which counts the time before a resume too)
+    when given.
     """
 
     def __init__(
@@ -71,13 +74,15 @@ class EpochProgress:
         print_fn: Callable[..., None] = print,
         console: Console | None = None,
         budget_minutes: float | None = None,
+        budget_keeper=None,
     ):
         self.evaluator = evaluator
         self.print_fn = print_fn
         # the training time `medfcn plan` fitted the epochs to: the ETA says where the run will end
-        # against it, counted from here, as the BudgetKeeper counts it (when the config builds the
-        # trainer's handlers: after a new run's data sets are cached, which the plan counts apart)
+        # against it, counted as the run's BudgetKeeper counts it (from the trainer's start, the
+        # time before a resume included), else from here
         self.budget_minutes = budget_minutes
+        self.budget_keeper = budget_keeper
         self._clock0 = time.perf_counter()
         self._over_said = False
         self._first_done: float | None = None  # when this run's first epoch ended
@@ -144,7 +149,9 @@ class EpochProgress:
         keeper has judged)."""
         if not self.budget_minutes:
             return []
-        total = (time.perf_counter() - self._clock0 + eta) / 60
+        keeper = self.budget_keeper
+        spent = keeper.spent() if keeper is not None else time.perf_counter() - self._clock0
+        total = (spent + eta) / 60
         parts = [f"(ends at {total:.1f} of the {self.budget_minutes:g}-min budget)"]
         if settled and total > 1.1 * self.budget_minutes and not self._over_said:
             self._over_said = True
