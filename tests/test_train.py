@@ -73,7 +73,7 @@ def test_real_hippocampus_two_epochs_checkpoints_tensorboard_resume(tmp_path):
     train(BUNDLE, data, fold=0, epochs=2, output_dir=out, overrides=overrides)
     assert (out / "last.pt").is_file() and (out / "best_model.pt").is_file()
     ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
-    assert set(ckpt) == {"network", "optimizer", "lr_scheduler", "trainer", "best", "weight_average"}
+    assert set(ckpt) == {"network", "optimizer", "lr_scheduler", "trainer", "best", "weight_average", "budget"}
     assert ckpt["trainer"]["iteration"] == 2 * ckpt["trainer"]["epoch_length"]
     assert ckpt["best"]["best_metric_epoch"] == 2  # validation ran after the last epoch
     weights = torch.load(out / "best_model.pt", weights_only=True)  # no map_location: written from CPU copies
