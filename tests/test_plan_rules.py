@@ -248,7 +248,8 @@ def test_timed_probe_measures_a_tiny_network(tmp_path):
     step = probe.train_step_seconds(spec)  # no limit: timed in full
     assert 0 < step < 30 and math.isfinite(step) and not probe._cache[("train", spec)][1]
     assert probe.train_step_seconds(spec) == step  # cached: timed once
-    assert 0 < probe.window_seconds(spec) < step
+    window = probe.window_seconds(spec)  # not compared with the step: one of each, a busy machine reorders them
+    assert 0 < window < 30 and math.isfinite(window)
     root = write_msd_dataset(tmp_path / "Spheres", n_cases=2, shape=(20, 22, 18))
     per_case = probe.setup_seconds_per_case({"dir": str(root)}, [1.0, 1.0, 1.0], "MRI", [-160, 240], None)
     assert per_case is not None and per_case > 0
