@@ -256,9 +256,8 @@ class BudgetKeeper:
     back). The learning-rate schedule's horizon follows, so the rate still decays to its end on
     the last epoch instead of training being cut at a high rate.
 
-    The budget counts from the keeper's construction, when the config builds the trainer's
-    handlers (for a new run that is after the data sets are cached: the plan counts that time
-    apart). Also a checkpoint object (``last.pt``'s ``budget``): the seconds trained so far and
+    The budget counts from the trainer's start (the data sets are cached before it; the plan
+    counts that time apart). Also a checkpoint object (``last.pt``'s ``budget``): the seconds trained so far and
     the last epoch set, so a resumed run goes on counting and keeps the shorter length. Given a
     ``last.pt`` without it (an older medfcn), a resumed run has the planned share of the budget,
     ``budget * (planned - done) / planned``.
