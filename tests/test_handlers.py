@@ -331,3 +331,26 @@ def test_resume_keeps_the_rate_mid_schedule_and_restarts_an_ended_one():
     assert ended.total_iters == 20 and ended.optimizer.param_groups[0]["lr"] == pytest.approx(1 - 13 / 20)
     same = _resumed_schedule(saved_horizon=20, epochs_done=7, configured=20, rate=0.65)  # an ordinary resume
     assert same.optimizer.param_groups[0]["lr"] == pytest.approx(0.65)
+
+
+def test_resume_restores_a_schedule_whose_length_is_not_the_runs():
+    """A LinearLR warm-up's ``total_iters`` counts its own steps, not the run's epochs: a resume
+    takes the checkpoint's, where a PolynomialLR keeps the configured run length."""
+    from medfcn.training.handlers import Resume
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.1, total_iters=9)
+    saved_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    saved = torch.optim.lr_scheduler.LinearLR(saved_opt, start_factor=0.1, total_iters=5)
+    trainer = Engine(lambda e, b: None)
+    trainer.state.max_epochs = 20
+    checkpoint = {
+        "optimizer": saved_opt.state_dict(),
+        "lr_scheduler": saved.state_dict(),
+        "trainer": {"epoch_length": 1, "iteration": 3, "max_epochs": 20},
+    }
+    resume = Resume(load_path="unused.pt", load_dict={"optimizer": optimizer, "lr_scheduler": warmup})
+    resume.attach(trainer)
+    resume.checkpoint = checkpoint
+    resume(trainer)
+    assert warmup.total_iters == 5

@@ -91,14 +91,13 @@ class Resume(CheckpointLoader):
         super().attach(engine)
 
     def __call__(self, engine: Engine) -> None:
-        # A scheduler's state dict carries its horizon (PolynomialLR.total_iters, T_max...):
-        # keep the one this run was configured with, so `--epochs` can extend a finished run.
+        # A scheduler's state dict carries its horizon (PolynomialLR.total_iters, T_max): keep
+        # the run length this run was configured with, so `--epochs` can extend a finished run.
+        # Other schedules (a LinearLR warm-up's total_iters...) are not the run's length: restored.
         horizons = {
             (key, attr): getattr(obj, attr)
             for key, obj in self.load_dict.items()
-            if isinstance(obj, torch.optim.lr_scheduler.LRScheduler)
-            for attr in ("total_iters", "T_max")
-            if hasattr(obj, attr)
+            if (attr := horizon_attribute(obj)) is not None
         }
         if not self.strict_shape:  # MONAI's partial loading: not what a resume may do
             raise ValueError("Resume loads every object of last.pt; strict_shape false is not supported.")
