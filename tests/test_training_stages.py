@@ -181,3 +181,15 @@ def test_best_validation_of_a_run_without_last_pt_is_none(tmp_path):
     (tmp_path / "last.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="last.pt: not a readable PyTorch checkpoint"):
         best_validation(tmp_path)
+
+
+def test_precision_notice_names_a_cpu_without_native_bfloat16(monkeypatch):
+    import medfcn.training.run as run_module
+
+    monkeypatch.setattr(run_module, "cpu_bf16_supported", lambda: False)
+    line = run_module.precision_notice("cpu", True)
+    assert line.startswith("precision: bf16 is set") and "float32" in line
+    assert run_module.precision_notice("cpu", False) == ""  # not asked for
+    assert run_module.precision_notice("cuda", True) == ""  # CUDA autocasts to float16
+    monkeypatch.setattr(run_module, "cpu_bf16_supported", lambda: True)
+    assert run_module.precision_notice("cpu", True) == ""

@@ -22,6 +22,7 @@ from monai.handlers import CheckpointLoader
 from medfcn.bundle import RUN_FILE, bundle_files
 from medfcn.data.profile import RUN_PROFILE, write_run_profile
 from medfcn.errors import UserError
+from medfcn.inferers import cpu_bf16_supported
 from medfcn.io import refuse_full_disk
 from medfcn.notices import engine_exception_echo_dropped, quiet_library_notices
 from medfcn.outputs import output_lock
@@ -91,7 +92,8 @@ def train(
     logging_file = files["logging_file"] if files["logging_file"].is_file() else None
     out = Path(run.get("output_dir"))
     with output_lock(out, "medfcn train", "--output"):  # two trainers would interleave last.pt
-        _run(run, checked, logging_file, [labels, planned_device_notice(run), *run.notices], notify)
+        notices = [labels, planned_device_notice(run), _precision_notice(run), *run.notices]
+        _run(run, checked, logging_file, notices, notify)
     return out
 
 
@@ -110,6 +112,25 @@ def planned_device_notice(run: RunSettings) -> str:
     return (
         f"device: the bundle's epochs were planned for {planned} ({plan_file}); this run trains on {device}, "
         "so its duration will differ from the plan's"
+    )
+
+
+def _precision_notice(run: RunSettings) -> str:
+    """:func:`precision_notice` for the run's ``device`` and ``bf16`` entries."""
+    device = run.parser.get_parsed_content("device", default="cpu")
+    return precision_notice(torch.device(device).type, bool(run.parser.get_parsed_content("bf16", default=False)))
+
+
+def precision_notice(device_type: str, bf16: bool) -> str:
+    """``precision: ...`` where the bundle asks for bf16 autocast (``bf16``) on a CPU that has
+    no native bfloat16 (no AVX-512 BF16 or AMX): the run computes in float32 (emulated bfloat16
+    is slower still), slower than where such bundles are planned; empty otherwise."""
+    if not bf16 or device_type != "cpu" or cpu_bf16_supported():
+        return ""
+    capability = torch.backends.cpu.get_cpu_capability()
+    return (
+        f"precision: bf16 is set, but this CPU ({capability}) has no native bfloat16 (AVX-512 BF16 or AMX); "
+        "training in float32, slower than on a CPU that has it (an epoch's time differs from the plan's)"
     )
 
 
