@@ -227,7 +227,7 @@ _TrainSet = Annotated[
 ]
 _TrainDevice = Annotated[
     str | None,
-    typer.Option(help="cpu, cuda, cuda:1...; a resume may change it.", show_default="CUDA if present"),
+    typer.Option(help="cpu, cuda, cuda:1, mps...; a resume may change it.", show_default="CUDA if present"),
 ]
 
 
@@ -288,7 +288,9 @@ def train(
 _PlanBudget = Annotated[float, typer.Option("--budget-minutes", help="Training time to plan for on --device, minutes.")]
 _PlanDevice = Annotated[
     str | None,
-    typer.Option(help="cpu, cuda, cuda:1...: where the probe times training steps.", show_default="CUDA if present"),
+    typer.Option(
+        help="cpu, cuda, cuda:1, mps...: where the probe times training steps.", show_default="CUDA if present"
+    ),
 ]
 _PlanDims = Annotated[
     int | None, typer.Option("--dims", help="2 or 3: force a 2D or 3D network.", show_default="chosen from the data")
@@ -408,7 +410,9 @@ def infer(
     ],
     inputs: Annotated[list[Path], typer.Argument(help="NIfTI, NRRD, MetaImage files or folders; DICOM series.")],
     out: Annotated[Path, typer.Option("--out", help="Output folder for masks and volumes.csv/json.")],
-    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1...", show_default="CUDA if present")] = None,
+    device: Annotated[
+        str | None, typer.Option(help="cpu, cuda, cuda:1, mps...", show_default="CUDA if present")
+    ] = None,
     sw_batch_size: Annotated[
         int | None, typer.Option(help="Sliding-window batch size.", show_default="the bundle's sw_batch_size")
     ] = None,

@@ -9,6 +9,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "hippocampus_fcn"
@@ -18,6 +19,13 @@ DATA_ROOT = Path(os.environ.get("MEDFCN_DATA") or REPO.parent / "shared" / "data
 HIPPO = DATA_ROOT / "Task04_Hippocampus"
 DICOM = DATA_ROOT / "dicom"
 SPLEEN = DATA_ROOT / "spleen_ct_sample"
+# what `--device cuda:N` says where it cannot compute: a CPU-only PyTorch, or no GPU N
+NO_CUDA_DEVICE = (
+    f"this PyTorch ({torch.__version__}) is a CPU-only build; install a CUDA build of PyTorch (README, Set-up), "
+    "or use --device cpu"
+    if torch.version.cuda is None
+    else "no such CUDA device on this machine; use --device cpu"
+)
 
 
 def need(path: Path):

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from medfcn import FCN
 from medfcn.cli import app
 
-from .conftest import BUNDLE, DICOM, need
+from .conftest import BUNDLE, DICOM, NO_CUDA_DEVICE, need
 
 runner = CliRunner()
 
@@ -330,10 +330,15 @@ def test_bad_inference_options(option, fragment, tmp_path):
     [
         (
             ["--device", f"cuda:{torch.cuda.device_count()}"],
-            f"--device cuda:{torch.cuda.device_count()}: no such CUDA device on this machine; use --device cpu",
+            f"--device cuda:{torch.cuda.device_count()}: {NO_CUDA_DEVICE}",
         ),
         (["--device", "nonsense"], "--device 'nonsense': not a device name"),
-        (["--device", "mps"], "--device mps: unsupported"),
+        pytest.param(
+            ["--device", "mps"],
+            "--device mps: no Apple GPU (MPS) on this machine; use --device cpu",
+            marks=pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has an Apple GPU"),
+        ),
+        (["--device", "xla"], "--device xla: unsupported; use cpu, cuda, cuda:N or mps"),
         (["--set", 'device="cpu"'], "--set device: use --device"),  # it would escape the check
     ],
 )

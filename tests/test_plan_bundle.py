@@ -25,7 +25,7 @@ from medfcn.planning import run as planning_run
 from medfcn.planning.rules import Plan
 from medfcn.planning.writer import STAGE_FILES, template_text, write_bundle
 
-from .conftest import REPO, write_msd_dataset
+from .conftest import NO_CUDA_DEVICE, REPO, write_msd_dataset
 
 BUNDLE_FILES = [
     "LICENSE",
@@ -335,10 +335,10 @@ def test_a_2d_plan_writes_a_bundle_that_trains_and_flips_the_volume_as_it_traine
     [
         ({"budget_minutes": 0}, "--budget-minutes 0: must be a positive number"),
         ({"dims": 4}, "--dims 4: must be 2 or 3"),
-        ({"device": "gpu"}, "--device 'gpu': not a device name; use cpu, cuda or cuda:N"),
+        ({"device": "gpu"}, "--device 'gpu': not a device name; use cpu, cuda, cuda:N or mps"),
         pytest.param(
             {"device": "cuda:7"},
-            "--device cuda:7: no such CUDA device on this machine",
+            "--device cuda:7: " + NO_CUDA_DEVICE,
             marks=pytest.mark.skipif(torch.cuda.device_count() > 7, reason="this machine has a GPU cuda:7"),
         ),
     ],

@@ -70,7 +70,7 @@ class NetworkSpec:
 
 
 def resolve_device(device: str | None) -> str:
-    """``"cpu"``, ``"cuda"`` or ``"cuda:N"`` (the GPU the probe times); None: CUDA when present."""
+    """``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"mps"`` (the device the probe times); None: CUDA when present."""
     if device is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
     return str(torch.device(device))
@@ -115,8 +115,11 @@ class TimedProbe:
         return torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_cpu_bf16(self.device, True))
 
     def _sync(self) -> None:
+        # GPU work is queued: wait for it, or the clock times the queueing
         if self._cuda:
             torch.cuda.synchronize(self.device)
+        elif torch.device(self.device).type == "mps":
+            torch.mps.synchronize()
 
     def _network(self, spec: NetworkSpec, deep_supervision: int):
         from medfcn import FCN

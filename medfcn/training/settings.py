@@ -124,7 +124,7 @@ def resolve_settings(
             does not accept, or a resume with other settings than the run's.
     """
     if "device" in overrides:  # unchecked there, and no setting of the run (NOT_SETTINGS)
-        raise UserError("--set device: use --device cpu, cuda or cuda:N instead.")
+        raise UserError("--set device: use --device cpu, cuda, cuda:N or mps instead.")
     parser = read_config(files["config_files"])  # the run's one parse of the config
     parser.set(_moved_handlers(parser.get()))
     parser.read_meta(str(files["meta_file"]))  # `@_meta_#...`, as in MONAI's runner
