@@ -187,6 +187,7 @@ TRAIN_OPTION_NAMES = {
     "pretrained_encoder": "--encoder",
     "freeze_encoder": "--freeze-encoder",
     "output_dir": "--output",
+    "cache": "--cache",
 }
 
 
@@ -221,6 +222,15 @@ _TrainEncoder = Annotated[
 _TrainFreezeEncoder = Annotated[
     bool, typer.Option("--freeze-encoder", help="Keep the encoder fixed; only the decoder trains.")
 ]
+_TrainCache = Annotated[
+    str | None,
+    typer.Option(
+        "--cache",
+        help="ram: preprocessed cases in memory; disk: in files under RUN/cache (memory stays flat, a resume "
+        "reuses them); none: read each time (set num_workers).",
+        show_default="the bundle's, ram",
+    ),
+]
 _TrainSet = Annotated[
     list[str] | None,
     typer.Option("--set", metavar="<key=value>", help="Override a config entry, KEY=VALUE (JSON), repeatable."),
@@ -243,6 +253,7 @@ def train(
     resume: _TrainResume = False,
     encoder: _TrainEncoder = None,
     freeze_encoder: _TrainFreezeEncoder = False,
+    cache: _TrainCache = None,
     set_: _TrainSet = None,
     device: _TrainDevice = None,
 ) -> None:
@@ -275,6 +286,7 @@ def train(
         },
         option_names=TRAIN_OPTION_NAMES,
         notify=typer.echo,
+        cache=cache,
     )
     typer.echo(f"done: checkpoints and TensorBoard events in {out}")
     best = best_validation(out)

@@ -112,6 +112,10 @@ def _modality(value: Any, _dims: int | None) -> bool:
     return isinstance(value, str) and value.upper() in _MODALITIES
 
 
+def _cache(value: Any, _dims: int | None) -> bool:
+    return value in ("ram", "disk", "none")  # medfcn.data.cache.CACHE_KINDS, without importing MONAI
+
+
 def _flag(value: Any, _dims: int | None) -> bool:
     return isinstance(value, bool)
 
@@ -139,6 +143,8 @@ RULES: dict[str, Rule] = {
     "val_interval": Rule(_whole(1), "a whole number of epochs >= 1", "10"),
     "batch_size": Rule(_whole(1), "a whole number >= 1", "2"),
     "num_workers": Rule(_whole(0), "a whole number >= 0 (0: load data in the main process)", "0"),
+    "cache": Rule(_cache, "ram (preprocessed cases in memory), disk (in files under cache_dir) or none", '"disk"'),
+    "cache_dir": Rule(_path(False), "a folder path (the disk cache; runs may share it)", '"/scratch/cache"'),
     "learning_rate": Rule(_number(0, False), "a number > 0", "0.002"),
     "weight_decay": Rule(_number(0, True), "a number >= 0", "0.0001"),
     "patch_size": Rule(_sizes, "a list of {dims} whole numbers >= 1 (voxels, one per spatial axis)", "[]"),

@@ -47,6 +47,7 @@ def train(
     device: str | None = None,
     option_names: Mapping[str, str] | None = None,
     notify: Callable[[str], None] = print,
+    cache: str | None = None,
 ) -> Path:
     """Train with ``bundle/configs/train.json``; return the run's output folder.
 
@@ -70,6 +71,9 @@ def train(
         option_names: how the caller spells the settings in messages, config key -> option
             (the CLI: ``{"epochs": "--epochs", "dataset_dir": "--data", ...}``); default:
             ``--set KEY``, the config's own names.
+        cache: where the preprocessed cases are kept, ``"ram"``, ``"disk"`` (files under
+            ``output_dir/cache``) or ``"none"`` (:mod:`medfcn.data.cache`); default: the
+            config's. A resume may change it.
         notify: called with each line that tells what the run decided for the user, once the
             checks have passed: the classes and modality taken from ``dataset.json``, the split
             made in the run folder (``split: 5 folds of 80 cases of DIR written to
@@ -84,7 +88,7 @@ def train(
             that already holds a run (resume it or choose another folder).
     """
     files = bundle_files(bundle, "train.json")
-    options = {"dataset_dir": dataset_dir, "folds_file": folds_file, "fold": fold, "epochs": epochs}
+    options = {"dataset_dir": dataset_dir, "folds_file": folds_file, "fold": fold, "epochs": epochs, "cache": cache}
     options["output_dir"] = output_dir
     run = resolve_settings(files, options, overrides or {}, device, resume, option_names)
     labels = dataset_labels(run)  # before the network is built: out_channels follows num_classes

@@ -1,0 +1,107 @@
+"""The ``cache`` setting (``medfcn train --cache ram|disk|none``): the same cases each way, the
+disk cache written under the run folder, reused by a resume, renewed when the preprocessing
+changes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from monai.data import CacheDataset, Dataset, PersistentDataset
+from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Spacingd
+from typer.testing import CliRunner
+
+from medfcn.cli import app
+from medfcn.data.cache import CACHE_KINDS, cached_dataset
+from medfcn.settings import RULES
+from medfcn.training import train
+
+from .conftest import BUNDLE, write_msd_dataset
+from .test_train_split import SHAPE, TINY
+
+
+def _cases(root, n=3):
+    data = write_msd_dataset(root, n_cases=n, shape=SHAPE)
+    images = sorted((data / "imagesTr").glob("*.nii.gz"))
+    return [{"image": str(p), "label": str(data / "labelsTr" / p.name)} for p in images]
+
+
+def _preprocessing(pixdim):
+    keys = ["image", "label"]
+    return Compose(
+        [LoadImaged(keys), EnsureChannelFirstd(keys), Spacingd(keys, pixdim=pixdim, mode=("bilinear", "nearest"))]
+    )
+
+
+def _files(folder):
+    """name -> modification time of the cache's files."""
+    return {p.name: p.stat().st_mtime_ns for p in folder.glob("*.pt")}
+
+
+def test_each_kind_gives_the_same_cases(tmp_path):
+    cases = _cases(tmp_path / "data")
+    made = {kind: cached_dataset(kind, cases, _preprocessing((1.5, 1.5, 1.5)), tmp_path / "c") for kind in CACHE_KINDS}
+    assert isinstance(made["ram"], CacheDataset) and isinstance(made["disk"], PersistentDataset)
+    assert type(made["none"]) is Dataset
+    for i in range(len(cases)):
+        ram = made["ram"][i]["image"]
+        for kind in ("disk", "none"):
+            assert torch.equal(torch.as_tensor(made[kind][i]["image"]), torch.as_tensor(ram)), kind
+    assert len(_files(tmp_path / "c")) == len(cases)  # disk: one file per case
+    with pytest.raises(ValueError, match="cache 'ssd': use one of ram, disk, none"):
+        cached_dataset("ssd", cases, _preprocessing((1, 1, 1)), tmp_path / "c")
+    assert all(RULES["cache"].accepts(kind, 3) for kind in CACHE_KINDS) and not RULES["cache"].accepts("ssd", 3)
+
+
+def test_the_disk_cache_is_reused_and_renewed_when_the_preprocessing_changes(tmp_path):
+    cases, cache = _cases(tmp_path / "data"), tmp_path / "cache"
+    first = cached_dataset("disk", cases, _preprocessing((1.5, 1.5, 1.5)), cache)
+    [first[i] for i in range(len(cases))]
+    written = _files(cache)
+    again = cached_dataset("disk", cases, _preprocessing((1.5, 1.5, 1.5)), cache)  # a resume, a later run
+    [again[i] for i in range(len(cases))]
+    assert _files(cache) == written
+    coarser = cached_dataset("disk", cases, _preprocessing((2.0, 2.0, 2.0)), cache)  # another voxel size
+    assert tuple(coarser[0]["image"].shape[1:]) != tuple(first[0]["image"].shape[1:])
+    assert len(_files(cache)) == len(written) + 1 and set(written) <= set(_files(cache))
+
+
+def test_a_run_with_the_disk_cache_keeps_it_in_the_run_folder_and_a_resume_reuses_it(tmp_path):
+    data = write_msd_dataset(tmp_path / "data", n_cases=5, shape=SHAPE)
+    out = tmp_path / "run"
+    train(BUNDLE, data, epochs=1, output_dir=out, overrides={**TINY, "cache": "disk"}, notify=lambda line: None)
+    written = _files(out / "cache")
+    assert len(written) == 5  # 4 training + 1 validation case of fold 0, preprocessed once each
+    train(BUNDLE, output_dir=out, resume=True, epochs=2, notify=lambda line: None)
+    assert _files(out / "cache") == written
+    trainer = torch.load(out / "last.pt", weights_only=True)["trainer"]
+    assert trainer["iteration"] == 2 * trainer["epoch_length"]  # the second epoch ran
+
+
+def test_a_run_builds_its_datasets_as_cache_says(tmp_path, monkeypatch):
+    import medfcn.data.cache
+
+    built = []
+
+    def spy(kind, *args, **kwargs):
+        dataset = cached_dataset(kind, *args, **kwargs)
+        built.append(type(dataset).__name__)
+        return dataset
+
+    monkeypatch.setattr(medfcn.data.cache, "cached_dataset", spy)  # what the config's _target_ names
+    data = write_msd_dataset(tmp_path / "data", n_cases=5, shape=SHAPE)
+    train(BUNDLE, data, epochs=1, output_dir=tmp_path / "a", overrides=TINY, notify=lambda line: None)
+    assert built == ["CacheDataset", "CacheDataset"]  # the bundle's default: training and validation in RAM
+    built.clear()
+    train(BUNDLE, data, epochs=1, output_dir=tmp_path / "b", overrides=TINY, cache="none", notify=lambda line: None)
+    assert built == ["Dataset", "Dataset"]
+    assert (tmp_path / "b" / "last.pt").is_file() and not (tmp_path / "b" / "cache").exists()
+
+
+def test_a_cache_of_another_kind_is_refused_in_one_line(tmp_path):
+    data = write_msd_dataset(tmp_path / "data", n_cases=5, shape=SHAPE)
+    result = CliRunner().invoke(
+        app, ["train", str(BUNDLE), "--data", str(data), "--output", str(tmp_path / "r")] + ["--cache", "ssd"]
+    )
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("medfcn: error: --cache ssd: must be ram (preprocessed cases in memory)")
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "r").exists()
