@@ -342,3 +342,28 @@ def test_transfer_arms_share_the_network_and_only_frozen_keeps_the_source(transf
         encoder = _encoder(work / f"run_{arm['arm']}" / "last.pt")
         same = all(torch.equal(encoder[k], v) for k, v in source_encoder.items())
         assert same == (arm["arm"] == "frozen"), arm["arm"]
+
+
+# bench/cache_memory.py: peak RSS of a training process by `--cache`
+
+
+@pytest.mark.slow
+def test_cache_memory_measures_each_kind_and_count(tmp_path):
+    """Two runs of a tiny network on 5 spheres (an automatic split: fold 0 has 4 training cases
+    and 1 validation case): ``disk``'s files are the cases it trained and validated on."""
+    import json
+
+    from .conftest import write_msd_dataset
+
+    cache_memory = _bench_module("cache_memory")
+    data = write_msd_dataset(tmp_path / "data", n_cases=5, shape=(20, 24, 16))
+    tiny = ["network_def#features=[8, 16, 32]", "network_def#deep_supervision=1", "patch_size=[16, 16, 16]"]
+    options = ["--data", str(data), "--cases", "3", "--kinds", "ram", "disk", "--device", "cpu"]
+    options += ["--work", str(tmp_path / "work"), "--out", str(tmp_path / "m.json")]
+    result = cache_memory.main([*options, *[f"--set={item}" for item in [*tiny, "bf16=false"]]])
+    assert json.loads((tmp_path / "m.json").read_text()) == result
+    rows = {row["cache"]: row for row in result["rows"]}
+    assert set(rows) == {"ram", "disk"} and all(row["cases"] == 3 for row in rows.values())
+    assert rows["disk"]["cache_files"] == 3 + 1 and rows["disk"]["cache_mib"] > 0
+    assert rows["ram"]["cache_files"] == 0 and not (tmp_path / "work" / "ram_3" / "cache").exists()
+    assert all(row["peak_rss_mib"] > 100 and row["wall_s"] > 0 for row in rows.values())  # torch alone is more
