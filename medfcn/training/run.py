@@ -128,13 +128,14 @@ def _precision_notice(run: RunSettings) -> str:
 def precision_notice(device_type: str, bf16: bool) -> str:
     """``precision: ...`` where the bundle asks for bf16 autocast (``bf16``) on a CPU that has
     no native bfloat16 (no AVX-512 BF16 or AMX): the run computes in float32 (emulated bfloat16
-    is slower still), slower than where such bundles are planned; empty otherwise."""
+    is slower still), slower than on a CPU that has it, where a shipped bundle's epochs may have
+    been planned; empty otherwise."""
     if not bf16 or device_type != "cpu" or cpu_bf16_supported():
         return ""
     capability = torch.backends.cpu.get_cpu_capability()
     return (
-        f"precision: bf16 is set, but this CPU ({capability}) has no native bfloat16 (AVX-512 BF16 or AMX); "
-        "training in float32, slower than on a CPU that has it (an epoch's time differs from the plan's)"
+        f"precision: bf16 is set, but this CPU ({capability}) has no native bfloat16 (AVX-512 BF16 or AMX): "
+        "training in float32"
     )
 
 
