@@ -32,7 +32,7 @@ def check_device(device: str) -> str:
 
 def _check_cuda(device: str, index: int) -> None:
     """UserError unless this PyTorch is a CUDA build and sees GPU ``index``."""
-    if torch.version.cuda is None:  # a CPU-only wheel: no driver or GPU would make it work
+    if torch.version.cuda is None and torch.version.hip is None:  # a CPU-only wheel (ROCm builds have hip)
         raise UserError(
             f"--device {device}: this PyTorch ({torch.__version__}) is a CPU-only build; "
             f"{_CUDA_BUILD_HINT}, or use --device cpu."

@@ -4,14 +4,22 @@ changes."""
 
 from __future__ import annotations
 
+import json
+import shutil
+import subprocess
+import sys
+
 import pytest
 import torch
 from monai.data import CacheDataset, Dataset, PersistentDataset
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Spacingd
 from typer.testing import CliRunner
 
+from medfcn.bundle import read_config
 from medfcn.cli import app
 from medfcn.data.cache import CACHE_KINDS, cached_dataset
+from medfcn.errors import UserError
+from medfcn.package import package_run
 from medfcn.settings import RULES
 from medfcn.training import train
 
@@ -44,7 +52,7 @@ def test_each_kind_gives_the_same_cases(tmp_path):
     assert type(made["none"]) is Dataset
     for i in range(len(cases)):
         ram = made["ram"][i]["image"]
-        for kind in ("disk", "none"):
+        for kind in ("disk", "none", "disk"):  # disk twice: computed, then read back from its file
             assert torch.equal(torch.as_tensor(made[kind][i]["image"]), torch.as_tensor(ram)), kind
     assert len(_files(tmp_path / "c")) == len(cases)  # disk: one file per case
     with pytest.raises(ValueError, match="cache 'ssd': use one of ram, disk, none"):
@@ -71,10 +79,36 @@ def test_a_run_with_the_disk_cache_keeps_it_in_the_run_folder_and_a_resume_reuse
     train(BUNDLE, data, epochs=1, output_dir=out, overrides={**TINY, "cache": "disk"}, notify=lambda line: None)
     written = _files(out / "cache")
     assert len(written) == 5  # 4 training + 1 validation case of fold 0, preprocessed once each
-    train(BUNDLE, output_dir=out, resume=True, epochs=2, notify=lambda line: None)
-    assert _files(out / "cache") == written
+    gone, cut = sorted(written)[:2]
+    (out / "cache" / gone).unlink()  # a resume must write this one again, under the same name
+    (out / "cache" / cut).write_bytes((out / "cache" / cut).read_bytes()[:100])  # as a killed copy leaves it
+    # another process, as a real resume: the files' names (hashes) must not depend on the process
+    resumed = subprocess.run(
+        [sys.executable, "-m", "medfcn", "train", str(BUNDLE), "--output", str(out), "--resume", "--epochs", "2"],
+        capture_output=True,
+        text=True,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    after = _files(out / "cache")
+    assert set(after) == set(written)
+    assert {name for name in written if after[name] != written[name]} == {gone, cut}  # only those two rewritten
     trainer = torch.load(out / "last.pt", weights_only=True)["trainer"]
     assert trainer["iteration"] == 2 * trainer["epoch_length"]  # the second epoch ran
+    packaged = package_run(out, tmp_path / "bundle")  # how the run was fed is not the bundle's
+    assert read_config([packaged / "configs" / "train.json"])["cache"] == "ram"
+
+
+def test_cache_on_a_bundle_without_the_setting_is_refused(tmp_path):
+    older = tmp_path / "older"
+    shutil.copytree(BUNDLE, older)
+    config = json.loads((older / "configs" / "train.json").read_text())
+    del config["cache"], config["cache_dir"]
+    for part in ("train", "validate"):
+        config[part]["dataset"] = {"_target_": "CacheDataset", "data": "$[]", "transform": "$None"}
+    (older / "configs" / "train.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match=r"^--cache disk: .*train.json has no 'cache' entry"):
+        train(older, tmp_path / "data", output_dir=tmp_path / "run", cache="disk", option_names={"cache": "--cache"})
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_run_builds_its_datasets_as_cache_says(tmp_path, monkeypatch):

@@ -28,7 +28,7 @@ def check_options(
 
     Raises:
         UserError: no dataset folder, a budget that is not a positive number of minutes, dims
-            other than 2 or 3, a device that is not cpu/cuda/cuda:N, an ``out`` over or inside
+            other than 2 or 3, a device this machine lacks (cpu, cuda, cuda:N, mps), an ``out`` over or inside
             the dataset, or an existing ``out`` without ``overwrite``.
     """
     number = isinstance(budget_minutes, (int, float)) and not isinstance(budget_minutes, bool)

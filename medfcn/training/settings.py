@@ -100,6 +100,17 @@ def _given_options(
     return args
 
 
+def _check_cache_option(config_file: Path, cache: str | None, defaults: Mapping, option_names: Mapping) -> None:
+    """UserError for a ``cache`` given to a bundle whose config has no ``cache`` entry (one from
+    before the setting, whose datasets keep the cases in RAM): it would be recorded, unused."""
+    if cache is not None and "cache" not in defaults:
+        flag = option_names.get("cache", "cache=")
+        raise UserError(
+            f"{flag} {cache}: {config_file} has no 'cache' entry (a bundle from before the setting: it keeps the "
+            f"cases in RAM); train without {flag}, or plan or package the bundle again."
+        )
+
+
 def resolve_settings(
     files: Mapping[str, Any],
     options: Mapping[str, Any],
@@ -130,6 +141,7 @@ def resolve_settings(
     parser.read_meta(str(files["meta_file"]))  # `@_meta_#...`, as in MONAI's runner
     defaults = copy.deepcopy(parser.get())  # the bundle's own values, before any override
     check_override_keys(files["config_files"], dict(overrides), parser=parser)
+    _check_cache_option(files["config_file"], options.get("cache"), defaults, option_names or {})
     args = _given_options(files["bundle_root"], options, overrides, device)
     run = RunSettings(parser, files["config_file"], args, resume, option_names or {}, files["config_files"], defaults)
     explicit = {k for k in args if k not in NOT_SETTINGS}
