@@ -139,3 +139,12 @@ def test_a_cache_of_another_kind_is_refused_in_one_line(tmp_path):
     assert result.exit_code == 2, result.output
     assert result.output.startswith("medfcn: error: --cache ssd: must be ram (preprocessed cases in memory)")
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "r").exists()
+
+
+def test_a_disk_cache_on_a_file_is_refused_before_training(tmp_path):
+    data = write_msd_dataset(tmp_path / "data", n_cases=5, shape=SHAPE)
+    (tmp_path / "taken").write_text("not a folder")
+    settings = {**TINY, "cache": "disk", "cache_dir": str(tmp_path / "taken")}
+    with pytest.raises(UserError, match=r"^--set cache_dir .*taken: is a file, not a folder"):
+        train(BUNDLE, data, epochs=1, output_dir=tmp_path / "run", overrides=settings, notify=lambda line: None)
+    assert not (tmp_path / "run").exists()  # refused before anything is written

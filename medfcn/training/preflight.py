@@ -55,6 +55,7 @@ def preflight(run: RunSettings) -> Preflight:
     split = _split(run)
     train_cases, val_cases = _fold_cases(run, split)
     _check_classes(run)
+    _check_cache_dir(run)
     network = _build_network(run)
     check_training_pairs(train_cases + val_cases, int(run.get("num_classes")), int(run.get("network_def#in_channels")))
     checkpoint = _read_resume_checkpoint(run) if run.resume else _refuse_existing_run(run)
@@ -131,6 +132,15 @@ def _check_classes(run: RunSettings) -> None:
         intensity_normalization("image", run.get("modality"), **window)
     except (ValueError, TypeError) as err:
         raise UserError(f"{_stating(run, 'modality')}: {err}") from err
+
+
+def _check_cache_dir(run: RunSettings) -> None:
+    """A disk cache needs a folder (made when missing): a file there would fail in MONAI mid-run."""
+    if "cache" not in run.parser or run.get("cache") != "disk":
+        return
+    folder = Path(run.get("cache_dir"))
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{run.option('cache_dir')} {folder}: is a file, not a folder; give the disk cache a folder.")
 
 
 def _given(run: RunSettings, key: str) -> str:
