@@ -22,6 +22,7 @@ from medfcn.errors import UserError
 from medfcn.package import package_run
 from medfcn.settings import RULES
 from medfcn.training import train
+from medfcn.training.run import cache_notice
 
 from .conftest import BUNDLE, write_msd_dataset
 from .test_train_split import SHAPE, TINY
@@ -126,8 +127,11 @@ def test_a_run_builds_its_datasets_as_cache_says(tmp_path, monkeypatch):
     train(BUNDLE, data, epochs=1, output_dir=tmp_path / "a", overrides=TINY, notify=lambda line: None)
     assert built == ["CacheDataset", "CacheDataset"]  # the bundle's default: training and validation in RAM
     built.clear()
-    train(BUNDLE, data, epochs=1, output_dir=tmp_path / "b", overrides=TINY, cache="none", notify=lambda line: None)
+    notices = []
+    train(BUNDLE, data, epochs=1, output_dir=tmp_path / "b", overrides=TINY, cache="none", notify=notices.append)
     assert built == ["Dataset", "Dataset"]
+    assert [line for line in notices if line.startswith("cache:")] == [cache_notice("none", 0)]
+    assert cache_notice("none", 2) == "" and cache_notice("ram", 0) == "" and cache_notice("disk", 0) == ""
     assert (tmp_path / "b" / "last.pt").is_file() and not (tmp_path / "b" / "cache").exists()
 
 

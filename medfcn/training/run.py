@@ -96,7 +96,7 @@ def train(
     logging_file = files["logging_file"] if files["logging_file"].is_file() else None
     out = Path(run.get("output_dir"))
     with output_lock(out, "medfcn train", "--output"):  # two trainers would interleave last.pt
-        notices = [labels, planned_device_notice(run), _precision_notice(run), *run.notices]
+        notices = [labels, planned_device_notice(run), _precision_notice(run), _cache_notice(run), *run.notices]
         _run(run, checked, logging_file, notices, notify)
     return out
 
@@ -123,6 +123,24 @@ def _precision_notice(run: RunSettings) -> str:
     """:func:`precision_notice` for the run's ``device`` and ``bf16`` entries."""
     device = run.parser.get_parsed_content("device", default="cpu")
     return precision_notice(torch.device(device).type, bool(run.parser.get_parsed_content("bf16", default=False)))
+
+
+def _cache_notice(run: RunSettings) -> str:
+    """:func:`cache_notice` for the run's ``cache`` and ``num_workers`` (none: a bundle without the setting)."""
+    if "cache" not in run.parser:
+        return ""
+    return cache_notice(run.get("cache"), int(run.get("num_workers")), run.option("num_workers"))
+
+
+def cache_notice(cache: str, num_workers: int, workers_option: str = "--set num_workers") -> str:
+    """``cache: ...`` where nothing is cached (``none``) and no worker process loads the cases:
+    each one is then read and preprocessed in the training process, between steps; empty otherwise."""
+    if cache != "none" or num_workers > 0:
+        return ""
+    return (
+        "cache: none with no worker process: every case is read and preprocessed between training steps; "
+        f"{workers_option}=N does it in N processes beside the training"
+    )
 
 
 def precision_notice(device_type: str, bf16: bool) -> str:
