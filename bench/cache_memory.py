@@ -13,18 +13,15 @@ Prints a table; writes ``cache_memory.json`` (``--out``). Not a test: a benchmar
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-from left_atrium import RESULTS, machine, table
+from left_atrium import RESULTS, report_rows
 from speed import process
 
 from medfcn.data.datasets import data_root
-from medfcn.io import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -74,22 +71,10 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         rows = [measure(args, kind, cases, work) for kind in args.kinds for cases in args.cases]
-    header = ["cache", "cases", "peak RSS MiB", "wall s", "cache files", "cache MiB"]
-    keys = ("cache", "cases", "peak_rss_mib", "wall_s", "cache_files", "cache_mib")
-    cells = [[str(row[key]) for key in keys] for row in rows]
-    print("\n".join(table(header, cells)))
+    columns = {"cache": "cache", "cases": "cases", "peak_rss_mib": "peak RSS MiB", "wall_s": "wall s"}
+    columns |= {"cache_files": "cache files", "cache_mib": "cache MiB"}
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    result = {
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-        "machine": machine(device),
-        "bundle": str(args.bundle),
-        "epochs": args.epochs,
-        "rows": rows,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(json.dumps(result, indent=2) + "\n", args.out)
-    print(f"wrote {args.out}")
-    return result
+    return report_rows(rows, columns, args.out, device, bundle=str(args.bundle), epochs=args.epochs)
 
 
 if __name__ == "__main__":

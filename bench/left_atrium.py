@@ -78,6 +78,22 @@ LEARNING_RATE = 2e-3
 BATCH_SIZE = 2
 
 
+def report_rows(rows: list[dict], columns: dict[str, str], out: Path, device: torch.device, **facts) -> dict:
+    """Print ``rows`` as a table (``columns``: key -> header) and write ``{date, machine, **facts,
+    rows}`` to ``out``; return that result."""
+    print("\n".join(table(list(columns.values()), [[str(row[key]) for key in columns] for row in rows])))
+    result = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(device), **facts, "rows": rows}
+    write_result(result, out)
+    return result
+
+
+def write_result(result: dict, out: Path) -> None:
+    """Write a benchmark's ``result`` as JSON to ``out`` (atomically) and say so."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(json.dumps(result, indent=2) + "\n", out)
+    print(f"wrote {out}")
+
+
 def default_data() -> Path:
     """``$MEDFCN_DATA/LeftAtrium``, else ``../shared/datasets/LeftAtrium`` beside the checkout."""
     return Path(os.environ.get("MEDFCN_DATA") or REPO.parent / "shared" / "datasets") / "LeftAtrium"

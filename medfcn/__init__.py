@@ -14,9 +14,10 @@ __version__ = "0.1.0"
 
 __all__ = ["FCN", "__version__"]
 
-# what ``import medfcn`` made reachable as attributes before it became light (it imported
-# medfcn.networks): config expressions may name them after ``$import medfcn`` alone
-_SUBPACKAGES = ("networks",)
+# what config expressions may name after ``$import medfcn`` alone, imported on first use:
+# medfcn.networks (which ``import medfcn`` made reachable before it became light) and
+# medfcn.distributed (which the bundles' multi_gpu_train.json names)
+_SUBPACKAGES = ("networks", "distributed")
 
 
 def __getattr__(name: str):

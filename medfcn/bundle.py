@@ -41,6 +41,7 @@ from medfcn.settings import check_bundle_json
 __all__ = [
     "COMMON_FILE",
     "MODEL_KEYS",
+    "MULTI_GPU_FILE",
     "NOT_SETTINGS",
     "RUN_FILE",
     "RUN_SPLIT_FILE",
@@ -64,9 +65,14 @@ RUN_FILE = "medfcn_run.json"
 RUN_SPLIT_FILE = "folds.json"
 # Arguments of a run that are no settings of it: where its bundle and output are, whether it
 # resumes, and where it computes (a resume or a packaged bundle picks its own device; the device
-# sets the precision, so only a resume on the same one is bit-identical). Never written to
-# RUN_FILE, and ignored where a record of an older medfcn holds them (`--set device`).
-NOT_SETTINGS = ("bundle_root", "output_dir", "resume", "device")
+# sets the precision, so only a resume on the same one is bit-identical), and how long the
+# processes of a distributed run wait for each other (a resume may run in one process, whose
+# config has no such entry). Never written to RUN_FILE, and ignored where a record of an older
+# medfcn holds them (`--set device`).
+NOT_SETTINGS = ("bundle_root", "output_dir", "resume", "device", "collective_timeout_minutes")
+# The config merged onto train.json when the run is one of several processes (torchrun), as in
+# MONAI Model Zoo bundles.
+MULTI_GPU_FILE = "multi_gpu_train.json"
 # Entries that describe the model: the network, the patch it sees, the grid and intensities it
 # was trained on, and its classes.
 MODEL_KEYS = (

@@ -21,7 +21,7 @@ from typing import Annotated, get_args
 import typer
 from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
-from medfcn.errors import InputWarning, find_user_error
+from medfcn.errors import PEER_LOST_STATUS, FailedOnAnotherRank, InputWarning, UserError, find_user_error
 from medfcn.notices import quiet_library_notices
 from medfcn.outputs import exit_on_sigterm, path_text, plural
 
@@ -122,12 +122,50 @@ def _user_errors(command):
             raise
         except Exception as err:
             user_error = find_user_error(err)
-            if user_error is None or _state["debug"]:
+            if _state["debug"]:
                 raise
+            if user_error is None:
+                _end_process_of_several(err)
+                raise
+            if isinstance(user_error, FailedOnAnotherRank):  # another process of the job says why
+                _outlive_the_process_that_says_why()
+                raise typer.Exit(PEER_LOST_STATUS) from None
             typer.echo(f"medfcn: error: {path_text(str(user_error))}", err=True)  # \xNN for non-UTF-8 names
             raise typer.Exit(2) from None
 
     return wrapper
+
+
+# How long a process of several that fails because another one did waits before it exits
+_QUIET_EXIT_GRACE_S = 3.0
+
+
+def _outlive_the_process_that_says_why() -> None:
+    """Wait a moment before exiting quietly: the launcher stops every process once one exits
+    with an error, and the one that says why must be the first (its status is the job's). The
+    launcher's SIGTERM then ends this one silently."""
+    import signal
+    import time
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    time.sleep(_QUIET_EXIT_GRACE_S)
+
+
+def _end_process_of_several(err: Exception) -> None:
+    """In a process of several (torchrun), a failure caused by a collective (another process
+    died, or one hung past the timeout) ends it with one line or none
+    (:func:`medfcn.distributed.collective_failure`), not a traceback; others are left to raise."""
+    if "torch.distributed" not in sys.modules:  # nothing distributed ran
+        return
+    from medfcn.distributed import collective_failure
+
+    ended = collective_failure(err)
+    if ended is None:
+        return
+    status, line = ended
+    if line:
+        typer.echo(f"medfcn: error: {line}", err=True)
+    raise typer.Exit(status) from None
 
 
 def version() -> str:
@@ -239,6 +277,15 @@ _TrainDevice = Annotated[
     str | None,
     typer.Option(help="cpu, cuda, cuda:1, mps...; a resume may change it.", show_default="CUDA if present"),
 ]
+_Processes = Annotated[
+    int | None,
+    typer.Option(
+        "--nproc-per-node",
+        help="Run in N processes on this machine (one GPU each, or an equal share of the CPU threads), started "
+        "by torch's launcher as torchrun does; for several machines use torchrun (docs/multi-gpu.md).",
+        show_default="1",
+    ),
+]
 
 
 @app.command(cls=_Command)
@@ -256,6 +303,9 @@ def train(
     cache: _TrainCache = None,
     set_: _TrainSet = None,
     device: _TrainDevice = None,
+    nproc_per_node: _Processes = None,
+    *,
+    ctx: typer.Context,
 ) -> None:
     """Train the bundle's network (its configs/train.json) on an MSD-style dataset.
 
@@ -267,9 +317,13 @@ def train(
     best_model.pt (the moving-average weights of the best validation) and TensorBoard events to the output folder:
     `tensorboard --logdir OUTPUT`.
     """
+    from medfcn import distributed
     from medfcn.training import best_validation
     from medfcn.training import train as run_training
 
+    if nproc_per_node is not None:
+        _start_processes(ctx, nproc_per_node)
+        return
     out = run_training(
         bundle,
         dataset_dir=data,
@@ -288,12 +342,44 @@ def train(
         notify=typer.echo,
         cache=cache,
     )
+    if not distributed.is_main():  # rank 0 says it
+        return
     typer.echo(f"done: checkpoints and TensorBoard events in {out}")
     best = best_validation(out)
     if best is not None:
         classes = "".join(f", {name} {dice:.4f}" for name, dice in best.per_class.items())
         typer.echo(f"best validation Dice: mean {best.mean:.4f}{classes} (epoch {best.epoch})")
     typer.echo(f"next: medfcn package {out} --out <bundle>")
+
+
+def _start_processes(ctx: typer.Context, nproc: int) -> None:
+    """Run the command of ``ctx`` again, as given but for ``--nproc-per-node``, in ``nproc``
+    processes started by torch's launcher (:func:`medfcn.distributed.launch`)."""
+    from medfcn import distributed
+
+    if distributed.launched():
+        raise UserError("--nproc-per-node: this process is already one of several (torchrun); give one or the other.")
+    distributed.launch(nproc, [*(["--debug"] if _state["debug"] else []), *command_line(ctx, drop="nproc_per_node")])
+
+
+def command_line(ctx: typer.Context, drop: str = "") -> list[str]:
+    """The arguments of ``ctx``'s command as the command line gave them (the command's name, its
+    arguments and the options given, not the defaults), less the option named ``drop``."""
+    args = [ctx.info_name]
+    for param in ctx.command.params:
+        source = ctx.get_parameter_source(param.name)
+        if param.name == drop or source is None or source.name != "COMMANDLINE":
+            continue
+        value = ctx.params[param.name]
+        values = list(value) if isinstance(value, (list, tuple)) else [value]
+        if param.param_type_name == "argument":
+            args += [str(v) for v in values]
+        elif getattr(param, "is_flag", False):
+            args.append(param.opts[0] if value else param.secondary_opts[0])
+        else:
+            for v in values:
+                args += [param.opts[0], str(v)]
+    return args
 
 
 # `medfcn plan`'s options, declared apart so that its signature reads as the list of them

@@ -11,11 +11,29 @@ import contextlib
 import warnings
 from collections.abc import Iterator
 
-__all__ = ["UserError", "InputWarning", "find_user_error", "collected_input_warnings"]
+__all__ = [
+    "PEER_LOST_STATUS",
+    "UserError",
+    "FailedOnAnotherRank",
+    "InputWarning",
+    "find_user_error",
+    "collected_input_warnings",
+]
 
 
 class UserError(Exception):
     """An error in the user's input; the message names the file and says what to do."""
+
+
+# The exit status of a process of several that stopped because another one failed first: it
+# says nothing (the one that failed, or the launcher, says why); see medfcn.distributed.
+PEER_LOST_STATUS = 3
+
+
+class FailedOnAnotherRank(UserError):
+    """In one process of several (:mod:`medfcn.distributed`): this process's work was fine or
+    failed alike, and another process says why; every process stops, the command line prints
+    nothing for this one and exits with :data:`PEER_LOST_STATUS`."""
 
 
 class InputWarning(UserWarning):

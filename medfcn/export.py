@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -19,21 +18,15 @@ from monai.bundle import ckpt_export
 from medfcn.bundle import BundleParser, bundle_files, configured_weights
 from medfcn.errors import UserError
 from medfcn.io import atomic_path, load_weights, refuse_existing
+from medfcn.notices import logger_level
 
 __all__ = ["export_torchscript"]
 
 
-@contextlib.contextmanager
-def _quiet_ckpt_export() -> Iterator[None]:
+def _quiet_ckpt_export() -> contextlib.AbstractContextManager:
     """Hide the INFO lines of MONAI's ``ckpt_export`` (its arguments and "exported to file"),
     which name the temporary file; warnings still show. The caller reports the final path."""
-    logger = logging.getLogger("monai.bundle.scripts")
-    level = logger.level
-    logger.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
+    return logger_level("monai.bundle.scripts", logging.WARNING)
 
 
 def export_torchscript(

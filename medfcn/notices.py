@@ -57,6 +57,18 @@ def engine_exception_echo_dropped(logger_names) -> Iterator[None]:
             logger.removeFilter(echo)
 
 
+@contextlib.contextmanager
+def logger_level(name: str, level: int) -> Iterator[None]:
+    """Inside the block, the logger ``name`` shows records of ``level`` and above only."""
+    logger = logging.getLogger(name)
+    before = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(before)
+
+
 def _ignore_library_warnings() -> None:
     """Add the filters for the warnings below to the current (caller-scoped) filter list."""
     # MONAI's LoadImage makes an NvImgCodecPydicomReader, which warns the same on a CPU machine

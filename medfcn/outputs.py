@@ -32,6 +32,7 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None
 
 __all__ = [
+    "LAUNCHED_ENV",
     "LOCK_NAME",
     "exit_on_sigterm",
     "is_utf8",
@@ -43,6 +44,9 @@ __all__ = [
     "refuse_outputs_over_inputs",
 ]
 
+# Set in the processes `--nproc-per-node` starts (medfcn.distributed.launch), which say nothing when
+# the launcher stops them: it says which process failed.
+LAUNCHED_ENV = "MEDFCN_LAUNCHED"
 # Hidden, so that folder listings (``medfcn.io.nifti_files``) never take it for a scan or mask.
 LOCK_NAME = ".medfcn.lock"
 
@@ -234,7 +238,8 @@ def exit_on_sigterm() -> None:
             os.kill(os.getpid(), signal.SIGTERM)
             return
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # no second exit in the middle of the cleanup
-        if not told:  # os.write, not print: the signal may arrive inside a write to stderr
+        # a process medfcn's launcher started: stopped by it, which says why (medfcn.distributed.launch)
+        if not told and os.environ.get(LAUNCHED_ENV) != "1":  # os.write, not print: the signal may arrive in one
             os.write(sys.stderr.fileno(), b"medfcn: terminated (SIGTERM); removing unfinished output.\n")
             told.append(True)
         raise Terminated(128 + signal.SIGTERM)

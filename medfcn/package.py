@@ -37,6 +37,7 @@ from monai.transforms import Compose, RandFlipd
 from medfcn.bundle import (
     COMMON_FILE,
     MODEL_KEYS,
+    MULTI_GPU_FILE,
     NOT_SETTINGS,
     RUN_SPLIT_FILE,
     bundle_files,
@@ -52,7 +53,8 @@ from medfcn.segmenter import load_segmenter
 
 __all__ = ["package_run", "trained_flip_axes"]
 
-_CONFIGS = (COMMON_FILE, "train.json", "inference.json", "evaluate.json", "logging.conf", "metadata.json")
+_STAGES = ("train.json", MULTI_GPU_FILE, "inference.json", "evaluate.json")
+_CONFIGS = (COMMON_FILE, *_STAGES, "logging.conf", "metadata.json")
 # what `medfcn plan` wrote into the bundle the run trained: kept, so the packaged bundle still
 # says what the data looked like and why each setting was chosen
 _PLAN_FILES = ("fingerprint.json", "plan.json")

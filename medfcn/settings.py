@@ -145,6 +145,9 @@ RULES: dict[str, Rule] = {
     "num_workers": Rule(_whole(0), "a whole number >= 0 (0: load data in the main process)", "0"),
     "cache": Rule(_cache, "ram (preprocessed cases in memory), disk (in files under cache_dir) or none", '"disk"'),
     "cache_dir": Rule(_path(False), "a folder path (the disk cache; runs may share it)", '"/scratch/cache"'),
+    "collective_timeout_minutes": Rule(
+        _number(0, False), "a number of minutes > 0 (how long a process waits for the others)", "10"
+    ),
     "learning_rate": Rule(_number(0, False), "a number > 0", "0.002"),
     "weight_decay": Rule(_number(0, True), "a number >= 0", "0.0001"),
     "patch_size": Rule(_sizes, "a list of {dims} whole numbers >= 1 (voxels, one per spatial axis)", "[]"),

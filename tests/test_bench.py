@@ -367,3 +367,25 @@ def test_cache_memory_measures_each_kind_and_count(tmp_path):
     assert rows["disk"]["cache_files"] == 3 + 1 and rows["disk"]["cache_mib"] > 0
     assert rows["ram"]["cache_files"] == 0 and not (tmp_path / "work" / "ram_3" / "cache").exists()
     assert all(row["peak_rss_mib"] > 100 and row["wall_s"] > 0 for row in rows.values())  # torch alone is more
+
+
+# bench/ddp_throughput.py: training throughput of 1 and 2 processes
+def test_ddp_throughput_times_steady_epochs_of_each_process_count(tmp_path):
+    import json
+
+    from .conftest import write_msd_dataset
+
+    ddp = _bench_module("ddp_throughput")
+    data = write_msd_dataset(tmp_path / "data", n_cases=6, shape=(20, 24, 16))
+    tiny = ["network_def#features=[8, 16, 32]", "network_def#deep_supervision=1", "patch_size=[16, 16, 16]"]
+    options = ["--data", str(data), "--epochs", "3", "--work", str(tmp_path / "work")]
+    options += ["--out", str(tmp_path / "t.json")]
+    sets = [f"--set={item}" for item in [*tiny, "bf16=false", f"folds_file={json.dumps(str(data / 'folds.json'))}"]]
+    result = ddp.main([*options, *sets])
+    assert json.loads((tmp_path / "t.json").read_text()) == result
+    rows = {row["processes"]: row for row in result["rows"]}
+    assert set(rows) == {1, 2}
+    assert all(row["training_cases"] == 3 and row["steady_epochs"] == 1 for row in rows.values())  # fold 0 of 2
+    assert all(0 < row["s_per_epoch"] < row["wall_s"] for row in rows.values())
+    assert rows[2]["threads_per_process"] == max(1, rows[1]["threads_per_process"] // 2)
+    assert (tmp_path / "work" / "p2" / "last.pt").is_file()

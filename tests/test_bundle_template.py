@@ -11,7 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = ROOT / "medfcn" / "planning" / "template"
-STAGE_FILES = ("train.json", "inference.json", "evaluate.json", "logging.conf")
+STAGE_FILES = ("train.json", "multi_gpu_train.json", "inference.json", "evaluate.json", "logging.conf")
 BUNDLES = sorted(p for p in (ROOT / "bundles").iterdir() if (p / "configs" / "common.json").is_file())
 
 

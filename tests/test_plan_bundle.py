@@ -36,6 +36,7 @@ BUNDLE_FILES = [
     "configs/inference.json",
     "configs/logging.conf",
     "configs/metadata.json",
+    "configs/multi_gpu_train.json",
     "configs/plan.json",
     "configs/train.json",
     "docs/README.md",

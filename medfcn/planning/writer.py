@@ -25,7 +25,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from medfcn.bundle import COMMON_FILE
+from medfcn.bundle import COMMON_FILE, MULTI_GPU_FILE
 from medfcn.errors import UserError
 from medfcn.io import refuse_existing, replace_folder, writable_dir
 from medfcn.outputs import plural, refuse_output_over
@@ -34,7 +34,7 @@ from medfcn.planning.rules import Plan
 __all__ = ["STAGE_FILES", "write_bundle", "template_text"]
 
 # The stage configs every bundle shares, copied from medfcn/planning/template byte for byte
-STAGE_FILES = ("train.json", "inference.json", "evaluate.json", "logging.conf")
+STAGE_FILES = ("train.json", MULTI_GPU_FILE, "inference.json", "evaluate.json", "logging.conf")
 # The recipe entries train.json states (a later file of the merge wins, so common.json cannot
 # change them): a plan must keep the template's values
 _TRAIN_ENTRIES = ("ema_decay", "learning_rate")

@@ -28,6 +28,7 @@ from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
 from monai.handlers import CheckpointLoader, ValidationHandler
 
+from medfcn import distributed
 from medfcn.handlers import WeightAverage
 from medfcn.io import atomic_torch_save
 
@@ -120,9 +121,14 @@ class Resume(CheckpointLoader):
         """What MONAI's ``CheckpointLoader.__call__`` does after its ``torch.load`` (with the
         default ``strict_shape``): load every object (those of :data:`OPTIONAL_CHECKPOINT_OBJECTS`
         where the checkpoint has them), keep the engine's ``max_epochs``."""
-        max_epochs = engine.state.max_epochs
+        max_epochs, epoch_length = engine.state.max_epochs, engine.state.epoch_length
         to_load = {k: v for k, v in self.load_dict.items() if k in checkpoint or k not in OPTIONAL_CHECKPOINT_OBJECTS}
         Checkpoint.load_objects(to_load=to_load, checkpoint=checkpoint, strict=self.strict)
+        if epoch_length and engine.state.epoch_length != epoch_length:
+            # a run resumed on another number of processes: each one's share of an epoch, in steps,
+            # is this run's (last.pt is written at the end of an epoch, so the count stays whole)
+            engine.state.epoch_length = epoch_length
+            engine.state.iteration = engine.state.epoch * epoch_length
         if max_epochs is not None and engine.state.epoch > max_epochs:
             raise ValueError(
                 f"Epoch count ({engine.state.epoch}) in checkpoint is larger than the "
@@ -147,9 +153,10 @@ class ReseedEachEpoch:
     """Make each epoch's randomness a function of ``(seed, epoch)`` alone.
 
     At every epoch start the sampler's shuffle (``set_epoch``, as for a DistributedSampler) and
-    all random transforms are reseeded from the epoch number. A run resumed at epoch k then
-    draws the same batches and augmentations as an uninterrupted one, with no random state to
-    save, and ends with the same weights on CPU.
+    all random transforms are reseeded from the epoch number (and the process's rank, in a
+    distributed run). A run resumed at epoch k on as many processes then draws the same batches
+    and augmentations as an uninterrupted one, with no random state to save, and ends with the
+    same weights on CPU.
     """
 
     def __init__(self, transforms, sampler, seed: int = 0):
@@ -162,8 +169,10 @@ class ReseedEachEpoch:
 
     def __call__(self, engine: Engine) -> None:
         epoch = engine.state.epoch
-        self.sampler.set_epoch(epoch)
-        self.transforms.set_random_state(seed=(self.seed * 100_003 + epoch) % (2**32))
+        self.sampler.set_epoch(epoch)  # the same shuffle on every process: each takes its share
+        # each process its own augmentations (rank 0 those of a single-process run)
+        seed = self.seed * 100_003 + epoch + 1_000_003 * distributed.rank()
+        self.transforms.set_random_state(seed=seed % (2**32))
 
 
 class BestMetric:
@@ -211,6 +220,8 @@ class CheckpointWriter:
     Attach to the trainer after the validation handler, so ``last.pt`` records the best score
     including the epoch just validated.
     """
+
+    main_rank_only = True  # medfcn.distributed.main_rank_only: rank 0 alone writes
 
     def __init__(
         self,
@@ -353,14 +364,20 @@ class BudgetKeeper:
         if epoch < self._epoch0 + 3:
             return
         per_epoch = (now - self._second_started) / (epoch - self._epoch0 - 2)
+        # rank 0's clock decides for every process of a distributed run, or they would stop apart
+        last = distributed.broadcast(self._fitting_last(engine, epoch, per_epoch))
+        if last is not None and last != engine.state.max_epochs:
+            self._set_length(engine, last, per_epoch)
+
+    def _fitting_last(self, engine: Engine, epoch: int, per_epoch: float) -> int | None:
+        """The last epoch that ends within the budget at ``per_epoch`` seconds an epoch, from
+        ``epoch`` (starting now) on; None while the planned end is within the tolerance."""
         spent = self.spent()
         projected = spent + per_epoch * (engine.state.max_epochs - epoch + 1)
         if abs(projected - self.budget_s) <= self.tolerance * self.budget_s:
-            return
+            return None
         fitting = math.floor((self.budget_s - spent) / per_epoch) if per_epoch > 0 else self._planned
-        last = min(self._planned, max(epoch, epoch - 1 + fitting))  # epochs epoch..last fit
-        if last != engine.state.max_epochs:
-            self._set_length(engine, last, per_epoch)
+        return min(self._planned, max(epoch, epoch - 1 + fitting))  # epochs epoch..last fit
 
     def _set_length(self, engine: Engine, last: int, per_epoch: float) -> None:
         """End the run after epoch ``last``; said once, the first time (the epoch lines show the
@@ -370,7 +387,7 @@ class BudgetKeeper:
         self.last_epoch = None if last == self._planned else last
         # the horizon only: the recursive step continues from the current rate, with no jump
         setattr(self.scheduler, horizon_attribute(self.scheduler), last)
-        if not self._said:
+        if not self._said and distributed.is_main():
             self._said = True
             self.print_fn(
                 f"budget: training ends after epoch {last} instead of {before}, the last to end within the "

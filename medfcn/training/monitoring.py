@@ -68,6 +68,8 @@ class EpochProgress:
     when given.
     """
 
+    main_rank_only = True  # medfcn.distributed.main_rank_only: rank 0 alone writes
+
     def __init__(
         self,
         evaluator: Engine | None = None,
@@ -165,6 +167,8 @@ class EpochProgress:
 class LearningRateWriter:
     """Write the first parameter group's learning rate to TensorBoard at each epoch end."""
 
+    main_rank_only = True  # medfcn.distributed.main_rank_only: rank 0 alone writes
+
     def __init__(self, summary_writer, optimizer: torch.optim.Optimizer, tag: str = "learning_rate"):
         self.writer = summary_writer
         self.optimizer = optimizer
@@ -208,6 +212,8 @@ class OverlayWriter:
     labelled voxels, and writes the three overlays side by side as one RGB image, at the
     trainer's epoch (the evaluator's global epoch).
     """
+
+    main_rank_only = True  # medfcn.distributed.main_rank_only: rank 0 alone writes
 
     def __init__(self, summary_writer, tag: str = "val_overlay"):
         self.writer = summary_writer

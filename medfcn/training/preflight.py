@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from medfcn import distributed
 from medfcn.data.checks import check_training_pairs
 from medfcn.data.datasets import fold_datalists, split_datalists
 from medfcn.data.transforms import intensity_normalization
@@ -54,6 +55,7 @@ def preflight(run: RunSettings) -> Preflight:
     """
     split = _split(run)
     train_cases, val_cases = _fold_cases(run, split)
+    _check_validation_shares(run, val_cases)
     _check_classes(run)
     _check_cache_dir(run)
     network = _build_network(run)
@@ -116,6 +118,20 @@ def _made_fold(run: RunSettings, made: AutomaticSplit) -> int:
             f"0..{n_folds - 1}; choose one of them, or -1 to train on all cases."
         )
     return fold
+
+
+def _check_validation_shares(run: RunSettings, val_cases: list[dict]) -> None:
+    """Each process of a distributed run validates its share of the fold's validation cases (their
+    Dice gathered, equal to one process's): every process needs one."""
+    processes = distributed.world_size()
+    max_cases = run.parser.get_parsed_content("max_cases", default=None)
+    n_val = min(len(val_cases), max_cases) if max_cases else len(val_cases)
+    if n_val < processes:
+        raise UserError(
+            f"fold {run.get('fold')} of {run.get('folds_file') or run.get('dataset_dir')}: "
+            f"{plural(n_val, 'validation case')} for {processes} processes, which validate a share each; "
+            f"train in at most {n_val} processes, or with a split of more cases per fold."
+        )
 
 
 def _check_classes(run: RunSettings) -> None:

@@ -19,13 +19,15 @@ from typing import Any
 import torch
 from monai.handlers import CheckpointLoader
 
-from medfcn.bundle import RUN_FILE, bundle_files
+from medfcn import distributed
+from medfcn.bundle import MULTI_GPU_FILE, RUN_FILE, bundle_files
 from medfcn.data.profile import RUN_PROFILE, write_run_profile
 from medfcn.errors import UserError
 from medfcn.inferers import cpu_bf16_supported
 from medfcn.io import refuse_full_disk
 from medfcn.notices import engine_exception_echo_dropped, quiet_library_notices
-from medfcn.outputs import output_lock
+from medfcn.outputs import output_lock, plural
+from medfcn.settings import check_bundle_json
 from medfcn.training.handlers import Resume
 from medfcn.training.labels import dataset_labels
 from medfcn.training.preflight import Preflight, preflight
@@ -87,18 +89,74 @@ def train(
             train on, nothing to resume, a resume with other settings, or an output folder
             that already holds a run (resume it or choose another folder).
     """
-    files = bundle_files(bundle, "train.json")
     options = {"dataset_dir": dataset_dir, "folds_file": folds_file, "fold": fold, "epochs": epochs, "cache": cache}
     options["output_dir"] = output_dir
-    run = resolve_settings(files, options, overrides or {}, device, resume, option_names)
-    labels = dataset_labels(run)  # before the network is built: out_channels follows num_classes
-    checked = preflight(run)
-    logging_file = files["logging_file"] if files["logging_file"].is_file() else None
-    out = Path(run.get("output_dir"))
-    with output_lock(out, "medfcn train", "--output"):  # two trainers would interleave last.pt
-        notices = [labels, planned_device_notice(run), _precision_notice(run), _cache_notice(run), *run.notices]
-        _run(run, checked, logging_file, notices, notify)
+    with distributed.said_once_per_node():  # every process of a node reads the same files here
+        files = training_files(bundle)
+        if distributed.launched() and device is not None:
+            device = distributed.process_device(device)
+        run = resolve_settings(files, options, overrides or {}, device, resume, option_names)
+    with _process_group(run):
+        # before the network is built: out_channels follows num_classes
+        labels, checked = distributed.agreed(lambda: (dataset_labels(run), preflight(run)))
+        logging_file = files["logging_file"] if files["logging_file"].is_file() else None
+        out = Path(run.get("output_dir"))
+        main = distributed.is_main()
+        # two trainers would interleave last.pt; the processes of one run write through rank 0 alone
+        with output_lock(out, "medfcn train", "--output") if main else contextlib.nullcontext():
+            notices = [labels, planned_device_notice(run), _precision_notice(run), _cache_notice(run), *run.notices]
+            notices = [_processes_notice(run), *notices] if main else []
+            _run(run, checked, logging_file, notices, notify if main else _silent)
     return out
+
+
+def training_files(bundle: str | os.PathLike) -> dict[str, Any]:
+    """:func:`~medfcn.bundle.bundle_files` of the bundle's ``train.json``, with its
+    ``configs/multi_gpu_train.json`` merged last in a process of several (torchrun).
+
+    Raises:
+        UserError: as ``bundle_files``; a bundle without ``multi_gpu_train.json`` in a process of several.
+    """
+    files = bundle_files(bundle, "train.json")
+    if not distributed.launched():
+        return files
+    multi = Path(bundle) / "configs" / MULTI_GPU_FILE
+    if not multi.is_file():
+        raise UserError(
+            f"{multi}: missing, so this bundle trains in one process only (it predates multi-process training); "
+            "train without torchrun or --nproc-per-node, or plan or package the bundle again."
+        )
+    files["config_files"] = [*files["config_files"], multi]
+    check_bundle_json(files["config_files"], files["meta_file"])
+    return files
+
+
+def _process_group(run: RunSettings) -> contextlib.AbstractContextManager:
+    """:func:`medfcn.distributed.process_group` on the run's ``device``, with its
+    ``collective_timeout_minutes`` (in a process of several)."""
+    if not distributed.launched():
+        return contextlib.nullcontext()
+    return distributed.process_group(run.get("device"), run.get("collective_timeout_minutes"))
+
+
+def _processes_notice(run: RunSettings) -> str:
+    """``processes: ...`` in a process of several: how many, on which devices, and the
+    effective batch (every process trains on ``batch_size`` patches a step; the gradients are
+    averaged); empty otherwise."""
+    n = distributed.world_size()
+    if n == 1:
+        return ""
+    batch = int(run.get("batch_size"))
+    device = torch.device(run.get("device"))
+    where = "one GPU each" if device.type == "cuda" else f"cpu, {plural(torch.get_num_threads(), 'thread')} each"
+    return (
+        f"processes: {n} ({where}); effective batch {n} x {batch} = {n * batch} patches per step, at the configured "
+        f"learning rate {run.get('learning_rate')} ({run.option('learning_rate')} changes it)"
+    )
+
+
+def _silent(line: str) -> None:
+    """Where the lines of the ranks other than 0 go: nowhere (rank 0 says them)."""
 
 
 def planned_device_notice(run: RunSettings) -> str:
@@ -164,24 +222,33 @@ def _run(
     out = Path(run.get("output_dir"))
     if logging_file is not None:  # as MONAI's runner sets up logging
         logging.config.fileConfig(str(logging_file), disable_existing_loggers=False)
+    if not distributed.is_main():  # rank 0 says what the run does; the others, only their failure
+        logging.getLogger().setLevel(logging.ERROR)
+    main = distributed.is_main()
     try:
         with refuse_full_disk(out), _run_scope(run.get("bundle_root")):  # checkpoints, records, TensorBoard
             if checked.checkpoint is not None:
                 _hand_over_checkpoint(run, checked.checkpoint)
-            if checked.split is not None:
-                write_split(checked.split)
-                notices = [*notices, checked.split.notice(run.get("dataset_dir"), run.get("fold"))]
-            for line in filter(None, notices):
-                notify(line)
-            made = checked.split is not None or (run.resume and run_made_split(run))
-            write_run_record(run, made)  # after the set-up: a resume failing there keeps its record
-            _write_profile(run, checked.train_cases)
+            # rank 0 writes the run folder's files (the split the others read too) before any rank starts
+            distributed.agreed(lambda: _prepare_run_folder(run, checked, notices, notify) if main else None)
             _evaluate(run, "run")
             _evaluate(run, "finalize")
     except BaseException:
-        if not run.resume:
+        if not run.resume and main:
             _forget_failed_run(out, made_split=checked.split is not None and checked.split.written)
         raise
+
+
+def _prepare_run_folder(run: RunSettings, checked: Preflight, notices: list, notify: Callable[[str], None]) -> None:
+    """Write the split the run made, say the run's notices, write its record and profile."""
+    if checked.split is not None:
+        write_split(checked.split)
+        notices = [*notices, checked.split.notice(run.get("dataset_dir"), run.get("fold"))]
+    for line in filter(None, notices):
+        notify(line)
+    made = checked.split is not None or (run.resume and run_made_split(run))
+    write_run_record(run, made)  # after the set-up: a resume failing there keeps its record
+    _write_profile(run, checked.train_cases)
 
 
 def _evaluate(run: RunSettings, key: str) -> None:
