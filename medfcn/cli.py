@@ -136,8 +136,9 @@ def _user_errors(command):
     return wrapper
 
 
-# How long a process of several that fails because another one did waits before it exits
-_QUIET_EXIT_GRACE_S = 3.0
+# How long a process of several that fails because another one did waits before it exits: the
+# launcher stops it as soon as the one that says why has exited, seconds at most
+_QUIET_EXIT_GRACE_S = 60.0
 
 
 def _outlive_the_process_that_says_why() -> None:
@@ -321,6 +322,7 @@ def train(
     from medfcn.training import best_validation
     from medfcn.training import train as run_training
 
+    overrides = _parse_overrides(set_ or [])  # in the process that starts the others too: said once
     if nproc_per_node is not None:
         _start_processes(ctx, nproc_per_node)
         return
@@ -334,7 +336,7 @@ def train(
         resume=resume,
         device=device,
         overrides={
-            **_parse_overrides(set_ or []),
+            **overrides,
             **({"pretrained_encoder": str(encoder)} if encoder else {}),
             **({"freeze_encoder": True} if freeze_encoder else {}),
         },
@@ -363,9 +365,10 @@ def _start_processes(ctx: typer.Context, nproc: int) -> None:
 
 
 def command_line(ctx: typer.Context, drop: str = "") -> list[str]:
-    """The arguments of ``ctx``'s command as the command line gave them (the command's name, its
-    arguments and the options given, not the defaults), less the option named ``drop``."""
-    args = [ctx.info_name]
+    """The arguments of ``ctx``'s command as the command line gave them (the command's name, the
+    options given, not the defaults, as ``--opt=value``, then ``--`` and its arguments, so that an
+    input named like an option stays an input), less the option named ``drop``."""
+    options, arguments = [], []
     for param in ctx.command.params:
         source = ctx.get_parameter_source(param.name)
         if param.name == drop or source is None or source.name != "COMMANDLINE":
@@ -373,13 +376,12 @@ def command_line(ctx: typer.Context, drop: str = "") -> list[str]:
         value = ctx.params[param.name]
         values = list(value) if isinstance(value, (list, tuple)) else [value]
         if param.param_type_name == "argument":
-            args += [str(v) for v in values]
+            arguments += [str(v) for v in values]
         elif getattr(param, "is_flag", False):
-            args.append(param.opts[0] if value else param.secondary_opts[0])
+            options.append(param.opts[0] if value else param.secondary_opts[0])
         else:
-            for v in values:
-                args += [param.opts[0], str(v)]
-    return args
+            options += [f"{param.opts[0]}={v}" for v in values]
+    return [ctx.info_name, *options, "--", *arguments]
 
 
 # `medfcn plan`'s options, declared apart so that its signature reads as the list of them
@@ -521,6 +523,9 @@ def infer(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing masks and volume tables.")] = False,
     mask_format: _InferMaskFormat = "nifti",
     continue_on_error: _InferContinueOnError = False,
+    nproc_per_node: _Processes = None,
+    *,
+    ctx: typer.Context,
 ) -> None:
     """Segment scans with a bundle; one uint8 mask per scan in the scan's own geometry.
 
@@ -530,8 +535,12 @@ def infer(
     segmented; 2: an error, nothing written; 3 (--continue-on-error): some scans failed, listed
     in failures.csv, the others written.
     """
+    from medfcn import distributed
     from medfcn.infer import infer as run_inference
 
+    if nproc_per_node is not None:
+        _start_processes(ctx, nproc_per_node)
+        return
     rows = run_inference(
         bundle,
         inputs,
@@ -545,6 +554,8 @@ def infer(
         mask_format=mask_format,
         continue_on_error=continue_on_error,
     )
+    if not distributed.is_main():  # rank 0 says it for every process
+        return
     typer.echo(f"done: {plural(len(rows), 'mask')} and volumes.csv in {out}")
     if rows.failures:
         _report_failures(rows.failures, out / "failures.csv")

@@ -26,13 +26,14 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from medfcn.errors import PEER_LOST_STATUS, FailedOnAnotherRank, UserError
+from medfcn.errors import PEER_LOST_STATUS, FailedOnAnotherRank, UserError, find_user_error
 from medfcn.notices import logger_level
 from medfcn.outputs import LAUNCHED_ENV
 
 __all__ = [
     "PEER_LOST_STATUS",
     "FailedOnAnotherRank",
+    "check_local_gpu",
     "collective_failure",
     "agreed",
     "barrier",
@@ -58,6 +59,9 @@ __all__ = [
 
 T = TypeVar("T")
 
+# The exit statuses of a process that said why it failed: a user error (2), scans that failed
+# with `medfcn infer --continue-on-error` (3)
+_SAID_WHY = (2, 3)
 # how a collective library says that the other end of a connection went away
 _LOST_PEER = ("connection closed by peer", "connection reset by peer", "broken pipe", "socket closed")
 
@@ -96,6 +100,22 @@ def local_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", local_rank())
     return torch.device("cpu")
+
+
+def check_local_gpu(device: str | None) -> None:
+    """In a process of several that computes on CUDA (``device`` cuda or None where CUDA is
+    present): UserError unless this machine has a GPU for it (``LOCAL_RANK`` below the count)."""
+    if not launched() or not torch.cuda.is_available():
+        return
+    if device is not None and torch.device(device).type != "cuda":
+        return
+    count = torch.cuda.device_count()
+    if local_rank() >= count:
+        processes = os.environ.get("LOCAL_WORLD_SIZE", str(local_rank() + 1))
+        raise UserError(
+            f"--nproc-per-node {processes}: this machine has {count} GPUs, one per process; start at most {count} "
+            "processes, or give --device cpu."
+        )
 
 
 def process_device(device: str) -> str:
@@ -196,8 +216,11 @@ def agreed(work: Callable[[], T]) -> T:
     """
     try:
         result, message = work(), None
-    except UserError as err:
-        result, message, error = None, str(err), err
+    except Exception as err:  # a UserError, or one MONAI's config engine wrapped
+        error = find_user_error(err)
+        if error is None:
+            raise
+        result, message = None, str(error)
     messages = gather(message)
     failed = [r for r, m in enumerate(messages) if m is not None]
     if not failed:
@@ -214,7 +237,8 @@ def collective_failure(err: BaseException) -> tuple[int, str] | None:
     """How a failure of a process of several ends it, where a collective caused it: (exit status,
     one line to say; empty for none): a collective that timed out says so (status 2); one whose
     other end went away (another process died first) says nothing (:data:`PEER_LOST_STATUS`: the
-    launcher names the process that died). None for any other failure, or outside a launcher."""
+    launcher names the process that died). None for any other failure (a collective's own error
+    included: it keeps its traceback), or outside a launcher."""
     if not launched():
         return None
     seen: BaseException | None = err
@@ -227,7 +251,7 @@ def collective_failure(err: BaseException) -> tuple[int, str] | None:
                 "(stopped or hung); the job stopped. Resume with --resume, with --set collective_timeout_minutes=M "
                 "for a longer wait."
             )
-        if collective or any(marker in text for marker in _LOST_PEER):
+        if isinstance(seen, dist.DistNetworkError) or any(marker in text for marker in _LOST_PEER):
             return PEER_LOST_STATUS, ""
         seen = seen.__cause__ or seen.__context__
     return None
@@ -334,7 +358,8 @@ def launch(nproc: int, args: list[str], module: str = "medfcn") -> None:
 
 def _failure_status(err) -> int:
     """The exit status of a job one of whose processes failed, after saying in one line which and
-    how, unless it said so itself (exit status 2: a user error or a collective that timed out).
+    how, unless it said so itself (:data:`_SAID_WHY`: a user error or a collective that timed out,
+    scans that failed).
     The process that failed is the first of those the failure of another did not stop: the
     launcher stops the others with SIGTERM, and a collective that lost its other end ends a
     process with :data:`PEER_LOST_STATUS`."""
@@ -346,8 +371,8 @@ def _failure_status(err) -> int:
         return PEER_LOST_STATUS
     failed_rank = first[0][2]
     code = failures[failed_rank].exitcode
-    if code == 2:
-        return 2
+    if code in _SAID_WHY:
+        return code
     if code < 0:
         try:
             name = signal.Signals(-code).name

@@ -26,8 +26,9 @@ class UserError(Exception):
 
 
 # The exit status of a process of several that stopped because another one failed first: it
-# says nothing (the one that failed, or the launcher, says why); see medfcn.distributed.
-PEER_LOST_STATUS = 3
+# says nothing (the one that failed, or the launcher, says why); see medfcn.distributed. (2 is a
+# user error, 3 `medfcn infer --continue-on-error` with scans that failed.)
+PEER_LOST_STATUS = 4
 
 
 class FailedOnAnotherRank(UserError):

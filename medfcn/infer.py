@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from medfcn import distributed
 from medfcn.data.dicom import find_series, gdcm_series_files, looks_like_dicom, series_files
 from medfcn.data.nifti import voxel_spacing
 from medfcn.data.profile import bundle_profile, warn_if_unlike_training
@@ -205,6 +206,10 @@ def _cohort_inputs(inputs: Sequence[str | os.PathLike], failures: list[dict]) ->
     return expand_named_inputs(inputs, on_bad_series=list_bad_series)
 
 
+# How long a process of several waits for the others to finish their shares of the scans
+_WAIT_FOR_SHARES_MINUTES = 60.0
+
+
 def infer(
     bundle: str | os.PathLike,
     inputs: Sequence[str | os.PathLike],
@@ -249,13 +254,24 @@ def infer(
     """
     rows = InferenceRows()  # with continue_on_error: its failures, listed or segmented
     out = Path(out_dir)
-    scans, targets, tables = _planned_outputs(inputs, out, mask_format, continue_on_error, rows.failures)
-    # one run at a time into `out`, from the existence checks to the last rename
-    with output_lock(out, "medfcn infer", "--out"):
-        refuse_existing([*targets, *(out / name for name in tables)], overwrite)
-        segmenter = _segmenter(bundle, device, sw_batch_size, overlap, tta)
-        profile = bundle_profile(Path(bundle) / "configs" / "metadata.json")
-        _segment_all(segmenter, profile, scans, targets, out, rows, continue_on_error, progress)
+    with distributed.said_once_per_node():  # every process of a node reads the same inputs here
+        scans, targets, tables = _planned_outputs(inputs, out, mask_format, continue_on_error, rows.failures)
+        distributed.check_local_gpu(device)
+        if distributed.launched() and device is not None:
+            device = distributed.process_device(device)
+    # a process waits for the others' shares at the end: longer than a training step's wait
+    with distributed.process_group(device or distributed.local_device(), _WAIT_FOR_SHARES_MINUTES):
+        # rank 0's list of the scans for every process: a folder may change between their listings
+        scans, targets, rows.failures = distributed.broadcast((scans, targets, rows.failures))
+        main = distributed.is_main()
+        # one run at a time into `out`, from the existence checks to the last rename (in several
+        # processes: held by rank 0 until every process has renamed its masks)
+        with output_lock(out, "medfcn infer", "--out") if main else contextlib.nullcontext():
+            outputs = [*targets, *(out / name for name in tables)]
+            distributed.agreed(lambda: refuse_existing(outputs, overwrite) if main else None)
+            segmenter = distributed.agreed(lambda: _segmenter(bundle, device, sw_batch_size, overlap, tta))
+            profile = distributed.agreed(lambda: bundle_profile(Path(bundle) / "configs" / "metadata.json"))
+            _segment_all(segmenter, profile, scans, targets, out, rows, continue_on_error, progress)
     return rows
 
 
@@ -350,26 +366,79 @@ def _segment_all(
 
     All or nothing: masks are staged as temporary files and renamed only once every scan has
     succeeded (or, with ``continue_on_error``, been tried), so a bad scan in the middle of a
-    batch leaves no partial output behind.
+    batch leaves no partial output behind. In a process of several, each segments its share
+    (:func:`medfcn.distributed.share`); the rows come together in input order, and no process
+    renames a mask unless every scan of every process succeeded.
     """
-    for failure in rows.failures if progress else ():  # inputs left out while they were listed
+    for failure in rows.failures if progress and distributed.is_main() else ():  # inputs left out while listed
         progress(f"[inputs] {Path(failure['input']).name}: failed: {failure['reason']}")
-    with contextlib.ExitStack() as stack:
-        for k, (scan, target) in enumerate(zip(scans, targets, strict=True), start=1):
-            try:
-                row, unlike, messages = _segment_one(segmenter, profile, scan, target, stack)
-            except UserError as err:
-                if not continue_on_error:
-                    raise
-                _list_failure(rows.failures, scan, err, f"[{k}/{len(scans)}]", progress)
-                continue
-            rows.append(row)
-            if progress:
-                vols = "  ".join(f"{n} {row[f'{n}_mm3']:.0f} mm3" for n in segmenter.class_names)
-                progress(
-                    f"[{k}/{len(scans)}] {path_text(scan.name)}: {vols}  ({row['seconds']:.2f} s) -> {row['mask']}"
-                    + _warning_note(unlike, messages)
-                )
-        _stage_tables(stack, rows, out, fields=_volume_columns(segmenter.class_names))
-        if continue_on_error:
-            _stage_tables(stack, rows.failures, out, "failures", fields=("input", "reason"))
+    try:
+        with contextlib.ExitStack() as stack:
+            share = distributed.share(len(scans))
+            done = distributed.agreed(
+                lambda: _segment_share(segmenter, profile, scans, targets, share, stack, continue_on_error, progress)
+            )
+            parts = distributed.gather(done)  # every process's (rows, failures), in rank order
+            rows.extend(row for _, row in sorted((item for part, _ in parts for item in part), key=_first))
+            failed = sorted((item for _, part in parts for item in part), key=_first)
+            rows.failures.extend(failure for _, failure in failed)
+            # staged by rank 0 before any process renames a mask: a table that cannot be written
+            # leaves no mask of any process
+            distributed.agreed(lambda: _stage_all_tables(stack, rows, out, segmenter, continue_on_error))
+    except UserError:
+        distributed.barrier()  # every process's staged masks removed before rank 0 removes the folder
+        raise
+    distributed.barrier()  # every mask renamed before rank 0 releases the output folder
+
+
+def _stage_all_tables(
+    stack: contextlib.ExitStack, rows: InferenceRows, out: Path, segmenter: Segmenter, continue_on_error: bool
+) -> None:
+    """Stage the tables of every process's rows (rank 0 alone)."""
+    if not distributed.is_main():
+        return
+    _stage_tables(stack, rows, out, fields=_volume_columns(segmenter.class_names))
+    if continue_on_error:
+        _stage_tables(stack, rows.failures, out, "failures", fields=("input", "reason"))
+
+
+def _first(item: tuple) -> Any:
+    return item[0]
+
+
+def _segment_share(
+    segmenter: Segmenter,
+    profile: dict | None,
+    scans: Sequence[Path],
+    targets: Sequence[Path],
+    share: Sequence[int],
+    stack: contextlib.ExitStack,
+    continue_on_error: bool,
+    progress: Callable[[str], None] | None,
+) -> tuple[list[tuple[int, dict]], list[tuple[int, dict]]]:
+    """Segment the scans numbered ``share`` and stage their masks on ``stack``: ``(rows, failures)``,
+    each item with its scan's number, so that the tables keep the input order.
+
+    Raises:
+        UserError: a scan failed (without ``continue_on_error``)."""
+    segmented: list[tuple[int, dict]] = []
+    failures: list[dict] = []
+    failed: list[tuple[int, dict]] = []
+    for index in share:
+        scan, target, counter = scans[index], targets[index], f"[{index + 1}/{len(scans)}]"
+        try:
+            row, unlike, messages = _segment_one(segmenter, profile, scan, target, stack)
+        except UserError as err:
+            if not continue_on_error:
+                raise
+            _list_failure(failures, scan, err, counter, progress)
+            failed.append((index, failures[-1]))
+            continue
+        segmented.append((index, row))
+        if progress:
+            vols = "  ".join(f"{n} {row[f'{n}_mm3']:.0f} mm3" for n in segmenter.class_names)
+            progress(
+                f"{counter} {path_text(scan.name)}: {vols}  ({row['seconds']:.2f} s) -> {row['mask']}"
+                + _warning_note(unlike, messages)
+            )
+    return segmented, failed

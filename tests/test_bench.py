@@ -389,3 +389,21 @@ def test_ddp_throughput_times_steady_epochs_of_each_process_count(tmp_path):
     assert all(0 < row["s_per_epoch"] < row["wall_s"] for row in rows.values())
     assert rows[2]["threads_per_process"] == max(1, rows[1]["threads_per_process"] // 2)
     assert (tmp_path / "work" / "p2" / "last.pt").is_file()
+
+
+# bench/infer_processes.py: batch inference in 1 and 2 processes
+def test_infer_processes_times_each_count_and_compares_the_masks(tmp_path):
+    import json
+
+    from .conftest import write_msd_dataset
+
+    bench = _bench_module("infer_processes")
+    scans = write_msd_dataset(tmp_path / "data", n_cases=3, shape=(20, 24, 16)) / "imagesTr"
+    options = ["--inputs", str(scans), "--work", str(tmp_path / "work"), "--out", str(tmp_path / "i.json")]
+    result = bench.main(options)
+    assert json.loads((tmp_path / "i.json").read_text()) == result
+    rows = {row["processes"]: row for row in result["rows"]}
+    assert set(rows) == {1, 2} and all(row["scans"] == 3 and row["masks_as_p1"] for row in rows.values())
+    assert all(0 < row["scans_per_s"] and row["wall_s"] > 0 for row in rows.values())
+    (tmp_path / "work" / "p2" / "case_001.nii.gz").unlink()
+    assert not bench.same_masks(tmp_path / "work" / "p1", tmp_path / "work" / "p2")  # the comparison can fail

@@ -1,7 +1,8 @@
-"""Training in several processes (torchrun, ``medfcn train --nproc-per-node N``): gloo on the CPU,
-so the whole path runs here. One job, rank 0 alone writing; the ranks' weights equal; the Dice
-logged that of one process evaluating the same weights; a killed process ending the job in one
-line; a resume on another number of processes; user errors said once."""
+"""Training and inference in several processes (torchrun, ``--nproc-per-node N``): gloo on the CPU,
+so the whole path runs here. Training: one job, rank 0 alone writing; the ranks' weights equal;
+the Dice logged that of one process evaluating the same weights; a killed process ending the job
+in one line; a resume on another number of processes; user errors said once. Inference: the
+masks and table of one process, in input order; a bad scan of one process leaving no mask of any."""
 
 from __future__ import annotations
 
@@ -12,8 +13,11 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
 from monai.handlers import CheckpointSaver, TensorBoardStatsHandler
@@ -227,14 +231,24 @@ def test_monai_bundle_run_takes_the_multi_gpu_config(tmp_path):
 def test_nproc_per_node_restarts_the_command_as_given(monkeypatch, tmp_path):
     started = []
     monkeypatch.setattr(distributed, "launch", lambda nproc, args: started.append((nproc, args)))
-    args = ["train", str(BUNDLE), "--epochs", "3", "--resume", "--set", "batch_size=4", "--set", "seed=1"]
+    args = ["train", str(BUNDLE), "--epochs", "3", "--resume", "--set", "batch_size=4", "--set", "seed=-1"]
     result = CliRunner().invoke(app, [*args, "--nproc-per-node", "2", "--device", "cpu"])
     assert result.exit_code == 0, result.output
-    # the options given (in the command's order), not the defaults: the bundle's, in every process
-    assert started == [(2, [*args, "--device", "cpu"])]
+    # the options given (in the command's order), not the defaults: the bundle's, in every process;
+    # then the arguments, after `--` (an input named like an option stays an input)
+    options = ["--epochs=3", "--resume", "--set=batch_size=4", "--set=seed=-1", "--device=cpu"]
+    assert started == [(2, ["train", *options, "--", str(BUNDLE)])]
+    scans = ["-odd name.nii.gz", str(tmp_path)]
+    options = ["--out", "o", "--tta", "--nproc-per-node", "3"]
+    result = CliRunner().invoke(app, ["infer", *options, "--", str(BUNDLE), *scans])
+    assert result.exit_code == 0, result.output
+    assert started[1] == (3, ["infer", "--out=o", "--tta", "--", str(BUNDLE), *scans])
+    result = CliRunner().invoke(app, ["train", str(BUNDLE), "--set", "batch_size", "--nproc-per-node", "2"])
+    assert result.exit_code == 2 and len(started) == 2  # a malformed --set is said before the processes start
     monkeypatch.setenv("WORLD_SIZE", "2")  # already one of several processes
     result = CliRunner().invoke(app, [*args, "--nproc-per-node", "2"])
     assert result.exit_code == 2 and "already one of several" in result.output
+    assert len(started) == 2
 
 
 def test_ranks_other_than_0_drop_the_handlers_that_write(monkeypatch, tmp_path):
@@ -309,3 +323,63 @@ def test_the_launcher_names_the_process_that_failed_first(capsys):
     assert capsys.readouterr().err == ""
     assert distributed._failure_status(_failed((0, 1, 4), (1, PEER_LOST_STATUS, 4))) == 1
     assert capsys.readouterr().err == "medfcn: error: rank 0 exited with status 1; the other processes were stopped.\n"
+
+
+def _infer(*args, processes: int | None = 2) -> subprocess.CompletedProcess:
+    """``medfcn infer ARGS [--nproc-per-node N]`` in a new process, on the CPU."""
+    nproc = ["--nproc-per-node", str(processes)] if processes else []
+    command = [sys.executable, "-m", "medfcn", "infer", *map(str, args), "--device", "cpu", *nproc]
+    return subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=300)
+
+
+def _table(folder) -> list[dict]:
+    return json.loads((folder / "volumes.json").read_text())
+
+
+def test_inference_in_two_processes_writes_what_one_process_writes(tmp_path):
+    scans = _dataset(tmp_path, n_cases=5) / "imagesTr"
+    one = _infer(BUNDLE, scans, "--out", tmp_path / "one", processes=None)
+    two = _infer(BUNDLE, scans, "--out", tmp_path / "two")
+    assert one.returncode == 0, one.stderr
+    assert two.returncode == 0, two.stderr
+    names = sorted(p.name for p in scans.glob("*.nii.gz"))
+    for name in names:  # the same voxels, header and geometry
+        a, b = nib.load(tmp_path / "one" / name), nib.load(tmp_path / "two" / name)
+        assert np.array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj)), name
+        assert a.header.binaryblock == b.header.binaryblock
+    # one table, in input order, with the volumes one process measured
+    assert [Path(row["input"]).name for row in _table(tmp_path / "two")] == names
+    volumes = [{k: v for k, v in row.items() if k.endswith("_mm3")} for row in _table(tmp_path / "two")]
+    assert volumes == [{k: v for k, v in row.items() if k.endswith("_mm3")} for row in _table(tmp_path / "one")]
+    lines = two.stdout.splitlines()
+    assert sorted(line.split()[0] for line in lines if line.startswith("[")) == [f"[{k}/5]" for k in range(1, 6)]
+    assert sum(line.startswith("done: 5 masks") for line in lines) == 1  # said by rank 0 alone
+
+
+def test_a_bad_scan_in_one_process_leaves_no_mask_of_any(tmp_path):
+    scans = _dataset(tmp_path, n_cases=5) / "imagesTr"
+    bad = scans / "case_003.nii.gz"  # rank 1's share: scans 1 and 3 of 0..4
+    bad.write_bytes(bad.read_bytes()[:-200])  # a truncated copy
+    out = tmp_path / "out"
+    result = _infer(BUNDLE, scans, "--out", out)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if not line.startswith("medfcn: warning: ")]  # spheres
+    assert len(errors) == 1 and errors[0].startswith("medfcn: error: rank 1: ") and "case_003.nii.gz" in errors[0]
+    assert not out.exists() or not any(out.iterdir())  # rank 0's masks of scans 0, 2, 4 neither
+
+
+def test_the_shares_cover_every_scan_once_in_input_order(monkeypatch):
+    monkeypatch.setattr(distributed, "world_size", lambda: 3)
+    for count in (0, 1, 2, 5, 7):
+        shares = []
+        for rank in range(3):
+            monkeypatch.setattr(distributed, "rank", lambda rank=rank: rank)
+            shares.append(distributed.share(count))
+        assert sorted(i for share in shares for i in share) == list(range(count))
+        assert all(share == sorted(share) for share in shares)
+        assert max(map(len, shares)) - min(map(len, shares)) <= 1
+
+
+def test_scans_that_failed_with_continue_on_error_end_the_job_as_one_process(capsys):
+    assert distributed._failure_status(_failed((0, 3, 9))) == 3  # rank 0 listed them itself
+    assert capsys.readouterr().err == ""

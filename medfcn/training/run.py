@@ -93,6 +93,7 @@ def train(
     options["output_dir"] = output_dir
     with distributed.said_once_per_node():  # every process of a node reads the same files here
         files = training_files(bundle)
+        distributed.check_local_gpu(device)
         if distributed.launched() and device is not None:
             device = distributed.process_device(device)
         run = resolve_settings(files, options, overrides or {}, device, resume, option_names)
@@ -228,7 +229,7 @@ def _run(
     try:
         with refuse_full_disk(out), _run_scope(run.get("bundle_root")):  # checkpoints, records, TensorBoard
             if checked.checkpoint is not None:
-                _hand_over_checkpoint(run, checked.checkpoint)
+                distributed.agreed(lambda: _hand_over_checkpoint(run, checked.checkpoint))
             # rank 0 writes the run folder's files (the split the others read too) before any rank starts
             distributed.agreed(lambda: _prepare_run_folder(run, checked, notices, notify) if main else None)
             _evaluate(run, "run")
