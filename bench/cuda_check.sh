@@ -17,7 +17,9 @@
 #      infers on CUDA) and peak GPU memory of the whole-head series
 #   3. medfcn train on CUDA (3D: 2 epochs, then --resume to 3; 2D: 1 epoch); best_model.pt loads
 #      onto the CPU without map_location; medfcn package and the packaged bundle on the CPU
-#   4. the test suite (pytest) with the GPU visible
+#   4. 2 minutes of training on fold 0 (issue 25's GPU path), the cached cases on the GPU
+#      (data_on_device auto) and not: epochs, best Dice, GPU busy % (nvidia-smi, every 0.5 s)
+#   5. the test suite (pytest) with the GPU visible
 set -uo pipefail
 TASK=${1:?TASK04_DIR}; FOLDS=${2:?FOLDS_JSON}; DATA=${3:?DATA_ROOT}; OUT=${4:?OUT_DIR}
 PY=${PYTHON:-python3}; DEV=${DEVICE:-cuda}
@@ -116,6 +118,29 @@ sys.exit(any(t.device.type != 'cpu' for t in weights.values()))" "$run/best_mode
     step "package ${b}D run" 60 medfcn package "$run" --out "$W/pkg${b}d"
     step "packaged ${b}D bundle on the CPU" 60 medfcn infer "$W/pkg${b}d" "${SERIES[0]}" --out "$W/pkg${b}d_out" \
         --device cpu
+done
+
+# issue 25's GPU path: 2 minutes of training on fold 0 (the budget keeper ends it), with the
+# cached cases on the GPU (data_on_device auto) and without; GPU busy % sampled every 0.5 s
+for placement in auto false; do
+    run=$W/fast_$placement; log=$OUT/gpu_util_$placement.csv; rm -f "$log"
+    smi=""
+    [ "$DEV" = cuda ] && { nvidia-smi -i 0 --query-gpu=utilization.gpu --format=csv,noheader,nounits -lms 500 \
+        > "$log" & smi=$!; }
+    step "2-minute training, data_on_device $placement" 400 medfcn train "$B3" --data "$TASK" --folds "$FOLDS" \
+        --fold 0 --epochs 400 --set budget_minutes=2 --set val_interval=4 --set data_on_device=$placement \
+        --output "$run" --device "$DEV"
+    [ -n "$smi" ] && { kill "$smi"; wait "$smi" 2>/dev/null; }
+    step "2-minute training summary ($placement)" 60 "$PY" - "$run" "$log" "$OUT/fast_$placement.json" <<'EOF'
+import json, os, statistics, sys, torch
+run, log, out = sys.argv[1:]
+last = torch.load(f"{run}/last.pt", weights_only=True)
+busy = [float(x) for x in open(log).read().split()] if os.path.exists(log) else []
+report = {"epochs": last["trainer"]["iteration"] // last["trainer"]["epoch_length"], "best_mean_dice": last["best"]["best_metric"],
+          "best_epoch": last["best"]["best_metric_epoch"], "training_seconds": last["budget"]["seconds"],
+          "gpu_busy_percent_mean": statistics.mean(busy) if busy else None, "gpu_samples": len(busy)}
+print(json.dumps(report, indent=1)); json.dump(report, open(out, "w"), indent=1)
+EOF
 done
 
 step "pytest ($DEV visible)" 240 env OMP_NUM_THREADS="${PYTEST_THREADS:-$(nproc)}" \

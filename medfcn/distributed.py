@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from medfcn.errors import PEER_LOST_STATUS, FailedOnAnotherRank, UserError, find_user_error
 from medfcn.notices import logger_level
-from medfcn.outputs import LAUNCHED_ENV
+from medfcn.outputs import LAUNCHED_ENV, plural
 
 __all__ = [
     "PEER_LOST_STATUS",
@@ -110,11 +110,11 @@ def check_local_gpu(device: str | None) -> None:
     if device is not None and torch.device(device).type != "cuda":
         return
     count = torch.cuda.device_count()
-    if local_rank() >= count:
-        processes = os.environ.get("LOCAL_WORLD_SIZE", str(local_rank() + 1))
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", str(local_rank() + 1)))
+    if processes > count:  # every process of the node says so, so that its first one says it
         raise UserError(
-            f"--nproc-per-node {processes}: this machine has {count} GPUs, one per process; start at most {count} "
-            "processes, or give --device cpu."
+            f"--nproc-per-node {processes}: this machine has {plural(count, 'GPU')}, one per process; start at most "
+            f"{count}, or give --device cpu."
         )
 
 

@@ -59,7 +59,7 @@ _CONFIGS = (COMMON_FILE, *_STAGES, "logging.conf", "metadata.json")
 # says what the data looked like and why each setting was chosen
 _PLAN_FILES = ("fingerprint.json", "plan.json")
 # a run's settings that are no setting of a shipped bundle: a smoke run's subset of the cases
-_RUN_ONLY = ("max_cases", "cache", "cache_dir")  # how this run was fed, not what the bundle is
+_RUN_ONLY = ("max_cases", "cache", "cache_dir", "data_on_device")  # how this run was fed, not what the bundle is
 # where the packaged bundle keeps a split the run made in its own folder (RUN/folds.json), so
 # that it records which cases were held out and retrains on the same split
 _SPLIT = "folds.json"

@@ -116,6 +116,10 @@ def _cache(value: Any, _dims: int | None) -> bool:
     return value in ("ram", "disk", "none")  # medfcn.data.cache.CACHE_KINDS, without importing MONAI
 
 
+def _data_on_device(value: Any, _dims: int | None) -> bool:
+    return value == "auto" or isinstance(value, bool)  # not 1 or 0, which equal True and False
+
+
 def _flag(value: Any, _dims: int | None) -> bool:
     return isinstance(value, bool)
 
@@ -145,6 +149,11 @@ RULES: dict[str, Rule] = {
     "num_workers": Rule(_whole(0), "a whole number >= 0 (0: load data in the main process)", "0"),
     "cache": Rule(_cache, "ram (preprocessed cases in memory), disk (in files under cache_dir) or none", '"disk"'),
     "cache_dir": Rule(_path(False), "a folder path (the disk cache; runs may share it)", '"/scratch/cache"'),
+    "data_on_device": Rule(
+        _data_on_device,
+        "auto (on CUDA with cache ram and no workers), true or false (keep the cached cases on the GPU)",
+        "false",
+    ),
     "collective_timeout_minutes": Rule(
         _number(0, False), "a number of minutes > 0 (how long a process waits for the others)", "10"
     ),

@@ -132,6 +132,20 @@ def test_two_processes_train_one_run_written_by_rank_0(tmp_path):
     assert best["best_metric_epoch"] in (1, 2)
     assert _single_process_dice(bundle, out, tmp_path) == pytest.approx(best["best_metric"], abs=DICE_TOLERANCE)
 
+    # transfer learning under DDP: a frozen encoder (parameters without gradients) stays the donor's
+    transfer = tmp_path / "transfer"
+    options = ["--data", data, "--folds", data / "folds.json", "--output", transfer, "--epochs", 1, *_sets(TINY)]
+    encoder = ["--encoder", out / "best_model.pt", "--freeze-encoder"]
+    result = _train(bundle, *options, *encoder, cwd=tmp_path, env=_probe_env(tmp_path))
+    assert result.returncode == 0, result.stderr
+    donor = torch.load(out / "best_model.pt", weights_only=True)
+    trained = torch.load(transfer / "last.pt", weights_only=True)["network"]
+    frozen = [k for k in donor if k.startswith("encoder.") and donor[k].is_floating_point()]
+    changed = [k for k in donor if not k.startswith("encoder.") and not torch.equal(trained[k], donor[k])]
+    assert frozen and changed and all(torch.equal(trained[k], donor[k]) for k in frozen)
+    digests = json.loads((transfer / "digests.json").read_text())
+    assert digests[0] == digests[1]
+
 
 def _process_of_rank(launcher_pid: int, rank: int, timeout: float = 60) -> int:
     """The pid of the worker of ``rank`` the launcher ``launcher_pid`` started (its environment)."""
@@ -295,6 +309,19 @@ def test_devices_threads_and_agreement_outside_and_inside_a_launcher(monkeypatch
     with pytest.raises(UserError, match="^bad$") as raised, distributed.said_once_per_node():
         raise UserError("bad")
     assert not isinstance(raised.value, FailedOnAnotherRank)
+
+
+def test_more_processes_than_gpus_are_refused_by_every_process(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    distributed.check_local_gpu(None)  # one process: nothing to check
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    for local_rank in ("0", "1"):  # the first process too, which says it
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+        with pytest.raises(UserError, match=r"^--nproc-per-node 2: this machine has 1 GPU, one per process"):
+            distributed.check_local_gpu(None)
+        distributed.check_local_gpu("cpu")  # processes on the CPU need no GPU
 
 
 def test_a_collective_that_failed_ends_the_process_in_one_line_or_none(monkeypatch):

@@ -22,6 +22,19 @@ def test_ct_with_foreground_statistics_clips_then_z_scores():
     np.testing.assert_allclose(out, [[-190 / 60, -140 / 60, -40 / 60, 60 / 60, 210 / 60]], rtol=1e-6)
 
 
+@pytest.mark.parametrize(
+    ("modality", "window", "stats"), [("MRI", None, None), ("CT", [-150, 250], None), ("CT", [-150, 250], [40.0, 60.0])]
+)
+def test_every_normalisation_is_one_deterministic_transform_a_cache_keeps(modality, window, stats):
+    from monai.data import CacheDataset
+    from monai.transforms import Compose, RandomizableTrait
+
+    transform = intensity_normalization("image", modality, window, stats)
+    assert not isinstance(transform, (Compose, RandomizableTrait))  # a Compose would end the cached part
+    cached = CacheDataset([{"image": HU.clone()}], Compose([transform]), progress=False)
+    assert np.array_equal(np.asarray(cached._cache[0]["image"]), _apply(transform, HU).astype(np.float32))
+
+
 def test_ct_without_statistics_scales_the_window_to_0_1():
     out = _apply(intensity_normalization("image", "CT", [-160, 240]), HU)
     np.testing.assert_allclose(out, [[0.0, 60 / 400, 160 / 400, 260 / 400, 1.0]], rtol=1e-6)

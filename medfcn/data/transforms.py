@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Hashable, Mapping, Sequence
 
 import nibabel as nib
-from monai.transforms import Compose, MapTransform, NormalizeIntensityd, ScaleIntensityRanged
+from monai.transforms import MapTransform, NormalizeIntensityd, ScaleIntensityRanged
 
 from medfcn.data.nifti import is_nifti, use_file_affine
 
@@ -38,8 +38,9 @@ def intensity_normalization(
     modality: str = "MRI",
     hu_window: Sequence[float] | None = (-160.0, 240.0),
     intensity_stats: Sequence[float] | None = None,
-) -> MapTransform | Compose:
-    """The intensity normalisation suited to ``modality``.
+) -> MapTransform:
+    """The intensity normalisation suited to ``modality``, one deterministic transform (which a
+    cache of the preprocessing keeps).
 
     - ``MRI`` (arbitrary units): z-score per channel over the whole volume, since MR
       intensities have no absolute scale.
@@ -67,6 +68,8 @@ def intensity_normalization(
     mean, std = (float(v) for v in intensity_stats)
     if not std > 0:
         raise ValueError(f"intensity_stats {list(intensity_stats)}: the standard deviation must be > 0.")
-    # clip to the window (a range mapped onto itself), then z-score with the foreground statistics
-    clip = ScaleIntensityRanged(keys=keys, a_min=low, a_max=high, b_min=low, b_max=high, clip=True)
-    return Compose([clip, NormalizeIntensityd(keys=keys, subtrahend=mean, divisor=std)])
+    # clipped to the window, then z-scored with the foreground statistics: one linear map of the
+    # window, (x - mean) / std at both ends, so that the normalisation stays a single transform
+    # (a Compose counts as random: a cache of the preprocessing would stop before it)
+    b_min, b_max = (low - mean) / std, (high - mean) / std
+    return ScaleIntensityRanged(keys=keys, a_min=low, a_max=high, b_min=b_min, b_max=b_max, clip=True)

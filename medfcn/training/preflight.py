@@ -18,6 +18,7 @@ import torch
 from medfcn import distributed
 from medfcn.data.checks import check_training_pairs
 from medfcn.data.datasets import fold_datalists, split_datalists
+from medfcn.data.placement import data_on_device_conflict
 from medfcn.data.transforms import intensity_normalization
 from medfcn.errors import UserError, root_message
 from medfcn.io import checkpoint_reason, load_state
@@ -58,6 +59,7 @@ def preflight(run: RunSettings) -> Preflight:
     _check_validation_shares(run, val_cases)
     _check_classes(run)
     _check_cache_dir(run)
+    _check_data_on_device(run)
     network = _build_network(run)
     check_training_pairs(train_cases + val_cases, int(run.get("num_classes")), int(run.get("network_def#in_channels")))
     checkpoint = _read_resume_checkpoint(run) if run.resume else _refuse_existing_run(run)
@@ -157,6 +159,19 @@ def _check_cache_dir(run: RunSettings) -> None:
     folder = Path(run.get("cache_dir"))
     if folder.exists() and not folder.is_dir():
         raise UserError(f"{run.option('cache_dir')} {folder}: is a file, not a folder; give the disk cache a folder.")
+
+
+def _check_data_on_device(run: RunSettings) -> None:
+    """``data_on_device`` true needs the ``ram`` cache and no worker processes
+    (:mod:`medfcn.data.placement`)."""
+    if "data_on_device" not in run.parser or run.get("data_on_device") is not True:
+        return
+    conflict = data_on_device_conflict(run.get("cache"), int(run.get("num_workers")))
+    if conflict:
+        raise UserError(
+            f"{run.option('data_on_device')} true: {conflict.removeprefix('data_on_device true ')}; "
+            f"give {run.option('data_on_device')} false or auto, or change that setting."
+        )
 
 
 def _given(run: RunSettings, key: str) -> str:

@@ -47,7 +47,7 @@ _OLD_NAME = re.compile(rf"\bmedfcn\.handlers\.({'|'.join(_MOVED)})\b")
 # Options that name files: compared as resolved paths, so ``data/`` and ``/abs/data`` agree.
 _PATH_KEYS = ("dataset_dir", "folds_file", "pretrained_encoder")
 # Settings a resume may change: they do not change what the network learns.
-_RUNTIME_KEYS = ("num_workers", "val_interval", "cache", "cache_dir")
+_RUNTIME_KEYS = ("num_workers", "val_interval", "cache", "cache_dir", "data_on_device")
 
 
 @dataclass
