@@ -65,6 +65,18 @@ def test_synthetic_training_dice_rises(spheres_dataset, tmp_path, bundle, sampli
     assert min(per_class.values()) > 0.7, per_class
 
 
+def test_tensorboard_shows_the_rate_each_epoch_trained_with(tmp_path):
+    """Epoch k's step holds epoch k's learning rate: the configured one first (PolynomialLR,
+    power 0.9, over the run's 3 epochs), not the next epoch's."""
+    data = write_msd_dataset(tmp_path / "data", n_cases=4, shape=(20, 24, 16))
+    overrides = {**SMALL, "learning_rate": 0.01, "folds_file": str(data / "folds.json")}
+    train(BUNDLE, data, fold=0, epochs=3, output_dir=tmp_path / "run", overrides=overrides)
+    rates = [(e.step, e.value) for e in _events(tmp_path / "run").Scalars("learning_rate")]
+    expected = [(k, 0.01 * (1 - (k - 1) / 3) ** 0.9) for k in (1, 2, 3)]
+    assert [step for step, _ in rates] == [1, 2, 3]
+    assert [value for _, value in rates] == pytest.approx([value for _, value in expected], rel=1e-6)
+
+
 @pytest.mark.slow
 def test_real_hippocampus_two_epochs_checkpoints_tensorboard_resume(tmp_path):
     data = need(HIPPO)

@@ -165,7 +165,9 @@ class EpochProgress:
 
 
 class LearningRateWriter:
-    """Write the first parameter group's learning rate to TensorBoard at each epoch end."""
+    """Write the first parameter group's learning rate to TensorBoard at each epoch's start, at
+    that epoch's step: the rate the epoch trains with (at its end the scheduler has already moved
+    on to the next epoch's, and the starting rate would never show)."""
 
     main_rank_only = True  # medfcn.distributed.main_rank_only: rank 0 alone writes
 
@@ -175,7 +177,7 @@ class LearningRateWriter:
         self.tag = tag
 
     def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+        engine.add_event_handler(Events.EPOCH_STARTED, self)
 
     def __call__(self, engine: Engine) -> None:
         self.writer.add_scalar(self.tag, self.optimizer.param_groups[0]["lr"], engine.state.epoch)
