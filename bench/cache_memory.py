@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
-from left_atrium import RESULTS, report_rows
+from left_atrium import add_output_options, report_rows, work_folder
 from speed import process
 
 from medfcn.data.datasets import data_root
@@ -59,8 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="passed to medfcn train")
     parser.add_argument("--device", default=None)
-    parser.add_argument("--work", type=Path, default=None, help="run folders (default: a temporary folder)")
-    parser.add_argument("--out", type=Path, default=RESULTS / "cache_memory.json")
+    add_output_options(parser, "cache_memory.json")
     args = parser.parse_args(argv)
     args.data = args.data or data_root() / "Task04_Hippocampus"
     return args
@@ -68,8 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    with tempfile.TemporaryDirectory() as tmp:
-        work = args.work or Path(tmp)
+    with work_folder(args.work) as work:
         rows = [measure(args, kind, cases, work) for kind in args.kinds for cases in args.cases]
     columns = {"cache": "cache", "cases": "cases", "peak_rss_mib": "peak RSS MiB", "wall_s": "wall s"}
     columns |= {"cache_files": "cache files", "cache_mib": "cache MiB"}

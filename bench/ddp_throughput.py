@@ -17,12 +17,11 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
-from left_atrium import RESULTS, report_rows
+from left_atrium import add_output_options, report_rows, work_folder
 
 from medfcn.bundle import read_run_record
 from medfcn.data.datasets import data_root, fold_datalists
@@ -87,8 +86,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=5, help="at least 3: the first and last are not timed")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="passed to medfcn train")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--work", type=Path, default=None, help="run folders (default: a temporary folder)")
-    parser.add_argument("--out", type=Path, default=RESULTS / "ddp_throughput.json")
+    add_output_options(parser, "ddp_throughput.json")
     args = parser.parse_args(argv)
     if args.epochs < 3:
         parser.error("--epochs: at least 3 (the first and the last epoch are not timed)")
@@ -98,8 +96,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    with tempfile.TemporaryDirectory() as tmp:
-        work = args.work or Path(tmp)
+    with work_folder(args.work) as work:
         rows = [measure(args, n, work) for n in args.processes]
     columns = {"processes": "processes", "threads_per_process": "threads each", "training_cases": "training cases"}
     columns |= {"s_per_epoch": "s/epoch", "volumes_per_s": "volumes/s", "steady_epochs": "steady epochs"}

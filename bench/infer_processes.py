@@ -14,14 +14,13 @@ import argparse
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import torch
-from left_atrium import RESULTS, report_rows
+from left_atrium import add_output_options, report_rows, work_folder
 
 from medfcn.data.datasets import data_root
 from medfcn.distributed import threads_per_process
@@ -62,8 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--inputs", type=Path, nargs="+", default=None, help="default: Task04's imagesTr")
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--work", type=Path, default=None, help="output folders (default: a temporary folder)")
-    parser.add_argument("--out", type=Path, default=RESULTS / "infer_processes.json")
+    add_output_options(parser, "infer_processes.json", "output folders")
     args = parser.parse_args(argv)
     args.inputs = args.inputs or [data_root() / "Task04_Hippocampus" / "imagesTr"]
     return args
@@ -73,8 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     cores = len(os.sched_getaffinity(0))
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        work = args.work or Path(tmp)
+    with work_folder(args.work) as work:
         for n in args.processes:
             wall = run(args, n, work / f"p{n}")
             scans = len(list((work / f"p{n}").glob("*.nii.gz")))

@@ -29,13 +29,16 @@ would flatter it. Prints a table; writes JSON (``--out``, default
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import monai
@@ -76,6 +79,23 @@ RESULTS = REPO / "bench" / "results"
 DEFAULT_FOLDS = REPO / "datasets" / "LeftAtrium" / "folds.json"
 LEARNING_RATE = 2e-3
 BATCH_SIZE = 2
+
+
+def add_output_options(parser: argparse.ArgumentParser, result: str, folders: str = "run folders") -> None:
+    """``--work`` (the benchmark's ``folders``, default a temporary folder) and ``--out`` (its
+    JSON, default ``RESULTS/result``)."""
+    parser.add_argument("--work", type=Path, default=None, help=f"{folders} (default: a temporary folder)")
+    parser.add_argument("--out", type=Path, default=RESULTS / result)
+
+
+@contextlib.contextmanager
+def work_folder(given: Path | None) -> Iterator[Path]:
+    """``given`` (``--work``), or a temporary folder removed afterwards."""
+    if given is not None:
+        yield given
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        yield Path(tmp)
 
 
 def report_rows(rows: list[dict], columns: dict[str, str], out: Path, device: torch.device, **facts) -> dict:

@@ -33,7 +33,6 @@ from medfcn.outputs import LAUNCHED_ENV, plural
 __all__ = [
     "PEER_LOST_STATUS",
     "FailedOnAnotherRank",
-    "check_local_gpu",
     "collective_failure",
     "agreed",
     "barrier",
@@ -102,36 +101,39 @@ def local_device() -> torch.device:
     return torch.device("cpu")
 
 
-def check_local_gpu(device: str | None) -> None:
-    """In a process of several that computes on CUDA (``device`` cuda or None where CUDA is
-    present): UserError unless this machine has a GPU for it (``LOCAL_RANK`` below the count)."""
-    if not launched() or not torch.cuda.is_available():
-        return
-    if device is not None and torch.device(device).type != "cuda":
-        return
-    count = torch.cuda.device_count()
-    processes = int(os.environ.get("LOCAL_WORLD_SIZE", str(local_rank() + 1)))
-    if processes > count:  # every process of the node says so, so that its first one says it
-        raise UserError(
-            f"--nproc-per-node {processes}: this machine has {plural(count, 'GPU')}, one per process; start at most "
-            f"{count}, or give --device cpu."
-        )
-
-
-def process_device(device: str) -> str:
-    """``--device`` as one process of several takes it: ``cuda`` becomes ``cuda:LOCAL_RANK``.
+def process_device(device: str | None) -> str | None:
+    """``--device`` (None: the bundle's) as one process of several takes it, checked: ``cuda``
+    becomes ``cuda:LOCAL_RANK``; unchanged without a launcher.
 
     Raises:
-        UserError: a numbered GPU (``cuda:1``): every process would compute on that one."""
-    dev = torch.device(device)
-    if dev.type != "cuda":
+        UserError: a numbered GPU (``cuda:1``): every process would compute on that one; more
+            processes on this machine than GPUs where they compute on CUDA (every process of the
+            node says so, so that its first one says it)."""
+    if not launched():
         return device
-    if dev.index is not None:
+    _check_local_gpus(device)
+    if device is None or torch.device(device).type != "cuda":
+        return device
+    if torch.device(device).index is not None:
         raise UserError(
             f"--device {device}: with several processes each takes cuda:LOCAL_RANK; give --device cuda "
             "(choose the GPUs with CUDA_VISIBLE_DEVICES)."
         )
     return f"cuda:{local_rank()}"
+
+
+def _check_local_gpus(device: str | None) -> None:
+    """UserError where the processes of this machine compute on CUDA (``device`` cuda, or None
+    where CUDA is present) and outnumber its GPUs (``LOCAL_WORLD_SIZE``)."""
+    if not torch.cuda.is_available() or (device is not None and torch.device(device).type != "cuda"):
+        return
+    count = torch.cuda.device_count()
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", str(local_rank() + 1)))
+    if processes > count:
+        raise UserError(
+            f"--nproc-per-node {processes}: this machine has {plural(count, 'GPU')}, one per process; start at most "
+            f"{count}, or give --device cpu."
+        )
 
 
 def init(device: torch.device | str, timeout_minutes: float = 10.0) -> None:

@@ -256,9 +256,7 @@ def infer(
     out = Path(out_dir)
     with distributed.said_once_per_node():  # every process of a node reads the same inputs here
         scans, targets, tables = _planned_outputs(inputs, out, mask_format, continue_on_error, rows.failures)
-        distributed.check_local_gpu(device)
-        if distributed.launched() and device is not None:
-            device = distributed.process_device(device)
+        device = distributed.process_device(device)
     # a process waits for the others' shares at the end: longer than a training step's wait
     with distributed.process_group(device or distributed.local_device(), _WAIT_FOR_SHARES_MINUTES):
         # rank 0's list of the scans for every process: a folder may change between their listings

@@ -299,10 +299,12 @@ def test_devices_threads_and_agreement_outside_and_inside_a_launcher(monkeypatch
     with pytest.raises(UserError, match="^bad$"):
         distributed.agreed(lambda: (_ for _ in ()).throw(UserError("bad")))
     monkeypatch.setenv("LOCAL_RANK", "1")
+    assert distributed.process_device("cuda:0") == "cuda:0"  # one process: as given
+    monkeypatch.setenv("WORLD_SIZE", "2")
     assert distributed.process_device("cuda") == "cuda:1" and distributed.process_device("cpu") == "cpu"
+    assert distributed.process_device(None) is None  # the bundle's: cuda:LOCAL_RANK or the CPU
     with pytest.raises(UserError, match=r"^--device cuda:0: with several processes each takes cuda:LOCAL_RANK"):
         distributed.process_device("cuda:0")
-    monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(FailedOnAnotherRank, match="^bad$"), distributed.said_once_per_node():
         raise UserError("bad")  # the node's first process says it
     monkeypatch.setenv("LOCAL_RANK", "0")
@@ -314,14 +316,15 @@ def test_devices_threads_and_agreement_outside_and_inside_a_launcher(monkeypatch
 def test_more_processes_than_gpus_are_refused_by_every_process(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    distributed.check_local_gpu(None)  # one process: nothing to check
+    assert distributed.process_device(None) is None  # one process: nothing to check
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     for local_rank in ("0", "1"):  # the first process too, which says it
         monkeypatch.setenv("LOCAL_RANK", local_rank)
-        with pytest.raises(UserError, match=r"^--nproc-per-node 2: this machine has 1 GPU, one per process"):
-            distributed.check_local_gpu(None)
-        distributed.check_local_gpu("cpu")  # processes on the CPU need no GPU
+        for device in (None, "cuda"):
+            with pytest.raises(UserError, match=r"^--nproc-per-node 2: this machine has 1 GPU, one per process"):
+                distributed.process_device(device)
+        assert distributed.process_device("cpu") == "cpu"  # processes on the CPU need no GPU
 
 
 def test_a_collective_that_failed_ends_the_process_in_one_line_or_none(monkeypatch):

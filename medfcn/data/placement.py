@@ -38,18 +38,17 @@ def keeps_data_on_device(setting: str | bool, device: torch.device | str, cache:
     if setting == "auto":
         return torch.device(device).type == "cuda" and cache == "ram" and int(num_workers) == 0
     if setting and (cache != "ram" or int(num_workers) > 0):
-        raise ValueError(data_on_device_conflict(cache, int(num_workers)))
+        raise ValueError(f"data_on_device true {data_on_device_conflict(cache, int(num_workers))}")
     return bool(setting)
 
 
 def data_on_device_conflict(cache: str, num_workers: int) -> str:
-    """Why ``data_on_device`` true cannot work with ``cache`` and ``num_workers``; empty if it can."""
+    """Why ``data_on_device`` true cannot work with ``cache`` and ``num_workers`` (a phrase that
+    follows "data_on_device true"); empty if it can."""
     if cache != "ram":
-        return f"data_on_device true keeps the cached cases in GPU memory: it needs cache ram, not {cache}"
+        return f"keeps the cached cases in GPU memory: it needs cache ram, not {cache}"
     if num_workers > 0:
-        return (
-            f"data_on_device true hands batches over in the training process: it needs num_workers 0, not {num_workers}"
-        )
+        return f"hands batches over in the training process: it needs num_workers 0, not {num_workers}"
     return ""
 
 

@@ -169,7 +169,7 @@ def _check_data_on_device(run: RunSettings) -> None:
     conflict = data_on_device_conflict(run.get("cache"), int(run.get("num_workers")))
     if conflict:
         raise UserError(
-            f"{run.option('data_on_device')} true: {conflict.removeprefix('data_on_device true ')}; "
+            f"{run.option('data_on_device')} true: {conflict}; "
             f"give {run.option('data_on_device')} false or auto, or change that setting."
         )
 

@@ -93,9 +93,7 @@ def train(
     options["output_dir"] = output_dir
     with distributed.said_once_per_node():  # every process of a node reads the same files here
         files = training_files(bundle)
-        distributed.check_local_gpu(device)
-        if distributed.launched() and device is not None:
-            device = distributed.process_device(device)
+        device = distributed.process_device(device)
         run = resolve_settings(files, options, overrides or {}, device, resume, option_names)
     with _process_group(run):
         # before the network is built: out_channels follows num_classes
@@ -105,10 +103,15 @@ def train(
         main = distributed.is_main()
         # two trainers would interleave last.pt; the processes of one run write through rank 0 alone
         with output_lock(out, "medfcn train", "--output") if main else contextlib.nullcontext():
-            notices = [labels, planned_device_notice(run), _precision_notice(run), _cache_notice(run), *run.notices]
-            notices = [_processes_notice(run), *notices] if main else []
+            notices = _notices(run, labels) if main else []
             _run(run, checked, logging_file, notices, notify if main else _silent)
     return out
+
+
+def _notices(run: RunSettings, labels: str) -> list[str]:
+    """The lines that tell what the run decided (empty ones are not said)."""
+    notices = [_processes_notice(run), labels, planned_device_notice(run), _precision_notice(run)]
+    return [*notices, _cache_notice(run), *run.notices]
 
 
 def training_files(bundle: str | os.PathLike) -> dict[str, Any]:
