@@ -493,6 +493,24 @@ _InferTta = Annotated[
 _InferMaskFormat = Annotated[
     str, typer.Option(help="nifti (<case>.nii.gz), nrrd, mha, or input: NRRD/MetaImage scans keep their format.")
 ]
+_InferUncertainty = Annotated[
+    bool,
+    typer.Option(
+        "--uncertainty",
+        help="Also write <case>_uncertainty.nii.gz (entropy of the class probabilities, 0..1; with --tta of "
+        "the flips' mean) and an uncertainty score per scan in volumes.csv.",
+    ),
+]
+_InferProbabilities = Annotated[
+    bool,
+    typer.Option(
+        "--probabilities", help="Also write <case>_probabilities.nii.gz: the class probabilities, 4D, channel last."
+    ),
+]
+_InferLargestComponent = Annotated[
+    bool,
+    typer.Option("--largest-component", help="Keep only the largest connected component of each label."),
+]
 _InferContinueOnError = Annotated[
     bool,
     typer.Option(
@@ -523,6 +541,9 @@ def infer(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing masks and volume tables.")] = False,
     mask_format: _InferMaskFormat = "nifti",
     continue_on_error: _InferContinueOnError = False,
+    uncertainty: _InferUncertainty = False,
+    probabilities: _InferProbabilities = False,
+    largest_component: _InferLargestComponent = False,
     nproc_per_node: _Processes = None,
     *,
     ctx: typer.Context,
@@ -536,6 +557,7 @@ def infer(
     in failures.csv, the others written.
     """
     from medfcn import distributed
+    from medfcn.infer import Extras
     from medfcn.infer import infer as run_inference
 
     if nproc_per_node is not None:
@@ -553,6 +575,7 @@ def infer(
         progress=typer.echo,
         mask_format=mask_format,
         continue_on_error=continue_on_error,
+        extras=Extras(uncertainty, probabilities, largest_component),
     )
     if not distributed.is_main():  # rank 0 says it for every process
         return

@@ -21,6 +21,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +34,13 @@ from medfcn.data.profile import bundle_profile, warn_if_unlike_training
 from medfcn.errors import UserError, collected_input_warnings
 from medfcn.formats import SCAN_SUFFIXES, check_mask_format, is_itk_file, mask_suffix
 from medfcn.io import NIFTI_SUFFIXES, atomic_path, csv_text, nifti_files, refuse_existing
-from medfcn.masks import mask_name, stage_mask
+from medfcn.masks import companion_path, mask_name, stage_map, stage_mask
 from medfcn.outputs import is_utf8, output_lock, path_text, plural, refuse_non_utf8, refuse_outputs_over_inputs
-from medfcn.segmenter import Segmenter, load_segmenter
+from medfcn.segmenter import Prediction, Segmenter, load_segmenter
+from medfcn.uncertainty import keep_largest_components, normalised_entropy, uncertainty_score
 
 __all__ = [
+    "Extras",
     "expand_inputs",
     "expand_named_inputs",
     "label_volumes",
@@ -176,10 +179,36 @@ class InferenceRows(list):
         self.failures = list(failures)
 
 
-def _volume_columns(class_names: Sequence[str]) -> list[str]:
+def _volume_columns(class_names: Sequence[str], extras: Extras) -> list[str]:
     """The columns of ``volumes.csv`` (written as its header also when no scan succeeded)."""
     volumes = [f"{n}_mm3" for n in class_names]
-    return ["input", "mask", "shape", "spacing_mm", "model_seconds", "seconds", *volumes, "warnings"]
+    scores = ["uncertainty"] if extras.uncertainty else []
+    return ["input", "mask", "shape", "spacing_mm", "model_seconds", "seconds", *volumes, *scores, "warnings"]
+
+
+@dataclass(frozen=True)
+class Extras:
+    """What :func:`infer` writes beyond each scan's mask and volumes, and how it cleans the mask.
+
+    Attributes:
+        uncertainty: ``<case>_uncertainty.nii.gz`` (float32, the mask's grid): the normalised
+            predictive entropy (0..1) of the class probabilities, over the flips' mean softmax
+            with ``tta``; and the ``uncertainty`` column, its mean in a band of
+            :data:`medfcn.uncertainty.BAND_WIDTH` voxels around the mask's boundaries.
+        probabilities: ``<case>_probabilities.nii.gz``: the class probabilities (background
+            first), float32 ``(X, Y, Z, K)``, channel last, on the mask's grid.
+        largest_component: keep each label's largest connected component (26-connectivity) in
+            the mask, as its volumes count it.
+    """
+
+    uncertainty: bool = False
+    probabilities: bool = False
+    largest_component: bool = False
+
+    @property
+    def maps(self) -> list[str]:
+        """The kinds of NIfTI written beside each mask (:func:`medfcn.masks.companion_path`)."""
+        return [kind for kind in ("uncertainty", "probabilities") if getattr(self, kind)]
 
 
 def _list_failure(
@@ -222,6 +251,7 @@ def infer(
     progress: Callable[[str], None] | None = None,
     mask_format: str = "nifti",
     continue_on_error: bool = False,
+    extras: Extras = Extras(),
 ) -> InferenceRows:
     """Segment every scan in ``inputs``; write masks and the volume tables to ``out_dir``.
 
@@ -242,6 +272,8 @@ def infer(
             ``failures.json`` (input, reason) and the others are segmented and written. Errors not
             about one scan (inputs not found, bundle, options, ``out_dir``) still stop everything;
             a folder holding a broken DICOM series is a bad scan.
+        extras: uncertainty and probability maps beside the masks, the largest-component cleanup
+            (:class:`Extras`).
 
     Returns:
         A row per segmented scan: input, mask, shape, spacing (mm), seconds, ``<label>_mm3``,
@@ -255,7 +287,7 @@ def infer(
     rows = InferenceRows()  # with continue_on_error: its failures, listed or segmented
     out = Path(out_dir)
     with distributed.said_once_per_node():  # every process of a node reads the same inputs here
-        scans, targets, tables = _planned_outputs(inputs, out, mask_format, continue_on_error, rows.failures)
+        scans, targets, tables = _planned_outputs(inputs, out, mask_format, continue_on_error, rows.failures, extras)
         device = distributed.process_device(device)
     # a process waits for the others' shares at the end: longer than a training step's wait
     with distributed.process_group(device or distributed.local_device(), _WAIT_FOR_SHARES_MINUTES):
@@ -265,34 +297,44 @@ def infer(
         # one run at a time into `out`, from the existence checks to the last rename (in several
         # processes: held by rank 0 until every process has renamed its masks)
         with output_lock(out, "medfcn infer", "--out") if main else contextlib.nullcontext():
-            outputs = [*targets, *(out / name for name in tables)]
+            maps = [companion_path(target, kind) for target in targets for kind in extras.maps]
+            outputs = [*targets, *maps, *(out / name for name in tables)]
             distributed.agreed(lambda: refuse_existing(outputs, overwrite) if main else None)
-            segmenter = distributed.agreed(lambda: _segmenter(bundle, device, sw_batch_size, overlap, tta))
+            segmenter = distributed.agreed(lambda: _segmenter(bundle, device, sw_batch_size, overlap, tta, extras))
             profile = distributed.agreed(lambda: bundle_profile(Path(bundle) / "configs" / "metadata.json"))
-            _segment_all(segmenter, profile, scans, targets, out, rows, continue_on_error, progress)
+            run = _Run(segmenter, profile, extras, continue_on_error, progress)
+            _segment_all(run, scans, targets, out, rows)
     return rows
 
 
 def _planned_outputs(
-    inputs: Sequence[str | os.PathLike], out: Path, mask_format: str, continue_on_error: bool, failures: list[dict]
+    inputs: Sequence[str | os.PathLike],
+    out: Path,
+    mask_format: str,
+    continue_on_error: bool,
+    failures: list[dict],
+    extras: Extras,
 ) -> tuple[list[Path], list[Path], list[str]]:
     """``(scans, their masks, the tables)`` :func:`infer` writes into ``out``, checked: a known
-    mask format, no two scans with one mask, no output over an input.
+    mask format, no two scans with one output (mask or map), no output over an input.
 
     ``failures``: with ``continue_on_error``, gets the inputs that are broken DICOM series."""
     check_mask_format(mask_format)
     named_scans = _cohort_inputs(inputs, failures) if continue_on_error else expand_named_inputs(inputs)
     scans = [scan for scan, _ in named_scans]
     targets = [out / mask_name(name, mask_suffix(scan, mask_format)) for scan, name in named_scans]
-    _refuse_namesakes(scans, targets)
+    _refuse_namesakes(scans, targets, extras.maps)
+    maps = [companion_path(target, kind) for target in targets for kind in extras.maps]
     # the inputs as given too: a broken series left out by continue_on_error is still an input
-    refuse_outputs_over_inputs(out, [*scans, *map(Path, inputs)], targets)
+    refuse_outputs_over_inputs(out, [*scans, *map(Path, inputs)], [*targets, *maps])
     tables = ["volumes.csv", "volumes.json", *(["failures.csv", "failures.json"] if continue_on_error else [])]
     return scans, targets, tables
 
 
-def _refuse_namesakes(scans: Sequence[Path], targets: Sequence[Path]) -> None:
-    """UserError when two scans would get the same mask file."""
+def _refuse_namesakes(scans: Sequence[Path], targets: Sequence[Path], maps: Sequence[str] = ()) -> None:
+    """UserError when two scans would get the same mask file, or one scan's map (``maps``: the
+    kinds, "uncertainty"...) the name of another's mask or map (``a_uncertainty.nii.gz`` and
+    the uncertainty map of ``a.nii.gz``)."""
     named: dict[Path, Path] = {}
     for scan, target in zip(scans, targets, strict=True):
         if target in named:
@@ -301,10 +343,24 @@ def _refuse_namesakes(scans: Sequence[Path], targets: Sequence[Path]) -> None:
                 "rename one or segment them into separate --out folders."
             )
         named[target] = scan
+    for kind in maps:
+        for scan, target in zip(scans, targets, strict=True):
+            written = companion_path(target, kind)
+            if written in named:
+                raise UserError(
+                    f"{named[written]} and {scan}: the {kind} map of {scan.name} would be {written.name}, which the "
+                    "other writes too; rename one or segment them into separate --out folders."
+                )
+            named[written] = scan
 
 
 def _segmenter(
-    bundle: str | os.PathLike, device: str | None, sw_batch_size: int | None, overlap: float | None, tta: bool
+    bundle: str | os.PathLike,
+    device: str | None,
+    sw_batch_size: int | None,
+    overlap: float | None,
+    tta: bool,
+    extras: Extras,
 ) -> Segmenter:
     """:func:`load_segmenter` with the sliding-window options checked and applied."""
     if overlap is not None and not 0 <= overlap < 1:
@@ -316,13 +372,24 @@ def _segmenter(
         overrides["sw_batch_size"] = sw_batch_size
     if overlap is not None:
         overrides["overlap"] = overlap
-    return load_segmenter(bundle, device=device, overrides=overrides, tta=tta)
+    return load_segmenter(bundle, device=device, overrides=overrides, tta=tta, probabilities=bool(extras.maps))
+
+
+@dataclass
+class _Run:
+    """What every scan of one :func:`infer` run is segmented with, and how its outcome is told."""
+
+    segmenter: Segmenter
+    profile: dict | None  # the bundle's training data (medfcn.data.profile); None when it has none
+    extras: Extras
+    continue_on_error: bool
+    progress: Callable[[str], None] | None
 
 
 def _segment_one(
-    segmenter: Segmenter, profile: dict | None, scan: Path, target: Path, stack: contextlib.ExitStack
+    run: _Run, scan: Path, target: Path, stack: contextlib.ExitStack
 ) -> tuple[dict, dict[str, str], list[str]]:
-    """Segment ``scan`` and stage its mask ``target`` on ``stack``.
+    """Segment ``scan`` and stage its mask ``target`` (and its maps, ``run.extras``) on ``stack``.
 
     Returns:
         ``(row, unlike, messages)``: the scan's row of ``volumes.csv``, what of it is unlike the
@@ -330,36 +397,51 @@ def _segment_one(
         InputWarnings raised while it was processed (each also printed).
     """
     start = time.perf_counter()
+    segmenter = run.segmenter
     with collected_input_warnings() as messages:  # for the row's `warnings` column
-        labels, affine, compute = segmenter(scan)
+        prediction = segmenter.predict(scan, probabilities=bool(run.extras.maps))
+        labels, affine = prediction.labels, prediction.affine
+        if run.extras.largest_component:
+            labels = keep_largest_components(labels)
         volumes = label_volumes(labels, affine, segmenter.class_names)
         mm3 = {n: volumes[f"{n}_mm3"] for n in segmenter.class_names}
-        unlike = warn_if_unlike_training(profile, scan, affine, labels.shape, mm3)
+        unlike = warn_if_unlike_training(run.profile, scan, affine, labels.shape, mm3)
     (segmenter.writer.stage if segmenter.writer else stage_mask)(stack, labels, affine, target, scan)
+    scores = _stage_maps(stack, run, prediction, labels, target, scan)
     spacing = voxel_spacing(affine)
     row = {
         "input": path_text(scan),  # \xNN for the bytes of a name that are not UTF-8
         "mask": path_text(target),
         "shape": "x".join(map(str, labels.shape)),
         "spacing_mm": "x".join(f"{s:.4g}" for s in spacing),
-        "model_seconds": round(compute, 4),
+        "model_seconds": round(prediction.seconds, 4),
         "seconds": round(time.perf_counter() - start, 4),
         **volumes,
+        **scores,
         "warnings": path_text(" | ".join(messages)),  # messages name the scan: \xNN as in "input"
     }
     return row, unlike, messages
 
 
-def _segment_all(
-    segmenter: Segmenter,
-    profile: dict | None,
-    scans: Sequence[Path],
-    targets: Sequence[Path],
-    out: Path,
-    rows: InferenceRows,
-    continue_on_error: bool,
-    progress: Callable[[str], None] | None,
-) -> None:
+def _stage_maps(
+    stack: contextlib.ExitStack, run: _Run, prediction: Prediction, labels: np.ndarray, target: Path, scan: Path
+) -> dict[str, float]:
+    """Stage the maps ``run.extras`` asks for beside the mask ``target``; return the scan's
+    scores for its row (``{"uncertainty": 0.05}``, or nothing)."""
+    scores = {}
+    if run.extras.uncertainty:
+        entropy = normalised_entropy(prediction.probabilities).numpy()
+        uncertainty = companion_path(target, "uncertainty")
+        stage_map(stack, entropy, prediction.affine, uncertainty, scan, "medfcn: predictive entropy / log K, 0..1")
+        scores["uncertainty"] = round(uncertainty_score(entropy, labels), 5)
+    if run.extras.probabilities:
+        channel_last = prediction.probabilities.permute(*range(1, prediction.probabilities.ndim), 0).numpy()
+        names = ",".join(["background", *run.segmenter.class_names])
+        stage_map(stack, channel_last, prediction.affine, companion_path(target, "probabilities"), scan, names)
+    return scores
+
+
+def _segment_all(run: _Run, scans: Sequence[Path], targets: Sequence[Path], out: Path, rows: InferenceRows) -> None:
     """Segment ``scans`` into masks ``targets`` and the tables in ``out``, appending to ``rows``.
 
     All or nothing: masks are staged as temporary files and renamed only once every scan has
@@ -368,35 +450,31 @@ def _segment_all(
     (:func:`medfcn.distributed.share`); the rows come together in input order, and no process
     renames a mask unless every scan of every process succeeded.
     """
-    for failure in rows.failures if progress and distributed.is_main() else ():  # inputs left out while listed
-        progress(f"[inputs] {Path(failure['input']).name}: failed: {failure['reason']}")
+    for failure in rows.failures if run.progress and distributed.is_main() else ():  # inputs left out while listed
+        run.progress(f"[inputs] {Path(failure['input']).name}: failed: {failure['reason']}")
     try:
         with contextlib.ExitStack() as stack:
             share = distributed.share(len(scans))
-            done = distributed.agreed(
-                lambda: _segment_share(segmenter, profile, scans, targets, share, stack, continue_on_error, progress)
-            )
+            done = distributed.agreed(lambda: _segment_share(run, scans, targets, share, stack))
             parts = distributed.gather(done)  # every process's (rows, failures), in rank order
             rows.extend(row for _, row in sorted((item for part, _ in parts for item in part), key=_first))
             failed = sorted((item for _, part in parts for item in part), key=_first)
             rows.failures.extend(failure for _, failure in failed)
             # staged by rank 0 before any process renames a mask: a table that cannot be written
             # leaves no mask of any process
-            distributed.agreed(lambda: _stage_all_tables(stack, rows, out, segmenter, continue_on_error))
+            distributed.agreed(lambda: _stage_all_tables(stack, rows, out, run))
     except UserError:
         distributed.barrier()  # every process's staged masks removed before rank 0 removes the folder
         raise
     distributed.barrier()  # every mask renamed before rank 0 releases the output folder
 
 
-def _stage_all_tables(
-    stack: contextlib.ExitStack, rows: InferenceRows, out: Path, segmenter: Segmenter, continue_on_error: bool
-) -> None:
+def _stage_all_tables(stack: contextlib.ExitStack, rows: InferenceRows, out: Path, run: _Run) -> None:
     """Stage the tables of every process's rows (rank 0 alone)."""
     if not distributed.is_main():
         return
-    _stage_tables(stack, rows, out, fields=_volume_columns(segmenter.class_names))
-    if continue_on_error:
+    _stage_tables(stack, rows, out, fields=_volume_columns(run.segmenter.class_names, run.extras))
+    if run.continue_on_error:
         _stage_tables(stack, rows.failures, out, "failures", fields=("input", "reason"))
 
 
@@ -405,14 +483,7 @@ def _first(item: tuple) -> Any:
 
 
 def _segment_share(
-    segmenter: Segmenter,
-    profile: dict | None,
-    scans: Sequence[Path],
-    targets: Sequence[Path],
-    share: Sequence[int],
-    stack: contextlib.ExitStack,
-    continue_on_error: bool,
-    progress: Callable[[str], None] | None,
+    run: _Run, scans: Sequence[Path], targets: Sequence[Path], share: Sequence[int], stack: contextlib.ExitStack
 ) -> tuple[list[tuple[int, dict]], list[tuple[int, dict]]]:
     """Segment the scans numbered ``share`` and stage their masks on ``stack``: ``(rows, failures)``,
     each item with its scan's number, so that the tables keep the input order.
@@ -425,18 +496,23 @@ def _segment_share(
     for index in share:
         scan, target, counter = scans[index], targets[index], f"[{index + 1}/{len(scans)}]"
         try:
-            row, unlike, messages = _segment_one(segmenter, profile, scan, target, stack)
+            row, unlike, messages = _segment_one(run, scan, target, stack)
         except UserError as err:
-            if not continue_on_error:
+            if not run.continue_on_error:
                 raise
-            _list_failure(failures, scan, err, counter, progress)
+            _list_failure(failures, scan, err, counter, run.progress)
             failed.append((index, failures[-1]))
             continue
         segmented.append((index, row))
-        if progress:
-            vols = "  ".join(f"{n} {row[f'{n}_mm3']:.0f} mm3" for n in segmenter.class_names)
-            progress(
-                f"{counter} {path_text(scan.name)}: {vols}  ({row['seconds']:.2f} s) -> {row['mask']}"
-                + _warning_note(unlike, messages)
+        if run.progress:
+            run.progress(
+                f"{counter} {path_text(scan.name)}: {_row_summary(row, run)}" + _warning_note(unlike, messages)
             )
     return segmented, failed
+
+
+def _row_summary(row: dict, run: _Run) -> str:
+    """A scan's progress line after its name: volumes, uncertainty when asked, time, mask."""
+    vols = "  ".join(f"{n} {row[f'{n}_mm3']:.0f} mm3" for n in run.segmenter.class_names)
+    score = f"  uncertainty {row['uncertainty']:.3f}" if "uncertainty" in row else ""
+    return f"{vols}{score}  ({row['seconds']:.2f} s) -> {row['mask']}"

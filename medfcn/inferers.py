@@ -68,21 +68,36 @@ class FlipTTA(Inferer):
         spatial_axes: spatial axes (0 = first spatial axis) to flip, one extra pass each;
             empty means no augmentation. Flip only along axes the model saw flipped in
             training (the hippocampus bundle: axis 0, left-right).
+        average: ``"logits"``, the mean of the passes' logits; or ``"probabilities"``, the mean
+            of their softmax over channels (nnU-Net's way; what ``medfcn infer --uncertainty``
+            takes the entropy of), returned as its logarithm so that a softmax after it gives
+            that mean back exactly.
 
     Input ``(B, C, *S)``; output the wrapped inferer's ``(B, K, *S)``.
     """
 
-    def __init__(self, inferer: Inferer, spatial_axes=()):
+    AVERAGES = ("logits", "probabilities")
+
+    def __init__(self, inferer: Inferer, spatial_axes=(), average: str = "logits"):
         super().__init__()
+        if average not in self.AVERAGES:
+            raise ValueError(f"average {average!r}: one of {', '.join(self.AVERAGES)}")
         self.inferer = inferer
         self.spatial_axes = [int(a) for a in spatial_axes]
+        self.average = average
 
     def __call__(self, inputs: torch.Tensor, network, *args, **kwargs):
-        out = self.inferer(inputs, network, *args, **kwargs)
+        def one_pass(x: torch.Tensor) -> torch.Tensor:
+            out = self.inferer(x, network, *args, **kwargs)
+            return torch.softmax(out.float(), 1) if self.average == "probabilities" else out
+
+        out = one_pass(inputs)
         for axis in self.spatial_axes:
             dim = [axis + 2]
-            out = out + torch.flip(self.inferer(torch.flip(inputs, dim), network, *args, **kwargs), dim)
-        return out / (1 + len(self.spatial_axes))
+            out = out + torch.flip(one_pass(torch.flip(inputs, dim)), dim)
+        out = out / (1 + len(self.spatial_axes))
+        # softmax(log p) = p where the p sum to 1; the floor keeps log finite (p ~ 0 stays ~0)
+        return torch.log(out.clamp(min=1e-20)) if self.average == "probabilities" else out
 
 
 def sliding_windows(inferer: Inferer, spatial_shape: tuple[int, ...]) -> int | None:

@@ -21,11 +21,11 @@ import numpy as np
 from monai.transforms import MapTransform
 
 from medfcn.data.datasets import case_id
-from medfcn.data.nifti import is_nifti, mask_like_scan
+from medfcn.data.nifti import image_like_scan, is_nifti, mask_like_scan
 from medfcn.formats import check_mask_format, is_itk_file, mask_suffix, stage_itk_mask
 from medfcn.io import atomic_path
 
-__all__ = ["SaveMaskd", "mask_labels", "mask_name", "stage_mask"]
+__all__ = ["SaveMaskd", "companion_path", "mask_labels", "mask_name", "stage_map", "stage_mask"]
 
 
 def mask_name(scan: Path, suffix: str = ".nii.gz") -> str:
@@ -56,11 +56,48 @@ def stage_mask(
     if scan is not None and is_nifti(scan):
         image = mask_like_scan(labels, nib.load(str(scan)))
     else:
-        image = nib.Nifti1Image(labels.astype(np.uint8), affine)
-        image.set_qform(affine, code=1)
-        image.set_sform(affine, code=1)
-        image.header.set_xyzt_units("mm")  # the affine is in mm; 0 ("unknown") makes some viewers guess
+        image = _nifti_in_mm(labels, affine, np.uint8)
     nib.save(image, stack.enter_context(atomic_path(target, suffix=".nii.gz")))
+
+
+def _nifti_in_mm(data: np.ndarray, affine: np.ndarray, dtype: type) -> nib.Nifti1Image:
+    """``data`` as ``dtype`` with ``affine`` (mm) as its qform and sform, units mm."""
+    image = nib.Nifti1Image(data.astype(dtype), affine)
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    image.header.set_xyzt_units("mm")  # the affine is in mm; 0 ("unknown") makes some viewers guess
+    return image
+
+
+def stage_map(
+    stack: contextlib.ExitStack,
+    values: np.ndarray,
+    affine: np.ndarray,
+    target: Path,
+    scan: Path | None = None,
+    description: str = "",
+) -> None:
+    """Write float32 ``values`` ``(X, Y, Z)``, or ``(X, Y, Z, K)`` channel last, as the NIfTI
+    ``target`` (renamed into place by ``stack`` on success) on the mask's grid: a NIfTI scan's
+    own header geometry, else ``affine`` (mm), as :func:`stage_mask` writes the mask.
+    ``description`` (at most 79 characters kept) goes to the header's ``descrip``."""
+    if scan is not None and is_nifti(scan):
+        image = image_like_scan(values, nib.load(str(scan)), np.float32)
+    else:
+        image = _nifti_in_mm(values, affine, np.float32)
+    image.header["descrip"] = description[:79].encode("ascii", "replace")
+    nib.save(image, stack.enter_context(atomic_path(target, suffix=".nii.gz")))
+
+
+def companion_path(mask: Path, kind: str) -> Path:
+    """The NIfTI written beside ``mask`` (``<case>.nii.gz``, ``.nrrd``, ``.mha``) for ``kind``:
+    ``<case>_<kind>.nii.gz`` (``kind``: "uncertainty", "probabilities")."""
+    name = mask.name
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".mha"):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return mask.with_name(f"{name}_{kind}.nii.gz")
 
 
 class SaveMaskd(MapTransform):

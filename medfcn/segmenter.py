@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from monai.transforms import AsDiscreted
 
 from medfcn.bundle import BundleParser, bundle_files, configured_weights
 from medfcn.data.checks import check_scan, warn_if_label_map
@@ -39,11 +40,12 @@ from medfcn.data.nifti import (
 from medfcn.devices import device_expression
 from medfcn.errors import UserError, root_message
 from medfcn.formats import check_itk_data, check_memory_from_header, is_itk_file, itk_read_reason
+from medfcn.inferers import FlipTTA
 from medfcn.io import load_weights
 from medfcn.masks import SaveMaskd, mask_labels
 from medfcn.settings import stating_file
 
-__all__ = ["Segmenter", "load_segmenter"]
+__all__ = ["Prediction", "Segmenter", "load_segmenter"]
 
 
 @dataclass
@@ -96,6 +98,12 @@ class Segmenter:
             grid, its RAS affine (mm; a NIfTI scan's as nibabel reads it, scaled from metres or
             microns to mm), and the model-compute time in seconds.
         """
+        prediction = self.predict(path)
+        return prediction.labels, prediction.affine, prediction.seconds
+
+    def predict(self, path: str | os.PathLike, probabilities: bool = False) -> Prediction:
+        """Segment one scan; with ``probabilities`` keep the class probabilities on the scan's
+        grid too: the postprocessing's output before its last step, the argmax."""
         data = self._checked_load(path)
         check_scan(data["image"], path, self.in_channels, self.pixdim, self.slice_axis, len(self.class_names) + 1)
         warn_if_label_map(data["image"], path)
@@ -105,8 +113,54 @@ class Segmenter:
             logits = self.inferer(data["image"][None].to(self.device), self.network)
             seconds = time.perf_counter() - start
         data["pred"] = logits[0].cpu()
-        labels, affine = mask_labels(self.postprocessing(data)["pred"])
-        return labels, affine, seconds
+        probs = None
+        if probabilities:
+            steps = _argmax_last(self.postprocessing)
+            data = self.postprocessing(data, end=steps - 1)
+            probs = data["pred"].as_tensor().float() if hasattr(data["pred"], "as_tensor") else data["pred"].float()
+            data = self.postprocessing(dict(data), start=steps - 1)
+        else:
+            data = self.postprocessing(data)
+        labels, affine = mask_labels(data["pred"])
+        return Prediction(labels, affine, seconds, probs)
+
+
+@dataclass
+class Prediction:
+    """One scan's segmentation: uint8 ``labels`` ``(X, Y, Z)`` on the scan's own grid, its RAS
+    ``affine`` (mm), the model-compute ``seconds``, and when asked the class ``probabilities``
+    ``(K, X, Y, Z)`` float32 on the same grid (K = background + classes; each voxel's sum ~1)."""
+
+    labels: np.ndarray
+    affine: np.ndarray
+    seconds: float
+    probabilities: torch.Tensor | None = None
+
+
+def _argmax_last(postprocessing: Callable) -> int:
+    """The number of steps of ``postprocessing``, a Compose whose last step is the argmax
+    (``AsDiscreted(argmax=True)``), so that the steps before it give probabilities.
+
+    Raises:
+        UserError: a postprocessing of another form.
+    """
+    steps = list(getattr(postprocessing, "transforms", ()))
+    if not (steps and isinstance(steps[-1], AsDiscreted) and all(steps[-1].argmax)):
+        raise UserError(
+            "this bundle's inference.json postprocessing does not end with AsDiscreted(argmax=true), so its "
+            "probabilities cannot be read before the argmax; run without --uncertainty/--probabilities."
+        )
+    return len(steps)
+
+
+def _use_probability_average(inferer: Any) -> None:
+    """Make the :class:`FlipTTA` in ``inferer``'s chain (wrappers' ``.inferer``) average the
+    flips' softmax, not their logits; nothing when there is none (no flips to average)."""
+    while inferer is not None:
+        if isinstance(inferer, FlipTTA):
+            inferer.average = "probabilities"
+            return
+        inferer = getattr(inferer, "inferer", None)
 
 
 def _flip_axes(parser: BundleParser, config_file: Path) -> list[int]:
@@ -128,13 +182,15 @@ def load_segmenter(
     device: str | None = None,
     overrides: dict[str, Any] | None = None,
     tta: bool = False,
+    probabilities: bool = False,
 ) -> Segmenter:
     """Build the segmenter of ``bundle`` with the weights its ``weights_file`` names
     (``models/model.pt``).
 
     With ``tta`` the inferer also averages over the flips along the bundle's
     ``trained_flip_axes`` (spatial axes its model was trained flipped along; ``[0]``,
-    left-right, where a bundle does not say).
+    left-right, where a bundle does not say). With ``probabilities`` (for
+    :meth:`Segmenter.predict`) it averages the flips' softmax, not their logits.
 
     Raises:
         UserError: incomplete bundle, missing weights, weights of another architecture, or
@@ -151,10 +207,13 @@ def load_segmenter(
         parser["tta_flip_axes"] = _flip_axes(parser, stating_file(files["config_files"], "trained_flip_axes"))
     network = load_weights(parser.get_parsed_content("network"), weights).eval()
     writer = parser.get_parsed_content("writer", default=None)
+    inferer = parser.get_parsed_content("inferer")
+    if probabilities:
+        _use_probability_average(inferer)
     return Segmenter(
         network=network,
         preprocessing=parser.get_parsed_content("preprocessing"),
-        inferer=parser.get_parsed_content("inferer"),
+        inferer=inferer,
         postprocessing=parser.get_parsed_content("postprocessing"),
         class_names=list(parser.get_parsed_content("class_names")),
         device=parser.get_parsed_content("device"),

@@ -33,6 +33,7 @@ __all__ = [
     "check_nifti_data_size",
     "check_nifti_geometry",
     "is_nifti",
+    "image_like_scan",
     "mask_like_scan",
     "mm_per_unit",
     "refuse_non_mm",
@@ -331,15 +332,22 @@ def mask_like_scan(labels: np.ndarray, scan: nib.Nifti1Image) -> nib.Nifti1Image
     voxel (i, j, k) where it maps scan voxel (i, j, k). Copying the raw fields (rather than an
     affine) keeps them bit for bit.
     """
+    return image_like_scan(labels, scan, np.uint8)
+
+
+def image_like_scan(data: np.ndarray, scan: nib.Nifti1Image, dtype: type = np.float32) -> nib.Nifti1Image:
+    """``data`` as ``dtype`` on ``scan``'s voxel grid, with its geometry copied field by field as
+    :func:`mask_like_scan` copies it: ``(X, Y, Z)``, or ``(X, Y, Z, K)`` for K values per voxel
+    (channel last: the 4th dimension, whose ``pixdim[4]`` is written 1)."""
     klass = nib.Nifti2Image if isinstance(scan, nib.Nifti2Image) else nib.Nifti1Image
     header = klass.header_class()
-    header.set_data_shape(labels.shape)
-    header.set_data_dtype(np.uint8)
+    header.set_data_shape(data.shape)
+    header.set_data_dtype(dtype)
     source = scan.header
     for field in _GEOMETRY_FIELDS:
         header[field] = source[field]
     header["pixdim"][:4] = source["pixdim"][:4]
-    # "unknown" is read as mm by every reader and was segmented as mm: the mask says so
+    # "unknown" is read as mm by every reader and was segmented as mm: the output says so
     unit = source.get_xyzt_units()[0]
     header.set_xyzt_units("mm" if unit == "unknown" else unit)
-    return klass(labels.astype(np.uint8), None, header=header)
+    return klass(data.astype(dtype), None, header=header)
