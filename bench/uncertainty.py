@@ -79,13 +79,25 @@ class PooledAuroc:
         return float((pos * (below + neg / 2)).sum() / (pos.sum() * neg.sum()))
 
 
-def scan_scores(entropy: np.ndarray, mask: np.ndarray) -> dict[str, float]:
-    """Candidate per-scan scores from the uncertainty map and the mask."""
+def soft_dice_error(probabilities: np.ndarray, mask: np.ndarray) -> float:
+    """1 - the mean over foreground classes of the soft Dice of the class probabilities ``(X, Y, Z, K)``
+    with the mask: the Dice the mask loses if the probabilities were right (an expected 1 - Dice)."""
+    dices = []
+    for k in range(1, probabilities.shape[-1]):
+        p, m = probabilities[..., k], mask == k
+        total = float(p.sum()) + int(m.sum())
+        dices.append(2 * float(p[m].sum()) / total if total else 1.0)
+    return 1 - float(np.mean(dices))
+
+
+def scan_scores(entropy: np.ndarray, mask: np.ndarray, probabilities: np.ndarray) -> dict[str, float]:
+    """Candidate per-scan scores from the uncertainty map, the probabilities and the mask."""
     foreground = mask > 0
     scores = {f"band{w}": float(entropy[boundary_band(mask, w)].mean()) for w in (1, 2, 3)}
     scores["foreground_mean"] = float(entropy[foreground].mean()) if foreground.any() else float("nan")
     scores["sum_per_foreground"] = float(entropy.sum() / max(int(foreground.sum()), 1))
     scores["scan_mean"] = float(entropy.mean())
+    scores["soft_dice_error"] = soft_dice_error(probabilities, mask)
     return scores
 
 
@@ -99,6 +111,7 @@ def evaluate_run(out: Path, cases: list[dict], labels: list[int], near: int, row
         mask_path = Path(by_input[name]["mask"])
         mask = np.asarray(nib.load(mask_path).dataobj)
         entropy = np.asarray(nib.load(str(mask_path).replace(".nii.gz", "_uncertainty.nii.gz")).dataobj)
+        probabilities = np.asarray(nib.load(str(mask_path).replace(".nii.gz", "_probabilities.nii.gz")).dataobj)
         label = np.asarray(nib.load(case["label"]).dataobj).astype(np.uint8)
         wrong = mask != label
         everywhere.add(entropy, wrong)
@@ -108,7 +121,7 @@ def evaluate_run(out: Path, cases: list[dict], labels: list[int], near: int, row
         kept = keep_largest_components(mask)
         changed += int((kept != mask).any())
         kept_dices.append([dice(kept, label, k) for k in labels] + [dice(mask, label, k) for k in labels])
-        scores.append(scan_scores(entropy, mask))
+        scores.append(scan_scores(entropy, mask, probabilities))
         written.append(by_input[name]["uncertainty"])
     error = 1 - np.array(dices)
     rho = {key: float(stats.spearmanr([s[key] for s in scores], error)[0]) for key in scores[0]}
@@ -142,7 +155,7 @@ def run_task(task: str, args: argparse.Namespace, work: Path) -> list[dict]:
     for tta in settings:
         out = work / f"{task}_tta{int(tta)}"
         start = time.perf_counter()
-        rows = infer(bundle, [c["image"] for c in cases], out, device=args.device, tta=tta, extras=Extras(True))
+        rows = infer(bundle, [c["image"] for c in cases], out, device=args.device, tta=tta, extras=Extras(True, True))
         seconds = time.perf_counter() - start
         result = {"task": task, "tta": tta, "infer_seconds": round(seconds, 1)}
         result.update(evaluate_run(out, cases, labels, args.near, rows))
