@@ -10,8 +10,9 @@ trained with flips). Then, against the reference labels:
   pooled over the scans, on all voxels and on the "near" voxels only (within ``--near`` voxels
   of the predicted or reference foreground, where a wrong label is possible at all);
 - Spearman's rho between each per-scan score and 1 - Dice (mean over labels): the score
-  ``infer`` writes (mean entropy in a band of ``BAND_WIDTH`` voxels around the mask's
-  boundaries) beside other candidates computed from the same map and mask;
+  ``infer`` writes (the entropy in a band of ``BAND_WIDTH`` voxels around the mask's boundaries,
+  summed and divided by the foreground voxels) beside other candidates computed from the same
+  map, probabilities and mask;
 - Dice with and without ``keep_largest_components`` (what ``--largest-component`` applies to
   each mask), per label, and how many scans it changed.
 

@@ -193,8 +193,9 @@ class Extras:
     Attributes:
         uncertainty: ``<case>_uncertainty.nii.gz`` (float32, the mask's grid): the normalised
             predictive entropy (0..1) of the class probabilities, over the flips' mean softmax
-            with ``tta``; and the ``uncertainty`` column, its mean in a band of
-            :data:`medfcn.uncertainty.BAND_WIDTH` voxels around the mask's boundaries.
+            with ``tta``; and the ``uncertainty`` column, its sum in a band of
+            :data:`medfcn.uncertainty.BAND_WIDTH` voxels around the mask's boundaries per
+            foreground voxel (:func:`medfcn.uncertainty.uncertainty_score`; empty for an empty mask).
         probabilities: ``<case>_probabilities.nii.gz``: the class probabilities (background
             first), float32 ``(X, Y, Z, K)``, channel last, on the mask's grid.
         largest_component: keep each label's largest connected component (26-connectivity) in
@@ -433,7 +434,8 @@ def _stage_maps(
         entropy = normalised_entropy(prediction.probabilities).numpy()
         uncertainty = companion_path(target, "uncertainty")
         stage_map(stack, entropy, prediction.affine, uncertainty, scan, "medfcn: predictive entropy / log K, 0..1")
-        scores["uncertainty"] = round(uncertainty_score(entropy, labels), 5)
+        score = uncertainty_score(entropy, labels)
+        scores["uncertainty"] = None if score is None else round(score, 5)  # an empty cell, JSON null
     if run.extras.probabilities:
         channel_last = prediction.probabilities.permute(*range(1, prediction.probabilities.ndim), 0).numpy()
         names = ",".join(["background", *run.segmenter.class_names])
@@ -514,5 +516,5 @@ def _segment_share(
 def _row_summary(row: dict, run: _Run) -> str:
     """A scan's progress line after its name: volumes, uncertainty when asked, time, mask."""
     vols = "  ".join(f"{n} {row[f'{n}_mm3']:.0f} mm3" for n in run.segmenter.class_names)
-    score = f"  uncertainty {row['uncertainty']:.3f}" if "uncertainty" in row else ""
+    score = f"  uncertainty {row['uncertainty']:.3f}" if row.get("uncertainty") is not None else ""
     return f"{vols}{score}  ({row['seconds']:.2f} s) -> {row['mask']}"

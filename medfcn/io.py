@@ -302,9 +302,10 @@ def read_checkpoint(path: str | os.PathLike, fix: str = "replace the file") -> o
 
 
 def csv_text(rows: list[dict], columns: Iterable[str] = ()) -> str:
-    """``rows`` as CSV text with a header line (``columns`` when there are no rows)."""
+    """``rows`` as CSV text with a header line: every key of the rows, in order of first
+    appearance (a row without one gets an empty cell), or ``columns`` when there are no rows."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else list(columns))
+    writer = csv.DictWriter(buffer, fieldnames=list(dict.fromkeys(k for row in rows for k in row)) or list(columns))
     writer.writeheader()
     writer.writerows(rows)
     return buffer.getvalue()

@@ -4,10 +4,12 @@
   (the mean softmax over flips when ``--tta`` averaged them), divided by ``log K`` so that it
   lies in 0..1: 0 where one class has all the probability, 1 where all K are equally likely.
 - :func:`boundary_band`: the voxels within ``width`` voxels of a change of label in the mask.
-- :func:`uncertainty_score`: one number per scan, the mean normalised entropy in that band. Most
-  of a scan is confidently background (entropy ~0), so a mean over the whole scan measures the
-  field of view more than the segmentation; the band holds the voxels whose label is in doubt
-  (bench/uncertainty.py compares it with other scores, docs/experiments.md).
+- :func:`uncertainty_score`: one number per scan, the entropy summed over that band and divided by
+  the mask's foreground voxels: the voxels in doubt per voxel segmented, as 1 - Dice is the
+  voxels wrong per voxel segmented (roughly). Most of a scan is confidently background (entropy
+  ~0), so a mean over the whole scan measures the field of view more than the segmentation, and a
+  mean over the band alone ignores the structure's size. bench/uncertainty.py compares it with
+  other scores on Task04 and LeftAtrium (docs/experiments.md).
 - :func:`keep_largest_components`: each label's largest connected component (26-connectivity),
   the others set to background.
 """
@@ -47,13 +49,16 @@ def boundary_band(labels: np.ndarray, width: int = BAND_WIDTH) -> np.ndarray:
     return ndimage.maximum_filter(labels, size=size) != ndimage.minimum_filter(labels, size=size)
 
 
-def uncertainty_score(entropy: np.ndarray, labels: np.ndarray, width: int = BAND_WIDTH) -> float:
-    """Mean of ``entropy`` (normalised, 0..1, shape of ``labels``) over :func:`boundary_band`
-    of the mask ``labels``; over the whole scan when the mask holds one label only (nothing
-    found: how sure the model is that there is nothing)."""
-    band = boundary_band(labels, width)
-    values = entropy[band] if band.any() else entropy
-    return float(values.mean()) if values.size else 0.0
+def uncertainty_score(entropy: np.ndarray, labels: np.ndarray, width: int = BAND_WIDTH) -> float | None:
+    """``entropy`` (normalised, 0..1, shape of ``labels``) summed over :func:`boundary_band` of
+    the mask ``labels`` and divided by its foreground (non-zero) voxel count: 0 for a mask the
+    model is sure of, about the fraction of the structure in doubt otherwise (it can pass 1 for a
+    small, doubtful structure). None for a mask without foreground: there is no structure to
+    relate the doubt to (the volumes say it is empty)."""
+    foreground = int(np.count_nonzero(labels))
+    if not foreground:
+        return None
+    return float(entropy[boundary_band(labels, width)].sum(dtype=np.float64) / foreground)
 
 
 def keep_largest_components(labels: np.ndarray) -> np.ndarray:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -61,7 +63,7 @@ def test_synthetic_training_dice_rises(spheres_dataset, tmp_path, bundle, sampli
     assert dice_60 > 0.8, dice_60
     assert dice_60 > dice_1 + 0.3, (dice_1, dice_60)
     acc = _events(out)
-    per_class = {k: acc.Scalars(f"val_dice_{k}")[-1].value for k in ("anterior", "posterior")}
+    per_class = {k: acc.Scalars(f"val/dice_{k}")[-1].value for k in ("anterior", "posterior")}
     assert min(per_class.values()) > 0.7, per_class
 
 
@@ -71,10 +73,28 @@ def test_tensorboard_shows_the_rate_each_epoch_trained_with(tmp_path):
     data = write_msd_dataset(tmp_path / "data", n_cases=4, shape=(20, 24, 16))
     overrides = {**SMALL, "learning_rate": 0.01, "folds_file": str(data / "folds.json")}
     train(BUNDLE, data, fold=0, epochs=3, output_dir=tmp_path / "run", overrides=overrides)
-    rates = [(e.step, e.value) for e in _events(tmp_path / "run").Scalars("learning_rate")]
+    rates = [(e.step, e.value) for e in _events(tmp_path / "run").Scalars("train/learning_rate")]
     expected = [(k, 0.01 * (1 - (k - 1) / 3) ** 0.9) for k in (1, 2, 3)]
     assert [step for step, _ in rates] == [1, 2, 3]
     assert [value for _, value in rates] == pytest.approx([value for _, value in expected], rel=1e-6)
+    # curves.csv: the same rates, each epoch's mean loss, its minutes, the Dice of each validation
+    with open(tmp_path / "run" / "curves.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert [float(r["learning_rate"]) for r in rows] == pytest.approx([value for _, value in expected], rel=1e-6)
+    minutes = [float(r["minutes"]) for r in rows]
+    assert 0 < minutes[0] < minutes[1] < minutes[2] < 5
+    losses = [e.value for e in _events(tmp_path / "run").Scalars("train/loss")]
+    per_epoch = len(losses) // 3
+    assert float(rows[0]["loss"]) == pytest.approx(np.mean(losses[:per_epoch]), rel=1e-4)
+    dice = {e.step: e.value for e in _events(tmp_path / "run").Scalars("val/mean_dice")}
+    assert {int(r["epoch"]): float(r["val_mean_dice"]) for r in rows if r["val_mean_dice"]} == pytest.approx(
+        dice, rel=1e-5
+    )
+    assert {"val_dice_anterior", "val_dice_posterior"} <= set(rows[0])
+    png = (tmp_path / "run" / "curves.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 20_000
+    assert not [f for f in (tmp_path / "run").iterdir() if ".tmp" in f.name]  # written atomically
 
 
 @pytest.mark.slow
@@ -98,10 +118,12 @@ def test_real_hippocampus_two_epochs_checkpoints_tensorboard_resume(tmp_path):
 
     acc = _events(out)
     scalars = set(acc.Tags()["scalars"])
-    assert {"train_loss", "learning_rate", "val_mean_dice", "val_dice_anterior", "val_dice_posterior"} <= scalars
-    assert len(acc.Scalars("train_loss")) == 2 * ckpt["trainer"]["epoch_length"]
-    assert 0.0 <= acc.Scalars("val_mean_dice")[-1].value <= 1.0
-    assert "val_overlay" in acc.Tags()["images"]
+    tags = {"train/loss", "train/learning_rate", "val/mean_dice", "val/dice_anterior", "val/dice_posterior"}
+    assert tags <= scalars and not [t for t in scalars if "/" not in t]  # every tag in a group
+    assert len(acc.Scalars("train/loss")) == 2 * ckpt["trainer"]["epoch_length"]
+    assert 0.0 <= acc.Scalars("val/mean_dice")[-1].value <= 1.0
+    overlay = acc.Images("val/overlay")[-1]
+    assert (overlay.width, overlay.height) == (1200, 480)  # large enough to read
 
     # resume: two more epochs continue from epoch 2 with the saved optimizer state
     with pytest.raises(UserError, match="already holds a run"):
@@ -113,7 +135,11 @@ def test_real_hippocampus_two_epochs_checkpoints_tensorboard_resume(tmp_path):
     assert resumed["trainer"]["iteration"] == 4 * ckpt["trainer"]["epoch_length"]
     assert resumed["lr_scheduler"]["last_epoch"] == 4
     assert resumed["lr_scheduler"]["total_iters"] == 4
-    assert len(_events(out).Scalars("learning_rate")) == 4
+    assert len(_events(out).Scalars("train/learning_rate")) == 4
+    with open(out / "curves.csv", newline="") as f:  # the first run's rows kept, the resumed epochs after
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
+    assert float(rows[2]["minutes"]) > float(rows[1]["minutes"])
     step = {k: v["step"] for k, v in resumed["optimizer"]["state"].items()}
     assert all(s == 4 * ckpt["trainer"]["epoch_length"] for s in step.values())
 

@@ -44,16 +44,19 @@ def test_boundary_band_holds_both_sides_of_every_boundary_and_nothing_else():
     assert not boundary_band(np.ones((5, 5, 5), dtype=np.uint8)).any()
 
 
-def test_score_is_the_mean_entropy_in_the_band_or_of_the_scan_without_a_boundary():
-    labels = np.zeros((20, 4, 4), dtype=np.uint8)
-    labels[8:12] = 1
-    entropy = np.zeros(labels.shape, dtype=np.float32)
+def test_score_is_the_entropy_in_the_band_per_foreground_voxel_and_none_without_foreground():
+    labels = np.zeros((24, 4, 4), dtype=np.uint8)
+    labels[8:12] = 1  # 64 foreground voxels; its band: x 6..13, 128 voxels
     band = boundary_band(labels)
-    entropy[band] = 0.4
+    assert band.sum() == 128
+    entropy = np.where(band, 0.4, 0).astype(np.float32)
     entropy[0] = 1.0  # far from the mask: not counted
-    assert uncertainty_score(entropy, labels) == pytest.approx(0.4)
-    empty = np.zeros_like(labels)
-    assert uncertainty_score(entropy, empty) == pytest.approx(entropy.mean())
+    assert uncertainty_score(entropy, labels) == pytest.approx(128 * 0.4 / 64)
+    longer = np.zeros_like(labels)
+    longer[8:16] = 1  # twice the voxels, the same doubt at its two ends: half the score
+    assert uncertainty_score(np.where(boundary_band(longer), 0.4, 0), longer) == pytest.approx(0.4)
+    assert uncertainty_score(np.zeros_like(entropy), labels) == 0
+    assert uncertainty_score(entropy, np.zeros_like(labels)) is None
 
 
 def test_largest_component_per_label_with_corner_contact_as_connected():
