@@ -36,6 +36,7 @@ __all__ = [
     "training_profile",
     "bundle_profile",
     "unlike_training",
+    "volume_quantiles",
     "warn_if_unlike_training",
     "write_run_profile",
     "RUN_PROFILE",
@@ -73,6 +74,19 @@ def geometry_ras(affine: np.ndarray, shape: Sequence[int]) -> tuple[np.ndarray, 
     return fov, voxel
 
 
+# The percentiles of each label's training volumes a profile records (medfcn report flags a
+# volume outside 1-99 %).
+QUANTILES = (1, 5, 25, 50, 75, 95, 99)
+
+
+def volume_quantiles(values: Sequence[float]) -> dict[str, float] | None:
+    """``{"1": ..., "5": ..., ..., "99": ...}``: the :data:`QUANTILES` percentiles of ``values``
+    (mm^3, linear interpolation, rounded to 0.01); None for no values."""
+    if len(values) == 0:
+        return None
+    return {str(q): round(float(v), 2) for q, v in zip(QUANTILES, np.percentile(values, QUANTILES), strict=True)}
+
+
 def _range(values: np.ndarray) -> dict:
     """``{"min": ..., "max": ...}`` over the first axis, rounded to 0.01 (mm or mm^3)."""
     return {"min": np.round(values.min(axis=0), 2).tolist(), "max": np.round(values.max(axis=0), 2).tolist()}
@@ -91,7 +105,8 @@ def training_profile(cases: Sequence[dict], class_names: Sequence[str], source: 
         The profile stored as ``metadata.json``'s ``medfcn_training_data``: ``cases``,
         ``source``, ``computed_by``, ``axes``, ``field_of_view_mm`` and ``voxel_size_mm``
         (``min``/``max``, 3 values each, mm, RAS), ``volume_mm3`` (per class name:
-        ``min``/``max`` mm^3 over the labelled cases).
+        ``min``/``max`` mm^3 over the labelled cases, and their ``quantiles``,
+        :func:`volume_quantiles`).
     """
     fovs, voxels, volumes = [], [], []
     for case in cases:
@@ -118,7 +133,12 @@ def training_profile(cases: Sequence[dict], class_names: Sequence[str], source: 
     if volumes:
         ranges = _range(np.array(volumes))
         profile["volume_mm3"] = {
-            name: {"min": ranges["min"][k], "max": ranges["max"][k]} for k, name in enumerate(class_names)
+            name: {
+                "min": ranges["min"][k],
+                "max": ranges["max"][k],
+                "quantiles": volume_quantiles(np.array(volumes)[:, k]),
+            }
+            for k, name in enumerate(class_names)
         }
     return profile
 
@@ -164,6 +184,7 @@ def bundle_profile(meta_file: str | os.PathLike) -> dict | None:
             raise TypeError(f"volume_mm3 is a {type(volumes).__name__}, not a mapping of class names")
         for limits in volumes.values():
             float(limits["min"]), float(limits["max"])
+            [float(v) for v in (limits.get("quantiles") or {}).values()]
     except (TypeError, KeyError, ValueError, AttributeError) as err:
         raise UserError(
             f"{meta_file}: {PROFILE_KEY} is malformed ({type(err).__name__}: {err}); "

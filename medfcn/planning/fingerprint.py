@@ -36,7 +36,7 @@ from medfcn.data.checks import check_label_grid
 from medfcn.data.classes import label_classes
 from medfcn.data.datasets import case_id, user_datalist
 from medfcn.data.nifti import check_gzip_integrity, check_nifti_geometry, refuse_non_mm
-from medfcn.data.profile import geometry_ras
+from medfcn.data.profile import geometry_ras, volume_quantiles
 from medfcn.errors import InputWarning, UserError
 from medfcn.outputs import plural
 
@@ -302,11 +302,13 @@ def _intensity_stats(pooled: np.ndarray, modality: dict[str, str]) -> dict[str, 
     return stats
 
 
-def _spread(values: list[float]) -> dict[str, float | None]:
-    """``{"min", "median", "max"}`` of ``values`` (None each when there are none)."""
-    if not values:
-        return {"min": None, "median": None, "max": None}
-    return {"min": float(np.min(values)), "median": float(np.median(values)), "max": float(np.max(values))}
+def _spread(values: list[float], quantiles: bool = False) -> dict:
+    """``{"min", "median", "max"}`` of ``values`` (None each when there are none), and with
+    ``quantiles`` their percentiles (:func:`medfcn.data.profile.volume_quantiles`)."""
+    spread = {"min": None, "median": None, "max": None}
+    if values:
+        spread = {"min": float(np.min(values)), "median": float(np.median(values)), "max": float(np.max(values))}
+    return {**spread, "quantiles": volume_quantiles(values)} if quantiles else spread
 
 
 def _label_stats(cases: list[dict], labels: dict[int, str], index: Path) -> dict[str, dict]:
@@ -325,7 +327,7 @@ def _label_stats(cases: list[dict], labels: dict[int, str], index: Path) -> dict
             "name": labels[value],
             "cases_present": len(present),
             "voxels": _spread([case["label_voxels"][key] for case in present]),
-            "volume_mm3": _spread([case["label_volume_mm3"][key] for case in present]),
+            "volume_mm3": _spread([case["label_volume_mm3"][key] for case in present], quantiles=True),
         }
     return stats
 

@@ -350,7 +350,7 @@ def _label_volumes(fingerprint: dict) -> dict:
     """Per label name: volume (mm^3) over the cases holding it, and in how many cases it is."""
     return {
         label["name"]: {
-            **{k: label["volume_mm3"][k] for k in ("min", "median", "max")},
+            **{k: label["volume_mm3"][k] for k in ("min", "median", "max", "quantiles") if k in label["volume_mm3"]},
             "cases_present": label.get("cases_present"),
         }
         for _, label in sorted(fingerprint.get("labels", {}).items(), key=lambda item: int(item[0]))
