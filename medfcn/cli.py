@@ -511,6 +511,10 @@ _InferLargestComponent = Annotated[
     bool,
     typer.Option("--largest-component", help="Keep only the largest connected component of each label."),
 ]
+_InferReport = Annotated[
+    bool,
+    typer.Option("--report", help="Also write report.html: a QC page of every scan, flagged ones first."),
+]
 _InferContinueOnError = Annotated[
     bool,
     typer.Option(
@@ -544,6 +548,7 @@ def infer(
     uncertainty: _InferUncertainty = False,
     probabilities: _InferProbabilities = False,
     largest_component: _InferLargestComponent = False,
+    report: _InferReport = False,
     nproc_per_node: _Processes = None,
     *,
     ctx: typer.Context,
@@ -563,6 +568,10 @@ def infer(
     if nproc_per_node is not None:
         _start_processes(ctx, nproc_per_node)
         return
+    if report:  # before the scans are segmented, like every other output that exists
+        from medfcn.report import check_report_target
+
+        check_report_target(out, overwrite)
     rows = run_inference(
         bundle,
         inputs,
@@ -580,6 +589,10 @@ def infer(
     if not distributed.is_main():  # rank 0 says it for every process
         return
     typer.echo(f"done: {plural(len(rows), 'mask')} and volumes.csv in {out}")
+    if report:
+        from medfcn.report import write_report
+
+        typer.echo(f"QC report: {write_report(out, bundle=bundle, overwrite=overwrite)}")
     if rows.failures:
         _report_failures(rows.failures, out / "failures.csv")
 
@@ -683,6 +696,28 @@ def _print_unscored(summary: dict, names: dict[int, str]) -> None:
                 "reference both hold the label in no voxel in common (Dice 0): a structure in the wrong place or "
                 "under another label."
             )
+
+
+@app.command(cls=_Command)
+@_user_errors
+def report(
+    out_dir: Annotated[Path, typer.Argument(help="A medfcn infer output folder (volumes.json and the masks).")],
+    bundle: Annotated[
+        Path | None,
+        typer.Option("--bundle", help="The bundle that segmented the scans: volume and voxel-size flags."),
+    ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing report.html.")] = False,
+) -> None:
+    """Write OUT_DIR/report.html: a QC page with a three-plane view, volumes, uncertainty and flags per scan.
+
+    Flags: a missing label, a volume outside the training volumes' 1-99 % (--bundle), a voxel
+    size unlike training (--bundle), an uncertainty far above the batch's. Self-contained (images
+    embedded); flagged scans first; sortable by any column.
+    """
+    from medfcn.report import write_report
+
+    path = write_report(out_dir, bundle=bundle, overwrite=overwrite, progress=typer.echo)
+    typer.echo(f"wrote {path}")
 
 
 @app.command(cls=_Command)
