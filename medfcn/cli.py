@@ -511,6 +511,13 @@ _InferLargestComponent = Annotated[
     bool,
     typer.Option("--largest-component", help="Keep only the largest connected component of each label."),
 ]
+_InferDicomSeg = Annotated[
+    bool,
+    typer.Option(
+        "--dicom-seg",
+        help="Also write <case>_seg.dcm, a DICOM Segmentation of each DICOM series input (needs medfcn[dicom]).",
+    ),
+]
 _InferReport = Annotated[
     bool,
     typer.Option("--report", help="Also write report.html: a QC page of every scan, flagged ones first."),
@@ -548,6 +555,7 @@ def infer(
     uncertainty: _InferUncertainty = False,
     probabilities: _InferProbabilities = False,
     largest_component: _InferLargestComponent = False,
+    dicom_seg: _InferDicomSeg = False,
     report: _InferReport = False,
     nproc_per_node: _Processes = None,
     *,
@@ -584,7 +592,7 @@ def infer(
         progress=typer.echo,
         mask_format=mask_format,
         continue_on_error=continue_on_error,
-        extras=Extras(uncertainty, probabilities, largest_component),
+        extras=Extras(uncertainty, probabilities, largest_component, dicom_seg),
     )
     if not distributed.is_main():  # rank 0 says it for every process
         return

@@ -31,6 +31,7 @@ from medfcn import distributed
 from medfcn.data.dicom import find_series, gdcm_series_files, looks_like_dicom, series_files
 from medfcn.data.nifti import voxel_spacing
 from medfcn.data.profile import bundle_profile, warn_if_unlike_training
+from medfcn.dicom_seg import check_dicom_seg_available, seg_path, stage_dicom_seg
 from medfcn.errors import UserError, collected_input_warnings
 from medfcn.formats import SCAN_SUFFIXES, check_mask_format, is_itk_file, mask_suffix
 from medfcn.io import NIFTI_SUFFIXES, atomic_path, csv_text, nifti_files, refuse_existing
@@ -200,16 +201,24 @@ class Extras:
             first), float32 ``(X, Y, Z, K)``, channel last, on the mask's grid.
         largest_component: keep each label's largest connected component (26-connectivity) in
             the mask, as its volumes count it.
+        dicom_seg: ``<case>_seg.dcm`` beside the mask of each DICOM series input, a DICOM
+            Segmentation of the mask referencing the series (:mod:`medfcn.dicom_seg`); every
+            input must be a DICOM series then.
     """
 
     uncertainty: bool = False
     probabilities: bool = False
     largest_component: bool = False
+    dicom_seg: bool = False
 
     @property
     def maps(self) -> list[str]:
         """The kinds of NIfTI written beside each mask (:func:`medfcn.masks.companion_path`)."""
         return [kind for kind in ("uncertainty", "probabilities") if getattr(self, kind)]
+
+    def outputs(self, mask: Path) -> list[Path]:
+        """The files written beside ``mask``: its maps, its DICOM SEG."""
+        return [companion_path(mask, kind) for kind in self.maps] + ([seg_path(mask)] if self.dicom_seg else [])
 
 
 def _list_failure(
@@ -298,12 +307,12 @@ def infer(
         # one run at a time into `out`, from the existence checks to the last rename (in several
         # processes: held by rank 0 until every process has renamed its masks)
         with output_lock(out, "medfcn infer", "--out") if main else contextlib.nullcontext():
-            maps = [companion_path(target, kind) for target in targets for kind in extras.maps]
-            outputs = [*targets, *maps, *(out / name for name in tables)]
+            beside = [path for target in targets for path in extras.outputs(target)]
+            outputs = [*targets, *beside, *(out / name for name in tables)]
             distributed.agreed(lambda: refuse_existing(outputs, overwrite) if main else None)
             segmenter = distributed.agreed(lambda: _segmenter(bundle, device, sw_batch_size, overlap, tta, extras))
             profile = distributed.agreed(lambda: bundle_profile(Path(bundle) / "configs" / "metadata.json"))
-            run = _Run(segmenter, profile, extras, continue_on_error, progress)
+            run = _Run(segmenter, profile, extras, continue_on_error, progress, _model_name(bundle))
             _segment_all(run, scans, targets, out, rows)
     return rows
 
@@ -324,18 +333,40 @@ def _planned_outputs(
     named_scans = _cohort_inputs(inputs, failures) if continue_on_error else expand_named_inputs(inputs)
     scans = [scan for scan, _ in named_scans]
     targets = [out / mask_name(name, mask_suffix(scan, mask_format)) for scan, name in named_scans]
-    _refuse_namesakes(scans, targets, extras.maps)
-    maps = [companion_path(target, kind) for target in targets for kind in extras.maps]
+    if extras.dicom_seg:
+        _check_dicom_seg_inputs(scans)
+    _refuse_namesakes(scans, targets, extras)
+    beside = [path for target in targets for path in extras.outputs(target)]
     # the inputs as given too: a broken series left out by continue_on_error is still an input
-    refuse_outputs_over_inputs(out, [*scans, *map(Path, inputs)], [*targets, *maps])
+    refuse_outputs_over_inputs(out, [*scans, *map(Path, inputs)], [*targets, *beside])
     tables = ["volumes.csv", "volumes.json", *(["failures.csv", "failures.json"] if continue_on_error else [])]
     return scans, targets, tables
 
 
-def _refuse_namesakes(scans: Sequence[Path], targets: Sequence[Path], maps: Sequence[str] = ()) -> None:
-    """UserError when two scans would get the same mask file, or one scan's map (``maps``: the
-    kinds, "uncertainty"...) the name of another's mask or map (``a_uncertainty.nii.gz`` and
-    the uncertainty map of ``a.nii.gz``)."""
+def _check_dicom_seg_inputs(scans: Sequence[Path]) -> None:
+    """UserError unless highdicom is installed and every scan is a DICOM series folder."""
+    check_dicom_seg_available()
+    for scan in scans:
+        if not scan.is_dir():
+            raise UserError(
+                f"{scan}: not a DICOM series; --dicom-seg writes DICOM SEG for DICOM series inputs only: "
+                "segment the other inputs in a run without it."
+            )
+
+
+def _model_name(bundle: str | os.PathLike) -> str:
+    """``<bundle folder> <version>`` (its metadata's), naming the algorithm in a DICOM SEG."""
+    try:
+        version = json.loads((Path(bundle) / "configs" / "metadata.json").read_text()).get("version", "")
+    except (OSError, ValueError, AttributeError):
+        version = ""
+    return f"{Path(bundle).resolve().name} {version}".strip()
+
+
+def _refuse_namesakes(scans: Sequence[Path], targets: Sequence[Path], extras: Extras = Extras()) -> None:
+    """UserError when two scans would get the same mask file, or one scan's map or DICOM SEG
+    (``extras``) the name of another's output (``a_uncertainty.nii.gz`` and the uncertainty map
+    of ``a.nii.gz``)."""
     named: dict[Path, Path] = {}
     for scan, target in zip(scans, targets, strict=True):
         if target in named:
@@ -344,13 +375,12 @@ def _refuse_namesakes(scans: Sequence[Path], targets: Sequence[Path], maps: Sequ
                 "rename one or segment them into separate --out folders."
             )
         named[target] = scan
-    for kind in maps:
-        for scan, target in zip(scans, targets, strict=True):
-            written = companion_path(target, kind)
+    for scan, target in zip(scans, targets, strict=True):
+        for written in extras.outputs(target):
             if written in named:
                 raise UserError(
-                    f"{named[written]} and {scan}: the {kind} map of {scan.name} would be {written.name}, which the "
-                    "other writes too; rename one or segment them into separate --out folders."
+                    f"{named[written]} and {scan}: both would write {written.name} (a mask, map or DICOM SEG); "
+                    "rename one or segment them into separate --out folders."
                 )
             named[written] = scan
 
@@ -385,6 +415,7 @@ class _Run:
     extras: Extras
     continue_on_error: bool
     progress: Callable[[str], None] | None
+    model: str = "medfcn"  # the bundle's name and version, for a DICOM SEG
 
 
 def _segment_one(
@@ -440,6 +471,9 @@ def _stage_maps(
         channel_last = prediction.probabilities.permute(*range(1, prediction.probabilities.ndim), 0).numpy()
         names = ",".join(["background", *run.segmenter.class_names])
         stage_map(stack, channel_last, prediction.affine, companion_path(target, "probabilities"), scan, names)
+    if run.extras.dicom_seg:
+        classes = run.segmenter.class_names
+        stage_dicom_seg(stack, scan, labels, prediction.affine, classes, seg_path(target), run.model, _version())
     return scores
 
 
@@ -478,6 +512,13 @@ def _stage_all_tables(stack: contextlib.ExitStack, rows: InferenceRows, out: Pat
     _stage_tables(stack, rows, out, fields=_volume_columns(run.segmenter.class_names, run.extras))
     if run.continue_on_error:
         _stage_tables(stack, rows.failures, out, "failures", fields=("input", "reason"))
+
+
+def _version() -> str:
+    """medfcn's version, for the DICOM SEG's software versions."""
+    from medfcn import __version__
+
+    return f"medfcn {__version__}"
 
 
 def _first(item: tuple) -> Any:

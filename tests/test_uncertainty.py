@@ -156,7 +156,7 @@ def test_a_map_name_taken_by_another_scans_mask_is_refused_before_writing(tmp_pa
     (tmp_path / "in").mkdir()
     for name in ("a.nii.gz", "a_uncertainty.nii.gz"):
         shutil.copy(spheres_dataset / "imagesTr" / "case_000.nii.gz", tmp_path / "in" / name)
-    with pytest.raises(UserError, match="the uncertainty map of a.nii.gz would be a_uncertainty.nii.gz"):
+    with pytest.raises(UserError, match="both would write a_uncertainty.nii.gz"):
         infer(BUNDLE, [tmp_path / "in"], tmp_path / "out", extras=Extras(uncertainty=True))
     assert not (tmp_path / "out").exists()
     infer(BUNDLE, [tmp_path / "in"], tmp_path / "out", extras=Extras(probabilities=True))  # no clash

@@ -1,0 +1,179 @@
+"""A mask as a DICOM Segmentation object (highdicom) that references the series it segments.
+
+``medfcn infer --dicom-seg`` writes ``<case>_seg.dcm`` beside the NIfTI mask of every DICOM
+series input, for PACS and DICOM viewers: one segment per label (its class name, "automatic",
+medfcn and the bundle as the algorithm), frames on the source slices' positions and orientation
+(oblique series too), and the source series and instances referenced.
+
+Each source slice is matched to the mask by geometry, not by order: its Image Position (Patient)
+must fall on a slice of the mask's grid (within 1 % of a voxel) and its Image Orientation on the
+grid's axes; anything else is refused in one line instead of a SEG that would lie on other slices.
+
+Needs the ``dicom`` extra: ``pip install 'medfcn[dicom]'`` (highdicom).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pydicom
+
+from medfcn.data.dicom import gdcm_series_files, series_files
+from medfcn.errors import UserError
+from medfcn.io import atomic_path
+
+__all__ = ["SEG_SUFFIX", "check_dicom_seg_available", "segmentation", "seg_path", "stage_dicom_seg"]
+
+SEG_SUFFIX = "_seg.dcm"
+_INSTALL = "pip install 'medfcn[dicom]'"
+# how far (voxels) a source slice's position or orientation may lie off the mask's grid
+_TOLERANCE_VOXELS = 0.01
+_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # RAS <-> LPS (DICOM's patient coordinates)
+
+
+def check_dicom_seg_available() -> None:
+    """UserError naming the install command when highdicom is missing."""
+    try:
+        import highdicom  # noqa: F401
+    except ImportError as err:
+        raise UserError(f"--dicom-seg needs highdicom, which is not installed: {_INSTALL}") from err
+
+
+def seg_path(mask: Path) -> Path:
+    """``<case>_seg.dcm`` beside ``mask`` (``<case>.nii.gz``, ``.nrrd``, ``.mha``)."""
+    name = mask.name
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".mha"):
+        if name.lower().endswith(suffix):
+            return mask.with_name(name[: -len(suffix)] + SEG_SUFFIX)
+    return mask.with_name(name + SEG_SUFFIX)
+
+
+# Type 2 attributes (present, possibly empty) of the Patient and Study modules that highdicom
+# copies from the source into the SEG; de-identified series often drop them altogether.
+_TYPE2 = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+)
+
+
+def _source_slices(folder: Path) -> list[pydicom.Dataset]:
+    """The series' slices that form its volume (a localizer left out), read into memory; a
+    Patient or Study attribute the SEG copies and a de-identified file dropped is set empty
+    there (the files are not touched)."""
+    sources = [pydicom.dcmread(name) for name in series_files(folder, gdcm_series_files(folder) or [])]
+    for source in sources:
+        for keyword in _TYPE2:
+            if keyword not in source:
+                setattr(source, keyword, "")
+    return sources
+
+
+def _frames(labels: np.ndarray, affine_ras: np.ndarray, sources: Sequence[pydicom.Dataset], folder: Path) -> np.ndarray:
+    """The mask's slice under each source slice: ``(len(sources), rows, columns)`` uint8.
+
+    ``labels``: ``(X, Y, Z)`` on the series' grid, X along a source row (columns), Y down its
+    columns (rows); ``affine_ras``: its voxel-to-RAS affine (mm).
+
+    Raises:
+        UserError: a source slice that is not a slice of the mask's grid.
+    """
+    to_voxel = np.linalg.inv(_LPS @ affine_ras)
+    axes = (_LPS @ affine_ras)[:3, :3]
+    axes = axes / np.linalg.norm(axes, axis=0)
+    frames = []
+    for source in sources:
+        orientation = np.asarray(source.ImageOrientationPatient, dtype=float).reshape(2, 3)
+        position = np.asarray(source.ImagePositionPatient, dtype=float)
+        index = to_voxel @ np.append(position, 1.0)
+        k = int(round(index[2]))
+        on_grid = np.allclose(index[:2], 0, atol=_TOLERANCE_VOXELS) and abs(index[2] - k) < _TOLERANCE_VOXELS
+        aligned = np.allclose(orientation, axes[:, :2].T, atol=1e-3)
+        same_size = (int(source.Rows), int(source.Columns)) == (labels.shape[1], labels.shape[0])
+        if not (on_grid and aligned and same_size and 0 <= k < labels.shape[2]):
+            raise UserError(
+                f"{folder}: slice {source.get('InstanceNumber', '?')} is not on the mask's grid (position "
+                f"{position.round(3).tolist()} mm); the mask cannot be written as DICOM SEG of this series. "
+                "Segment the series again."
+            )
+        frames.append(labels[:, :, k].T)
+    return np.ascontiguousarray(np.stack(frames), dtype=np.uint8)
+
+
+def segmentation(
+    folder: str | os.PathLike,
+    labels: np.ndarray,
+    affine_ras: np.ndarray,
+    class_names: Sequence[str],
+    model_name: str,
+    version: str,
+) -> pydicom.Dataset:
+    """The DICOM Segmentation of ``labels`` (``(X, Y, Z)`` uint8, the series' grid, RAS affine
+    in mm) for the DICOM series in ``folder``: segment k is label k, named ``class_names[k - 1]``.
+
+    Raises:
+        UserError: highdicom missing, or a source slice off the mask's grid.
+    """
+    check_dicom_seg_available()
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    folder = Path(folder)
+    sources = _source_slices(folder)
+    frames = _frames(labels, affine_ras, sources, folder)
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name=f"medfcn {model_name}"[:64], version=version[:64], family=codes.cid7162.ArtificialIntelligence
+    )
+    segments = [
+        hd.seg.SegmentDescription(
+            segment_number=k,
+            segment_label=name[:64],
+            segmented_property_category=codes.SCT.AnatomicalStructure,
+            # no standard code is known for a bundle's class names: a local (99) coding scheme
+            segmented_property_type=hd.sr.CodedConcept(value=f"MEDFCN{k}", scheme_designator="99MEDFCN", meaning=name),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm,
+        )
+        for k, name in enumerate(class_names, start=1)
+    ]
+    return hd.seg.Segmentation(
+        source_images=sources,
+        pixel_array=frames,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=segments,
+        series_instance_uid=hd.UID(),
+        series_number=int(sources[0].get("SeriesNumber") or 0) + 1000,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="medfcn",
+        manufacturer_model_name=model_name[:64] or "medfcn",
+        software_versions=version[:64],
+        device_serial_number="none",
+        series_description=f"medfcn {model_name}"[:64],
+        omit_empty_frames=False,  # a frame per source slice: viewers show the mask on every slice
+    )
+
+
+def stage_dicom_seg(
+    stack: contextlib.ExitStack,
+    folder: Path,
+    labels: np.ndarray,
+    affine_ras: np.ndarray,
+    class_names: Sequence[str],
+    target: Path,
+    model_name: str,
+    version: str,
+) -> None:
+    """Write :func:`segmentation` to a temporary file that ``stack`` renames onto ``target``."""
+    dataset = segmentation(folder, labels, affine_ras, class_names, model_name, version)
+    dataset.save_as(str(stack.enter_context(atomic_path(target, suffix=".dcm"))), enforce_file_format=True)
