@@ -518,6 +518,13 @@ _InferDicomSeg = Annotated[
         help="Also write <case>_seg.dcm, a DICOM Segmentation of each DICOM series input (needs medfcn[dicom]).",
     ),
 ]
+_InferBackend = Annotated[
+    str,
+    typer.Option(
+        "--backend",
+        help="torch, or onnxruntime: run the bundle's models/model.onnx (medfcn export --format onnx) on the CPU.",
+    ),
+]
 _InferReport = Annotated[
     bool,
     typer.Option("--report", help="Also write report.html: a QC page of every scan, flagged ones first."),
@@ -557,6 +564,7 @@ def infer(
     largest_component: _InferLargestComponent = False,
     dicom_seg: _InferDicomSeg = False,
     report: _InferReport = False,
+    backend: _InferBackend = "torch",
     nproc_per_node: _Processes = None,
     *,
     ctx: typer.Context,
@@ -593,6 +601,7 @@ def infer(
         mask_format=mask_format,
         continue_on_error=continue_on_error,
         extras=Extras(uncertainty, probabilities, largest_component, dicom_seg),
+        backend=backend,
     )
     if not distributed.is_main():  # rank 0 says it for every process
         return
@@ -732,16 +741,25 @@ def report(
 @_user_errors
 def export(
     bundle: Annotated[Path, typer.Argument(help="Bundle folder.")],
-    format: Annotated[str, typer.Option("--format", help="Export format: torchscript.")] = "torchscript",
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing models/model.ts.")] = False,
+    format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="torchscript (models/model.ts), exported (torch.export: models/model.pt2), onnx (models/model.onnx).",
+        ),
+    ] = "torchscript",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing export of that format.")] = False,
 ) -> None:
-    """Export models/model.pt to models/model.ts (TorchScript, checked against the state dict)."""
-    from medfcn.errors import UserError
-    from medfcn.export import export_torchscript
+    """Export models/model.pt for deployment, checked against the state dict before it is written.
 
-    if format != "torchscript":
-        raise UserError(f"unknown --format {format!r}; supported: torchscript.")
-    path, diff = export_torchscript(bundle, overwrite=overwrite)
+    onnx: dynamic batch and spatial axes, checked with onnxruntime (needs medfcn[onnx]); run it
+    with medfcn infer --backend onnxruntime. exported: a torch.export program taking windows of
+    the bundle's patch size. torchscript: deprecated in torch 2.13. The bundle's metadata.json
+    lists the onnx and exported files and how to load them.
+    """
+    from medfcn.export import export_bundle
+
+    path, diff = export_bundle(bundle, format, overwrite=overwrite)
     typer.echo(f"wrote {path} (max |difference| vs state dict: {diff:.1e})")
 
 

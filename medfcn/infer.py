@@ -262,6 +262,7 @@ def infer(
     mask_format: str = "nifti",
     continue_on_error: bool = False,
     extras: Extras = Extras(),
+    backend: str = "torch",
 ) -> InferenceRows:
     """Segment every scan in ``inputs``; write masks and the volume tables to ``out_dir``.
 
@@ -284,6 +285,8 @@ def infer(
             a folder holding a broken DICOM series is a bad scan.
         extras: uncertainty and probability maps beside the masks, the largest-component cleanup
             (:class:`Extras`).
+        backend: ``"torch"``, or ``"onnxruntime"``: the bundle's ``models/model.onnx`` (``medfcn
+            export BUNDLE --format onnx``) computes the network on the CPU.
 
     Returns:
         A row per segmented scan: input, mask, shape, spacing (mm), seconds, ``<label>_mm3``,
@@ -310,7 +313,9 @@ def infer(
             beside = [path for target in targets for path in extras.outputs(target)]
             outputs = [*targets, *beside, *(out / name for name in tables)]
             distributed.agreed(lambda: refuse_existing(outputs, overwrite) if main else None)
-            segmenter = distributed.agreed(lambda: _segmenter(bundle, device, sw_batch_size, overlap, tta, extras))
+            segmenter = distributed.agreed(
+                lambda: _segmenter(bundle, device, sw_batch_size, overlap, tta, extras, backend)
+            )
             profile = distributed.agreed(lambda: bundle_profile(Path(bundle) / "configs" / "metadata.json"))
             run = _Run(segmenter, profile, extras, continue_on_error, progress, _model_name(bundle))
             _segment_all(run, scans, targets, out, rows)
@@ -392,6 +397,7 @@ def _segmenter(
     overlap: float | None,
     tta: bool,
     extras: Extras,
+    backend: str = "torch",
 ) -> Segmenter:
     """:func:`load_segmenter` with the sliding-window options checked and applied."""
     if overlap is not None and not 0 <= overlap < 1:
@@ -403,7 +409,9 @@ def _segmenter(
         overrides["sw_batch_size"] = sw_batch_size
     if overlap is not None:
         overrides["overlap"] = overlap
-    return load_segmenter(bundle, device=device, overrides=overrides, tta=tta, probabilities=bool(extras.maps))
+    return load_segmenter(
+        bundle, device=device, overrides=overrides, tta=tta, probabilities=bool(extras.maps), backend=backend
+    )
 
 
 @dataclass

@@ -31,6 +31,7 @@ if TYPE_CHECKING:  # torch is imported where a checkpoint is read or written: th
     import torch
 
 __all__ = [
+    "atomic_named_path",
     "atomic_path",
     "atomic_torch_save",
     "atomic_write_text",
@@ -154,16 +155,35 @@ def _rename_over(tmp: Path, out: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+def atomic_named_path(target: str | os.PathLike) -> Iterator[Path]:
+    """:func:`atomic_path` for writers that name what they write after the file: a path with
+    ``target``'s own name in a hidden temporary folder beside it (``torch.jit.save`` and
+    ``torch.export.save`` name their archive's inner folder after the file, which would
+    otherwise carry the temporary name into the export for good)."""
+    target = Path(target)
+    folder = Path(_temp_file(target.parent, f".{target.name}.", ".tmpdir", "choose another output folder"))
+    folder.unlink()
+    folder.mkdir()
+    try:
+        with atomic_path(target, tmp_path=folder / target.name) as tmp:
+            yield tmp
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike, suffix: str = "", tmp_path: Path | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; on success rename it onto ``target``.
 
     ``suffix`` is kept on the temporary name (e.g. ``.nii.gz``) for writers that choose the
     format by extension. The data is flushed to disk (fsync) before the rename, so the new
     file is complete even after a power loss. On error the temporary file is removed and
-    ``target`` is untouched.
+    ``target`` is untouched. ``tmp_path``: the temporary path to use (on ``target``'s file
+    system), instead of a new one.
     """
     target = Path(target)
-    tmp_path = Path(_temp_file(target.parent, f".{target.name}.", f".tmp{suffix}", "choose another output folder"))
+    if tmp_path is None:
+        tmp_path = Path(_temp_file(target.parent, f".{target.name}.", f".tmp{suffix}", "choose another output folder"))
     try:
         yield tmp_path
         with open(tmp_path, "rb") as written:

@@ -43,9 +43,10 @@ from medfcn.formats import check_itk_data, check_memory_from_header, is_itk_file
 from medfcn.inferers import FlipTTA
 from medfcn.io import load_weights
 from medfcn.masks import SaveMaskd, mask_labels
+from medfcn.onnx_network import OnnxNetwork
 from medfcn.settings import stating_file
 
-__all__ = ["Prediction", "Segmenter", "load_segmenter"]
+__all__ = ["BACKENDS", "Prediction", "Segmenter", "load_segmenter"]
 
 
 @dataclass
@@ -153,6 +154,30 @@ def _argmax_last(postprocessing: Callable) -> int:
     return len(steps)
 
 
+BACKENDS = ("torch", "onnxruntime")
+
+
+def _network(parser: BundleParser, weights: Path, backend: str, device: str | None) -> torch.nn.Module:
+    """The bundle's network with its weights (``backend`` "torch"), or its ONNX export beside
+    the weights run by onnxruntime on the CPU (``backend`` "onnxruntime": ``models/model.onnx``).
+
+    Raises:
+        UserError: an unknown backend, a missing export, a device other than the CPU for onnxruntime.
+    """
+    if backend == "torch":
+        return load_weights(parser.get_parsed_content("network"), weights).eval()
+    if backend != "onnxruntime":
+        raise UserError(f"--backend {backend!r}: one of {', '.join(BACKENDS)}.")
+    if device and torch.device(device).type != "cpu":
+        raise UserError(f"--device {device}: --backend onnxruntime runs on the CPU here; leave --device out.")
+    model = weights.with_suffix(".onnx")
+    if not model.is_file():
+        bundle = weights.parent.parent
+        raise UserError(f"{model}: not found; export it first: medfcn export {bundle} --format onnx.")
+    parser["device"] = "$torch.device('cpu')"  # inputs stay where onnxruntime reads them
+    return OnnxNetwork(model)
+
+
 def _use_probability_average(inferer: Any) -> None:
     """Make the :class:`FlipTTA` in ``inferer``'s chain (wrappers' ``.inferer``) average the
     flips' softmax, not their logits; nothing when there is none (no flips to average)."""
@@ -183,6 +208,7 @@ def load_segmenter(
     overrides: dict[str, Any] | None = None,
     tta: bool = False,
     probabilities: bool = False,
+    backend: str = "torch",
 ) -> Segmenter:
     """Build the segmenter of ``bundle`` with the weights its ``weights_file`` names
     (``models/model.pt``).
@@ -205,7 +231,7 @@ def load_segmenter(
         parser["device"] = device_expression(device)
     if tta:
         parser["tta_flip_axes"] = _flip_axes(parser, stating_file(files["config_files"], "trained_flip_axes"))
-    network = load_weights(parser.get_parsed_content("network"), weights).eval()
+    network = _network(parser, weights, backend, device)
     writer = parser.get_parsed_content("writer", default=None)
     inferer = parser.get_parsed_content("inferer")
     if probabilities:
