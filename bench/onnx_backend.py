@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
     with work_folder(args.work) as work:
         rows = [run_task(task, args, work) for task in args.tasks]
     for row in rows:
-        row["agreement"] = f"{row['argmax_agreement_percent']:.4f} %"
+        row["agreement"] = f"{row['argmax_agreement_percent']:.5f} %"
         row["logit_diff"] = f"{row['max_abs_logit_difference']:.2e}"
     columns = {
         "task": "task",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from pathlib import Path
@@ -26,6 +27,18 @@ NO_CUDA_DEVICE = (
     if torch.version.cuda is None
     else "no such CUDA device on this machine; use --device cpu"
 )
+
+
+def need_module(name: str, install: str):
+    """Import the optional module ``name``; skip the test when it is missing (``install`` says how
+    to get it), or fail where ``MEDFCN_REQUIRE_EXTRAS=1`` (.ci/run, which installs every extra)."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        message = f"{name} not installed ({install})"
+        if os.environ.get("MEDFCN_REQUIRE_EXTRAS") == "1":
+            pytest.fail(message)
+        pytest.skip(message, allow_module_level=True)
 
 
 def need(path: Path):

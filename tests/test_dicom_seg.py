@@ -14,9 +14,9 @@ import SimpleITK as sitk
 from medfcn.errors import UserError
 from medfcn.infer import Extras, infer
 
-from .conftest import BUNDLE, DICOM, need
+from .conftest import BUNDLE, DICOM, need, need_module
 
-hd = pytest.importorskip("highdicom", reason="highdicom not installed (pip install -e '.[dicom]'; .ci/run does)")
+hd = need_module("highdicom", "pip install -e '.[dicom]'; .ci/run does")
 SEG = Extras(dicom_seg=True)
 
 

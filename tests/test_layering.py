@@ -23,6 +23,7 @@ STAGES = (
     "medfcn.export",
     "medfcn.package",
     "medfcn.planning",
+    "medfcn.report",
 )
 CONTRACT = ("medfcn.bundle", "medfcn.segmenter", "medfcn.settings")
 CLI = ("medfcn.cli",)

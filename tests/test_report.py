@@ -19,7 +19,7 @@ import SimpleITK as sitk
 from medfcn.errors import UserError
 from medfcn.report import REPORT_NAME, _load_pair, _plane, write_report
 
-from .conftest import BUNDLE, REPO
+from .conftest import BUNDLE, REPO, need_module
 
 GRID = (30, 34, 26)
 
@@ -160,14 +160,10 @@ def test_infer_report_refuses_an_existing_page_before_segmenting(tmp_path, spher
 @pytest.fixture
 def browser():
     """Headless Chromium through Selenium, its console kept (skipped where not installed)."""
-    required = os.environ.get("MEDFCN_REQUIRE_BROWSER") == "1"  # .ci/run: fail, never skip
-    missing = pytest.fail if required else pytest.skip
-    try:
-        from selenium import webdriver
-    except ImportError:
-        missing("selenium not installed (pip install -e '.[dev]')")
+    webdriver = need_module("selenium.webdriver", "pip install -e '.[dev]'")
     chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
     if not (chromium and driver):
+        missing = pytest.fail if os.environ.get("MEDFCN_REQUIRE_EXTRAS") == "1" else pytest.skip  # .ci/run: fail
         missing("chromium and chromedriver not installed (apt-get install chromium chromium-driver; .ci/run does)")
     options = webdriver.ChromeOptions()
     options.binary_location = chromium

@@ -380,6 +380,7 @@ def readme(plan: Plan, fingerprint: dict, name: str) -> str:
         *_decisions_section(plan),
         *_budget_section(plan),
         *_commands_section(fingerprint["dataset"]["dir"]),
+        *_exports_section(),
         "## Licence",
         "",
         "Code and configs: Apache-2.0. The training data's terms are unknown to medfcn: state them in",
@@ -462,6 +463,21 @@ def _budget_section(plan: Plan) -> list[str]:
         f"{plan.seconds_setup:.0f} s of loading. On a machine slower than this one was when timed, "
         "`medfcn train` ends the run after the last epoch that fits the budget, with the learning rate "
         "decayed there (`--epochs` trains a fixed number instead).",
+        "",
+    ]
+
+
+def _exports_section() -> list[str]:
+    return [
+        "## Deployment exports",
+        "",
+        "```bash",
+        "medfcn export TRAINED_BUNDLE --format onnx        # models/model.onnx: onnxruntime, dynamic axes",
+        "medfcn export TRAINED_BUNDLE --format exported    # models/model.pt2: torch.export.load(...).module()",
+        "medfcn infer TRAINED_BUNDLE scans/ --out masks/ --backend onnxruntime",
+        "```",
+        "",
+        "`configs/metadata.json` (`medfcn_exports`) lists each export, its input and how to load it.",
         "",
     ]
 
