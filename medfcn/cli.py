@@ -26,7 +26,7 @@ from medfcn.notices import quiet_library_notices
 from medfcn.outputs import exit_on_sigterm, path_text, plural
 
 # The commands in the order of a project's work, as `medfcn --help` lists them.
-WORKFLOW = ("plan", "folds", "train", "package", "infer", "evaluate", "export")
+WORKFLOW = ("plan", "folds", "train", "package", "infer", "report", "evaluate", "export")
 
 
 def _untyped_flags(params: list) -> list:

@@ -66,7 +66,7 @@ _SPLIT = "folds.json"
 _SPLIT_ENTRY = f"$os.path.join(@bundle_root, 'configs', {_SPLIT!r})"
 # sections of a planned bundle's README that speak of the untrained bundle: its next steps
 # ("It holds no weights yet: train it", the commands) and the untrained bundle's licence
-_STALE_SECTIONS = ("## Commands", "## Licence")
+_STALE_SECTIONS = ("## Commands", "## Deployment exports", "## Licence")
 _LICENSE = """Code and configs: Apache License 2.0 (see the LICENSE file at the root of the medfcn repository).
 
 Model weights (models/model.pt) were trained by the user of medfcn on their own data and are a
@@ -229,6 +229,9 @@ def _readme(name: str, run_dir: Path, settings: dict, shipped: dict, best: dict,
         "Run it: `medfcn infer <this folder> scan.nii.gz dicom_series/ --out masks/`.",
         "Retrain the same recipe: `medfcn train <this folder> --output RUN` (configs/train.json holds the",
         "run's options below).",
+        "Deploy it: `medfcn export <this folder> --format onnx` (`models/model.onnx`, for onnxruntime and",
+        "`medfcn infer --backend onnxruntime`) or `--format exported` (`models/model.pt2`, torch.export);",
+        "`configs/metadata.json` (`medfcn_exports`) then says how to load each.",
         "",
         "## Training options of the run (`medfcn_run.json`)",
         "",

@@ -264,7 +264,7 @@ def test_the_split_configs_build_the_recipe_they_always_built(bundle, dims, tmp_
     assert handlers == [
         *("BudgetKeeper", "ReseedEachEpoch", "WeightAverage", "LrScheduleHandler", "ValidateEvery"),
         "CheckpointWriter",
-        *("EpochProgress", "TensorBoardStatsHandler", "LearningRateWriter"),
+        *("EpochProgress", "CurveWriter", "TensorBoardStatsHandler", "LearningRateWriter"),
     ]  # Resume is disabled unless resuming
     window = parser.get_parsed_content("validate#inferer").inferer
     assert type(window).__name__ == {"3d": "SlidingWindowInferer", "2d": "SliceInferer"}[dims]

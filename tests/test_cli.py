@@ -179,7 +179,7 @@ def test_help_and_no_arguments_keep_their_exit_codes(tmp_path):
     assert bare.returncode == 2 and "infer" in bare.stdout and bare.stderr == ""
 
 
-COMMANDS = ("plan", "folds", "train", "package", "infer", "evaluate", "export")
+COMMANDS = ("plan", "folds", "train", "package", "infer", "report", "evaluate", "export")
 
 
 def _help(*command: str) -> str:

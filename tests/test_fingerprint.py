@@ -130,6 +130,9 @@ def test_foreground_intensity_statistics_match_what_was_written(tmp_path):
     assert 40 < stats["min"] <= stats["percentile_00_5"] and stats["max"] >= stats["percentile_99_5"]
 
 
+QUANTILE_KEYS = ["1", "5", "25", "50", "75", "95", "99"]
+
+
 def test_label_volumes_are_exact_mm3(tmp_path):
     labels = {"0": "background", "1": "small", "2": "large", "3": "never"}
     big, small = np.zeros((12, 10, 8), np.uint8), np.zeros((12, 10, 8), np.uint8)
@@ -150,11 +153,13 @@ def test_label_volumes_are_exact_mm3(tmp_path):
         "name": "small",
         "cases_present": 1,
         "voxels": {"min": 8, "median": 8, "max": 8},
-        "volume_mm3": {"min": 4.0, "median": 4.0, "max": 4.0},
+        "volume_mm3": {"min": 4.0, "median": 4.0, "max": 4.0, "quantiles": dict.fromkeys(QUANTILE_KEYS, 4.0)},
     }
     assert per_label["2"]["cases_present"] == 2
     assert per_label["2"]["voxels"] == {"min": 4, "median": 34, "max": 64}
-    assert per_label["2"]["volume_mm3"] == {"min": 12.0, "median": 22.0, "max": 32.0}
+    spread = {"min": 12.0, "median": 22.0, "max": 32.0}  # and percentiles, interpolated between 12 and 32
+    quantiles = dict(zip(QUANTILE_KEYS, [12.2, 13.0, 17.0, 22.0, 27.0, 31.0, 31.8], strict=True))
+    assert per_label["2"]["volume_mm3"] == {**spread, "quantiles": pytest.approx(quantiles)}
     assert per_label["3"]["cases_present"] == 0 and per_label["3"]["volume_mm3"]["median"] is None
     assert fingerprint["dataset"]["labels"] == labels
 

@@ -76,7 +76,15 @@ def test_profile_of_a_synthetic_dataset(tmp_path):
     assert profile["field_of_view_mm"] == {"min": [28.0, 32.0, 12.0], "max": [40.0, 40.0, 24.0]}
     assert profile["voxel_size_mm"] == {"min": [1.0, 1.0, 0.5], "max": [1.0, 2.0, 1.0]}
     counts = [np.bincount(nib.load(c["label"]).get_fdata().astype(int).ravel(), minlength=3) for c in cases[:2]]
-    assert profile["volume_mm3"]["bright"] == {"min": min(c[2] for c in counts), "max": max(c[2] for c in counts)}
+    bright = [c[2] for c in counts]
+    quantiles = dict(
+        zip(["1", "5", "25", "50", "75", "95", "99"], np.percentile(bright, [1, 5, 25, 50, 75, 95, 99]), strict=True)
+    )
+    assert profile["volume_mm3"]["bright"] == {
+        "min": min(bright),
+        "max": max(bright),
+        "quantiles": pytest.approx(quantiles, abs=0.01),
+    }
     assert profile["volume_mm3"]["dim"]["max"] == max(c[1] for c in counts)
     # within the margin (x1.5 beyond the range) nothing is said; beyond it each fact is named
     affine = np.eye(4)
