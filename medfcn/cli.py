@@ -497,14 +497,17 @@ _InferUncertainty = Annotated[
     bool,
     typer.Option(
         "--uncertainty",
-        help="Also write <case>_uncertainty.nii.gz (entropy of the class probabilities, 0..1; with --tta of "
-        "the flips' mean) and an uncertainty score per scan in volumes.csv.",
+        help="Also write <case>_uncertainty.nii.gz (entropy of the class probabilities, 0..1) and an uncertainty "
+        "score per scan in volumes.csv. With --tta the flips' softmax are averaged (not their logits), and the "
+        "mask is the argmax of that mean.",
     ),
 ]
 _InferProbabilities = Annotated[
     bool,
     typer.Option(
-        "--probabilities", help="Also write <case>_probabilities.nii.gz: the class probabilities, 4D, channel last."
+        "--probabilities",
+        help="Also write <case>_probabilities.nii.gz: the class probabilities, 4D, channel last (with --tta: as "
+        "--uncertainty averages them).",
     ),
 ]
 _InferLargestComponent = Annotated[
@@ -606,12 +609,25 @@ def infer(
     if not distributed.is_main():  # rank 0 says it for every process
         return
     typer.echo(f"done: {plural(len(rows), 'mask')} and volumes.csv in {out}")
-    if report:
-        from medfcn.report import write_report
-
-        typer.echo(f"QC report: {write_report(out, bundle=bundle, overwrite=overwrite)}")
+    report_failed = report and not _write_report_after_inference(out, bundle, overwrite)
     if rows.failures:
         _report_failures(rows.failures, out / "failures.csv")
+    if report_failed:
+        raise typer.Exit(2)
+
+
+def _write_report_after_inference(out: Path, bundle: Path, overwrite: bool) -> bool:
+    """``infer --report``'s page, once the masks are written: True when written; else its error
+    in one line (saying the masks are there), so that failed scans are still listed after it."""
+    from medfcn.errors import UserError
+    from medfcn.report import write_report
+
+    try:
+        typer.echo(f"QC report: {write_report(out, bundle=bundle, overwrite=overwrite)}")
+    except UserError as err:
+        typer.echo(f"medfcn: error: QC report not written: {err} (the masks and volumes.csv are written)", err=True)
+        return False
+    return True
 
 
 def _report_failures(failures: list[dict], table: Path) -> None:

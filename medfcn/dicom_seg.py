@@ -115,36 +115,55 @@ def segmentation(
     labels: np.ndarray,
     affine_ras: np.ndarray,
     class_names: Sequence[str],
-    model_name: str,
-    version: str,
+    model: tuple[str, str] = ("medfcn", ""),
 ) -> pydicom.Dataset:
     """The DICOM Segmentation of ``labels`` (``(X, Y, Z)`` uint8, the series' grid, RAS affine
-    in mm) for the DICOM series in ``folder``: segment k is label k, named ``class_names[k - 1]``.
+    in mm) for the DICOM series in ``folder``: segment k is label k, named ``class_names[k - 1]``;
+    ``model``: the bundle's name and version, the algorithm that made it.
 
     Raises:
-        UserError: highdicom missing, or a source slice off the mask's grid.
+        UserError: highdicom missing, a source slice off the mask's grid, or a series highdicom
+            cannot reference (an attribute missing or malformed).
     """
     check_dicom_seg_available()
+    folder = Path(folder)
+    try:
+        sources = _source_slices(folder)
+        frames = _frames(labels, affine_ras, sources, folder)
+        return _segmentation(sources, frames, class_names, model)
+    except (AttributeError, KeyError, TypeError, ValueError) as err:  # pydicom's and highdicom's
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UserError(
+            f"{folder}: its DICOM SEG cannot be made ({reason}); run without --dicom-seg for this series."
+        ) from err
+
+
+def _segmentation(
+    sources: list[pydicom.Dataset], frames: np.ndarray, class_names: Sequence[str], model: tuple[str, str]
+) -> pydicom.Dataset:
+    """highdicom's Segmentation of ``frames`` (one per source slice, label values) over ``sources``."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
-    folder = Path(folder)
-    sources = _source_slices(folder)
-    frames = _frames(labels, affine_ras, sources, folder)
+    from medfcn import __version__
+
+    name, version = model
     algorithm = hd.AlgorithmIdentificationSequence(
-        name=f"medfcn {model_name}"[:64], version=version[:64], family=codes.cid7162.ArtificialIntelligence
+        name=f"medfcn {name}"[:64], version=(version or __version__)[:64], family=codes.cid7162.ArtificialIntelligence
     )
     segments = [
         hd.seg.SegmentDescription(
             segment_number=k,
-            segment_label=name[:64],
+            segment_label=label[:64],
             segmented_property_category=codes.SCT.AnatomicalStructure,
             # no standard code is known for a bundle's class names: a local (99) coding scheme
-            segmented_property_type=hd.sr.CodedConcept(value=f"MEDFCN{k}", scheme_designator="99MEDFCN", meaning=name),
+            segmented_property_type=hd.sr.CodedConcept(
+                value=f"MEDFCN{k}", scheme_designator="99MEDFCN", meaning=label[:64]
+            ),
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algorithm,
         )
-        for k, name in enumerate(class_names, start=1)
+        for k, label in enumerate(class_names, start=1)
     ]
     return hd.seg.Segmentation(
         source_images=sources,
@@ -156,11 +175,11 @@ def segmentation(
         sop_instance_uid=hd.UID(),
         instance_number=1,
         manufacturer="medfcn",
-        manufacturer_model_name=model_name[:64] or "medfcn",
-        software_versions=version[:64],
+        manufacturer_model_name=f"{name} {version}".strip()[:64] or "medfcn",
+        software_versions=f"medfcn {__version__}",
         device_serial_number="none",
-        series_description=f"medfcn {model_name}"[:64],
-        omit_empty_frames=False,  # a frame per source slice: viewers show the mask on every slice
+        series_description=f"medfcn {name}"[:64],
+        omit_empty_frames=False,  # every source slice has its frames: viewers show the mask on every slice
     )
 
 
@@ -171,9 +190,8 @@ def stage_dicom_seg(
     affine_ras: np.ndarray,
     class_names: Sequence[str],
     target: Path,
-    model_name: str,
-    version: str,
+    model: tuple[str, str] = ("medfcn", ""),
 ) -> None:
     """Write :func:`segmentation` to a temporary file that ``stack`` renames onto ``target``."""
-    dataset = segmentation(folder, labels, affine_ras, class_names, model_name, version)
+    dataset = segmentation(folder, labels, affine_ras, class_names, model)
     dataset.save_as(str(stack.enter_context(atomic_path(target, suffix=".dcm"))), enforce_file_format=True)

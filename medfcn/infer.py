@@ -359,13 +359,14 @@ def _check_dicom_seg_inputs(scans: Sequence[Path]) -> None:
             )
 
 
-def _model_name(bundle: str | os.PathLike) -> str:
-    """``<bundle folder> <version>`` (its metadata's), naming the algorithm in a DICOM SEG."""
+def _model_name(bundle: str | os.PathLike) -> tuple[str, str]:
+    """``(bundle folder's name, its metadata's version)``, naming the algorithm in a DICOM SEG
+    (the version empty where the bundle states none)."""
     try:
         version = json.loads((Path(bundle) / "configs" / "metadata.json").read_text()).get("version", "")
     except (OSError, ValueError, AttributeError):
         version = ""
-    return f"{Path(bundle).resolve().name} {version}".strip()
+    return Path(bundle).resolve().name, str(version)
 
 
 def _refuse_namesakes(scans: Sequence[Path], targets: Sequence[Path], extras: Extras = Extras()) -> None:
@@ -423,7 +424,7 @@ class _Run:
     extras: Extras
     continue_on_error: bool
     progress: Callable[[str], None] | None
-    model: str = "medfcn"  # the bundle's name and version, for a DICOM SEG
+    model: tuple[str, str] = ("medfcn", "")  # the bundle's name and version, for a DICOM SEG
 
 
 def _segment_one(
@@ -446,8 +447,10 @@ def _segment_one(
         volumes = label_volumes(labels, affine, segmenter.class_names)
         mm3 = {n: volumes[f"{n}_mm3"] for n in segmenter.class_names}
         unlike = warn_if_unlike_training(run.profile, scan, affine, labels.shape, mm3)
-    (segmenter.writer.stage if segmenter.writer else stage_mask)(stack, labels, affine, target, scan)
-    scores = _stage_maps(stack, run, prediction, labels, target, scan)
+    with contextlib.ExitStack() as staged:  # this scan's files: all of them, or none (a failed map)
+        (segmenter.writer.stage if segmenter.writer else stage_mask)(staged, labels, affine, target, scan)
+        scores = _stage_maps(staged, run, prediction, labels, target, scan)
+        stack.enter_context(staged.pop_all())  # renamed with the batch's
     spacing = voxel_spacing(affine)
     row = {
         "input": path_text(scan),  # \xNN for the bytes of a name that are not UTF-8
@@ -481,7 +484,7 @@ def _stage_maps(
         stage_map(stack, channel_last, prediction.affine, companion_path(target, "probabilities"), scan, names)
     if run.extras.dicom_seg:
         classes = run.segmenter.class_names
-        stage_dicom_seg(stack, scan, labels, prediction.affine, classes, seg_path(target), run.model, _version())
+        stage_dicom_seg(stack, scan, labels, prediction.affine, classes, seg_path(target), run.model)
     return scores
 
 
@@ -520,13 +523,6 @@ def _stage_all_tables(stack: contextlib.ExitStack, rows: InferenceRows, out: Pat
     _stage_tables(stack, rows, out, fields=_volume_columns(run.segmenter.class_names, run.extras))
     if run.continue_on_error:
         _stage_tables(stack, rows.failures, out, "failures", fields=("input", "reason"))
-
-
-def _version() -> str:
-    """medfcn's version, for the DICOM SEG's software versions."""
-    from medfcn import __version__
-
-    return f"medfcn {__version__}"
 
 
 def _first(item: tuple) -> Any:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import errno
+import hashlib
 import io
 import os
 import shutil
@@ -31,6 +32,7 @@ if TYPE_CHECKING:  # torch is imported where a checkpoint is read or written: th
     import torch
 
 __all__ = [
+    "file_sha256",
     "atomic_named_path",
     "atomic_path",
     "atomic_torch_save",
@@ -273,6 +275,15 @@ def atomic_torch_save(obj, target: str | os.PathLike) -> None:
     torch.save(obj, buffer)
     with atomic_path(target) as tmp:
         tmp.write_bytes(buffer.getbuffer())
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of the file's bytes (hex), read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def atomic_write_text(text: str, target: str | os.PathLike) -> None:

@@ -63,4 +63,11 @@ class OnnxNetwork(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         array = x.detach().to("cpu", torch.float32).contiguous().numpy()
-        return torch.from_numpy(self.session.run(None, {self.input_name: array})[0])
+        try:
+            return torch.from_numpy(self.session.run(None, {self.input_name: array})[0])
+        except Exception as err:  # onnxruntime's own exception types: a model of another input
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise UserError(
+                f"{self.path}: onnxruntime cannot run it on an input of shape {tuple(array.shape)} ({reason}); "
+                "export the bundle again."
+            ) from err

@@ -39,7 +39,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from medfcn.data.dicom import gdcm_series_files, series_files
-from medfcn.data.profile import MARGIN, PROFILE_KEY, geometry_ras
+from medfcn.data.profile import MARGIN, bundle_profile, geometry_ras
 from medfcn.data.readers import quiet_itk
 from medfcn.errors import UserError
 from medfcn.io import atomic_write_text, refuse_existing
@@ -95,7 +95,7 @@ def write_report(
     with output_lock(out, "medfcn report"):
         check_report_target(out, overwrite)
         class_names = _class_names(rows)
-        reviews = review_scans(rows, class_names, _bundle_limits(bundle), progress)
+        reviews = review_scans(rows, out, class_names, _bundle_limits(bundle), progress)
         page = report_html(reviews, failures, class_names, bundle)
         atomic_write_text(page, out / REPORT_NAME)
     return out / REPORT_NAME
@@ -140,17 +140,18 @@ def _bundle_limits(bundle: str | os.PathLike | None) -> _Limits:
     if bundle is None:
         return _Limits()
     meta_file = Path(bundle) / "configs" / "metadata.json"
-    try:
-        meta = json.loads(meta_file.read_text())
-    except (OSError, ValueError) as err:
-        raise UserError(f"{meta_file}: cannot be read as JSON ({err}); give the bundle folder as --bundle.") from err
-    profile = meta.get(PROFILE_KEY) or {}
-    volumes = profile.get("volume_mm3") or meta.get("label_volumes_mm3") or {}
+    if not meta_file.is_file():
+        raise UserError(f"{meta_file}: not found; name the bundle folder that segmented the scans.")
+    profile = bundle_profile(meta_file) or {}  # checked: one line for a malformed profile
+    planned = json.loads(meta_file.read_text()).get("label_volumes_mm3")  # medfcn plan's, where no profile
+    volumes = profile.get("volume_mm3") or (planned if isinstance(planned, dict) else {})
     limits = _Limits()
     for name, spread in volumes.items():
-        quantiles = spread.get("quantiles") or {}
-        if "1" in quantiles and "99" in quantiles:
+        quantiles = spread.get("quantiles") if isinstance(spread, dict) else None
+        try:
             limits.volumes[name] = (float(quantiles["1"]), float(quantiles["99"]))
+        except (TypeError, KeyError, ValueError):  # none recorded (an older bundle): no volume flag
+            continue
     for what, key in (("voxel size", "voxel_size_mm"), ("field of view", "field_of_view_mm")):
         if key in profile:
             limits.geometry[what] = tuple(np.asarray(profile[key][end], dtype=float) for end in ("min", "max"))
@@ -159,15 +160,16 @@ def _bundle_limits(bundle: str | os.PathLike | None) -> _Limits:
 
 def review_scans(
     rows: list[dict],
+    out: Path,
     class_names: Sequence[str],
     limits: _Limits,
     progress: Callable[[str], None] | None = None,
 ) -> list[ScanReview]:
-    """A :class:`ScanReview` per row: its flags and its three-plane picture, in row order."""
+    """A :class:`ScanReview` per row of ``out``'s tables: its flags and its three-plane picture, in row order."""
     fence = _upper_fence([r.get("uncertainty") for r in rows])
     reviews = []
     for index, row in enumerate(rows, start=1):
-        scan, mask = _load_pair(row)
+        scan, mask = _load_pair(row, out)
         review = ScanReview(row, _flags(row, class_names, limits, mask, fence))
         review.png = three_planes_png(scan, mask, class_names)
         reviews.append(review)
@@ -229,18 +231,23 @@ def _scan_name(row: dict) -> str:
     return Path(str(row.get("mask") or row["input"])).name
 
 
-def _load_pair(row: dict) -> tuple[sitk.Image, sitk.Image]:
-    """The scan (first channel) and its mask as SimpleITK images, both turned to LPS axes.
+def _load_pair(row: dict, out: Path) -> tuple[sitk.Image, sitk.Image]:
+    """The scan (first channel) and its mask (in ``out``, the folder the report is of) as
+    SimpleITK images, both turned to LPS axes.
 
     Raises:
         UserError: either file is gone or cannot be read, or they are not on one grid.
     """
-    scan_path, mask_path = Path(row["input"]), Path(row["mask"])
+    scan_path, mask_path = Path(row["input"]), out / Path(row["mask"]).name
     scan, mask = _read_image(scan_path), _read_image(mask_path)
-    if scan.GetSize() != mask.GetSize():
+    same_grid = scan.GetSize() == mask.GetSize() and all(
+        np.allclose(getattr(scan, f"Get{what}")(), getattr(mask, f"Get{what}")(), atol=1e-3)
+        for what in ("Spacing", "Origin", "Direction")
+    )
+    if not same_grid:
         raise UserError(
-            f"{path_text(mask_path)}: its grid {mask.GetSize()} is not its scan's {scan.GetSize()} "
-            f"({path_text(scan_path)}); was the scan replaced? Run medfcn infer again."
+            f"{path_text(mask_path)}: not on its scan's grid ({path_text(scan_path)}); was the scan replaced? "
+            "Run medfcn infer again."
         )
     return sitk.DICOMOrient(scan, "LPS"), sitk.DICOMOrient(mask, "LPS")
 
@@ -249,7 +256,10 @@ def _read_image(path: Path) -> sitk.Image:
     """A scan or mask file, or a DICOM series folder, as a 3D SimpleITK image (the first
     channel or volume of a multi-channel one)."""
     if not path.exists():
-        raise UserError(f"{path_text(path)}: not found; medfcn report draws the scans where medfcn infer read them.")
+        raise UserError(
+            f"{path_text(path)}: not found; medfcn report draws the scans where medfcn infer read them (a relative "
+            "path: from the folder it ran in)."
+        )
     try:
         with quiet_itk():
             if path.is_dir():
@@ -282,7 +292,7 @@ def three_planes_png(scan: sitk.Image, mask: sitk.Image, class_names: Sequence[s
         picture, outline, aspect = _plane(image, labels, centre, spacing_zyx, plane)
         ax.imshow(picture, cmap="gray", vmin=low, vmax=high, aspect=aspect, interpolation="nearest")
         for value in range(1, len(class_names) + 1):
-            if (outline == value).any():
+            if (outline == value).any() and min(outline.shape) > 1:  # a contour needs 2 x 2 points
                 colour = _COLOURS[(value - 1) % len(_COLOURS)]
                 ax.contour(outline == value, levels=[0.5], colors=[colour], linewidths=1.2)
         ax.set_title(plane, fontsize=9)
@@ -382,7 +392,7 @@ def _row_html(review: ScanReview, class_names: Sequence[str], position: int) -> 
 
 
 def _number_cell(value: float | None, spec: str) -> str:
-    if value is None:
+    if value is None or not np.isfinite(float(value)):
         return '<td data-value="">-</td>'
     return f'<td data-value="{float(value)!r}">{spec.format(float(value))}</td>'
 

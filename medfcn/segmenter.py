@@ -16,6 +16,7 @@ Example::
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import warnings
@@ -26,7 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.transforms import AsDiscreted
+from monai.transforms import Activationsd, AsDiscreted
 
 from medfcn.bundle import BundleParser, bundle_files, configured_weights
 from medfcn.data.checks import check_scan, warn_if_label_map
@@ -41,7 +42,7 @@ from medfcn.devices import device_expression
 from medfcn.errors import UserError, root_message
 from medfcn.formats import check_itk_data, check_memory_from_header, is_itk_file, itk_read_reason
 from medfcn.inferers import FlipTTA
-from medfcn.io import load_weights
+from medfcn.io import file_sha256, load_weights
 from medfcn.masks import SaveMaskd, mask_labels
 from medfcn.onnx_network import OnnxNetwork
 from medfcn.settings import stating_file
@@ -116,7 +117,7 @@ class Segmenter:
         data["pred"] = logits[0].cpu()
         probs = None
         if probabilities:
-            steps = _argmax_last(self.postprocessing)
+            steps = len(self.postprocessing.transforms)  # the last is the argmax (checked_probabilities)
             data = self.postprocessing(data, end=steps - 1)
             probs = data["pred"].as_tensor().float() if hasattr(data["pred"], "as_tensor") else data["pred"].float()
             data = self.postprocessing(dict(data), start=steps - 1)
@@ -138,20 +139,18 @@ class Prediction:
     probabilities: torch.Tensor | None = None
 
 
-def _argmax_last(postprocessing: Callable) -> int:
-    """The number of steps of ``postprocessing``, a Compose whose last step is the argmax
-    (``AsDiscreted(argmax=True)``), so that the steps before it give probabilities.
-
-    Raises:
-        UserError: a postprocessing of another form.
-    """
+def _check_probabilities(postprocessing: Callable, config_file: Path) -> None:
+    """UserError unless ``postprocessing`` is a Compose that turns the logits into probabilities
+    (``Activationsd(softmax=True)``) and ends with the argmax (``AsDiscreted(argmax=True)``): the
+    steps before the last then give the class probabilities on the scan's grid."""
     steps = list(getattr(postprocessing, "transforms", ()))
-    if not (steps and isinstance(steps[-1], AsDiscreted) and all(steps[-1].argmax)):
+    argmax_last = bool(steps) and isinstance(steps[-1], AsDiscreted) and all(steps[-1].argmax)
+    softmax = any(isinstance(step, Activationsd) and all(step.softmax) for step in steps[:-1])
+    if not (argmax_last and softmax):
         raise UserError(
-            "this bundle's inference.json postprocessing does not end with AsDiscreted(argmax=true), so its "
-            "probabilities cannot be read before the argmax; run without --uncertainty/--probabilities."
+            f"{config_file}: its postprocessing does not apply a softmax and then end with AsDiscreted(argmax=true), "
+            "so it gives no class probabilities; run without --uncertainty/--probabilities."
         )
-    return len(steps)
 
 
 BACKENDS = ("torch", "onnxruntime")
@@ -171,11 +170,28 @@ def _network(parser: BundleParser, weights: Path, backend: str, device: str | No
     if device and torch.device(device).type != "cpu":
         raise UserError(f"--device {device}: --backend onnxruntime runs on the CPU here; leave --device out.")
     model = weights.with_suffix(".onnx")
+    export = f"medfcn export {weights.parent.parent} --format onnx"
     if not model.is_file():
-        bundle = weights.parent.parent
-        raise UserError(f"{model}: not found; export it first: medfcn export {bundle} --format onnx.")
+        raise UserError(f"{model}: not found; export it first: {export}.")
+    listed = _onnx_listing(parser)
+    if listed.get("weights_sha256") != file_sha256(weights):
+        raise UserError(
+            f"{model}: not exported from the bundle's {weights.name} (its metadata.json records another or no "
+            f"digest of the weights); export it again: {export} --overwrite."
+        )
     parser["device"] = "$torch.device('cpu')"  # inputs stay where onnxruntime reads them
     return OnnxNetwork(model)
+
+
+def _onnx_listing(parser: BundleParser) -> dict:
+    """The bundle's ``metadata.json`` entry for its ONNX export (``medfcn_exports.onnx``); empty
+    when there is none."""
+    try:
+        meta = json.loads(Path(parser.get_parsed_content("bundle_root"), "configs", "metadata.json").read_text())
+        listed = meta.get("medfcn_exports", {}).get("onnx", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return listed if isinstance(listed, dict) else {}
 
 
 def _use_probability_average(inferer: Any) -> None:
@@ -234,13 +250,15 @@ def load_segmenter(
     network = _network(parser, weights, backend, device)
     writer = parser.get_parsed_content("writer", default=None)
     inferer = parser.get_parsed_content("inferer")
+    postprocessing = parser.get_parsed_content("postprocessing")
     if probabilities:
+        _check_probabilities(postprocessing, stating_file(files["config_files"], "postprocessing"))
         _use_probability_average(inferer)
     return Segmenter(
         network=network,
         preprocessing=parser.get_parsed_content("preprocessing"),
         inferer=inferer,
-        postprocessing=parser.get_parsed_content("postprocessing"),
+        postprocessing=postprocessing,
         class_names=list(parser.get_parsed_content("class_names")),
         device=parser.get_parsed_content("device"),
         in_channels=int(parser.get_parsed_content("network_def#in_channels")),

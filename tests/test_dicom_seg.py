@@ -77,3 +77,27 @@ def test_the_nifti_mask_is_unchanged_by_the_seg(tmp_path):
     infer(BUNDLE, [folder], tmp_path / "seg", extras=SEG)
     a, b = (nib.load(tmp_path / k / "PGBM-002_HippoCrop.nii.gz") for k in ("plain", "seg"))
     assert a.header.binaryblock == b.header.binaryblock and np.array_equal(a.dataobj, b.dataobj)
+
+
+def test_a_scan_whose_seg_fails_leaves_none_of_its_files(tmp_path, monkeypatch):
+    """--continue-on-error: the failed scan's mask and maps, staged before its SEG failed, are not
+    renamed into --out with the batch's."""
+    import medfcn.infer
+
+    folders = [need(DICOM) / name for name in ("PGBM-002_HippoCrop", "PGBM-006_HippoCrop")]
+    real = medfcn.infer.stage_dicom_seg
+
+    def failing(stack, folder, *args, **kwargs):
+        if folder.name == "PGBM-006_HippoCrop":
+            raise UserError(f"{folder}: its DICOM SEG cannot be made (test)")
+        return real(stack, folder, *args, **kwargs)
+
+    monkeypatch.setattr(medfcn.infer, "stage_dicom_seg", failing)
+    extras = Extras(uncertainty=True, dicom_seg=True)
+    rows = infer(BUNDLE, folders, tmp_path, extras=extras, continue_on_error=True)
+    assert [r["input"] for r in rows] == [str(folders[0])] and len(rows.failures) == 1
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert not [name for name in written if name.startswith("PGBM-006")], written
+    assert {"PGBM-002_HippoCrop.nii.gz", "PGBM-002_HippoCrop_uncertainty.nii.gz", "PGBM-002_HippoCrop_seg.dcm"} <= set(
+        written
+    )

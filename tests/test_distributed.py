@@ -119,12 +119,15 @@ def test_two_processes_train_one_run_written_by_rank_0(tmp_path):
     written = sorted(p.name for p in out.iterdir())
     assert [n for n in written if not n.startswith("events.out.tfevents")] == [
         "best_model.pt",
+        "curves.csv",
+        "curves.png",
         "digests.json",
         "last.pt",
         "medfcn_run.json",
         "training_data.json",
     ]
-    assert len(written) == 6  # one TensorBoard events file: rank 1 wrote none
+    assert len(written) == 8  # one TensorBoard events file: rank 1 wrote none
+    assert (out / "curves.csv").read_text().count("\n") == 3  # rank 0's header and its 2 epochs
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "data", "ddp_probe.py", "run"]  # no ./runs
     digests = json.loads((out / "digests.json").read_text())
     assert len(digests) == 2 and digests[0] == digests[1]  # the ranks stayed in step

@@ -153,3 +153,15 @@ def test_infer_on_onnxruntime_writes_the_masks_pytorch_writes(tmp_path, spheres_
     for scan in scans:
         a, b = (np.asarray(nib.load(tmp_path / k / scan.name).dataobj) for k in ("torch", "onnx"))
         assert np.mean(a == b) >= 0.9999
+
+
+def test_onnxruntime_refuses_an_export_of_other_weights(tmp_path, spheres_dataset):
+    need_module("onnxruntime", "pip install -e '.[onnx]'")
+    bundle, net = _bundle_with_random_weights(tmp_path, BUNDLE)
+    export_bundle(bundle, "onnx")
+    torch.save({k: v * 1.01 for k, v in net.state_dict().items()}, bundle / "models" / "model.pt")  # retrained
+    scan = spheres_dataset / "imagesTr" / "case_000.nii.gz"
+    with pytest.raises(UserError, match=r"model.onnx: not exported from the bundle's model.pt.*--overwrite"):
+        infer(bundle, [scan], tmp_path / "out", backend="onnxruntime")
+    export_bundle(bundle, "onnx", overwrite=True)
+    assert len(infer(bundle, [scan], tmp_path / "out", backend="onnxruntime")) == 1

@@ -113,7 +113,7 @@ def test_planes_are_drawn_in_the_radiological_view(tmp_path):
     labels[12:16, 28:32, 10:14] = 2  # anterior
     (tmp_path / "out").mkdir()
     row = _case(tmp_path, "sides", labels)
-    scan, mask = _load_pair(row)
+    scan, mask = _load_pair(row, tmp_path / "out")
     array = sitk.GetArrayFromImage(mask)  # LPS (z, y, x): RAS j = 12 is LPS y = 33 - 12 = 21
     _, axial, _ = _plane(array, array, (12, 21, 12), np.ones(3), "axial")
     _, coronal, _ = _plane(array, array, (12, 21, 12), np.ones(3), "coronal")

@@ -204,3 +204,18 @@ def test_cli_writes_both_maps_and_the_score(tmp_path, spheres_dataset):
         "case_000_uncertainty.nii.gz",
         "case_000_probabilities.nii.gz",
     }
+
+
+def test_a_bundle_without_softmax_is_refused_before_any_scan(tmp_path, spheres_dataset):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(BUNDLE, bundle)
+    config_file = bundle / "configs" / "inference.json"
+    config = json.loads(config_file.read_text())
+    steps = config["postprocessing"]["transforms"]
+    config["postprocessing"]["transforms"] = [s for s in steps if s.get("_target_") != "Activationsd"]
+    config_file.write_text(json.dumps(config))
+    scan = spheres_dataset / "imagesTr" / "case_000.nii.gz"
+    with pytest.raises(UserError, match=r"inference.json: its postprocessing does not apply a softmax"):
+        infer(bundle, [scan], tmp_path / "out", extras=Extras(uncertainty=True))
+    assert not (tmp_path / "out").exists()
+    infer(bundle, [scan], tmp_path / "out")  # the mask alone needs no probabilities
