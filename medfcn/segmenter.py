@@ -250,13 +250,14 @@ def load_segmenter(
     network = _network(parser, weights, backend, device)
     writer = parser.get_parsed_content("writer", default=None)
     inferer = parser.get_parsed_content("inferer")
+    preprocessing = parser.get_parsed_content("preprocessing")  # first: postprocessing's Invertd refers to it
     postprocessing = parser.get_parsed_content("postprocessing")
     if probabilities:
         _check_probabilities(postprocessing, stating_file(files["config_files"], "postprocessing"))
         _use_probability_average(inferer)
     return Segmenter(
         network=network,
-        preprocessing=parser.get_parsed_content("preprocessing"),
+        preprocessing=preprocessing,
         inferer=inferer,
         postprocessing=postprocessing,
         class_names=list(parser.get_parsed_content("class_names")),
