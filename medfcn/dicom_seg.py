@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
+from medfcn.data.datasets import case_id
 from medfcn.data.dicom import gdcm_series_files, series_files
 from medfcn.errors import UserError
 from medfcn.io import atomic_path
@@ -45,11 +46,7 @@ def check_dicom_seg_available() -> None:
 
 def seg_path(mask: Path) -> Path:
     """``<case>_seg.dcm`` beside ``mask`` (``<case>.nii.gz``, ``.nrrd``, ``.mha``)."""
-    name = mask.name
-    for suffix in (".nii.gz", ".nii", ".nrrd", ".mha"):
-        if name.lower().endswith(suffix):
-            return mask.with_name(name[: -len(suffix)] + SEG_SUFFIX)
-    return mask.with_name(name + SEG_SUFFIX)
+    return mask.with_name(case_id(mask) + SEG_SUFFIX)
 
 
 # Type 2 attributes (present, possibly empty) of the Patient and Study modules that highdicom

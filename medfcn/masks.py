@@ -92,12 +92,7 @@ def stage_map(
 def companion_path(mask: Path, kind: str) -> Path:
     """The NIfTI written beside ``mask`` (``<case>.nii.gz``, ``.nrrd``, ``.mha``) for ``kind``:
     ``<case>_<kind>.nii.gz`` (``kind``: "uncertainty", "probabilities")."""
-    name = mask.name
-    for suffix in (".nii.gz", ".nii", ".nrrd", ".mha"):
-        if name.lower().endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    return mask.with_name(f"{name}_{kind}.nii.gz")
+    return mask.with_name(f"{case_id(mask)}_{kind}.nii.gz")
 
 
 class SaveMaskd(MapTransform):

@@ -40,7 +40,7 @@ from matplotlib.figure import Figure
 
 from medfcn.data.dicom import gdcm_series_files, series_files
 from medfcn.data.profile import MARGIN, bundle_profile, geometry_ras
-from medfcn.data.readers import quiet_itk
+from medfcn.data.readers import quiet_itk, sitk_affine_ras
 from medfcn.errors import UserError
 from medfcn.io import atomic_write_text, refuse_existing
 from medfcn.outputs import output_lock, path_text
@@ -207,7 +207,7 @@ def _flags(row: dict, class_names: Sequence[str], limits: _Limits, mask: sitk.Im
 def _geometry_flags(mask: sitk.Image, limits: _Limits) -> list[str]:
     """The voxel size and field of view (RAS axes) that lie outside the training ranges beyond
     the margin ``medfcn infer`` warns at (:data:`medfcn.data.profile.MARGIN`)."""
-    fov, voxel = geometry_ras(_ras_affine(mask), mask.GetSize())
+    fov, voxel = geometry_ras(sitk_affine_ras(mask), mask.GetSize())
     flags = []
     for what, values in (("voxel size", voxel), ("field of view", fov)):
         if what in limits.geometry:
@@ -215,15 +215,6 @@ def _geometry_flags(mask: sitk.Image, limits: _Limits) -> list[str]:
             if np.any(values < low / MARGIN) or np.any(values > high * MARGIN):
                 flags.append(f"{what} {' x '.join(f'{v:.3g}' for v in values)} mm unlike training")
     return flags
-
-
-def _ras_affine(image: sitk.Image) -> np.ndarray:
-    """The voxel-to-world affine of a SimpleITK image in RAS mm (ITK's world is LPS)."""
-    direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
-    affine = np.eye(4)
-    affine[:3, :3] = direction * np.asarray(image.GetSpacing(), dtype=float)
-    affine[:3, 3] = image.GetOrigin()
-    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
 
 
 def _scan_name(row: dict) -> str:
