@@ -2,8 +2,9 @@
 
 For each task (Task04_Hippocampus and LeftAtrium by default, each on its bundle's held-out fold
 0: cases the shipped weights never trained on), ``medfcn.infer.infer`` segments the held-out
-scans with ``Extras(uncertainty=True)``, once per TTA setting (``--tta`` only where the bundle
-trained with flips). Then, against the reference labels:
+scans with ``Extras(uncertainty=True)``, once per run of :data:`RUNS`: without and with ``--tta``
+(only where the bundle trained with flips), and for Task04 the ensemble of the 3D bundle with
+``--tta`` and the 2D bundle (``--models``; same fold 0, which neither trained on). Then, against the reference labels:
 
 - voxel AUROC: how well the uncertainty map ranks the voxels where the mask is wrong above those
   where it is right (1.0: every wrong voxel more uncertain than every right one; 0.5: chance),
@@ -41,6 +42,12 @@ REPO = Path(__file__).resolve().parents[1]
 TASKS = {
     "hippocampus": ("Task04_Hippocampus", REPO / "bundles" / "hippocampus_fcn", [1, 2]),
     "left_atrium": ("LeftAtrium", REPO / "bundles" / "left_atrium_fcn", [1]),
+}
+# the runs of each task: (--tta, --models); LeftAtrium's bundle trained without flips, and is
+# the only one of its task (no ensemble)
+RUNS = {
+    "hippocampus": [(False, ()), (True, ()), (True, (REPO / "bundles" / "hippocampus_fcn_2d",))],
+    "left_atrium": [(False, ())],
 }
 BINS = 1 << 16  # entropy histogram bins for the pooled AUROC (ties within a bin count half)
 
@@ -102,6 +109,19 @@ def scan_scores(entropy: np.ndarray, mask: np.ndarray, probabilities: np.ndarray
     return scores
 
 
+def bootstrap_rho(score: np.ndarray, error: np.ndarray, draws: int = 2000) -> tuple[float, float]:
+    """The 2.5 and 97.5 percentiles of Spearman's rho over ``draws`` resamplings of the scans
+    (with replacement; fixed seed): how far the rho of a few dozen scans may be from the truth."""
+    rng = np.random.default_rng(0)
+    values = []
+    for _ in range(draws):
+        pick = rng.integers(0, len(score), len(score))
+        value = stats.spearmanr(score[pick], error[pick])[0]
+        if np.isfinite(value):
+            values.append(value)
+    return float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))
+
+
 def evaluate_run(out: Path, cases: list[dict], labels: list[int], near: int, rows: list[dict]) -> dict:
     """AUROC, Spearman rho per score and the largest-component Dice for one inference run."""
     everywhere, nearby = PooledAuroc(), PooledAuroc()
@@ -127,6 +147,7 @@ def evaluate_run(out: Path, cases: list[dict], labels: list[int], near: int, row
     error = 1 - np.array(dices)
     rho = {key: float(stats.spearmanr([s[key] for s in scores], error)[0]) for key in scores[0]}
     rho["written"] = float(stats.spearmanr(written, error)[0])
+    low, high = bootstrap_rho(np.array(written, dtype=float), error)
     kept_dices = np.array(kept_dices)
     k = len(labels)
     return {
@@ -135,6 +156,7 @@ def evaluate_run(out: Path, cases: list[dict], labels: list[int], near: int, row
         "auroc_all_voxels": everywhere.value(),
         f"auroc_within_{near}_voxels": nearby.value(),
         "spearman_vs_1_minus_dice": rho,
+        "spearman_written_95ci": [round(low, 3), round(high, 3)],
         "largest_component": {
             "dice_per_label_with": np.nanmean(kept_dices[:, :k], 0).round(5).tolist(),
             "dice_per_label_without": np.nanmean(kept_dices[:, k:], 0).round(5).tolist(),
@@ -146,19 +168,19 @@ def evaluate_run(out: Path, cases: list[dict], labels: list[int], near: int, row
 
 
 def run_task(task: str, args: argparse.Namespace, work: Path) -> list[dict]:
-    """Every TTA setting of one task: a result row each."""
+    """Every run of one task (:data:`RUNS`): a result row each."""
     folder, bundle, labels = TASKS[task]
     data = data_root(args.data) / folder
     _, cases = fold_datalists(data, REPO / "datasets" / folder / "folds.json", 0, None)
     cases = cases[: args.max_cases] if args.max_cases else cases
-    settings = [False, True] if task == "hippocampus" else [False]  # LeftAtrium trained without flips
     results = []
-    for tta in settings:
-        out = work / f"{task}_tta{int(tta)}"
+    for tta, models in RUNS[task]:
+        out = work / f"{task}_tta{int(tta)}_models{len(models)}"
         start = time.perf_counter()
-        rows = infer(bundle, [c["image"] for c in cases], out, device=args.device, tta=tta, extras=Extras(True, True))
+        scans = [c["image"] for c in cases]
+        rows = infer(bundle, scans, out, device=args.device, tta=tta, extras=Extras(True, True), models=models)
         seconds = time.perf_counter() - start
-        result = {"task": task, "tta": tta, "infer_seconds": round(seconds, 1)}
+        result = {"task": task, "tta": tta, "models": [m.name for m in models], "infer_seconds": round(seconds, 1)}
         result.update(evaluate_run(out, cases, labels, args.near, rows))
         results.append(result)
         print(f"{task} tta={tta}: {result}", flush=True)
@@ -172,12 +194,13 @@ def table_rows(results: list[dict], near: int) -> list[dict]:
         rho, lcc = r["spearman_vs_1_minus_dice"], r["largest_component"]
         rows.append(
             {
-                "run": f"{r['task']}{' --tta' if r['tta'] else ''}",
+                "run": f"{r['task']}{' --tta' if r['tta'] else ''}{''.join(f' --models {m}' for m in r['models'])}",
                 "cases": r["cases"],
                 "dice": f"{r['dice_mean']:.4f}",
                 "auroc": f"{r['auroc_all_voxels']:.4f}",
                 "auroc_near": f"{r[f'auroc_within_{near}_voxels']:.4f}",
                 "rho": f"{rho['written']:.3f}",
+                "rho_ci": "{:.2f} to {:.2f}".format(*r["spearman_written_95ci"]),
                 "rho_others": ", ".join(f"{k} {v:.3f}" for k, v in rho.items() if k != "written"),
                 "lcc": f"{lcc['dice_mean_without']:.4f} -> {lcc['dice_mean_with']:.4f}",
                 "changed": lcc["scans_changed"],
@@ -205,6 +228,7 @@ def main(argv: list[str] | None = None) -> dict:
         "auroc": "voxel AUROC",
         "auroc_near": f"AUROC within {args.near} vox",
         "rho": "rho (score written)",
+        "rho_ci": "its 95 % bootstrap interval",
         "rho_others": "rho of other scores",
         "lcc": "Dice -> largest component",
         "changed": "scans it changed",

@@ -528,6 +528,15 @@ _InferBackend = Annotated[
         help="torch, or onnxruntime: run the bundle's models/model.onnx (medfcn export --format onnx) on the CPU.",
     ),
 ]
+_InferModels = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--models",
+        help="Another bundle to ensemble with BUNDLE (repeat for more): the mask is the argmax of their mean class "
+        "probabilities on the scan's grid, --uncertainty the entropy of that mean. Same class names needed.",
+        show_default=False,
+    ),
+]
 _InferReport = Annotated[
     bool,
     typer.Option("--report", help="Also write report.html: a QC page of every scan, flagged ones first."),
@@ -568,6 +577,7 @@ def infer(
     dicom_seg: _InferDicomSeg = False,
     report: _InferReport = False,
     backend: _InferBackend = "torch",
+    models: _InferModels = None,
     nproc_per_node: _Processes = None,
     *,
     ctx: typer.Context,
@@ -590,7 +600,8 @@ def infer(
     if report:  # before the scans are segmented, like every other output that exists
         from medfcn.report import check_report_target
 
-        check_report_target(out, overwrite)
+        with distributed.said_once_per_node():  # one line, not one per process
+            check_report_target(out, overwrite)
     rows = run_inference(
         bundle,
         inputs,
@@ -605,6 +616,7 @@ def infer(
         continue_on_error=continue_on_error,
         extras=Extras(uncertainty, probabilities, largest_component, dicom_seg),
         backend=backend,
+        models=models or (),
     )
     if not distributed.is_main():  # rank 0 says it for every process
         return

@@ -37,7 +37,7 @@ from medfcn.formats import SCAN_SUFFIXES, check_mask_format, is_itk_file, mask_s
 from medfcn.io import NIFTI_SUFFIXES, atomic_path, csv_text, nifti_files, refuse_existing
 from medfcn.masks import companion_path, mask_name, stage_map, stage_mask
 from medfcn.outputs import is_utf8, output_lock, path_text, plural, refuse_non_utf8, refuse_outputs_over_inputs
-from medfcn.segmenter import Prediction, Segmenter, load_segmenter
+from medfcn.segmenter import Ensemble, Prediction, Segmenter, load_ensemble, load_segmenter
 from medfcn.uncertainty import keep_largest_components, normalised_entropy, uncertainty_score
 
 __all__ = [
@@ -263,6 +263,7 @@ def infer(
     continue_on_error: bool = False,
     extras: Extras = Extras(),
     backend: str = "torch",
+    models: Sequence[str | os.PathLike] = (),
 ) -> InferenceRows:
     """Segment every scan in ``inputs``; write masks and the volume tables to ``out_dir``.
 
@@ -287,6 +288,11 @@ def infer(
             (:class:`Extras`).
         backend: ``"torch"``, or ``"onnxruntime"``: the bundle's ``models/model.onnx`` (``medfcn
             export BUNDLE --format onnx``) computes the network on the CPU.
+        models: further bundles to ensemble with ``bundle`` (:class:`medfcn.segmenter.Ensemble`):
+            the mask is the argmax of their mean class probabilities on the scan's grid, the
+            uncertainty map the entropy of that mean. Same class names; with ``tta`` the members
+            trained without flips run unflipped (said through ``progress``). ``bundle`` supplies
+            the mask writer and the training profile the scans are compared with.
 
     Returns:
         A row per segmented scan: input, mask, shape, spacing (mm), seconds, ``<label>_mm3``,
@@ -314,10 +320,12 @@ def infer(
             outputs = [*targets, *beside, *(out / name for name in tables)]
             distributed.agreed(lambda: refuse_existing(outputs, overwrite) if main else None)
             segmenter = distributed.agreed(
-                lambda: _segmenter(bundle, device, sw_batch_size, overlap, tta, extras, backend)
+                lambda: _segmenter([bundle, *models], device, sw_batch_size, overlap, tta, extras, backend)
             )
+            if progress and main:
+                _say_unflipped(segmenter, tta, progress)
             profile = distributed.agreed(lambda: bundle_profile(Path(bundle) / "configs" / "metadata.json"))
-            run = _Run(segmenter, profile, extras, continue_on_error, progress, _model_name(bundle))
+            run = _Run(segmenter, profile, extras, continue_on_error, progress, _model_name([bundle, *models]))
             _segment_all(run, scans, targets, out, rows)
     return rows
 
@@ -359,14 +367,19 @@ def _check_dicom_seg_inputs(scans: Sequence[Path]) -> None:
             )
 
 
-def _model_name(bundle: str | os.PathLike) -> tuple[str, str]:
+def _model_name(bundles: Sequence[str | os.PathLike]) -> tuple[str, str]:
     """``(bundle folder's name, its metadata's version)``, naming the algorithm in a DICOM SEG
-    (the version empty where the bundle states none)."""
-    try:
-        version = json.loads((Path(bundle) / "configs" / "metadata.json").read_text()).get("version", "")
-    except (OSError, ValueError, AttributeError):
-        version = ""
-    return Path(bundle).resolve().name, str(version)
+    (the version empty where the bundle states none); an ensemble's names and versions joined
+    by ``+``."""
+    names, versions = [], []
+    for bundle in bundles:
+        try:
+            version = json.loads((Path(bundle) / "configs" / "metadata.json").read_text()).get("version", "")
+        except (OSError, ValueError, AttributeError):
+            version = ""
+        names.append(Path(bundle).resolve().name)
+        versions.append(str(version))
+    return "+".join(names), "+".join(versions)
 
 
 def _refuse_namesakes(scans: Sequence[Path], targets: Sequence[Path], extras: Extras = Extras()) -> None:
@@ -392,15 +405,16 @@ def _refuse_namesakes(scans: Sequence[Path], targets: Sequence[Path], extras: Ex
 
 
 def _segmenter(
-    bundle: str | os.PathLike,
+    bundles: Sequence[str | os.PathLike],
     device: str | None,
     sw_batch_size: int | None,
     overlap: float | None,
     tta: bool,
     extras: Extras,
     backend: str = "torch",
-) -> Segmenter:
-    """:func:`load_segmenter` with the sliding-window options checked and applied."""
+) -> Segmenter | Ensemble:
+    """:func:`load_segmenter` (one bundle) or :func:`load_ensemble` (several) with the
+    sliding-window options checked and applied to each."""
     if overlap is not None and not 0 <= overlap < 1:
         raise UserError(f"--overlap {overlap}: must be in [0, 1).")
     if sw_batch_size is not None and sw_batch_size < 1:
@@ -410,16 +424,27 @@ def _segmenter(
         overrides["sw_batch_size"] = sw_batch_size
     if overlap is not None:
         overrides["overlap"] = overlap
+    if len(bundles) > 1:
+        return load_ensemble(bundles, device=device, overrides=overrides, tta=tta, backend=backend)
     return load_segmenter(
-        bundle, device=device, overrides=overrides, tta=tta, probabilities=bool(extras.maps), backend=backend
+        bundles[0], device=device, overrides=overrides, tta=tta, probabilities=bool(extras.maps), backend=backend
     )
+
+
+def _say_unflipped(segmenter: Segmenter | Ensemble, tta: bool, progress: Callable[[str], None]) -> None:
+    """With ``tta``, name the members of an ensemble that run unflipped (trained without flips)."""
+    if not (tta and isinstance(segmenter, Ensemble)):
+        return
+    for name, member in zip(segmenter.names, segmenter.members, strict=True):
+        if not member.flip_axes:
+            progress(f"--tta: {name} was trained without flips, so it runs unflipped in the ensemble.")
 
 
 @dataclass
 class _Run:
     """What every scan of one :func:`infer` run is segmented with, and how its outcome is told."""
 
-    segmenter: Segmenter
+    segmenter: Segmenter | Ensemble
     profile: dict | None  # the bundle's training data (medfcn.data.profile); None when it has none
     extras: Extras
     continue_on_error: bool

@@ -25,7 +25,25 @@ from medfcn.data.nifti import image_like_scan, is_nifti, mask_like_scan
 from medfcn.formats import check_mask_format, is_itk_file, mask_suffix, stage_itk_mask
 from medfcn.io import atomic_path
 
-__all__ = ["SaveMaskd", "companion_path", "mask_labels", "mask_name", "stage_map", "stage_mask"]
+__all__ = [
+    "LABEL_COLOURS",
+    "SaveMaskd",
+    "companion_path",
+    "label_colour",
+    "mask_labels",
+    "mask_name",
+    "stage_map",
+    "stage_mask",
+]
+
+# The colour medfcn draws each foreground label in (label 1 first; cycled beyond the eighth), the
+# same in the training overlays and the QC report
+LABEL_COLOURS = ("#e63c3c", "#3c78e6", "#3cc85a", "#e6c828", "#b43cc8", "#28c8c8", "#e68228", "#8c8c8c")
+
+
+def label_colour(value: int) -> str:
+    """The colour of foreground label ``value`` (1, 2, ...) as ``#rrggbb``."""
+    return LABEL_COLOURS[(value - 1) % len(LABEL_COLOURS)]
 
 
 def mask_name(scan: Path, suffix: str = ".nii.gz") -> str:

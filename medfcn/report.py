@@ -43,13 +43,13 @@ from medfcn.data.profile import MARGIN, bundle_profile, geometry_ras
 from medfcn.data.readers import quiet_itk, sitk_affine_ras
 from medfcn.errors import UserError
 from medfcn.io import atomic_write_text, refuse_existing
+from medfcn.masks import label_colour
 from medfcn.outputs import output_lock, path_text
 
 __all__ = ["REPORT_NAME", "ScanReview", "check_report_target", "review_scans", "write_report"]
 
 REPORT_NAME = "report.html"
 # Label outline colours (label 1, 2, ...), as the TensorBoard overlay fills them
-_COLOURS = ["#e63c3c", "#3c78e6", "#3cc85a", "#e6c828", "#b43cc8", "#28c8c8", "#e68228", "#8c8c8c"]
 _PLANES = ("axial", "coronal", "sagittal")
 
 
@@ -284,8 +284,7 @@ def three_planes_png(scan: sitk.Image, mask: sitk.Image, class_names: Sequence[s
         ax.imshow(picture, cmap="gray", vmin=low, vmax=high, aspect=aspect, interpolation="nearest")
         for value in range(1, len(class_names) + 1):
             if (outline == value).any() and min(outline.shape) > 1:  # a contour needs 2 x 2 points
-                colour = _COLOURS[(value - 1) % len(_COLOURS)]
-                ax.contour(outline == value, levels=[0.5], colors=[colour], linewidths=1.2)
+                ax.contour(outline == value, levels=[0.5], colors=[label_colour(value)], linewidths=1.2)
         ax.set_title(plane, fontsize=9)
         ax.set_axis_off()
     if title:
@@ -332,8 +331,8 @@ def report_html(
         + f"; written {datetime.datetime.now().isoformat(timespec='seconds')}"
     )
     legend = " ".join(
-        f'<span class="key" style="border-color:{_COLOURS[k % len(_COLOURS)]}">{html.escape(name)}</span>'
-        for k, name in enumerate(class_names)
+        f'<span class="key" style="border-color:{label_colour(k)}">{html.escape(name)}</span>'
+        for k, name in enumerate(class_names, 1)
     )
     return _PAGE.format(
         summary=summary,

@@ -16,12 +16,13 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
 import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,7 @@ from medfcn.masks import SaveMaskd, mask_labels
 from medfcn.onnx_network import OnnxNetwork
 from medfcn.settings import stating_file
 
-__all__ = ["BACKENDS", "Prediction", "Segmenter", "load_segmenter"]
+__all__ = ["BACKENDS", "Ensemble", "Prediction", "Segmenter", "load_ensemble", "load_segmenter"]
 
 
 @dataclass
@@ -64,6 +65,7 @@ class Segmenter:
     pixdim: Sequence[float] | None = None
     slice_axis: int | None = None  # slice-by-slice bundles: the axis (after RAS) they slice along
     writer: SaveMaskd | None = None  # inference.json's writer: stages the masks medfcn infer writes
+    flip_axes: list[int] = field(default_factory=list)  # the spatial axes test-time augmentation flips
 
     def _checked_load(self, path: str | os.PathLike) -> dict:
         """``{"image": MetaTensor (C, X, Y, Z)}`` of the scan as loaded (before any resampling),
@@ -139,6 +141,121 @@ class Prediction:
     probabilities: torch.Tensor | None = None
 
 
+@dataclass
+class Ensemble:
+    """Several bundles' segmenters as one: each scan's class probabilities are averaged over
+    the ``members`` on the scan's own grid, and the mask is their argmax (nnU-Net's way of
+    ensembling folds or configurations). Used like a :class:`Segmenter` by ``medfcn infer``;
+    the first member's writer stages the masks.
+
+    ``names``: the members' bundle folder names, in the same order (for messages).
+    """
+
+    members: list[Segmenter]
+    names: list[str]
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.members[0].class_names
+
+    @property
+    def writer(self) -> SaveMaskd | None:
+        return self.members[0].writer
+
+    def predict(self, path: str | os.PathLike, probabilities: bool = False) -> Prediction:
+        """Segment one scan with every member: labels ``(X, Y, Z)`` the argmax of the mean of
+        their probabilities ``(K, X, Y, Z)`` (returned too with ``probabilities``); ``seconds``
+        the sum of their model-compute times."""
+        with _each_warning_once():  # every member checks the same scan
+            predictions = [member.predict(path, probabilities=True) for member in self.members]
+        first = predictions[0]
+        for name, prediction in zip(self.names[1:], predictions[1:], strict=True):
+            _check_same_grid(path, (self.names[0], first), (name, prediction))
+        mean = torch.stack([p.probabilities for p in predictions]).mean(0)
+        labels = mean.argmax(0).numpy().astype(np.uint8)
+        seconds = sum(p.seconds for p in predictions)
+        return Prediction(labels, first.affine, seconds, mean if probabilities else None)
+
+
+@contextlib.contextmanager
+def _each_warning_once() -> Iterator[None]:
+    """Re-emit the warnings of the block when it ends (also when it raises), each message once."""
+    caught: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+    finally:
+        said = set()
+        for w in caught:
+            if (w.category, str(w.message)) not in said:
+                said.add((w.category, str(w.message)))
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+
+
+def _check_same_grid(path: str | os.PathLike, *named: tuple[str, Prediction]) -> None:
+    """UserError unless the predictions (``(bundle name, Prediction)``) lie on one voxel grid:
+    every bundle's postprocessing must bring its output back to the scan's own grid."""
+    (name_a, a), (name_b, b) = named
+    if a.probabilities.shape != b.probabilities.shape or not np.allclose(a.affine, b.affine, atol=1e-4):
+        raise UserError(
+            f"{path}: {name_a} and {name_b} give predictions on different voxel grids "
+            f"({tuple(a.probabilities.shape[1:])} and {tuple(b.probabilities.shape[1:])}); ensemble bundles whose "
+            "postprocessing inverts their resampling (Invertd), or run them one at a time."
+        )
+
+
+def load_ensemble(
+    bundles: Sequence[str | os.PathLike],
+    device: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    tta: bool = False,
+    backend: str = "torch",
+) -> Ensemble:
+    """The :class:`Ensemble` of ``bundles`` (two or more), each loaded by :func:`load_segmenter`
+    with its class probabilities; with ``tta`` each member trained with flips is averaged over
+    them, the others run unflipped (see ``Ensemble.members[i].flip_axes``).
+
+    Raises:
+        UserError: a bundle given twice, bundles with other class names or input channels, a
+            member whose postprocessing gives no probabilities, ``tta`` when no member was
+            trained with flips; and each member's own errors.
+    """
+    paths = [Path(b) for b in bundles]
+    resolved = [p.resolve() for p in paths]
+    for i, path in enumerate(resolved):
+        if path in resolved[:i]:
+            raise UserError(f"{paths[i]}: given twice for one ensemble; name each bundle once.")
+    members = [
+        load_segmenter(b, device, overrides, tta=tta, probabilities=True, backend=backend, flips_required=False)
+        for b in paths
+    ]
+    names = [p.name for p in resolved]
+    if tta and not any(m.flip_axes for m in members):
+        raise UserError(
+            f"--tta: none of {', '.join(names)} was trained with flips, so --tta has nothing to average; "
+            "run without --tta."
+        )
+    for path, member in zip(paths[1:], members[1:], strict=True):
+        _check_member_agrees(paths[0], members[0], path, member)
+    return Ensemble(members, names)
+
+
+def _check_member_agrees(first_path: Path, first: Segmenter, path: Path, member: Segmenter) -> None:
+    """UserError unless ``member`` segments the same classes from the same input channels as
+    ``first``: only then are their probabilities averaged class by class."""
+    if member.class_names != first.class_names:
+        raise UserError(
+            f"{path}: its class_names {member.class_names} are not {first_path}'s {first.class_names}; "
+            "an ensemble averages the same classes in the same order."
+        )
+    if member.in_channels != first.in_channels:
+        raise UserError(
+            f"{path}: takes {member.in_channels} input channels, {first_path} {first.in_channels}; "
+            "an ensemble's bundles read the same scans."
+        )
+
+
 def _check_probabilities(postprocessing: Callable, config_file: Path) -> None:
     """UserError unless ``postprocessing`` is a Compose that turns the logits into probabilities
     (``Activationsd(softmax=True)``) and ends with the argmax (``AsDiscreted(argmax=True)``): the
@@ -204,14 +321,14 @@ def _use_probability_average(inferer: Any) -> None:
         inferer = getattr(inferer, "inferer", None)
 
 
-def _flip_axes(parser: BundleParser, config_file: Path) -> list[int]:
+def _flip_axes(parser: BundleParser, config_file: Path, required: bool = True) -> list[int]:
     """The axes ``--tta`` flips: the bundle's ``trained_flip_axes`` (``[0]`` where it does not say).
 
     Raises:
-        UserError: a bundle trained without flips.
+        UserError: a bundle trained without flips, when ``required`` (else: none, ``[]``).
     """
     axes = parser.get_parsed_content("trained_flip_axes", default=[0])
-    if not axes:
+    if not axes and required:
         raise UserError(
             f"{config_file}: this model was trained without flips, so --tta has nothing to average; run without --tta."
         )
@@ -225,18 +342,20 @@ def load_segmenter(
     tta: bool = False,
     probabilities: bool = False,
     backend: str = "torch",
+    flips_required: bool = True,
 ) -> Segmenter:
     """Build the segmenter of ``bundle`` with the weights its ``weights_file`` names
     (``models/model.pt``).
 
     With ``tta`` the inferer also averages over the flips along the bundle's
     ``trained_flip_axes`` (spatial axes its model was trained flipped along; ``[0]``,
-    left-right, where a bundle does not say). With ``probabilities`` (for
+    left-right, where a bundle does not say; a bundle trained without flips is an error unless
+    not ``flips_required``, then it runs unflipped). With ``probabilities`` (for
     :meth:`Segmenter.predict`) it averages the flips' softmax, not their logits.
 
     Raises:
         UserError: incomplete bundle, missing weights, weights of another architecture, or
-            ``tta`` for a bundle trained without flips.
+            ``tta`` for a bundle trained without flips (``flips_required``).
     """
     files = bundle_files(bundle, "inference.json")
     parser = BundleParser(files["config_files"])  # a broken entry fails in one line naming the file
@@ -245,8 +364,10 @@ def load_segmenter(
     weights = configured_weights(parser, files["bundle_root"], trained)
     if device:
         parser["device"] = device_expression(device)
+    flip_axes = []
     if tta:
-        parser["tta_flip_axes"] = _flip_axes(parser, stating_file(files["config_files"], "trained_flip_axes"))
+        flip_axes = _flip_axes(parser, stating_file(files["config_files"], "trained_flip_axes"), flips_required)
+        parser["tta_flip_axes"] = flip_axes
     network = _network(parser, weights, backend, device)
     writer = parser.get_parsed_content("writer", default=None)
     inferer = parser.get_parsed_content("inferer")
@@ -266,4 +387,5 @@ def load_segmenter(
         pixdim=parser.get_parsed_content("pixdim"),
         slice_axis=parser.get_parsed_content("slice_axis", default=None),
         writer=writer if isinstance(writer, SaveMaskd) else None,
+        flip_axes=flip_axes,
     )

@@ -31,7 +31,7 @@ from medfcn.training.handlers import CheckpointWriter, ReseedEachEpoch, Validate
 from medfcn.training.monitoring import EpochProgress
 from medfcn.training.run import training_files
 
-from .conftest import BUNDLE, REPO, write_msd_dataset
+from .conftest import BUNDLE, BUNDLE_2D, REPO, write_msd_dataset
 from .test_train_split import SHAPE, TINY
 
 # a launcher's variables, which a test run inside torchrun would pass on to the jobs it starts
@@ -399,6 +399,20 @@ def test_a_bad_scan_in_one_process_leaves_no_mask_of_any(tmp_path):
     errors = [line for line in result.stderr.splitlines() if not line.startswith("medfcn: warning: ")]  # spheres
     assert len(errors) == 1 and errors[0].startswith("medfcn: error: rank 1: ") and "case_003.nii.gz" in errors[0]
     assert not out.exists() or not any(out.iterdir())  # rank 0's masks of scans 0, 2, 4 neither
+
+
+def test_an_existing_report_is_refused_in_one_line_before_any_scan(tmp_path):
+    scans = _dataset(tmp_path, n_cases=2) / "imagesTr"
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "report.html").write_text("mine")
+    result = _infer(BUNDLE, scans, "--out", out, "--report", "--models", BUNDLE_2D)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"medfcn: error: {out / 'report.html'}: already exists; pass --overwrite to replace it, "
+        "or choose another output."
+    ], result.stderr
+    assert [p.name for p in out.iterdir()] == ["report.html"] and (out / "report.html").read_text() == "mine"
 
 
 def test_the_shares_cover_every_scan_once_in_input_order(monkeypatch):

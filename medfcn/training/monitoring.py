@@ -26,6 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from medfcn.data.datasets import case_id
 from medfcn.io import atomic_path, atomic_write_text, csv_text
+from medfcn.masks import LABEL_COLOURS, label_colour
 
 __all__ = [
     "CurveWriter",
@@ -204,7 +205,10 @@ class LearningRateWriter:
         self.writer.flush()
 
 
-_COLOURS = np.array([[0, 0, 0], [230, 60, 60], [60, 120, 230], [60, 200, 90], [230, 200, 40]], dtype=np.float32)
+def _rgb(value: int) -> list[int]:
+    """Label ``value``'s colour (:func:`medfcn.masks.label_colour`) as 0..255 red, green, blue."""
+    colour = label_colour(value)
+    return [int(colour[i : i + 2], 16) for i in (1, 3, 5)]
 
 
 def overlay_slice(image: np.ndarray, labels: np.ndarray, alpha: float = 0.45) -> np.ndarray:
@@ -220,9 +224,10 @@ def overlay_slice(image: np.ndarray, labels: np.ndarray, alpha: float = 0.45) ->
     lo, hi = float(image.min()), float(image.max())
     grey = (image - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(image)
     rgb = np.repeat(grey[None].astype(np.float32), 3, axis=0)
-    lab = np.clip(labels.astype(np.int64), 0, len(_COLOURS) - 1)
+    lab = labels.astype(np.int64)
     mask = lab > 0
-    colour = _COLOURS[lab].transpose(2, 0, 1)
+    palette = np.array([[0, 0, 0], *map(_rgb, range(1, len(LABEL_COLOURS) + 1))], dtype=np.float32)
+    colour = palette[np.where(mask, (lab - 1) % len(LABEL_COLOURS) + 1, 0)].transpose(2, 0, 1)
     rgb[:, mask] = (1 - alpha) * rgb[:, mask] + alpha * colour[:, mask]
     return rgb.clip(0, 255).astype(np.uint8)
 
@@ -260,8 +265,7 @@ def overlay_figure(
         ax.imshow(_display(overlay_slice(image, labels).transpose(1, 2, 0)), interpolation="nearest")
         ax.set_title(name)
         ax.set_axis_off()
-    colours = _COLOURS[1 : len(class_names) + 1] / 255
-    handles = [Patch(color=c, label=n) for n, c in zip(class_names, colours, strict=False)]
+    handles = [Patch(color=label_colour(k), label=n) for k, n in enumerate(class_names, 1)]
     figure.legend(handles=handles, loc="outside lower center", ncols=max(len(handles), 1), frameon=False)
     figure.suptitle(title)
     return figure
