@@ -119,6 +119,8 @@ def bootstrap_rho(score: np.ndarray, error: np.ndarray, draws: int = 2000) -> tu
         value = stats.spearmanr(score[pick], error[pick])[0]
         if np.isfinite(value):
             values.append(value)
+    if not values:  # too few scans to rank
+        return float("nan"), float("nan")
     return float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))
 
 

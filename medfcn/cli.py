@@ -532,6 +532,7 @@ _InferModels = Annotated[
     list[Path] | None,
     typer.Option(
         "--models",
+        metavar="<path>",
         help="Another bundle to ensemble with BUNDLE (repeat for more): the mask is the argmax of their mean class "
         "probabilities on the scan's grid, --uncertainty the entropy of that mean. Same class names needed.",
         show_default=False,

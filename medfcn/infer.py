@@ -37,7 +37,7 @@ from medfcn.formats import SCAN_SUFFIXES, check_mask_format, is_itk_file, mask_s
 from medfcn.io import NIFTI_SUFFIXES, atomic_path, csv_text, nifti_files, refuse_existing
 from medfcn.masks import companion_path, mask_name, stage_map, stage_mask
 from medfcn.outputs import is_utf8, output_lock, path_text, plural, refuse_non_utf8, refuse_outputs_over_inputs
-from medfcn.segmenter import Ensemble, Prediction, Segmenter, load_ensemble, load_segmenter
+from medfcn.segmenter import Ensemble, Prediction, Segmenter, bundle_names, load_ensemble, load_segmenter
 from medfcn.uncertainty import keep_largest_components, normalised_entropy, uncertainty_score
 
 __all__ = [
@@ -369,17 +369,16 @@ def _check_dicom_seg_inputs(scans: Sequence[Path]) -> None:
 
 def _model_name(bundles: Sequence[str | os.PathLike]) -> tuple[str, str]:
     """``(bundle folder's name, its metadata's version)``, naming the algorithm in a DICOM SEG
-    (the version empty where the bundle states none); an ensemble's names and versions joined
-    by ``+``."""
-    names, versions = [], []
+    (the version empty where the bundle states none); an ensemble's names (:func:`bundle_names`)
+    and versions joined by ``+`` (``?`` for a member that states none; empty when none does)."""
+    versions = []
     for bundle in bundles:
         try:
             version = json.loads((Path(bundle) / "configs" / "metadata.json").read_text()).get("version", "")
         except (OSError, ValueError, AttributeError):
             version = ""
-        names.append(Path(bundle).resolve().name)
-        versions.append(str(version))
-    return "+".join(names), "+".join(versions)
+        versions.append(str(version or ""))
+    return "+".join(bundle_names(bundles)), "+".join(v or "?" for v in versions) if any(versions) else ""
 
 
 def _refuse_namesakes(scans: Sequence[Path], targets: Sequence[Path], extras: Extras = Extras()) -> None:

@@ -40,7 +40,7 @@ from medfcn.data.nifti import (
     use_file_affine,
 )
 from medfcn.devices import device_expression
-from medfcn.errors import UserError, root_message
+from medfcn.errors import InputWarning, UserError, root_message
 from medfcn.formats import check_itk_data, check_memory_from_header, is_itk_file, itk_read_reason
 from medfcn.inferers import FlipTTA
 from medfcn.io import file_sha256, load_weights
@@ -48,7 +48,7 @@ from medfcn.masks import SaveMaskd, mask_labels
 from medfcn.onnx_network import OnnxNetwork
 from medfcn.settings import stating_file
 
-__all__ = ["BACKENDS", "Ensemble", "Prediction", "Segmenter", "load_ensemble", "load_segmenter"]
+__all__ = ["BACKENDS", "Ensemble", "Prediction", "Segmenter", "bundle_names", "load_ensemble", "load_segmenter"]
 
 
 @dataclass
@@ -167,23 +167,27 @@ class Ensemble:
         their probabilities ``(K, X, Y, Z)`` (returned too with ``probabilities``); ``seconds``
         the sum of their model-compute times."""
         with _each_warning_once():  # every member checks the same scan
-            predictions = [member.predict(path, probabilities=True) for member in self.members]
-        first = predictions[0]
-        for name, prediction in zip(self.names[1:], predictions[1:], strict=True):
-            _check_same_grid(path, (self.names[0], first), (name, prediction))
-        mean = torch.stack([p.probabilities for p in predictions]).mean(0)
+            first = self.members[0].predict(path, probabilities=True)
+            total, seconds = first.probabilities, first.seconds  # a running sum: one member's maps at a time
+            for name, member in zip(self.names[1:], self.members[1:], strict=True):
+                prediction = member.predict(path, probabilities=True)
+                _check_same_grid(path, (self.names[0], first), (name, prediction))
+                total += prediction.probabilities
+                seconds += prediction.seconds
+        mean = total.div_(len(self.members))
         labels = mean.argmax(0).numpy().astype(np.uint8)
-        seconds = sum(p.seconds for p in predictions)
         return Prediction(labels, first.affine, seconds, mean if probabilities else None)
 
 
 @contextlib.contextmanager
 def _each_warning_once() -> Iterator[None]:
-    """Re-emit the warnings of the block when it ends (also when it raises), each message once."""
+    """Re-emit the warnings of the block when it ends (also when it raises), each message once;
+    an :class:`InputWarning` (about the scan) is caught every time it is raised, others as the
+    filters in force say."""
     caught: list[warnings.WarningMessage] = []
     try:
         with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+            warnings.simplefilter("always", InputWarning)
             yield
     finally:
         said = set()
@@ -197,12 +201,17 @@ def _check_same_grid(path: str | os.PathLike, *named: tuple[str, Prediction]) ->
     """UserError unless the predictions (``(bundle name, Prediction)``) lie on one voxel grid:
     every bundle's postprocessing must bring its output back to the scan's own grid."""
     (name_a, a), (name_b, b) = named
-    if a.probabilities.shape != b.probabilities.shape or not np.allclose(a.affine, b.affine, atol=1e-4):
-        raise UserError(
-            f"{path}: {name_a} and {name_b} give predictions on different voxel grids "
-            f"({tuple(a.probabilities.shape[1:])} and {tuple(b.probabilities.shape[1:])}); ensemble bundles whose "
-            "postprocessing inverts their resampling (Invertd), or run them one at a time."
-        )
+    shape_a, shape_b = tuple(a.probabilities.shape), tuple(b.probabilities.shape)
+    if shape_a != shape_b:
+        differs = f"shapes {shape_a[1:]} and {shape_b[1:]} voxels, classes {shape_a[0]} and {shape_b[0]}"
+    elif not np.allclose(a.affine, b.affine, atol=1e-4):
+        differs = f"affines up to {np.abs(a.affine - b.affine).max():.3g} mm apart"
+    else:
+        return
+    raise UserError(
+        f"{path}: {name_a} and {name_b} give predictions on different voxel grids ({differs}); ensemble bundles "
+        "whose postprocessing inverts their resampling (Invertd), or run them one at a time."
+    )
 
 
 def load_ensemble(
@@ -230,7 +239,7 @@ def load_ensemble(
         load_segmenter(b, device, overrides, tta=tta, probabilities=True, backend=backend, flips_required=False)
         for b in paths
     ]
-    names = [p.name for p in resolved]
+    names = bundle_names(paths)
     if tta and not any(m.flip_axes for m in members):
         raise UserError(
             f"--tta: none of {', '.join(names)} was trained with flips, so --tta has nothing to average; "
@@ -239,6 +248,14 @@ def load_ensemble(
     for path, member in zip(paths[1:], members[1:], strict=True):
         _check_member_agrees(paths[0], members[0], path, member)
     return Ensemble(members, names)
+
+
+def bundle_names(bundles: Sequence[str | os.PathLike]) -> list[str]:
+    """The bundles' folder names, or ``parent/name`` for those whose name another shares
+    (``fold0/spleen`` and ``fold1/spleen``), so that messages tell them apart."""
+    resolved = [Path(b).resolve() for b in bundles]
+    names = [p.name for p in resolved]
+    return [f"{p.parent.name}/{p.name}" if names.count(p.name) > 1 else p.name for p in resolved]
 
 
 def _check_member_agrees(first_path: Path, first: Segmenter, path: Path, member: Segmenter) -> None:
@@ -266,7 +283,8 @@ def _check_probabilities(postprocessing: Callable, config_file: Path) -> None:
     if not (argmax_last and softmax):
         raise UserError(
             f"{config_file}: its postprocessing does not apply a softmax and then end with AsDiscreted(argmax=true), "
-            "so it gives no class probabilities; run without --uncertainty/--probabilities."
+            "so it gives no class probabilities, which --uncertainty, --probabilities and --models need; run "
+            "without them, or add Activationsd(softmax=true) before the argmax."
         )
 
 

@@ -27,6 +27,7 @@ from medfcn import distributed
 from medfcn.bundle import bundle_files, read_config
 from medfcn.cli import app
 from medfcn.errors import PEER_LOST_STATUS, FailedOnAnotherRank, UserError
+from medfcn.infer import Extras, infer
 from medfcn.training.handlers import CheckpointWriter, ReseedEachEpoch, ValidateEvery
 from medfcn.training.monitoring import EpochProgress
 from medfcn.training.run import training_files
@@ -399,6 +400,17 @@ def test_a_bad_scan_in_one_process_leaves_no_mask_of_any(tmp_path):
     errors = [line for line in result.stderr.splitlines() if not line.startswith("medfcn: warning: ")]  # spheres
     assert len(errors) == 1 and errors[0].startswith("medfcn: error: rank 1: ") and "case_003.nii.gz" in errors[0]
     assert not out.exists() or not any(out.iterdir())  # rank 0's masks of scans 0, 2, 4 neither
+
+
+def test_an_ensemble_in_two_processes_writes_what_one_process_writes(tmp_path):
+    scans = _dataset(tmp_path, n_cases=3) / "imagesTr"
+    two = _infer(BUNDLE, scans, "--out", tmp_path / "two", "--models", BUNDLE_2D, "--uncertainty")
+    assert two.returncode == 0, two.stderr
+    rows = infer(BUNDLE, [scans], tmp_path / "one", device="cpu", models=[BUNDLE_2D], extras=Extras(uncertainty=True))
+    assert [row["uncertainty"] for row in _table(tmp_path / "two")] == [row["uncertainty"] for row in rows]
+    for name in sorted(p.name for p in scans.glob("*.nii.gz")):
+        one, other = nib.load(tmp_path / "one" / name), nib.load(tmp_path / "two" / name)
+        assert np.array_equal(np.asarray(one.dataobj), np.asarray(other.dataobj)), name
 
 
 def test_an_existing_report_is_refused_in_one_line_before_any_scan(tmp_path):

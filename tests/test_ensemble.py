@@ -16,7 +16,7 @@ import torch
 
 from medfcn.errors import UserError
 from medfcn.infer import Extras, _model_name, infer
-from medfcn.segmenter import Prediction, _check_same_grid, load_ensemble
+from medfcn.segmenter import Prediction, _check_same_grid, bundle_names, load_ensemble
 from medfcn.uncertainty import normalised_entropy, uncertainty_score
 
 from .conftest import BUNDLE, BUNDLE_2D, REPO
@@ -55,14 +55,16 @@ def test_the_mask_and_maps_come_from_the_mean_of_the_members_probabilities(tmp_p
     assert not any("hippocampus_fcn was trained" in line for line in said)  # the 3D member is flipped
 
 
-def test_the_mask_is_the_same_without_maps_asked(tmp_path, spheres_dataset):
+def test_the_mask_is_written_as_the_first_bundles_mask_is(tmp_path, spheres_dataset):
     scan = spheres_dataset / "imagesTr" / "case_002.nii.gz"
-    infer(BUNDLE, [scan], tmp_path / "plain", models=[BUNDLE_2D])
-    infer(BUNDLE, [scan], tmp_path / "maps", models=[BUNDLE_2D], extras=Extras(uncertainty=True))
-    plain = nib.load(tmp_path / "plain" / "case_002.nii.gz")
-    with_maps = nib.load(tmp_path / "maps" / "case_002.nii.gz")
-    np.testing.assert_array_equal(np.asarray(plain.dataobj), np.asarray(with_maps.dataobj))
-    np.testing.assert_array_equal(plain.affine, nib.load(scan).affine)
+    infer(BUNDLE, [scan], tmp_path / "alone")
+    infer(BUNDLE, [scan], tmp_path / "ensemble", models=[BUNDLE_2D])
+    alone = nib.load(tmp_path / "alone" / "case_002.nii.gz")
+    ensemble = nib.load(tmp_path / "ensemble" / "case_002.nii.gz")
+    assert ensemble.get_data_dtype() == np.uint8
+    assert ensemble.header.binaryblock == alone.header.binaryblock  # the scan's geometry, field by field
+    labels = np.asarray(ensemble.dataobj)
+    assert set(np.unique(labels)) <= {0, 1, 2} and (labels > 0).any()
 
 
 def test_a_warning_about_the_scan_is_listed_once_not_once_per_member(tmp_path, spheres_dataset):
@@ -110,15 +112,26 @@ def test_predictions_on_different_grids_are_refused():
         return Prediction(np.zeros(shape, np.uint8), affine, 0.0, torch.zeros((3, *shape)))
 
     _check_same_grid("scan.nii.gz", ("a", prediction((4, 5, 6))), ("b", prediction((4, 5, 6), 1e-6)))
-    for other in (prediction((4, 5, 7)), prediction((4, 5, 6), 0.5)):
-        with pytest.raises(UserError, match="scan.nii.gz: a and b give predictions on different voxel grids"):
+    differences = {"shapes .4, 5, 6. and .4, 5, 7. voxels": (4, 5, 7), "affines up to 0.5 mm apart": (4, 5, 6)}
+    for differs, shape in differences.items():
+        other = prediction(shape, 0.5 if shape == (4, 5, 6) else 0.0)
+        message = f"scan.nii.gz: a and b give predictions on different voxel grids .{differs}"
+        with pytest.raises(UserError, match=message):
             _check_same_grid("scan.nii.gz", ("a", prediction((4, 5, 6))), ("b", other))
 
 
-def test_a_dicom_seg_names_every_member_of_the_ensemble():
+def test_a_dicom_seg_names_every_member_of_the_ensemble(tmp_path):
     versions = [json.loads((b / "configs" / "metadata.json").read_text())["version"] for b in (BUNDLE, BUNDLE_2D)]
     assert _model_name([BUNDLE, BUNDLE_2D]) == ("hippocampus_fcn+hippocampus_fcn_2d", "+".join(versions))
     assert _model_name([BUNDLE]) == ("hippocampus_fcn", versions[0])
+    unversioned = [tmp_path / "a", tmp_path / "b"]  # no metadata.json
+    assert _model_name([BUNDLE, unversioned[0]]) == ("hippocampus_fcn+a", f"{versions[0]}+?")
+    assert _model_name(unversioned) == ("a+b", "")  # empty: the DICOM SEG then states medfcn's version
+
+
+def test_members_of_the_same_name_are_told_apart_by_their_folder(tmp_path):
+    folds = [tmp_path / "fold0" / "spleen", tmp_path / "fold1" / "spleen"]
+    assert bundle_names([*folds, BUNDLE]) == ["fold0/spleen", "fold1/spleen", "hippocampus_fcn"]
 
 
 def test_cli_models_option(tmp_path, spheres_dataset):
