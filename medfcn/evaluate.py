@@ -26,6 +26,7 @@ from medfcn.data.datasets import case_id
 from medfcn.data.nifti import check_gzip_integrity, scan_affine_mm, voxel_spacing
 from medfcn.errors import UserError
 from medfcn.io import atomic_write_text, csv_text, nifti_files, refuse_existing, writable_dir
+from medfcn.masks import without_maps
 from medfcn.outputs import output_lock
 
 __all__ = ["evaluate_folders", "case_metrics", "label_names", "summarise"]
@@ -133,7 +134,8 @@ def label_names(bundle: str | os.PathLike | None = None, class_names: str | None
 
 
 def _pairs(pred_dir: Path, label_dir: Path, labels: list[int] | None) -> list[tuple[Path, Path]]:
-    """``(mask, reference label)`` for every mask in ``pred_dir``, matched by case name.
+    """``(mask, reference label)`` for every mask in ``pred_dir``, matched by case name (the
+    uncertainty and probability maps ``medfcn infer`` writes beside a mask left out).
 
     Raises:
         UserError: a negative label value asked for, a folder missing, no masks, or a mask
@@ -148,7 +150,7 @@ def _pairs(pred_dir: Path, label_dir: Path, labels: list[int] | None) -> list[tu
     for folder in (pred_dir, label_dir):
         if not folder.is_dir():
             raise UserError(f"{folder}: folder not found.")
-    preds = nifti_files(pred_dir)
+    preds = without_maps(nifti_files(pred_dir))  # an infer output folder's uncertainty maps are no masks
     if not preds:
         raise UserError(f"{pred_dir}: no NIfTI masks in this folder.")
     references = {case_id(p): p for p in nifti_files(label_dir)}

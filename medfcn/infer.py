@@ -35,7 +35,7 @@ from medfcn.dicom_seg import check_dicom_seg_available, seg_path, stage_dicom_se
 from medfcn.errors import UserError, collected_input_warnings
 from medfcn.formats import SCAN_SUFFIXES, check_mask_format, is_itk_file, mask_suffix
 from medfcn.io import NIFTI_SUFFIXES, atomic_path, csv_text, nifti_files, refuse_existing
-from medfcn.masks import companion_path, mask_name, stage_map, stage_mask
+from medfcn.masks import MAP_KINDS, companion_path, mask_name, stage_map, stage_mask
 from medfcn.outputs import is_utf8, output_lock, path_text, plural, refuse_non_utf8, refuse_outputs_over_inputs
 from medfcn.segmenter import Ensemble, Prediction, Segmenter, bundle_names, load_ensemble, load_segmenter
 from medfcn.uncertainty import keep_largest_components, normalised_entropy, uncertainty_score
@@ -214,7 +214,7 @@ class Extras:
     @property
     def maps(self) -> list[str]:
         """The kinds of NIfTI written beside each mask (:func:`medfcn.masks.companion_path`)."""
-        return [kind for kind in ("uncertainty", "probabilities") if getattr(self, kind)]
+        return [kind for kind in MAP_KINDS if getattr(self, kind)]
 
     def outputs(self, mask: Path) -> list[Path]:
         """The files written beside ``mask``: its maps, its DICOM SEG."""
@@ -272,11 +272,13 @@ def infer(
         inputs: NIfTI, NRRD (``.nrrd``/``.nhdr``) and MetaImage (``.mha``/``.mhd``) files,
             folders of them, DICOM series folders, folders of series folders.
         out_dir: gets ``<case>.nii.gz`` per scan, ``volumes.csv`` and ``volumes.json``.
-        device, sw_batch_size, overlap: ``"cpu"``, ``"cuda"``... (default CUDA when available)
-            and the sliding-window settings (default: the bundle's).
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``... (default: CUDA when available).
+        sw_batch_size: windows per sliding-window step (default: the bundle's).
+        overlap: sliding-window overlap in [0, 1) (default: the bundle's).
         tta: average with predictions on flipped input, along the axes the bundle's model was
             trained flipped (left-right for the 3D hippocampus bundle: twice the compute).
-        overwrite: replace existing masks and tables (else an error); progress: gets a line per scan.
+        overwrite: replace existing masks and tables (else an error).
+        progress: gets a line per scan.
         mask_format: ``"nifti"`` (``<case>.nii.gz``), ``"nrrd"``, ``"mha"``, or ``"input"``: the
             scan's own format for NRRD and MetaImage scans (a ``.nhdr`` gives ``.nrrd``, a ``.mhd``
             ``.mha``), NIfTI for the others.

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections.abc import Sequence
 from typing import TextIO
 
 import torch
@@ -78,7 +79,7 @@ class FlipTTA(Inferer):
 
     AVERAGES = ("logits", "probabilities")
 
-    def __init__(self, inferer: Inferer, spatial_axes=(), average: str = "logits"):
+    def __init__(self, inferer: Inferer, spatial_axes: Sequence[int] = (), average: str = "logits"):
         super().__init__()
         if average not in self.AVERAGES:
             raise ValueError(f"average {average!r}: one of {', '.join(self.AVERAGES)}")

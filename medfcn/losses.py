@@ -17,9 +17,9 @@ __all__ = ["DeepSupervisionLoss"]
 class DeepSupervisionLoss(_MonaiDeepSupervisionLoss):
     """Weighted sum of ``loss`` over the scales of a deeply supervised output.
 
-    Args:
-        loss: the per-scale loss, e.g. ``DiceCELoss(to_onehot_y=True, softmax=True)``.
-        weight_mode, weights: as in MONAI (``"exp"``: 1, 0.5, 0.25, ... finest first).
+    Takes MONAI's ``DeepSupervisionLoss`` arguments: ``loss``, the per-scale loss, e.g.
+    ``DiceCELoss(to_onehot_y=True, softmax=True)``; ``weight_mode`` and ``weights`` as in MONAI
+    (``"exp"``: 1, 0.5, 0.25, ... finest first).
 
     ``input``: ``(B, L, C, *S)`` (L scales, finest first) or a plain ``(B, C, *S)``;
     ``target``: ``(B, 1, *S)`` labels.

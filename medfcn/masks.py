@@ -27,6 +27,7 @@ from medfcn.io import atomic_path
 
 __all__ = [
     "LABEL_COLOURS",
+    "MAP_KINDS",
     "SaveMaskd",
     "companion_path",
     "label_colour",
@@ -34,6 +35,7 @@ __all__ = [
     "mask_name",
     "stage_map",
     "stage_mask",
+    "without_maps",
 ]
 
 # The colour medfcn draws each foreground label in (label 1 first; cycled beyond the eighth), the
@@ -107,10 +109,21 @@ def stage_map(
     nib.save(image, stack.enter_context(atomic_path(target, suffix=".nii.gz")))
 
 
+# The maps medfcn infer can write beside a mask (--uncertainty, --probabilities)
+MAP_KINDS = ("uncertainty", "probabilities")
+
+
 def companion_path(mask: Path, kind: str) -> Path:
-    """The NIfTI written beside ``mask`` (``<case>.nii.gz``, ``.nrrd``, ``.mha``) for ``kind``:
-    ``<case>_<kind>.nii.gz`` (``kind``: "uncertainty", "probabilities")."""
+    """The NIfTI written beside ``mask`` (``<case>.nii.gz``, ``.nrrd``, ``.mha``) for ``kind``
+    (one of :data:`MAP_KINDS`): ``<case>_<kind>.nii.gz``."""
     return mask.with_name(f"{case_id(mask)}_{kind}.nii.gz")
+
+
+def without_maps(files: Sequence[Path]) -> list[Path]:
+    """``files`` less the maps written beside any of them (:func:`companion_path`): the masks of
+    a ``medfcn infer`` output folder."""
+    maps = {companion_path(f, kind) for f in files for kind in MAP_KINDS}
+    return [f for f in files if f not in maps]
 
 
 class SaveMaskd(MapTransform):

@@ -49,7 +49,6 @@ from medfcn.outputs import output_lock, path_text
 __all__ = ["REPORT_NAME", "ScanReview", "check_report_target", "review_scans", "write_report"]
 
 REPORT_NAME = "report.html"
-# Label outline colours (label 1, 2, ...), as the TensorBoard overlay fills them
 _PLANES = ("axial", "coronal", "sagittal")
 
 

@@ -269,3 +269,13 @@ def test_a_label_without_a_name_is_refused_when_names_are_given(tmp_path):
     assert not (tmp_path / "m").exists() or not list((tmp_path / "m").iterdir())
     rows, _ = evaluate_folders(tmp_path / "pred", tmp_path / "labels", labels=[1], class_names={1: "anterior"})
     assert "dice_1" in rows[0]  # scoring only the named label is fine
+
+
+def test_an_infer_output_folder_is_scored_without_its_maps(tmp_path, spheres_dataset):
+    from medfcn.infer import Extras, infer
+
+    scans = [spheres_dataset / "imagesTr" / f"case_00{k}.nii.gz" for k in (0, 1)]
+    infer(BUNDLE, scans, tmp_path / "out", extras=Extras(uncertainty=True, probabilities=True))
+    assert len(list((tmp_path / "out").glob("*.nii.gz"))) == 6  # 2 masks, 2 x 2 maps
+    rows, _ = evaluate_folders(tmp_path / "out", spheres_dataset / "labelsTr")
+    assert [row["case"] for row in rows] == ["case_000", "case_001"]

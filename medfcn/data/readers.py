@@ -16,6 +16,7 @@ import contextlib
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
@@ -98,7 +99,7 @@ class SimpleITKReader(ImageReader):
         img.affine  # RAS, mm
     """
 
-    def __init__(self, channel_dim: int | None = None, nifti: bool = True, **kwargs):
+    def __init__(self, channel_dim: int | None = None, nifti: bool = True, **kwargs: Any):
         super().__init__()
         self.channel_dim = channel_dim
         self.nifti = nifti
