@@ -6,7 +6,9 @@ cannot drift from what they describe:
 - ``models/<bundle>.md``: one card per shipped bundle (``bundles/*``), from its
   ``configs/metadata.json``, ``configs/common.json``, ``LICENSE`` and ``docs/README.md``;
 - the settings table of ``reference/bundle-format.md`` (at its marker): what ``medfcn train``
-  accepts for each setting (``medfcn.settings.RULES``) and the shipped bundles' values.
+  accepts for each setting (``medfcn.settings.RULES``) and the shipped bundles' values;
+- the condensed history at the top of ``experiments.md`` (at its marker): every row of its
+  tables as number, what was tried, verdict and date, each cut to its first clause.
 
 Run by ``mkdocs build`` / ``mkdocs serve`` (``mkdocs.yml``: ``plugins: gen-files``); the pages
 are written into the build only, never into ``docs/``.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 from pathlib import Path
 
 import click
@@ -26,8 +29,26 @@ from medfcn.cli import app
 from medfcn.settings import RULES
 
 REPO = Path(__file__).resolve().parents[1]
-BUNDLES = sorted(p.parent.parent for p in (REPO / "bundles").glob("*/configs/metadata.json"))
+
+
+def _shipped_bundles() -> list[Path]:
+    """The bundles the repository ships (tracked by git), not one a user planned into
+    ``bundles/``; every ``bundles/*`` where git is not there to ask."""
+    found = sorted(p.parent.parent for p in (REPO / "bundles").glob("*/configs/metadata.json"))
+    try:
+        listed = subprocess.run(
+            ["git", "ls-files", "bundles/*/configs/metadata.json"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        return found
+    tracked = {(REPO / name).parent.parent for name in listed}
+    return [bundle for bundle in found if bundle in tracked]
+
+
+BUNDLES = _shipped_bundles()
 SETTINGS_MARKER = "<!-- medfcn: settings table -->"
+HISTORY_MARKER = "<!-- medfcn: condensed history -->"
+CLAUSE_ENDS = (" (", "; ", ": ", ". ", ", ")
 
 
 def _cell(text: str | None) -> str:
@@ -67,6 +88,7 @@ def command_page(group: click.Group) -> str:
         group.help or "",
         "",
     ]
+    lines += ["| option of `medfcn` itself | meaning |", "| --- | --- |", *_parameter_rows(group, root), ""]
     for name in group.list_commands(root):
         command = group.get_command(root, name)
         ctx = click.Context(command, info_name=f"medfcn {name}", parent=root)
@@ -83,15 +105,20 @@ def _first_line(path: Path) -> str:
     return next((line.strip() for line in path.read_text().splitlines() if line.strip()), "")
 
 
+def _shown(value) -> str:
+    """A metadata value for a cell: a number or text as it is, a list or a mapping of them one
+    level deep (``a: 1, b: 2``)."""
+    if isinstance(value, dict):
+        return ", ".join(f"{k}: {_shown(v)}" for k, v in value.items())
+    if isinstance(value, list):
+        return ", ".join(map(_shown, value))
+    return str(value)
+
+
 def _performance_rows(performance: dict) -> list[str]:
-    """Table rows of a bundle's ``metadata.json`` ``performance``: its held-out scores and how
-    they were measured (per-case lists left out)."""
-    rows = []
-    for key, value in performance.items():
-        if isinstance(value, (dict, list)):
-            continue
-        rows.append(f"| {_cell(key.replace('_', ' '))} | {_text(str(value))} |")
-    return rows
+    """Table rows of a bundle's ``metadata.json`` ``performance``: its held-out scores (per case
+    too) and how they were measured."""
+    return [f"| {_cell(key.replace('_', ' '))} | {_text(_shown(value))} |" for key, value in performance.items()]
 
 
 def _demoted(markdown: str) -> str:
@@ -118,6 +145,7 @@ def model_card(bundle: Path) -> str:
         f"| intended use | {_text(meta.get('intended_use'))} |",
         f"| licence | {_cell(_first_line(bundle / 'LICENSE'))} (`bundles/{bundle.name}/LICENSE`) |",
         *_performance_rows(meta.get("performance", {})),
+        *([f"| training command | {_text(meta['training_command'])} |"] if "training_command" in meta else []),
         f"| MONAI / PyTorch | {_text(meta.get('monai_version'))} / {_text(meta.get('pytorch_version'))} |",
     ]
     lines = [
@@ -182,6 +210,44 @@ def bundle_format_page() -> str:
     return source.replace(SETTINGS_MARKER, settings_table())
 
 
+def _first_clause(text: str, limit: int = 100) -> str:
+    """``text`` up to the end of its first clause within ``limit`` characters (else cut at a
+    space, with an ellipsis), with its code spans closed."""
+    ends = [text.find(mark, 15) for mark in CLAUSE_ENDS]
+    cut = min([end for end in ends if 0 < end <= limit], default=-1)
+    if cut < 0 and len(text) > limit:
+        cut = text.rfind(" ", 0, limit)
+    short = text if cut < 0 else text[:cut] + " ..."
+    short += "`" if short.count("`") % 2 else ""  # a code span or bold text cut open is closed
+    return short + ("**" if short.count("**") % 2 else "")
+
+
+def condensed_history(markdown: str) -> str:
+    """One table of every experiment row of ``experiments.md`` (``| # | what | result | ... |
+    verdict | date |``), grouped under its section's title."""
+    lines = ["| # | what was tried | result | verdict | when |", "| --- | --- | --- | --- | --- |"]
+    section = None  # a section's title, written before its first row
+    for line in markdown.splitlines():
+        if line.startswith("## "):
+            section = line[3:]
+        cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
+        if len(cells) >= 5 and cells[0].isdigit():
+            if section:
+                lines.append(f"| | **{_cell(section)}** | | | |")
+                section = None
+            what, result, verdict = (_first_clause(c) for c in (cells[1], cells[2], cells[-2]))
+            lines.append(f"| {cells[0]} | {what} | {result} | {verdict} | {cells[-1]} |")
+    return "\n".join(lines)
+
+
+def experiments_page() -> str:
+    """``docs/experiments.md`` with the condensed history filled in at its marker."""
+    source = (REPO / "docs" / "experiments.md").read_text()
+    if HISTORY_MARKER not in source:
+        raise ValueError(f"docs/experiments.md: lost its marker {HISTORY_MARKER}")
+    return source.replace(HISTORY_MARKER, condensed_history(source))
+
+
 def main() -> None:
     with mkdocs_gen_files.open("reference/cli.md", "w") as page:
         page.write(command_page(typer.main.get_command(app)))
@@ -190,6 +256,8 @@ def main() -> None:
             page.write(model_card(bundle))
     with mkdocs_gen_files.open("reference/bundle-format.md", "w") as page:
         page.write(bundle_format_page())
+    with mkdocs_gen_files.open("experiments.md", "w") as page:
+        page.write(experiments_page())
 
 
 main()

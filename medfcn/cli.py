@@ -518,7 +518,8 @@ _InferDicomSeg = Annotated[
     bool,
     typer.Option(
         "--dicom-seg",
-        help="Also write <case>_seg.dcm, a DICOM Segmentation of each DICOM series input (needs medfcn[dicom]).",
+        help="Also write <case>_seg.dcm, a DICOM Segmentation of each DICOM series input (needs the dicom extra: "
+        "pip install -e '.[dicom]').",
     ),
 ]
 _InferBackend = Annotated[
@@ -781,7 +782,7 @@ def export(
 ) -> None:
     """Export models/model.pt for deployment, checked against the state dict before it is written.
 
-    onnx: dynamic batch and spatial axes, checked with onnxruntime (needs medfcn[onnx]); run it
+    onnx: dynamic batch and spatial axes, checked with onnxruntime (needs the onnx extra); run it
     with medfcn infer --backend onnxruntime. exported: a torch.export program taking windows of
     the bundle's patch size. torchscript: deprecated in torch 2.13. The bundle's metadata.json
     lists the onnx and exported files and how to load them.

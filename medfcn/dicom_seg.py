@@ -9,7 +9,7 @@ Each source slice is matched to the mask by geometry, not by order: its Image Po
 must fall on a slice of the mask's grid (within 1 % of a voxel) and its Image Orientation on the
 grid's axes; anything else is refused in one line instead of a SEG that would lie on other slices.
 
-Needs the ``dicom`` extra: ``pip install 'medfcn[dicom]'`` (highdicom).
+Needs the ``dicom`` extra (highdicom, pydicom): ``pip install -e '.[dicom]'`` in a clone.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from medfcn.io import atomic_path
 __all__ = ["SEG_SUFFIX", "check_dicom_seg_available", "segmentation", "seg_path", "stage_dicom_seg"]
 
 SEG_SUFFIX = "_seg.dcm"
-_INSTALL = "pip install 'medfcn[dicom]'"
+_INSTALL = "pip install 'highdicom>=0.23' 'pydicom>=3' (medfcn's dicom extra: pip install -e '.[dicom]' in a clone)"
 # how far (voxels) a source slice's position or orientation may lie off the mask's grid
 _TOLERANCE_VOXELS = 0.01
 _LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # RAS <-> LPS (DICOM's patient coordinates)

@@ -15,7 +15,7 @@ from medfcn.errors import UserError
 
 __all__ = ["ONNX_INSTALL", "OnnxNetwork", "onnx_session", "onnxruntime_module"]
 
-ONNX_INSTALL = "pip install 'medfcn[onnx]'"
+ONNX_INSTALL = "pip install onnx onnxruntime onnxscript (medfcn's onnx extra: pip install -e '.[onnx]' in a clone)"
 
 
 def onnxruntime_module(what: str):

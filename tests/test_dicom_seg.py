@@ -66,7 +66,7 @@ def test_a_nifti_input_is_refused_in_one_line_before_anything_is_written(tmp_pat
 def test_without_highdicom_the_message_names_the_install(tmp_path, monkeypatch):
     folder = need(DICOM) / "PGBM-002_HippoCrop"
     monkeypatch.setitem(sys.modules, "highdicom", None)  # import fails as when it is not installed
-    with pytest.raises(UserError, match=r"--dicom-seg needs highdicom.*pip install 'medfcn\[dicom\]'"):
+    with pytest.raises(UserError, match=r"--dicom-seg needs highdicom.*pip install 'highdicom>=0.23' 'pydicom>=3'"):
         infer(BUNDLE, [folder], tmp_path / "out", extras=SEG)
     assert not (tmp_path / "out").exists()
 

@@ -134,7 +134,7 @@ def test_unknown_format_and_missing_onnxruntime_are_one_line_errors(tmp_path, mo
     with pytest.raises(UserError, match=r"--format 'tflite': one of torchscript, exported, onnx\."):
         export_bundle(bundle, "tflite")
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
-    with pytest.raises(UserError, match=r"--format onnx needs onnxruntime.*pip install 'medfcn\[onnx\]'"):
+    with pytest.raises(UserError, match=r"--format onnx needs onnxruntime.*pip install onnx onnxruntime onnxscript"):
         export_bundle(bundle, "onnx")
     assert not (bundle / "models" / "model.onnx").exists()
 
