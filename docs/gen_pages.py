@@ -25,6 +25,7 @@ import click
 import mkdocs_gen_files
 import typer
 
+from medfcn.bundle import read_config
 from medfcn.cli import app
 from medfcn.settings import RULES
 
@@ -172,14 +173,10 @@ def model_card(bundle: Path) -> str:
 
 
 def _bundle_settings(bundle: Path) -> dict:
-    """The top-level entries of a bundle's training configs as ``medfcn train`` merges them
-    (``common.json``, then ``train.json``, then ``multi_gpu_train.json``)."""
-    merged: dict = {}
-    for name in ("common.json", "train.json", "multi_gpu_train.json"):
-        path = bundle / "configs" / name
-        if path.is_file():
-            merged.update(json.loads(path.read_text()))
-    return merged
+    """The training configs of a bundle merged as ``medfcn train`` merges them in several
+    processes (``common.json``, ``train.json``, ``multi_gpu_train.json``; :func:`read_config`)."""
+    names = ("common.json", "train.json", "multi_gpu_train.json")
+    return read_config([bundle / "configs" / n for n in names if (bundle / "configs" / n).is_file()]).get()
 
 
 def _value(value) -> str:

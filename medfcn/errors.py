@@ -73,19 +73,25 @@ def root_message(err: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def collected_input_warnings() -> Iterator[list[str]]:
+def collected_input_warnings(once: bool = False) -> Iterator[list[str]]:
     """Collect the messages of the :class:`InputWarning` s raised in the block (each one, also
     repeats) into the list it yields, filled when the block ends, e.g. for a scan's row of
     ``volumes.csv``. Every warning caught, of any kind, is re-emitted then, also when the block
-    raises, so the CLI still prints each as it did."""
+    raises, so the CLI still prints each as it did. With ``once``, a warning raised again with
+    the same category and message (several models checking one scan) counts and is re-emitted
+    once."""
     messages: list[str] = []
     caught: list[warnings.WarningMessage] = []
+    said: set[tuple[type, str]] = set()
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", InputWarning)
             yield messages
     finally:
         for w in caught:
+            if once and (w.category, str(w.message)) in said:
+                continue
+            said.add((w.category, str(w.message)))
             if issubclass(w.category, InputWarning):
                 messages.append(str(w.message))
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)

@@ -16,12 +16,11 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +39,7 @@ from medfcn.data.nifti import (
     use_file_affine,
 )
 from medfcn.devices import device_expression
-from medfcn.errors import InputWarning, UserError, root_message
+from medfcn.errors import UserError, collected_input_warnings, root_message
 from medfcn.formats import check_itk_data, check_memory_from_header, is_itk_file, itk_read_reason
 from medfcn.inferers import FlipTTA
 from medfcn.io import file_sha256, load_weights
@@ -166,7 +165,7 @@ class Ensemble:
         """Segment one scan with every member: labels ``(X, Y, Z)`` the argmax of the mean of
         their probabilities ``(K, X, Y, Z)`` (returned too with ``probabilities``); ``seconds``
         the sum of their model-compute times."""
-        with _each_warning_once():  # every member checks the same scan
+        with collected_input_warnings(once=True):  # every member checks the same scan: each warning once
             first = self.members[0].predict(path, probabilities=True)
             total, seconds = first.probabilities, first.seconds  # a running sum: one member's maps at a time
             for name, member in zip(self.names[1:], self.members[1:], strict=True):
@@ -177,24 +176,6 @@ class Ensemble:
         mean = total.div_(len(self.members))
         labels = mean.argmax(0).numpy().astype(np.uint8)
         return Prediction(labels, first.affine, seconds, mean if probabilities else None)
-
-
-@contextlib.contextmanager
-def _each_warning_once() -> Iterator[None]:
-    """Re-emit the warnings of the block when it ends (also when it raises), each message once;
-    an :class:`InputWarning` (about the scan) is caught every time it is raised, others as the
-    filters in force say."""
-    caught: list[warnings.WarningMessage] = []
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", InputWarning)
-            yield
-    finally:
-        said = set()
-        for w in caught:
-            if (w.category, str(w.message)) not in said:
-                said.add((w.category, str(w.message)))
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
 
 
 def _check_same_grid(path: str | os.PathLike, *named: tuple[str, Prediction]) -> None:

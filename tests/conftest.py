@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -27,6 +29,12 @@ NO_CUDA_DEVICE = (
     if torch.version.cuda is None
     else "no such CUDA device on this machine; use --device cpu"
 )
+
+
+def medfcn(*args: str, env=None) -> subprocess.CompletedProcess:
+    """``medfcn ARGS`` in a new process from the repository root: its exit code and output."""
+    command = [sys.executable, "-m", "medfcn.cli", *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
 
 
 def need_module(name: str, install: str):

@@ -15,13 +15,7 @@ from typer.testing import CliRunner
 
 from medfcn.cli import app
 
-from .conftest import BUNDLE, REPO
-
-
-def medfcn(*args: str, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "medfcn.cli", *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=300
-    )
+from .conftest import BUNDLE, REPO, medfcn
 
 
 def test_help_lists_commands():

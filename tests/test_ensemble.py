@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 
 import nibabel as nib
 import numpy as np
@@ -19,7 +17,7 @@ from medfcn.infer import Extras, _model_name, infer
 from medfcn.segmenter import Prediction, _check_same_grid, bundle_names, load_ensemble
 from medfcn.uncertainty import normalised_entropy, uncertainty_score
 
-from .conftest import BUNDLE, BUNDLE_2D, REPO
+from .conftest import BUNDLE, BUNDLE_2D, REPO, medfcn
 
 ALL_MAPS = Extras(uncertainty=True, probabilities=True)
 
@@ -136,14 +134,8 @@ def test_members_of_the_same_name_are_told_apart_by_their_folder(tmp_path):
 
 def test_cli_models_option(tmp_path, spheres_dataset):
     scan = spheres_dataset / "imagesTr" / "case_000.nii.gz"
-    command = [sys.executable, "-m", "medfcn", "infer", str(BUNDLE), str(scan), "--models", str(BUNDLE_2D)]
-    done = subprocess.run(
-        [*command, "--out", str(tmp_path / "o"), "--tta", "--uncertainty"],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=300,
-    )
+    command = ["infer", BUNDLE, scan, "--models", BUNDLE_2D]
+    done = medfcn(*command, "--out", tmp_path / "o", "--tta", "--uncertainty")
     assert done.returncode == 0, done.stderr
     assert "hippocampus_fcn_2d was trained without flips" in done.stdout
     assert {p.name for p in (tmp_path / "o").iterdir()} == {
@@ -152,13 +144,7 @@ def test_cli_models_option(tmp_path, spheres_dataset):
         "volumes.csv",
         "volumes.json",
     }
-    refused = subprocess.run(
-        [*command, "--models", str(BUNDLE_2D), "--out", str(tmp_path / "p")],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=300,
-    )
+    refused = medfcn(*command, "--models", BUNDLE_2D, "--out", tmp_path / "p")
     assert refused.returncode == 2
     assert refused.stderr.strip().splitlines() == [refused.stderr.strip()]  # one line, no traceback
     assert "given twice for one ensemble" in refused.stderr

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 
 import nibabel as nib
 import numpy as np
@@ -20,7 +18,7 @@ from medfcn.infer import Extras, infer
 from medfcn.inferers import FlipTTA
 from medfcn.uncertainty import boundary_band, keep_largest_components, normalised_entropy, uncertainty_score
 
-from .conftest import BUNDLE, DICOM, REPO, need
+from .conftest import BUNDLE, DICOM, medfcn, need
 
 ALL_MAPS = Extras(uncertainty=True, probabilities=True)
 
@@ -190,14 +188,8 @@ def test_largest_component_leaves_one_component_per_label_and_counts_it(tmp_path
 
 def test_cli_writes_both_maps_and_the_score(tmp_path, spheres_dataset):
     scan = spheres_dataset / "imagesTr" / "case_000.nii.gz"
-    command = [sys.executable, "-m", "medfcn", "infer", str(BUNDLE), str(scan), "--out", str(tmp_path / "o")]
-    done = subprocess.run(
-        [*command, "--tta", "--uncertainty", "--probabilities", "--largest-component"],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=300,
-    )
+    maps = ("--tta", "--uncertainty", "--probabilities", "--largest-component")
+    done = medfcn("infer", BUNDLE, scan, "--out", tmp_path / "o", *maps)
     assert done.returncode == 0, done.stderr
     assert "uncertainty 0." in done.stdout
     assert {p.name for p in (tmp_path / "o").iterdir()} >= {

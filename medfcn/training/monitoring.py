@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from monai.utils import CommonKeys
@@ -205,10 +206,8 @@ class LearningRateWriter:
         self.writer.flush()
 
 
-def _rgb(value: int) -> list[int]:
-    """Label ``value``'s colour (:func:`medfcn.masks.label_colour`) as 0..255 red, green, blue."""
-    colour = label_colour(value)
-    return [int(colour[i : i + 2], 16) for i in (1, 3, 5)]
+# LABEL_COLOURS as 0..255 red, green, blue (labels 1, 2, ...)
+_PALETTE = np.round(np.array([to_rgb(colour) for colour in LABEL_COLOURS], dtype=np.float32) * 255)
 
 
 def overlay_slice(image: np.ndarray, labels: np.ndarray, alpha: float = 0.45) -> np.ndarray:
@@ -226,8 +225,7 @@ def overlay_slice(image: np.ndarray, labels: np.ndarray, alpha: float = 0.45) ->
     rgb = np.repeat(grey[None].astype(np.float32), 3, axis=0)
     lab = labels.astype(np.int64)
     mask = lab > 0
-    palette = np.array([[0, 0, 0], *map(_rgb, range(1, len(LABEL_COLOURS) + 1))], dtype=np.float32)
-    colour = palette[np.where(mask, (lab - 1) % len(LABEL_COLOURS) + 1, 0)].transpose(2, 0, 1)
+    colour = _PALETTE[(lab - 1) % len(_PALETTE)].transpose(2, 0, 1)  # read where mask only
     rgb[:, mask] = (1 - alpha) * rgb[:, mask] + alpha * colour[:, mask]
     return rgb.clip(0, 255).astype(np.uint8)
 
