@@ -234,6 +234,26 @@ def markdown_table(runs: list[dict]) -> list[str]:
     return rows
 
 
+def plot_curves(runs: list[dict], fold: int, path: Path) -> None:
+    """Write ``path``: each run's mean validation Dice (y) against its training minutes (x)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in runs:
+        ax.plot([c["minutes"] for c in r["curve"]], [c["mean"] for c in r["curve"]], marker=".", label=r["name"])
+    ax.set_xlabel("training minutes (2 CPU cores)")
+    ax.set_ylabel(f"mean validation Dice, fold {fold}")
+    ax.set_ylim(0.5, 0.95)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=60.0, help="training minutes per model")
@@ -296,21 +316,7 @@ def main() -> None:
         result[f"minutes_settled_{level}"] = {r["name"]: settled_time(r["curve"], level) for r in runs}
     (RESULTS / f"accuracy{args.tag}.json").write_text(json.dumps(result, indent=1) + "\n")
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in runs:
-        ax.plot([c["minutes"] for c in r["curve"]], [c["mean"] for c in r["curve"]], marker=".", label=r["name"])
-    ax.set_xlabel("training minutes (2 CPU cores)")
-    ax.set_ylabel(f"mean validation Dice, fold {args.fold}")
-    ax.set_ylim(0.5, 0.95)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(RESULTS / f"accuracy{args.tag}.png", dpi=120)
+    plot_curves(runs, args.fold, RESULTS / f"accuracy{args.tag}.png")
 
     print("\n".join(markdown_table(runs)))
 

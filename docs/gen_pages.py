@@ -99,11 +99,15 @@ def command_page(group: click.Group) -> str:
     return "\n".join(lines)
 
 
-def _first_line(path: Path) -> str:
-    """The first non-empty line of a text file, or an empty string where there is none."""
+def _licence(path: Path) -> str:
+    """A bundle's ``LICENSE`` for its card: the code's terms (the first paragraph) and the
+    weights' (the paragraph that starts "Model weights", which may differ: research use only);
+    empty where there is no file."""
     if not path.is_file():
         return ""
-    return next((line.strip() for line in path.read_text().splitlines() if line.strip()), "")
+    paragraphs = [" ".join(p.split()) for p in re.split(r"\n\s*\n", path.read_text()) if p.strip()]
+    weights = [p for p in paragraphs[1:] if p.startswith("Model weights")]
+    return " ".join(paragraphs[:1] + weights)
 
 
 def _shown(value) -> str:
@@ -144,7 +148,7 @@ def model_card(bundle: Path) -> str:
         f"| data | {_text(meta.get('data_source'))} |",
         f"| data type | {_text(meta.get('data_type'))} |",
         f"| intended use | {_text(meta.get('intended_use'))} |",
-        f"| licence | {_cell(_first_line(bundle / 'LICENSE'))} (`bundles/{bundle.name}/LICENSE`) |",
+        f"| licence | {_cell(_licence(bundle / 'LICENSE'))} (`bundles/{bundle.name}/LICENSE`) |",
         *_performance_rows(meta.get("performance", {})),
         *([f"| training command | {_text(meta['training_command'])} |"] if "training_command" in meta else []),
         f"| MONAI / PyTorch | {_text(meta.get('monai_version'))} / {_text(meta.get('pytorch_version'))} |",

@@ -155,7 +155,8 @@ def test_bench_scripts_read_a_stage_config_with_common_json():
         for number, line in enumerate(script.read_text().splitlines(), 1):
             reads = "read_config(" in line or "config_file=" in line
             if reads and any(stage in line for stage in ("inference.json", "train.json", "evaluate.json")):
-                assert "common.json" in line, f"{script.name}:{number}: {line.strip()}"
+                # bundle_files(...)["config_files"] lists common.json first where the bundle has one
+                assert "common.json" in line or "bundle_files(" in line, f"{script.name}:{number}: {line.strip()}"
 
 
 # bench/left_atrium.py: the MONAI recipe vs medfcn on one fold, run on a tiny dataset
@@ -407,3 +408,32 @@ def test_infer_processes_times_each_count_and_compares_the_masks(tmp_path):
     assert all(0 < row["scans_per_s"] and row["wall_s"] > 0 for row in rows.values())
     (tmp_path / "work" / "p2" / "case_001.nii.gz").unlink()
     assert not bench.same_masks(tmp_path / "work" / "p1", tmp_path / "work" / "p2")  # the comparison can fail
+
+
+HELD_OUT = [("hippocampus_fcn", "Task04_Hippocampus", 42), ("left_atrium_fcn", "LeftAtrium", 16)]
+
+
+@pytest.mark.parametrize(("bundle", "dataset", "cases"), HELD_OUT)
+def test_inference_bench_scores_each_bundle_on_its_own_held_out_fold(bundle, dataset, cases, monkeypatch):
+    import json
+
+    from .conftest import DATA_ROOT, need
+
+    need(DATA_ROOT / dataset)
+    monkeypatch.setenv("MEDFCN_DATA", str(DATA_ROOT))
+    images, labels, name = _bench_module("inference").held_out_scans(REPO / "bundles" / bundle, 0)
+    held_out = json.loads((REPO / "datasets" / dataset / "folds.json").read_text())["folds"][0]
+    assert name == dataset and len(images) == cases
+    assert sorted(p.name.removesuffix(".nii.gz") for p in images) == sorted(held_out)  # fold 0, not training cases
+    assert all((labels / p.name).is_file() for p in images)
+
+
+def test_plots_draw_the_speed_of_each_bundle(tmp_path):
+    plots = _bench_module("plots")
+    result = {"machine": "2 threads, test CPU", "precision": "float32", "date": "2026-12-04", "cases": 3}
+    results = [
+        {**result, "bundle": f"b{k}", "dataset": "D", "model_compute_s_median": s, "infer_process_s_median": 4 * s}
+        for k, s in enumerate((0.04, 1.5))
+    ]
+    plots.plot_inference_speed(results, tmp_path / "speed.png")
+    assert (tmp_path / "speed.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -442,3 +442,17 @@ def test_the_shares_cover_every_scan_once_in_input_order(monkeypatch):
 def test_scans_that_failed_with_continue_on_error_end_the_job_as_one_process(capsys):
     assert distributed._failure_status(_failed((0, 3, 9))) == 3  # rank 0 listed them itself
     assert capsys.readouterr().err == ""
+
+
+def test_a_process_of_several_releases_what_its_config_built():
+    """The network (in a process of several, the DDP wrapper holding the gloo backend) and the
+    engines built from the run's config are freed when training ends, not at interpreter shutdown."""
+    import weakref
+
+    from medfcn.training.run import _release_built_objects
+
+    parser = read_config(bundle_files(BUNDLE, "train.json")["config_files"], {"bundle_root": str(BUNDLE)})
+    network = weakref.ref(parser.get_parsed_content("network"))
+    assert network() is not None  # held by the parser's resolved content
+    _release_built_objects(SimpleNamespace(parser=parser))
+    assert network() is None

@@ -47,6 +47,54 @@ TUTORIALS = {
     "tutorials/export-deploy.md": {},
     "tutorials/bundle-runner.md": {"--epochs 5": "--epochs 1 --max_cases 4"},
 }
+# page -> files its runs must leave (globs below the work folder, each matching a non-empty file):
+# what the page tells the reader to look at, so a command that runs but writes nothing fails
+OUTPUTS = {
+    "getting-started.md": [
+        "first/PGBM-002_HippoCrop.nii.gz",
+        "first/hippocampus_004.nii.gz",
+        "first/hippocampus_004_uncertainty.nii.gz",
+        "first/volumes.csv",
+        "first/volumes.json",
+        "first/report.html",
+    ],
+    "tutorials/segment-scans.md": [
+        "seg/one/hippocampus_004.nii.gz",
+        "seg/series/PGBM-002_HippoCrop.nii.gz",
+        "seg/export/PGBM-006_HippoCrop.nii.gz",
+        "seg/uncertain/hippocampus_004_probabilities.nii.gz",
+        "seg/ensemble/hippocampus_004_uncertainty.nii.gz",
+        "seg/pacs/PGBM-002_HippoCrop_seg.dcm",
+        "seg/qc/report.html",
+        "seg/metrics/metrics.csv",
+        "seg/shared/PGBM-006_HippoCrop.nii.gz",
+    ],
+    "tutorials/train-your-own.md": [
+        "my_bundles/left_atrium/configs/train.json",
+        "runs/left_atrium/fold0/curves.csv",
+        "my_bundles/left_atrium_trained/models/model.pt",
+        "seg/left_atrium/report.html",
+        "seg/left_atrium_metrics/metrics.csv",
+        "runs/la_recipe/last.pt",
+    ],
+    "tutorials/transfer-learning.md": [
+        "runs/source/best_model.pt",
+        "runs/fine_tuned/last.pt",
+        "runs/frozen/last.pt",
+    ],
+    "multi-gpu.md": ["runs/ddp/last.pt", "masks/PGBM-002_HippoCrop.nii.gz"],
+    "tutorials/export-deploy.md": [
+        "my_bundles/hippocampus_deploy/models/model.onnx",
+        "my_bundles/hippocampus_deploy/models/model.pt2",
+        "my_bundles/hippocampus_deploy/models/model.ts",
+        "seg/onnx/hippocampus_004.nii.gz",
+    ],
+    "tutorials/bundle-runner.md": [
+        "runner/monai/hippocampus_004.nii.gz",
+        "runner/medfcn/hippocampus_006.nii.gz",
+        "runner/train/last.pt",
+    ],
+}
 FENCE = re.compile(r"^```(\w+)[^\n]*\n(.*?)^```\s*$", re.MULTILINE | re.DOTALL)
 LEFT_ATRIUM_CASES = 5
 # not the oblique whole head PGBM-003_T1post: 4 of the pages' runs segment every series of
@@ -146,3 +194,14 @@ def test_tutorial_runs_as_written(name, datasets, tmp_path):
     env = {**os.environ, "MEDFCN_DATA": str(datasets), "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
     done = subprocess.run(["bash", str(script)], cwd=work, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, f"{name}:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+    missing = [pattern for pattern in OUTPUTS[name] if not _written(work, pattern)]
+    assert not missing, f"{name} ran but did not write {missing}:\n{done.stdout[-4000:]}"
+
+
+def _written(work: Path, pattern: str) -> bool:
+    """Whether a non-empty file below ``work`` matches ``pattern``."""
+    return any(path.is_file() and path.stat().st_size > 0 for path in work.glob(pattern))
+
+
+def test_every_tutorial_names_its_outputs():
+    assert set(OUTPUTS) == set(TUTORIALS)

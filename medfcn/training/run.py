@@ -7,6 +7,7 @@ would parse the config again and drop the network already built).
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import logging.config
@@ -101,11 +102,24 @@ def train(
         logging_file = files["logging_file"] if files["logging_file"].is_file() else None
         out = Path(run.get("output_dir"))
         main = distributed.is_main()
-        # two trainers would interleave last.pt; the processes of one run write through rank 0 alone
-        with output_lock(out, "medfcn train", "--output") if main else contextlib.nullcontext():
-            notices = _notices(run, labels) if main else []
-            _run(run, checked, logging_file, notices, notify if main else _silent)
+        try:
+            # two trainers would interleave last.pt; the processes of one run write through rank 0 alone
+            with output_lock(out, "medfcn train", "--output") if main else contextlib.nullcontext():
+                notices = _notices(run, labels) if main else []
+                _run(run, checked, logging_file, notices, notify if main else _silent)
+        finally:
+            if distributed.launched():
+                _release_built_objects(run)
     return out
+
+
+def _release_built_objects(run: RunSettings) -> None:
+    """Drop what the run's config built (network, DDP wrapper, engines) and collect it now. The
+    DDP model holds the gloo backend, whose worker threads must be joined while the interpreter
+    is whole: released at its shutdown instead, their last tensors can abort the process
+    ("terminate called without an active exception", seen on a rank of a 2-process run)."""
+    run.parser.ref_resolver.reset()
+    gc.collect()
 
 
 def _notices(run: RunSettings, labels: str) -> list[str]:
