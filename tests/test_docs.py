@@ -12,7 +12,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import click
 import pytest
 import typer
 
@@ -44,7 +43,9 @@ def medfcn_commands(markdown: str) -> list[tuple[str, list[str]]]:
     return found
 
 
-def _options(command: click.Command) -> set[str]:
+def _options(command) -> set[str]:
+    """Every option name of a command of the app (typer's click command; click itself is not a
+    dependency of medfcn: typer may carry its own)."""
     return {name for param in command.params for name in (*param.opts, *param.secondary_opts)}
 
 
